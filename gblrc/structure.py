@@ -270,7 +270,7 @@ def to_onnx_attributes(s: Structure) -> dict[str, object]:
             row_spans += [sp.start, sp.stop]
         for sp in b.cols:
             col_spans += [sp.start, sp.stop]
-    return {
+    attrs = {
         "in_features": s.in_features,
         "out_features": s.out_features,
         "ranks": ranks,
@@ -279,6 +279,8 @@ def to_onnx_attributes(s: Structure) -> dict[str, object]:
         "col_span_counts": col_counts,
         "col_spans": col_spans,
     }
+    # ONNX cannot type an empty list attribute: a structure with no blocks omits them (read back as []).
+    return {k: v for k, v in attrs.items() if not (isinstance(v, list) and not v)}
 
 
 def from_onnx_attributes(attrs: dict) -> Structure:

@@ -1,0 +1,150 @@
+"""Pass infrastructure: a pass maps an onnx-graphsurgeon graph to a PassResult.
+
+Ordering lives in what each pass requires and ensures (graph properties),
+checked by `run_pipeline`; errors name the pass that failed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from gblrc.structure import (
+    ONNX_DOMAIN,
+    ONNX_OP,
+    GBLRWeights,
+    StructureError,
+    from_onnx_attributes,
+    unpack_factors,
+)
+
+__all__ = [
+    "PassResult",
+    "PassError",
+    "Pass",
+    "gblr_nodes",
+    "read_gblr_node",
+    "PROPERTIES",
+]
+
+
+class PassError(RuntimeError):
+    """A pass failed or its precondition does not hold; the message names the pass."""
+
+    def __init__(self, pass_name: str, message: str):
+        self.pass_name = pass_name
+        super().__init__(f"pass '{pass_name}': {message}")
+
+
+@dataclass
+class PassResult:
+    graph: gs.Graph
+    changed: bool
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def gblr_nodes(graph: gs.Graph) -> list[gs.Node]:
+    return [n for n in graph.nodes if n.op == ONNX_OP and (n.domain or "") == ONNX_DOMAIN]
+
+
+def read_gblr_node(node: gs.Node) -> GBLRWeights:
+    """The IR of a GBLRLinear node; raises StructureError if it is malformed."""
+    if len(node.inputs) not in (3, 4):
+        raise StructureError(f"node {node.name!r} has {len(node.inputs)} inputs, expected 3 or 4")
+    consts = []
+    for t in node.inputs[1:]:
+        if not isinstance(t, gs.Constant):
+            raise StructureError(f"node {node.name!r}: factor input {t.name!r} is not a constant initializer")
+        consts.append(np.asarray(t.values))
+    s = from_onnx_attributes(dict(node.attrs))
+    bias = consts[2] if len(consts) == 3 else None
+    return unpack_factors(s, consts[0], consts[1], bias)
+
+
+def _has_gblr_nodes(graph: gs.Graph) -> bool:
+    return bool(gblr_nodes(graph))
+
+
+def _gblr_nodes_valid(graph: gs.Graph) -> bool:
+    for n in gblr_nodes(graph):
+        read_gblr_node(n)  # raises with the reason
+    return True
+
+
+def _standard_ops_only(graph: gs.Graph) -> bool:
+    return all((n.domain or "") in ("", "ai.onnx") for n in graph.nodes)
+
+
+# Properties a pass may require or ensure: name -> checker(graph) -> bool (may raise with a reason).
+PROPERTIES: dict[str, Callable[[gs.Graph], bool]] = {
+    "gblr-nodes-valid": _gblr_nodes_valid,
+    "standard-ops-only": _standard_ops_only,
+}
+
+
+class Pass:
+    """Base class: subclasses set name/description/requires/ensures and implement `run`."""
+
+    name: str = ""
+    description: str = ""
+    requires: frozenset[str] = frozenset()
+    ensures: frozenset[str] = frozenset()
+
+    def run(self, graph: gs.Graph) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check_requires(self, graph: gs.Graph) -> None:
+        for prop in sorted(self.requires):
+            try:
+                ok = PROPERTIES[prop](graph)
+            except (StructureError, ValueError) as e:
+                raise PassError(self.name, f"precondition '{prop}' does not hold: {e}") from None
+            if not ok:
+                raise PassError(self.name, f"precondition '{prop}' does not hold")
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        self.check_requires(graph)
+        try:
+            result = self.run(graph)
+        except PassError:
+            raise
+        except (StructureError, ValueError, KeyError) as e:
+            raise PassError(self.name, str(e)) from e
+        for prop in sorted(self.ensures):
+            if not PROPERTIES[prop](result.graph):
+                raise PassError(self.name, f"postcondition '{prop}' does not hold")
+        return result
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export `graph`, keeping the template's opsets; drop the gblrc opset when no GBLR node is left."""
+    opsets = {o.domain: o.version for o in template.opset_import}
+    if not _has_gblr_nodes(graph):
+        opsets.pop(ONNX_DOMAIN, None)
+    else:
+        opsets.setdefault(ONNX_DOMAIN, 1)
+    graph.opset = opsets.get("", opsets.get("ai.onnx", graph.opset))
+    model = gs.export_onnx(graph, do_type_check=True)
+    del model.opset_import[:]
+    for dom, ver in sorted(opsets.items()):
+        model.opset_import.append(onnx.helper.make_opsetid(dom, ver))
+    model.ir_version = template.ir_version
+    model.producer_name = template.producer_name or "gblrc"
+    return model
+
+
+def run_passes(model: onnx.ModelProto, passes: Sequence[Pass]) -> tuple[onnx.ModelProto, list[PassResult]]:
+    graph = import_graph(model)
+    results = []
+    for p in passes:
+        res = p(graph)
+        graph = res.graph
+        results.append(res)
+    return export_graph(graph, model), results

@@ -1,0 +1,61 @@
+"""choose-products: per block, two thin products (x V^T, then U) or one dense tile (x_cols, then U V)."""
+from __future__ import annotations
+
+import numpy as np
+
+from gblrc.structure import Block, GBLRWeights, Structure
+
+from .base import Pass, PassResult, gblr_nodes, read_gblr_node
+from .build import write_gblr_node
+from .cost_model import DEFAULT_COST_MODEL, CostModel
+
+__all__ = ["ChooseProducts", "is_tile", "as_tile"]
+
+
+def is_tile(v: np.ndarray) -> bool:
+    """A block is a dense tile when its V factor is the identity (codes are the input columns)."""
+    return v.shape[0] == v.shape[1] and np.array_equal(v, np.eye(v.shape[0], dtype=v.dtype))
+
+
+def as_tile(w: GBLRWeights, i: int) -> GBLRWeights:
+    """Block i rewritten exactly as a tile: V = I (|C| x |C|), U = U_i V_i (|R| x |C|)."""
+    s = w.structure
+    b = s.blocks[i]
+    tile = w.U[i].astype(np.float64) @ w.V[i].astype(np.float64)
+    blocks, Us, Vs = list(s.blocks), list(w.U), list(w.V)
+    blocks[i] = Block(b.rows, b.cols, b.n_cols)
+    Us[i], Vs[i] = tile, np.eye(b.n_cols)
+    return GBLRWeights(Structure(s.in_features, s.out_features, tuple(blocks)), tuple(Us), tuple(Vs), w.bias)
+
+
+class ChooseProducts(Pass):
+    name = "choose-products"
+    description = "per block, keep two thin products or switch to one dense tile, whichever the cost model prefers"
+    requires = frozenset({"gblr-nodes-valid"})
+    ensures = frozenset({"gblr-nodes-valid"})
+
+    def __init__(self, model: CostModel = DEFAULT_COST_MODEL):
+        self.model = model
+
+    def run(self, graph):
+        tiles = 0
+        for node in gblr_nodes(graph):
+            w = read_gblr_node(node)
+            changed = False
+            for i in range(len(w.structure.blocks)):
+                if is_tile(w.V[i]):
+                    continue
+                cand = as_tile(w, i)
+                bias = w.bias is not None
+                old = self.model.sliced(w.structure, bias, self._tiles(w))
+                new = self.model.sliced(cand.structure, bias, self._tiles(cand))
+                if new < old:
+                    w, changed = cand, True
+                    tiles += 1
+            if changed:
+                write_gblr_node(node, w)
+        return PassResult(graph, tiles > 0, {"tiles": tiles})
+
+    @staticmethod
+    def _tiles(w: GBLRWeights) -> frozenset[int]:
+        return frozenset(i for i, v in enumerate(w.V) if is_tile(v))

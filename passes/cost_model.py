@@ -1,0 +1,90 @@
+"""Cost model for lowering decisions: estimated seconds, not FLOPs.
+
+DESIGN.md §3 measured that multiply-adds do not predict time: op count,
+thin matrix products and copies dominate.  The model charges
+
+    MatMul (T x k) @ (k x n):  T k n / (PEAK * eff(k, n)) + OP
+    Slice / Concat / Add:      bytes moved / BANDWIDTH + OP
+
+with eff(k, n) = min(1, k / THIN) * min(1, n / THIN) penalising thin products.
+The constants live in `CostModel` so that a later calibration (timing the
+target provider) can replace them without touching the passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gblrc.structure import Block, Structure
+
+__all__ = ["CostModel", "DEFAULT_COST_MODEL", "TOKENS"]
+
+TOKENS = 1024  # rows of X the estimates assume (batch x sequence)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    peak_macs: float = 60e9      # multiply-adds per second of a large MatMul (2 cores)
+    bandwidth: float = 4e9       # bytes per second of a copy (Slice, Concat, Add)
+    op_overhead: float = 4e-6    # seconds per node
+    thin: float = 48.0           # inner/outer size under which a MatMul loses efficiency
+    tokens: int = TOKENS
+
+    # -- primitives -------------------------------------------------------
+    def matmul(self, k: int, n: int) -> float:
+        if k <= 0 or n <= 0:
+            return self.op_overhead
+        eff = min(1.0, k / self.thin) * min(1.0, n / self.thin)
+        return self.tokens * k * n / (self.peak_macs * eff) + self.op_overhead
+
+    def copy(self, elements_per_token: int) -> float:
+        return 4.0 * self.tokens * elements_per_token / self.bandwidth + self.op_overhead
+
+    # -- lowerings of one layer --------------------------------------------
+    def dense(self, s: Structure, bias: bool) -> float:
+        return self.matmul(s.in_features, s.out_features) + (self.copy(s.out_features) if bias else 0.0)
+
+    def stacked(self, s: Structure, bias: bool) -> float:
+        """X @ V_stacked (n_in x R) @ U_stacked (R x n_out): ignores the widths."""
+        R = s.total_rank
+        return self.matmul(s.in_features, R) + self.matmul(R, s.out_features) + (
+            self.copy(s.out_features) if bias else 0.0
+        )
+
+    def block_codes(self, b: Block, n_in: int, tile: bool = False) -> float:
+        """Codes of one block from X: slice its columns (unless full), then X_cols @ V_b^T."""
+        t = 0.0
+        full = b.n_cols == n_in and len(b.cols) == 1
+        if not full:
+            t += sum(self.copy(len(sp)) for sp in b.cols)
+            if len(b.cols) > 1:
+                t += self.copy(b.n_cols)  # concat of the pieces
+        if not tile:
+            t += self.matmul(b.n_cols, b.rank)
+        return t
+
+    def sliced(self, s: Structure, bias: bool, tiles: frozenset[int] = frozenset()) -> float:
+        """Per block Slice -> MatMul (full-width blocks share one MatMul), Concat, one stacked U MatMul."""
+        full = [b for b in s.blocks if b.n_cols == s.in_features and len(b.cols) == 1]
+        part = [(i, b) for i, b in enumerate(s.blocks) if not (b.n_cols == s.in_features and len(b.cols) == 1)]
+        t = self.matmul(s.in_features, sum(b.rank for b in full)) if full else 0.0
+        t += sum(self.block_codes(b, s.in_features, i in tiles) for i, b in part)
+        pieces = (1 if full else 0) + len(part)
+        if pieces > 1:
+            t += self.copy(s.total_rank)
+        t += self.matmul(s.total_rank, s.out_features)
+        return t + (self.copy(s.out_features) if bias else 0.0)
+
+    def best(self, s: Structure, bias: bool, tiles: frozenset[int] = frozenset()) -> tuple[str, float]:
+        """(strategy, estimated seconds) of the fastest lowering of the layer."""
+        if not s.blocks:
+            return "dense", self.dense(s, bias)
+        options = {
+            "dense": self.dense(s, bias),
+            "stacked": self.stacked(s, bias),
+            "sliced": self.sliced(s, bias, tiles),
+        }
+        name = min(options, key=options.get)
+        return name, options[name]
+
+
+DEFAULT_COST_MODEL = CostModel()

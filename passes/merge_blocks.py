@@ -1,0 +1,29 @@
+"""merge-blocks: merge GBLR blocks into fewer, larger zero-padded blocks when the cost model says it pays."""
+from __future__ import annotations
+
+from .base import Pass, PassResult, gblr_nodes, read_gblr_node
+from .build import write_gblr_node
+from .cost_model import DEFAULT_COST_MODEL, CostModel
+from .merge import merge_blocks
+
+
+class MergeBlocks(Pass):
+    name = "merge-blocks"
+    description = "merge blocks into their zero-padded union where fewer, larger products are faster"
+    requires = frozenset({"gblr-nodes-valid"})
+    ensures = frozenset({"gblr-nodes-valid"})
+
+    def __init__(self, model: CostModel = DEFAULT_COST_MODEL):
+        self.model = model
+
+    def run(self, graph):
+        merged = 0
+        for node in gblr_nodes(graph):
+            w = read_gblr_node(node)
+            n_in = w.structure.in_features
+            new = merge_blocks(w, lambda b: self.model.block_codes(b, n_in))
+            d = len(w.structure.blocks) - len(new.structure.blocks)
+            if d > 0:
+                write_gblr_node(node, new)
+                merged += d
+        return PassResult(graph, merged > 0, {"blocks_merged": merged})
