@@ -1,4 +1,14 @@
-"""ONNX graph passes that compile GBLRLinear nodes into standard ONNX ops (installs as gblrc.passes)."""
+"""ONNX graph passes that compile GBLRLinear nodes into standard ONNX ops (installs as gblrc.passes).
+
+    out_model, results = run_pipeline(model)              # DEFAULT_PIPELINE
+    out_model, results = run_pipeline(model, ["lower-gblr", "cleanup"])
+
+Decision passes rewrite GBLRLinear nodes IR -> IR (merge-blocks, choose-products), dense-fallback
+and the lowering passes (lower-gblr by the static cost model, lower-timed by timing ORT) replace them
+by standard ops reusing the original output tensor, cleanup folds, sorts and infers shapes.  Each
+pass declares the graph properties it requires/ensures/invalidates; run_pipeline tracks them and a
+violated precondition raises PassError("pass '<name>': ...").
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -12,17 +22,24 @@ from .cleanup import Cleanup
 from .cost_model import DEFAULT_COST_MODEL, CostModel
 from .dense_fallback import DenseFallback
 from .lower_gblr import LowerGBLR
+from .lower_timed import TimedLowering
 from .merge_blocks import MergeBlocks
 
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # graph-surgeon's info/warning chatter is not for our users
 
-__all__ = ["PASSES", "DEFAULT_PIPELINE", "run_pipeline", "Pass", "PassError", "PassResult", "CostModel"]
+__all__ = [
+    "PASSES", "DEFAULT_PIPELINE", "TIMED_PIPELINE", "run_pipeline", "Pass", "PassError", "PassResult", "CostModel",
+    "DEFAULT_COST_MODEL",
+]
 
 PASSES: dict[str, Pass] = {
-    p.name: p for p in (MergeBlocks(), ChooseProducts(), DenseFallback(), LowerGBLR(), Cleanup())
+    p.name: p for p in (MergeBlocks(), ChooseProducts(), DenseFallback(), LowerGBLR(), TimedLowering(), Cleanup())
 }
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("merge-blocks", "choose-products", "dense-fallback", "lower-gblr", "cleanup")
+
+# Autotuning: the lowering of every layer is chosen by timing it on ONNX Runtime CPU (slower, needs onnxruntime).
+TIMED_PIPELINE: tuple[str, ...] = ("merge-blocks", "choose-products", "lower-timed", "cleanup")
 
 
 def run_pipeline(model: onnx.ModelProto, names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[PassResult]]:

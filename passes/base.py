@@ -28,6 +28,8 @@ __all__ = [
     "gblr_nodes",
     "read_gblr_node",
     "PROPERTIES",
+    "run_passes",
+    "established_properties",
 ]
 
 
@@ -44,6 +46,7 @@ class PassResult:
     graph: gs.Graph
     changed: bool
     counts: dict[str, int] = field(default_factory=dict)
+    name: str = ""  # the pass that produced it (filled in by Pass.__call__)
 
 
 def gblr_nodes(graph: gs.Graph) -> list[gs.Node]:
@@ -92,6 +95,7 @@ class Pass:
     description: str = ""
     requires: frozenset[str] = frozenset()
     ensures: frozenset[str] = frozenset()
+    invalidates: frozenset[str] = frozenset()
 
     def run(self, graph: gs.Graph) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -113,9 +117,16 @@ class Pass:
             raise
         except (StructureError, ValueError, KeyError) as e:
             raise PassError(self.name, str(e)) from e
+        except Exception as e:  # e.g. onnx shape inference or graph-surgeon errors: still name the pass
+            raise PassError(self.name, f"{type(e).__name__}: {e}") from e
         for prop in sorted(self.ensures):
-            if not PROPERTIES[prop](result.graph):
+            try:
+                ok = PROPERTIES[prop](result.graph)
+            except (StructureError, ValueError) as e:
+                raise PassError(self.name, f"postcondition '{prop}' does not hold: {e}") from None
+            if not ok:
                 raise PassError(self.name, f"postcondition '{prop}' does not hold")
+        result.name = self.name
         return result
 
 
@@ -140,11 +151,39 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def established_properties(graph: gs.Graph) -> tuple[set[str], dict[str, str]]:
+    """Properties that hold on `graph`, and for the others the reason they do not."""
+    held, why = set(), {}
+    for prop, check in PROPERTIES.items():
+        try:
+            ok = check(graph)
+        except (StructureError, ValueError) as e:
+            ok, why[prop] = False, str(e)
+        if ok:
+            held.add(prop)
+        else:
+            why.setdefault(prop, "it does not hold on the input graph")
+    return held, why
+
+
 def run_passes(model: onnx.ModelProto, passes: Sequence[Pass]) -> tuple[onnx.ModelProto, list[PassResult]]:
+    """Run `passes` in order, tracking the properties established so far.
+
+    Before a pass runs, each property it requires must be established (held by the input
+    graph or ensured by an earlier pass and not invalidated since); the pass then also
+    verifies it on the graph.  A violation raises PassError naming the pass.
+    """
     graph = import_graph(model)
+    held, why = established_properties(graph)
     results = []
     for p in passes:
+        missing = sorted(p.requires - held)
+        if missing:
+            prop = missing[0]
+            reason = why.get(prop, "an earlier pass invalidated it")
+            raise PassError(p.name, f"precondition '{prop}' does not hold: {reason}")
         res = p(graph)
         graph = res.graph
+        held = (held - p.invalidates) | p.ensures
         results.append(res)
     return export_graph(graph, model), results

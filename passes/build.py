@@ -1,16 +1,26 @@
 """Small helpers that append standard ONNX nodes to an onnx-graphsurgeon graph."""
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from gblrc.structure import GBLRWeights, pack_factors, to_onnx_attributes
 
-__all__ = ["Builder", "write_gblr_node", "detach"]
+__all__ = ["Builder", "write_gblr_node", "detach", "unique_prefix"]
 
-_REWRITES = itertools.count()
+
+def unique_prefix(graph: gs.Graph, base: str) -> str:
+    """`base`, or `base_<k>` for the smallest k, such that no tensor or node name starts with it + '/'.
+
+    Deterministic (the same graph gives the same names), and unnamed or equally named nodes
+    never produce clashing tensor names."""
+    taken = {n.name for n in graph.nodes} | set(graph.tensors().keys())
+    taken_prefixes = {t.split("/", 1)[0] for t in taken if "/" in t}
+    cand, k = base, 0
+    while cand in taken_prefixes:
+        k += 1
+        cand = f"{base}_{k}"
+    return cand
 
 
 class Builder:
@@ -61,16 +71,16 @@ def detach(node: gs.Node) -> None:
     node.outputs.clear()
 
 
-def write_gblr_node(node: gs.Node, w: GBLRWeights) -> None:
+def write_gblr_node(graph: gs.Graph, node: gs.Node, w: GBLRWeights) -> None:
     """Rewrite a GBLRLinear node in place with new structure and factors."""
     u, v = pack_factors(w)
     attrs = to_onnx_attributes(w.structure)
     node.attrs.clear()
     node.attrs.update(attrs)
     x = node.inputs[0]
-    tag = next(_REWRITES)
-    ins = [x, gs.Constant(f"{node.name}/U_flat_{tag}", u), gs.Constant(f"{node.name}/V_flat_{tag}", v)]
+    node.inputs.clear()  # the old factors are no longer referenced (their names become free)
+    node.inputs.append(x)
+    p = unique_prefix(graph, (node.name or "gblr").replace("/", "_"))
+    node.inputs.extend([gs.Constant(f"{p}/U_flat", u), gs.Constant(f"{p}/V_flat", v)])
     if w.bias is not None:
-        ins.append(gs.Constant(f"{node.name}/bias_{tag}", np.asarray(w.bias, dtype=np.float32)))
-    node.inputs.clear()
-    node.inputs.extend(ins)
+        node.inputs.append(gs.Constant(f"{p}/bias", np.asarray(w.bias, dtype=np.float32)))

@@ -47,13 +47,14 @@ class ChooseProducts(Pass):
                     continue
                 cand = as_tile(w, i)
                 bias = w.bias is not None
-                old = self.model.sliced(w.structure, bias, self._tiles(w))
-                new = self.model.sliced(cand.structure, bias, self._tiles(cand))
+                # judged on the whole layer: a tile raises the total rank, which a stacked lowering pays for
+                old = self.model.best(w.structure, bias, self._tiles(w))[1]
+                new = self.model.best(cand.structure, bias, self._tiles(cand))[1]
                 if new < old:
                     w, changed = cand, True
                     tiles += 1
             if changed:
-                write_gblr_node(node, w)
+                write_gblr_node(graph, node, w)
         return PassResult(graph, tiles > 0, {"tiles": tiles})
 
     @staticmethod

@@ -14,7 +14,7 @@ import numpy as np
 from gblrc.structure import GBLRWeights
 
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node
-from .build import Builder, detach
+from .build import Builder, detach, unique_prefix
 from .choose_products import is_tile
 from .cost_model import DEFAULT_COST_MODEL, CostModel
 
@@ -76,7 +76,8 @@ def lower_node(graph, node, w: GBLRWeights, strategy: str) -> None:
     if not w.structure.blocks:
         strategy = "dense"  # no blocks: Y = X @ 0 (+ bias); keeps the output's shape and dtype
     detach(node)
-    LOWERINGS[strategy](Builder(graph, node.name or "gblr"), x, w, out)
+    prefix = unique_prefix(graph, (node.name or "gblr").replace("/", "_"))
+    LOWERINGS[strategy](Builder(graph, prefix), x, w, out)
 
 
 class LowerGBLR(Pass):

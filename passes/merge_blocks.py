@@ -24,6 +24,6 @@ class MergeBlocks(Pass):
             new = merge_blocks(w, lambda b: self.model.block_codes(b, n_in))
             d = len(w.structure.blocks) - len(new.structure.blocks)
             if d > 0:
-                write_gblr_node(node, new)
+                write_gblr_node(graph, node, new)
                 merged += d
         return PassResult(graph, merged > 0, {"blocks_merged": merged})

@@ -1,0 +1,245 @@
+"""`gblrc lower`, `gblrc opt`, `gblrc passes`, `gblrc inspect`: from a compressed model to ONNX."""
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import click
+
+from .errors import GblrcError
+
+__all__ = ["lower", "opt", "passes_cmd", "inspect_cmd", "parse_input_shapes", "reshape_inputs"]
+
+_CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+_TRUST = click.option("--trust-pickle", "trust", is_flag=True,
+                      help="Allow model classes outside torch.nn/gblrc (runs code from the file). Only for files you trust.")
+
+
+def _load_compressed(path: str, *, trust: bool = False):
+    """The compressed model (`gblrc compress` output) as an nn.Module with gblrc_example_inputs."""
+    from . import load
+
+    return load(path, trust_pickle=trust)
+
+
+def _split_passes(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise GblrcError("--passes is empty; give pass names separated by commas (see: gblrc passes)")
+    return names
+
+
+def parse_input_shapes(specs: tuple[str, ...]) -> "OrderedDict[str, tuple[int, ...]]":
+    """``NAME=D0xD1x...`` (several separated by commas or given repeatedly) -> {name: shape}."""
+    out: "OrderedDict[str, tuple[int, ...]]" = OrderedDict()
+    for spec in specs:
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            m = re.fullmatch(r"([A-Za-z_][\w.]*)=(\d+(?:x\d+)*)", item)
+            if not m:
+                raise GblrcError(f"--input-shape {item!r} is not NAME=D0xD1x...; e.g. input_ids=8x128")
+            shape = tuple(int(d) for d in m.group(2).split("x"))
+            if any(d < 1 for d in shape):
+                raise GblrcError(f"--input-shape {item!r}: every dimension must be at least 1")
+            out[m.group(1)] = shape
+    return out
+
+
+def _fit(t, shape):
+    """``t`` tiled/cropped to ``shape``: values stay valid (token ids, masks)."""
+    reps = [-(-s // max(d, 1)) for s, d in zip(shape, t.shape)]
+    return t.repeat(*reps)[tuple(slice(0, s) for s in shape)].clone()
+
+
+def reshape_inputs(examples: "OrderedDict", shapes: "OrderedDict[str, tuple[int, ...]]") -> "OrderedDict":
+    """Example inputs with the shapes asked for (tiled from the stored examples, or random floats)."""
+    import torch
+
+    if not examples and not shapes:
+        raise GblrcError("the model has no example inputs; give them with --input-shape NAME=D0xD1,...")
+    out = OrderedDict(examples)
+    for name, shape in shapes.items():
+        if examples and name not in examples:
+            raise GblrcError(f"--input-shape names unknown input {name!r}; the model's inputs are: {', '.join(examples)}")
+        ex = examples.get(name)
+        if ex is None:
+            out[name] = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+            continue
+        if len(shape) != ex.dim():
+            raise GblrcError(f"--input-shape {name}: {len(shape)} dimensions given, the input has {ex.dim()} "
+                             f"(example shape {'x'.join(map(str, ex.shape)) or 'scalar'})")
+        if ex.numel() == 0:
+            raise GblrcError(f"the stored example for input {name!r} is empty; it cannot be resized")
+        out[name] = _fit(ex, shape)
+    return out
+
+
+def _check_runs(model, inputs, shapes) -> None:
+    import torch
+
+    from .export import wrap_for_export
+
+    try:
+        with torch.no_grad():
+            wrap_for_export(model, list(inputs))(*inputs.values())
+    except Exception as e:
+        what = "the input shapes given do not fit the model" if shapes else "the model fails on its example inputs"
+        raise GblrcError(f"{what} ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+
+
+@click.command("lower", context_settings=_CTX)
+@click.argument("model", metavar="IN")
+@click.option("-o", "--output", metavar="OUT.onnx", help="Output ONNX file [default: IN's name with .onnx].")
+@click.option("--opset", default="17", show_default=True, metavar="N", help="ONNX opset (14 to 20).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0xD1,...",
+              help="Example input shapes for export and the parity check (default: the stored examples).")
+@click.option("--passes", "passes", metavar="a,b,...", help="Pass pipeline [default: the default pipeline].")
+@click.option("--keep-gblr-ops", is_flag=True, help="Do not lower: keep gblrc.GBLRLinear nodes (not runnable in ORT).")
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Parity tolerance, relative to max |output|.")
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Parity tolerance, absolute.")
+@_TRUST
+def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol, trust):
+    """Compile a compressed model (IN, from `gblrc compress`) to an ONNX file of standard ops,
+    checked against PyTorch on the example inputs (batch and sequence axes stay dynamic)."""
+    from .fileio import check_output_path
+    from .lowering import lower as lower_api
+
+    if not (opset.isdigit() and 14 <= int(opset) <= 20):
+        raise GblrcError(f"--opset must be an integer from 14 to 20 (default 17), got {opset!r}")
+    opset = int(opset)
+    src = Path(model)
+    if not src.exists():
+        raise GblrcError(f"input {model!r} does not exist; give the .gblr.pt file written by gblrc compress")
+    out = Path(output) if output else src.with_name(src.name.removesuffix(".pt").removesuffix(".gblr") + ".onnx")
+    check_output_path(out)
+    names = _split_passes(passes)
+    if names is not None and not keep_gblr_ops:
+        from .lowering import check_pass_names
+
+        names = check_pass_names(names)  # before the (slow) loading and export
+    shapes = parse_input_shapes(input_shapes)
+    m = _load_compressed(model, trust=trust)
+    examples = OrderedDict(getattr(m, "gblrc_example_inputs", None) or {})
+    inputs = reshape_inputs(examples, shapes)
+    _check_runs(m, inputs, shapes)
+    rep = lower_api(m, inputs, out, passes=names, opset=opset, keep_gblr_ops=keep_gblr_ops, rtol=rtol, atol=atol)
+    click.echo(rep.parity_line())
+    click.echo(rep.op_table())
+    for r in rep.passes:
+        counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items())
+        click.echo(f"pass {r['name']}: {'changed' if r['changed'] else 'no change'}{f' ({counts})' if counts else ''}")
+    click.echo(f"wrote {out} ({rep.gblr_layers} GBLRLinear nodes {'kept' if keep_gblr_ops else 'lowered'})")
+
+
+@click.command("opt", context_settings=_CTX)
+@click.argument("model", metavar="IN.onnx")
+@click.option("-o", "--output", required=True, metavar="OUT.onnx", help="Output ONNX file.")
+@click.option("--passes", "passes", metavar="a,b,...", help="Pass pipeline [default: the default pipeline].")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare the result with the input model on generated inputs.")
+def opt(model, output, passes, check):
+    """Run a pass pipeline on an ONNX file (e.g. one written with `gblrc lower --keep-gblr-ops`)."""
+    import onnx
+
+    from .fileio import atomic_path, check_output_path
+    from .inspection import attach_metadata, load_onnx, structures_from_onnx
+    from .lowering import check_pass_names, op_counts, op_table, run_passes
+
+    out = check_output_path(output)
+    if Path(model).exists() and out.exists() and out.resolve() == Path(model).resolve():
+        raise GblrcError("-o would overwrite the input file; choose another output path")
+    names = _split_passes(passes)
+    if names is not None:
+        names = check_pass_names(names)
+    src = load_onnx(model)
+    structures = structures_from_onnx(src)
+    new, results = run_passes(src, names)
+    if structures:
+        attach_metadata(new, structures)
+    try:
+        onnx.checker.check_model(new, full_check=True)
+    except Exception as e:
+        raise GblrcError(f"the optimised model is invalid: {' '.join(str(e).split())[:200]}") from None
+    if check:
+        click.echo(_opt_parity(src, new))
+    with atomic_path(out) as tmp:
+        onnx.save(new, os.fspath(tmp))
+    click.echo(op_table(op_counts(src), op_counts(new)))
+    for r in results:
+        click.echo(f"pass {r['name']}: {'changed' if r['changed'] else 'no change'}")
+    click.echo(f"wrote {out}")
+
+
+def _opt_parity(src, new) -> str:
+    """Both models on the same generated inputs (dynamic dims = 2; int inputs = 1, floats ~ N(0,1))."""
+    import numpy as np
+    import onnx
+
+    from .lowering import _has_gblr, reference_check
+    from .onnx_reference import reference_run
+    from .runtime import check_parity
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in src.graph.input:
+        tt = i.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tt.shape.dim]
+        dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[i.name] = (np.ones(shape, dt) if np.issubdtype(dt, np.integer) else rng.standard_normal(shape).astype(dt))
+    try:
+        ref = reference_run(src, feeds) if _has_gblr(src) else None
+        if ref is None:
+            from .runtime import make_session
+
+            ref = make_session(src, log=False).run(None, feeds)
+        new_feeds = {k: v for k, v in feeds.items() if k in {i.name for i in new.graph.input}}
+        check = reference_check if _has_gblr(new) else check_parity
+        rep = check(new, new_feeds, ref, rtol=1e-4, atol=1e-5)
+    except GblrcError:
+        raise
+    except Exception as e:
+        raise GblrcError(f"cannot run the models to compare them ({' '.join(str(e).split())[:200]}); "
+                         "use --no-check to skip") from None
+    if not rep.ok:
+        raise GblrcError(f"the optimised model differs from the input: max rel error {rep.max_rel:.3g}; no file written")
+    return f"parity vs input model on {rep.provider}: max abs error {rep.max_abs:.3g}, max rel error {rep.max_rel:.3g}"
+
+
+@click.command("passes", context_settings=_CTX)
+def passes_cmd():
+    """List the ONNX passes, what each requires and ensures, and the default pipeline."""
+    from .lowering import load_passes
+
+    P = load_passes()
+    PASSES, DEFAULT_PIPELINE = P.PASSES, P.DEFAULT_PIPELINE
+    for name, p in PASSES.items():
+        click.echo(f"{name}: {getattr(p, 'description', '')}")
+        req, ens = list(getattr(p, "requires", ()) or ()), list(getattr(p, "ensures", ()) or ())
+        click.echo(f"    requires: {', '.join(map(str, req)) or '-'}; ensures: {', '.join(map(str, ens)) or '-'}")
+    click.echo(f"default pipeline: {','.join(DEFAULT_PIPELINE)}")
+
+
+@click.command("inspect", context_settings=_CTX)
+@click.argument("path", metavar="FILE")
+@click.option("--no-blocks", is_flag=True, help="One line per layer; do not list the blocks.")
+@_TRUST
+def inspect_cmd(path, no_blocks, trust):
+    """Show each GBLR layer's shape, blocks (spans, ranks), cost and cost ratio, from an ONNX file
+    (with GBLRLinear nodes, or lowered by gblrc) or a compressed model (.gblr.pt)."""
+    from .inspection import format_structures, load_onnx, structures_from_compressed, structures_from_onnx
+
+    p = Path(path)
+    if not p.exists():
+        raise GblrcError(f"{path!r} does not exist")
+    if p.suffix.lower() == ".onnx":
+        structures = structures_from_onnx(load_onnx(p))
+        if not structures:
+            raise GblrcError(f"{path!r} has no GBLRLinear nodes and no gblrc metadata: not a gblrc output")
+    else:
+        structures = structures_from_compressed(p, trust=trust)
+        if not structures:
+            raise GblrcError(f"{path!r} has no GBLR layers; make one with: gblrc compress MODEL --budget B")
+    click.echo(format_structures(structures, blocks=not no_blocks))

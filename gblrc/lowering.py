@@ -1,0 +1,189 @@
+"""`gblrc.lower`: export a model with GBLR layers to ONNX, run the passes, check, write.
+
+Pipeline: export (one gblrc::GBLRLinear node per layer) -> passes (unless keep_gblr_ops)
+-> onnx.checker (full_check) -> parity against PyTorch on the example inputs -> atomic write.
+Any failure raises GblrcError and leaves no output file.
+
+Parity runs in ONNX Runtime (:func:`gblrc.runtime.check_parity`).  A graph that still holds
+GBLRLinear nodes (``keep_gblr_ops``, or a pass list that does not lower them) is checked on a
+copy whose GBLRLinear nodes are replaced by their dense matrices (gblrc.onnx_reference).
+The PyTorch reference is computed in float64 (a float64 copy of the model) when possible,
+so the error reported is that of the ONNX model alone.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+
+from .errors import GblrcError
+from .export import export_onnx, normalize_inputs, wrap_for_export
+from .fileio import atomic_path, check_output_path
+from .inspection import attach_metadata, structures_from_onnx
+from .onnx_reference import REFERENCE_NOTE, dense_reference_model, reference_run
+from .structure import ONNX_DOMAIN, ONNX_OP
+
+__all__ = ["LowerReport", "lower", "op_counts", "op_table", "run_passes", "load_passes", "check_pass_names", "reference_check", "reference_run"]
+
+
+@dataclass
+class LowerReport:
+    path: str
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    passes: list[dict] = field(default_factory=list)  # [{"name", "changed", "counts"}]
+    max_abs_err: float = float("nan")
+    max_rel_err: float = float("nan")
+    provider: str = ""
+    gblr_layers: int = 0  # GBLRLinear nodes in the exported graph (layers the forward pass uses)
+
+    def parity_line(self) -> str:
+        return (f"parity vs PyTorch (float64) on {self.provider}: max abs error {self.max_abs_err:.3g}, "
+                f"max rel error {self.max_rel_err:.3g}")
+
+    def op_table(self) -> str:
+        return op_table(self.ops_before, self.ops_after)
+
+
+def op_table(before: dict[str, int], after: dict[str, int]) -> str:
+    """Node counts by op type before and after, most frequent (after) first, with totals."""
+    names = sorted(set(before) | set(after), key=lambda k: (-after.get(k, 0), k))
+    rows = [f"{'op':<28}{'before':>8}{'after':>8}"]
+    rows += [f"{k:<28}{before.get(k, 0):>8}{after.get(k, 0):>8}" for k in names]
+    rows.append(f"{'total':<28}{sum(before.values()):>8}{sum(after.values()):>8}")
+    return "\n".join(rows)
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Node counts by op type (custom-domain ops as 'domain.Op'), top-level graph."""
+    c = Counter((f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type) for n in model.graph.node)
+    return dict(sorted(c.items()))
+
+
+def _has_gblr(model: onnx.ModelProto) -> bool:
+    return any(n.domain == ONNX_DOMAIN and n.op_type == ONNX_OP for n in model.graph.node)
+
+
+def load_passes():
+    """The gblrc.passes module (PASSES, DEFAULT_PIPELINE, run_pipeline, PassError)."""
+    try:
+        from . import passes
+        passes.PASSES, passes.DEFAULT_PIPELINE, passes.run_pipeline, passes.PassError  # noqa: B018
+    except (ImportError, AttributeError) as e:
+        raise GblrcError(f"the ONNX passes are not available ({' '.join(str(e).split())}); reinstall gblrc") from None
+    return passes
+
+
+def check_pass_names(names: Sequence[str]) -> list[str]:
+    """Stripped names; GblrcError naming the first unknown one."""
+    PASSES = load_passes().PASSES
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise GblrcError(f"unknown pass {unknown[0]!r}; choose from: {', '.join(PASSES)} (see: gblrc passes)")
+    return names
+
+
+def run_passes(model: onnx.ModelProto, names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[dict]]:
+    """Run the pass pipeline (default: gblrc.passes.DEFAULT_PIPELINE); unknown names -> GblrcError."""
+    P = load_passes()
+    DEFAULT_PIPELINE, PassError, run_pipeline = P.DEFAULT_PIPELINE, P.PassError, P.run_pipeline
+    if names is not None:
+        names = check_pass_names(names)
+    try:
+        out, results = run_pipeline(model, names)
+    except PassError as e:
+        raise GblrcError(f"pass pipeline failed: {e}") from None
+    used = list(names) if names is not None else list(DEFAULT_PIPELINE)
+    summary = []
+    for i, r in enumerate(results):
+        name = getattr(r, "name", None) or (used[i] if i < len(used) else f"pass{i}")
+        summary.append({"name": name, "changed": bool(getattr(r, "changed", False)),
+                        "counts": dict(getattr(r, "counts", {}) or {})})
+    return out, summary
+
+
+# ----------------------------------------------------------------- reference evaluation
+def reference_check(model: onnx.ModelProto, feeds: dict, reference: list, *, rtol: float, atol: float):
+    """Parity of a graph that still holds GBLRLinear nodes (evaluated as their dense matrices)."""
+    from .runtime import check_parity
+
+    rep = check_parity(dense_reference_model(model), feeds, reference, rtol=rtol, atol=atol)
+    rep.provider = f"{rep.provider} ({REFERENCE_NOTE})"
+    return rep
+
+
+# ----------------------------------------------------------------- the PyTorch reference
+@torch.no_grad()
+def _torch_reference(module: torch.nn.Module, inputs) -> list[np.ndarray]:
+    """Outputs in float64 (a float64 copy of the model); the model's own dtype if that fails."""
+    names = list(inputs)
+    try:
+        m64 = copy.deepcopy(module).double().eval()
+        args = tuple(t.double() if t.is_floating_point() else t for t in inputs.values())
+        out = wrap_for_export(m64, names)(*args)
+    except Exception:
+        was = module.training
+        module.eval()
+        try:
+            out = wrap_for_export(module, names)(*inputs.values())
+        finally:
+            module.train(was)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.detach().cpu().double().numpy() for o in outs]
+
+
+def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, passes: Sequence[str] | None = None,
+          opset: int = 17, keep_gblr_ops: bool = False, rtol: float = 1e-4, atol: float = 1e-5,
+          input_names: Sequence[str] | None = None, dynamic_axes=None) -> LowerReport:
+    """Export ``module`` to ONNX at ``path`` with its GBLR layers lowered to standard ops.
+
+    example_inputs: a tensor, a tuple of tensors or an ordered dict name -> tensor.  passes:
+    pass names (default: the default pipeline).  keep_gblr_ops: skip the passes (the file keeps
+    gblrc::GBLRLinear nodes; ONNX Runtime cannot run it without the passes).  The result must
+    match PyTorch within ``max|a-b| <= atol + rtol * max|b|`` per output, else GblrcError and
+    no file is written.
+    """
+    check_output_path(path)
+    inputs = normalize_inputs(example_inputs)
+    names = list(input_names) if input_names is not None else list(inputs)
+    model = export_onnx(module, inputs, opset=opset, input_names=names, dynamic_axes=dynamic_axes)
+    before = op_counts(model)
+    structures = structures_from_onnx(model)
+    results: list[dict] = []
+    if not keep_gblr_ops:
+        model, results = run_passes(model, passes)
+    attach_metadata(model, structures)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise GblrcError(f"the lowered ONNX model is invalid: {' '.join(str(e).split())[:300]}") from None
+    ref = _torch_reference(module, inputs)
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs.values())}
+    graph_inputs = {i.name for i in model.graph.input}
+    feeds = {k: v for k, v in feeds.items() if k in graph_inputs}  # inputs the graph does not use are pruned
+    try:
+        if _has_gblr(model):
+            rep = reference_check(model, feeds, ref, rtol=rtol, atol=atol)
+        else:
+            from .runtime import check_parity
+
+            rep = check_parity(model, feeds, ref, rtol=rtol, atol=atol)
+    except GblrcError:
+        raise
+    except Exception as e:
+        raise GblrcError(f"running the ONNX model failed: {' '.join(str(e).split())[:300]}") from None
+    if not rep.ok:
+        raise GblrcError(f"the ONNX model does not match PyTorch: max abs error {rep.max_abs:.3g}, "
+                         f"max rel error {rep.max_rel:.3g} (tolerance rtol={rtol}, atol={atol}); no file written")
+    with atomic_path(path) as tmp:
+        onnx.save(model, os.fspath(tmp))
+    return LowerReport(path=os.fspath(path), ops_before=before, ops_after=op_counts(model), passes=results,
+                       max_abs_err=rep.max_abs, max_rel_err=rep.max_rel, provider=rep.provider,
+                       gblr_layers=before.get(f"{ONNX_DOMAIN}.{ONNX_OP}", 0))
