@@ -31,6 +31,8 @@ class GBLRLinear(nn.Module):
     eval mode uses hard boxcar masks, widths under 1/n being zero.
     """
 
+    hard_forward = False  # train mode: boxcar values with Gaudi-mask gradients (set by the trainer)
+
     def __init__(
         self,
         in_features: int,
@@ -71,7 +73,11 @@ class GBLRLinear(nn.Module):
             wr = quantize_ste(self.widths[1], n_out, min_one=True)
             lc = quantize_ste(self.locations[0], n_in)
             lr = quantize_ste(self.locations[1], n_out)
-            return gaudi_mask(wc, lc, n_in, s).to(dt), gaudi_mask(wr, lr, n_out, s).to(dt)
+            mc, mr = gaudi_mask(wc, lc, n_in, s).to(dt), gaudi_mask(wr, lr, n_out, s).to(dt)
+            if self.hard_forward:  # forward with the eval-mode boxcar, gradients of the Gaudi mask
+                mc = boxcar_mask(self.widths[0], self.locations[0], n_in, dt) + (mc - mc.detach())
+                mr = boxcar_mask(self.widths[1], self.locations[1], n_out, dt) + (mr - mr.detach())
+            return mc, mr
         return (
             boxcar_mask(self.widths[0], self.locations[0], n_in, dt),
             boxcar_mask(self.widths[1], self.locations[1], n_out, dt),
