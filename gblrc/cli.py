@@ -23,3 +23,12 @@ def main():
 from .cli_example import example  # noqa: E402
 
 main.add_command(example)
+
+from .cli_compress import compress  # noqa: E402
+
+main.add_command(compress)
+
+from .cli_lower import inspect_cmd, lower, opt, passes_cmd  # noqa: E402
+
+for _cmd in (lower, opt, passes_cmd, inspect_cmd):
+    main.add_command(_cmd)

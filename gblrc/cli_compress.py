@@ -1,0 +1,239 @@
+"""`gblrc compress`: learn GBLR layers under a cost budget and write MODEL.gblr.pt + report + picture."""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+from .errors import GblrcError
+
+__all__ = ["compress"]
+
+
+def parse_budget(text: str) -> float:
+    try:
+        b = float(text)
+    except (TypeError, ValueError):
+        raise GblrcError(f"--budget must be a number in (0, 1], got {text!r}") from None
+    if not (0.0 < b <= 1.0):  # also rejects NaN
+        raise GblrcError(f"--budget must be in (0, 1] (a fraction of the dense cost), got {text}")
+    return b
+
+
+def _regex(text: str | None, flag: str) -> str | None:
+    if text is not None:
+        try:
+            re.compile(text)
+        except re.error as e:
+            raise GblrcError(f"{flag} {text!r} is not a valid regular expression: {e}") from None
+    return text
+
+
+def default_output(model_path: Path) -> Path:
+    """`<model stem>.gblr.pt` beside the model (for a folder: beside the folder)."""
+    p = model_path.resolve() if model_path.is_dir() else model_path
+    stem = p.name if p.is_dir() else p.stem
+    return p.parent / f"{stem}.gblr.pt"
+
+
+def check_output(out: Path, model_path: Path) -> None:
+    from .fileio import check_output_path
+
+    parent = out.parent if str(out.parent) else Path(".")
+    for anc in (parent, *parent.parents):
+        if anc.exists() and not anc.is_dir():
+            raise GblrcError(f"cannot write {str(out)!r}: {str(anc)!r} is a file, not a folder; choose another -o path")
+    check_output_path(out)
+    if out.exists() and model_path.exists() and out.resolve() == model_path.resolve():
+        raise GblrcError(f"-o {str(out)!r} would overwrite the input model; choose another output path")
+
+
+def _check_weights(model) -> None:
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise GblrcError(f"the model's weights contain NaN or Inf (parameter {name!r}); fix the model first")
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: Path):
+    """Temporary paths for several outputs; renamed into place only if all are written (main file last)."""
+    from .fileio import atomic_path
+
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(p)) for p in paths]  # exits in reverse: paths[0] last
+        yield tmps
+        umask = os.umask(0)
+        os.umask(umask)
+        for t in tmps:  # mkstemp makes 0600 files; give them the usual permissions
+            os.chmod(t, 0o666 & ~umask)
+
+
+def _summary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"GBLR compression: budget {report['budget']:.3f}, achieved {report['achieved_ratio']:.4f}")
+    for col, just in (("layer", "left"), ("shape (out x in)", "right"), ("dense cost", "right"),
+                      ("GBLR cost", "right"), ("ratio", "right"), ("blocks", "right")):
+        t.add_column(col, justify=just)
+    for L in report["layers"]:
+        shape = "x".join(str(s) for s in L["shape"])
+        t.add_row(L["name"], shape, f"{L['dense_cost']:,}", f"{L['gblr_cost']:,}", f"{L['ratio']:.3f}", str(L["blocks"]))
+    t.add_row("total", "", f"{report['dense_cost']:,}", f"{report['gblr_cost']:,}",
+              f"{report['achieved_ratio']:.4f}", str(sum(L["blocks"] for L in report["layers"])), style="bold")
+    Console(width=110).print(t)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("model", metavar="MODEL")
+@click.option("--budget", "-b", required=True, metavar="B",
+              help="Cost of the compressed layers as a fraction of their dense multiply-adds, in (0, 1].")
+@click.option("--data", "-d", metavar="D",
+              help="Training data: a .pt file (a tensor of inputs, or a dict with 'inputs' and optional 'targets', "
+                   "'eval_inputs', 'eval_targets'); a text file, one example per line (Hugging Face models, "
+                   "tokenised by the model's tokenizer); or module:function returning an iterable of batches. "
+                   "With targets the task loss is used, otherwise distillation from the dense model. "
+                   "Without --data only the initialisation from the dense weights is done.")
+@click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Training steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate.")
+@click.option("--include", metavar="REGEX", help="Compress only Linear layers whose name matches REGEX.")
+@click.option("--exclude", metavar="REGEX", help="Leave Linear layers whose name matches REGEX dense.")
+@click.option("--rank-per-component", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rank of each GBLR component (above 1 gives fewer, larger blocks that lower faster).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", "output", metavar="OUT",
+              help="Output file [default: <model stem>.gblr.pt beside the model]. Also written: "
+                   "OUT.report.json and OUT.structure.png.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Save a checkpoint in OUT.ckpt/ every N steps (0: never); removed after success.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint in OUT.ckpt/.")
+@click.option("--trust-pickle", "--trust-remote-code", "trust", is_flag=True,
+              help="Allow MODEL (or a .pt data file) to run its own code while loading: pickles with classes "
+                   "outside torch.nn, Hugging Face folders with custom code. Only for files you trust.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
+def compress(model, budget, data, steps, batch_size, lr, include, exclude, rank_per_component, seed, output,
+             checkpoint_every, resume, trust, quiet):
+    """Replace MODEL's nn.Linear layers by learned Generalized Block Low-Rank layers whose total cost
+    is at most BUDGET x the dense cost, and write the compressed model.
+
+    MODEL is a file saved with torch.save(model) (only torch.nn classes are loaded unless
+    --trust-pickle) or a Hugging Face model folder (config.json; loaded offline).
+
+    Layers: by default every nn.Linear (and GPT-2 Conv1D) except small ones (a side under 16)
+    and output heads (lm_head, classifier, pooler, ..., or a plain model's last Linear);
+    --include REGEX replaces that rule, --exclude REGEX removes layers from it.
+
+    \b
+    Examples:
+      gblrc compress samples/digits_mlp.pt --budget 0.4 --data samples/digits_data.pt
+      gblrc compress path/to/hf_folder --budget 0.5 --data sentences.txt --include '^encoder\\.'
+    Then: gblrc lower <OUT> -o model.onnx
+    """
+    b = parse_budget(budget)
+    include, exclude = _regex(include, "--include"), _regex(exclude, "--exclude")
+    mpath = Path(model)
+    if not mpath.exists():
+        raise GblrcError(f"model {model!r} does not exist; give a .pt file saved with torch.save(model) or a Hugging Face folder")
+    out = Path(output) if output else default_output(mpath)
+    check_output(out, mpath)
+    side = [Path(f"{out}.report.json"), Path(f"{out}.structure.png")]
+    for p in side:
+        check_output(p, mpath)
+    ckpt = Path(f"{out}.ckpt")
+    if resume and not ckpt.is_dir():
+        click.echo(f"warning: no checkpoint in {ckpt}; starting from the beginning", err=True)
+        resume = False
+    if not resume and ckpt.exists():
+        raise GblrcError(f"a checkpoint of an interrupted run exists in {str(ckpt)!r}; rerun with --resume to "
+                         f"continue it, or delete that folder to start over")
+    run(mpath, out, side, ckpt, b, data, steps=steps, batch_size=batch_size, lr=lr, include=include,
+        exclude=exclude, rank_per_component=rank_per_component, seed=seed,
+        checkpoint_every=checkpoint_every, resume=resume, trust=trust, quiet=quiet)
+
+
+def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, include, exclude,
+        rank_per_component, seed, checkpoint_every, resume, trust, quiet):
+    import torch
+
+    from . import evaluate
+    from .compress import compress as train
+    from .datafiles import check_fits, example_inputs, guess_example_inputs, load_data
+    from .loading import load_model
+    from .modelio import save
+    from .replace import find_linears
+    from .report import draw_structure, write_json
+
+    t0 = time.perf_counter()
+    loaded = load_model(mpath, trust=trust)
+    _check_weights(loaded.model)
+    if not find_linears(loaded.model, include, exclude):
+        what = "" if include is None and exclude is None else " matching --include/--exclude"
+        raise GblrcError(f"{str(mpath)!r} has no compressible layer (nn.Linear){what}; nothing to compress")
+    data = load_data(data_spec, loaded, trust=trust, batch_size=batch_size, seed=seed)
+    if data is None:  # the trainer reports the "initialisation only" warning
+        sample = guess_example_inputs(loaded)
+    else:
+        check_fits(loaded.model, data.sample)
+        sample = data.sample
+    ex = example_inputs(loaded.model, sample, loaded.kind) if sample is not None else None
+    if ex is None:
+        click.echo("warning: no example inputs could be made; `gblrc lower` will need input shapes", err=True)
+    probe = None if data is None else (data.eval_inputs if data.eval_inputs is not None else
+                                       data.train["inputs"] if isinstance(data.train, dict) else
+                                       data.train if isinstance(data.train, torch.Tensor) else data.sample)
+    probe = probe if probe is not None else sample
+    dense_out = evaluate.outputs(loaded.model, probe) if probe is not None else None
+    acc_before = evaluate.accuracy(dense_out, None if data is None else data.eval_targets)
+
+    ckpt_dir = str(ckpt) if checkpoint_every > 0 else None
+    try:
+        with warnings.catch_warnings():  # they come back in report["warnings"], printed below
+            warnings.simplefilter("ignore")
+            cmodel, report = train(loaded.model, budget, data=None if data is None else data.train, steps=steps,
+                                   batch_size=batch_size, lr=lr, include=include, exclude=exclude, seed=seed,
+                                   rank_per_component=rank_per_component, checkpoint_dir=ckpt_dir,
+                                   checkpoint_every=max(checkpoint_every, 1), resume=resume, progress=not quiet)
+    except ValueError as e:
+        raise GblrcError(" ".join(str(e).split()) or "compression failed") from None
+    except KeyboardInterrupt:
+        hint = f"; rerun with --resume to continue from {ckpt}" if ckpt.is_dir() else ""
+        raise GblrcError(f"interrupted{hint}") from None
+    cmodel.eval()
+
+    comp_out = evaluate.outputs(cmodel, probe) if probe is not None else None
+    acc_after = evaluate.accuracy(comp_out, None if data is None else data.eval_targets)
+    full = dict(report)
+    full.update(model=str(mpath), data=data_spec, output=str(out), seconds=round(time.perf_counter() - t0, 2),
+                settings={"steps": steps, "batch_size": batch_size, "lr": lr, "include": include,
+                          "exclude": exclude, "seed": seed, "rank_per_component": rank_per_component,
+                          "resumed": resume},
+                agreement_with_dense=evaluate.agreement(dense_out, comp_out))
+    if acc_before is not None:
+        full.update(accuracy_before=acc_before, accuracy_after=acc_after,
+                    accuracy_set=f"{data.eval_name} set, {min(len(data.eval_targets), 512)} examples")
+    meta = {"budget": budget, "achieved_ratio": report.get("achieved_ratio"), "source": str(mpath)}
+    with atomic_outputs(out, *side) as (t_out, t_json, t_png):
+        save(cmodel, t_out, example_inputs=ex, meta=meta, auto_class=loaded.auto_class)
+        write_json(full, t_json)
+        draw_structure(cmodel, t_png, title=f"{mpath.name}: budget {budget}, achieved {report['achieved_ratio']:.3f}")
+    if ckpt.is_dir():
+        shutil.rmtree(ckpt, ignore_errors=True)
+    for w in report.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    if not quiet:
+        _summary(report)
+    if acc_before is not None:
+        click.echo(f"accuracy ({full['accuracy_set']}): dense {acc_before:.4f} -> compressed {acc_after:.4f}")
+    if full["agreement_with_dense"]:
+        click.echo(f"output cosine to the dense model: {full['agreement_with_dense']['cosine']:.4f}")
+    click.echo(f"wrote {out} (achieved cost ratio {report['achieved_ratio']:.4f}, budget {budget}), "
+               f"{side[0].name}, {side[1].name}")

@@ -1,0 +1,191 @@
+"""``gblrc.compress``: learn GBLR layers for a model's linear layers under a cost budget."""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+import time
+import types
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import dist
+from .budget import compact, fit_to_budget
+from .data import batch_stream, replayable, call_model, model_output, to_device
+from .objective import Objective, task_loss
+from .init import svd_layer
+from .calib import input_covariances, whiten_layer
+from .replace import as_linear, find_linears, replace_linears, set_module
+from .train import TrainConfig, Trainer
+
+__all__ = ["compress"]
+
+NO_DATA_WARNING = ("no data given: the GBLR layers are only initialised from the dense weights (no training); "
+                   "give data for better accuracy")
+
+
+def _check_budget(budget) -> float:
+    try:
+        b = float(budget)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget must be a number in (0, 1], got {budget!r}") from None
+    if not (math.isfinite(b) and 0.0 < b <= 1.0):
+        raise ValueError(f"budget must be in (0, 1] (a fraction of the dense cost), got {budget}")
+    return b
+
+
+def _io(m) -> tuple[int, int]:
+    lin = as_linear(m) if not isinstance(m, nn.Linear) else m
+    return lin.in_features, lin.out_features
+
+
+def _check_fits(model, x, y, distill: bool) -> None:
+    """One batch through the model: a one-line ValueError when it does not fit."""
+    try:
+        with torch.no_grad():
+            out = model_output(call_model(model, x))
+    except ValueError:
+        raise
+    except Exception as e:
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(f"the data does not fit the model: {msg}; give inputs of the shape the model expects") from None
+    if y is not None and not distill:
+        task_loss(out, y)  # raises ValueError when the targets do not fit
+
+
+def _report(budget, layers: dict, curve, steps: int, warn: list) -> dict:
+    rows = []
+    for name, m in layers.items():
+        rows.append({"name": name, "shape": [m.out_features, m.in_features], "dense_cost": m.dense_flops(),
+                     "gblr_cost": m.flops(), "blocks": len(m.structure().structure.blocks),
+                     "ratio": m.flops() / m.dense_flops()})
+    dense = sum(r["dense_cost"] for r in rows)
+    cost = sum(r["gblr_cost"] for r in rows)
+    return {"budget": budget, "achieved_ratio": cost / dense, "dense_cost": dense, "gblr_cost": cost,
+            "steps": steps, "layers": rows, "loss_curve": curve, "warnings": warn}
+
+
+def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, batch_size: int = 32,
+             lr: float = 1e-3, include=None, exclude=None, seed: int = 0, loss="auto",
+             rank_per_component: int = 1, checkpoint_dir=None, checkpoint_every: int = 50, resume: bool = False,
+             progress: bool = True, structure: str = "gblr", lr_struct: float | None = None,
+             init_factor: float = 1.0, layer_loss: float = 1.0, warmup: float = 0.1, cooldown: float = 0.2,
+             sigma_max: float = 100.0, init: str = "data", calib_batches: int = 8,
+             hard_forward: bool = True) -> tuple[nn.Module, dict]:
+    """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= ``budget``.
+
+    ``data``: None (initialisation only), a Tensor of inputs, {"inputs", "targets"}, or an iterable /
+    callable of batches (see :mod:`gblrc.data`).  With targets the task loss is trained (``loss="auto"``
+    or ``"task"``), otherwise (or with ``loss="distill"``) the model imitates its dense self.
+    ``init``: "data" (truncated SVD in the metric of each layer's inputs on ``calib_batches`` batches,
+    :mod:`gblrc.calib`) or "svd" (plain truncated SVD, :func:`gblrc.init.fit_dense`).
+    ``structure``: "gblr" (learned widths/locations from an initialisation at ``init_factor`` x budget)
+    or "lowrank" (truncated SVD at the budget, full widths, content fine-tuned only).
+    Returns (model in eval mode, report dict).  Raises ValueError on bad input.
+    """
+    budget = _check_budget(budget)
+    if structure not in ("gblr", "lowrank"):
+        raise ValueError(f"structure must be 'gblr' or 'lowrank', got {structure!r}")
+    if init not in ("data", "svd"):
+        raise ValueError(f"init must be 'data' or 'svd', got {init!r}")
+    if loss not in ("auto", "task", "distill"):
+        raise ValueError(f"loss must be 'auto', 'task' or 'distill', got {loss!r}")
+    if int(steps) < 0 or int(batch_size) < 1 or int(rank_per_component) < 1:
+        raise ValueError("steps must be >= 0, batch_size and rank_per_component >= 1")
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ValueError(f"the model has NaN or Inf values in {name!r}; fix the model before compressing")
+    pairs = find_linears(model, include, exclude)
+    if not pairs:
+        raise ValueError("the model has no compressible linear layer (nn.Linear / Conv1D)"
+                         + (" matching include/exclude" if include or exclude else "")
+                         + "; nothing to compress")
+    names = [n for n, _ in pairs]
+    dev = next(model.parameters()).device
+    rank, world = dist.setup(dev)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    warn: list[str] = []
+    steps = int(steps)
+    teacher = None
+    if data is None or steps == 0:
+        if data is None:
+            warn.append(NO_DATA_WARNING)
+            warnings.warn(NO_DATA_WARNING, stacklevel=2)
+        steps = 0
+    else:
+        data = replayable(data)  # a generator is read once and replayed
+        x, y = next(batch_stream(data, batch_size, seed))
+        distill = loss == "distill" or (loss == "auto" and y is None)
+        if loss == "task" and y is None:
+            raise ValueError("loss='task' needs targets in the data")
+        model.eval()
+        _check_fits(model, to_device(x, dev), to_device(y, dev), distill)
+        if distill:
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    learn = structure == "gblr" and steps > 0
+    if structure == "lowrank":
+        init_budget = budget
+    else:  # start above the budget: training (or the final fit) chooses what to remove
+        # plus one component of the smallest layer, so that the final fit can land on the budget exactly
+        one = max(rank_per_component * sum(_io(m)) / (_io(m)[0] * _io(m)[1]) for _, m in pairs)
+        init_budget = min(1.0, budget * (init_factor if learn else 1.0) + one)
+    dense_w = {n: as_linear(m).weight.detach().clone() for n, m in pairs} if init == "data" and steps > 0 else None
+    covs = None
+    if dense_w is not None:  # input statistics of the dense model on the first batches
+        it = batch_stream(data, batch_size, seed)
+        xs = [to_device(next(it)[0], dev) for _ in range(calib_batches)]
+        covs = input_covariances(model, names, xs)
+    # full-width truncated SVD for low rank and as the base of the data-aware init; else gblrc.init.fit_dense
+    fit = svd_layer if (structure == "lowrank" or covs is not None) else None
+    layers = replace_linears(model, names, init_budget, fit=fit, rank_per_component=rank_per_component)
+    if covs is not None:
+        for n, m in layers.items():
+            if n in covs and not whiten_layer(m, dense_w[n], covs[n]):
+                warn.append(f"layer {n}: data-aware initialisation not applicable, kept plain SVD")
+    curve: list = []
+    train_seconds = 0.0
+    if steps > 0:
+        cfg = TrainConfig(steps=steps, budget=budget, batch_size=batch_size, lr=lr,
+                          lr_struct=lr_struct if lr_struct is not None else 5 * lr, seed=seed,
+                          learn_structure=learn, hard_forward=hard_forward, warmup=warmup, cooldown=cooldown, sigma_max=sigma_max,
+                          checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                          checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+        obj = Objective(model, teacher, names, layer_loss)
+        sig = {"structure": structure, "init_factor": init_factor, "layer_loss": layer_loss, "init": init,
+               "rank_per_component": rank_per_component, "world": world}
+        t0 = time.perf_counter()
+        try:
+            curve = Trainer(model, layers, obj, data, cfg, rank=rank, world=world, extra_signature=sig).run()
+        finally:
+            obj.close()
+        train_seconds = time.perf_counter() - t0
+    for m in layers.values():
+        m.eval()
+        m.hard_forward = False
+    if structure == "gblr":
+        fit_to_budget(list(layers.values()), budget)
+    for name in names:
+        layers[name] = compact(layers[name])
+        set_module(model, name, layers[name])
+    model.eval()
+    report = _report(budget, layers, curve, steps, warn)
+    report["train_seconds"] = round(train_seconds, 3)
+    if report["achieved_ratio"] > budget + 1e-12:  # cannot happen after fit_to_budget; lowrank is floor()ed
+        raise RuntimeError(f"internal error: cost ratio {report['achieved_ratio']} over budget {budget}")
+    return model, report
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule rebinds ``gblrc.compress`` to it: keep ``gblrc.compress(model, ...)`` working."""
+
+    def __call__(self, *args, **kwargs):
+        return compress(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
