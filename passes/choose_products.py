@@ -7,7 +7,7 @@ from gblrc.structure import Block, GBLRWeights, Structure
 
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node
 from .build import write_gblr_node
-from .cost_model import DEFAULT_COST_MODEL, CostModel
+from .cost_model import CostModelPass
 
 __all__ = ["ChooseProducts", "is_tile", "as_tile"]
 
@@ -28,15 +28,9 @@ def as_tile(w: GBLRWeights, i: int) -> GBLRWeights:
     return GBLRWeights(Structure(s.in_features, s.out_features, tuple(blocks)), tuple(Us), tuple(Vs), w.bias)
 
 
-class ChooseProducts(Pass):
+class ChooseProducts(CostModelPass, Pass):
     name = "choose-products"
     description = "per block, keep two thin products or switch to one dense tile, whichever the cost model prefers"
-    requires = frozenset({"gblr-nodes-valid"})
-    ensures = frozenset({"gblr-nodes-valid"})
-
-    def __init__(self, model: CostModel = DEFAULT_COST_MODEL):
-        self.model = model
-
     def run(self, graph):
         tiles = 0
         for node in gblr_nodes(graph):

@@ -91,3 +91,13 @@ class CostModel:
 
 
 DEFAULT_COST_MODEL = CostModel()
+
+
+class CostModelPass:
+    """Mixin for decision passes over valid GBLR nodes that consult a cost model."""
+
+    requires = frozenset({"gblr-nodes-valid"})
+    ensures = frozenset({"gblr-nodes-valid"})
+
+    def __init__(self, model: CostModel = DEFAULT_COST_MODEL):
+        self.model = model

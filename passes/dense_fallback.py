@@ -3,19 +3,13 @@ from __future__ import annotations
 
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node
 from .choose_products import is_tile
-from .cost_model import DEFAULT_COST_MODEL, CostModel
+from .cost_model import CostModelPass
 from .lower_gblr import lower_node
 
 
-class DenseFallback(Pass):
+class DenseFallback(CostModelPass, Pass):
     name = "dense-fallback"
     description = "replace a GBLR layer by one dense MatMul (+Add) when that is estimated faster or cheaper"
-    requires = frozenset({"gblr-nodes-valid"})
-    ensures = frozenset({"gblr-nodes-valid"})
-
-    def __init__(self, model: CostModel = DEFAULT_COST_MODEL):
-        self.model = model
-
     def run(self, graph):
         n = 0
         for node in gblr_nodes(graph):

@@ -3,19 +3,13 @@ from __future__ import annotations
 
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node
 from .build import write_gblr_node
-from .cost_model import DEFAULT_COST_MODEL, CostModel
+from .cost_model import CostModelPass
 from .merge import merge_blocks
 
 
-class MergeBlocks(Pass):
+class MergeBlocks(CostModelPass, Pass):
     name = "merge-blocks"
     description = "merge blocks into their zero-padded union where fewer, larger products are faster"
-    requires = frozenset({"gblr-nodes-valid"})
-    ensures = frozenset({"gblr-nodes-valid"})
-
-    def __init__(self, model: CostModel = DEFAULT_COST_MODEL):
-        self.model = model
-
     def run(self, graph):
         merged = 0
         for node in gblr_nodes(graph):

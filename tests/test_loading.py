@@ -13,13 +13,7 @@ from gblrc.errors import GblrcError
 from gblrc.loading import hf_auto_class, load_model, safe_load
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and does not spin on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class NeedsCode(nn.Module):  # a user class: unpickling it runs code outside torch.nn
