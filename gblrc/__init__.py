@@ -17,8 +17,8 @@ def load(path, *, trust_pickle: bool = False):
 
 
 def compress(model, budget, **kwargs):
-    """Compress ``model``'s linear layers into GBLR layers under ``budget`` (see gblrc.compress.compress)."""
-    from .compress import compress as _compress
+    """Compress ``model``'s linear layers into GBLR layers under ``budget`` (see gblrc.compressor.compress)."""
+    from .compressor import compress as _compress
 
     return _compress(model, budget, **kwargs)
 

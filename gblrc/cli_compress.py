@@ -165,7 +165,7 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
     import torch
 
     from . import evaluate
-    from .compress import compress as train
+    from .compressor import compress as train
     from .datafiles import check_fits, example_inputs, guess_example_inputs, load_data
     from .loading import load_model
     from .modelio import save

@@ -24,7 +24,7 @@ MAX_TOKENS = 128
 
 @dataclass
 class Data:
-    train: Any  # what gblrc.compress.compress(data=...) accepts
+    train: Any  # what gblrc.compressor.compress(data=...) accepts
     sample: Any  # one small batch of inputs: Tensor or dict name -> Tensor
     has_targets: bool = False
     eval_inputs: Any = None  # labelled set for accuracy (Tensor or dict), optional

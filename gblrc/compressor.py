@@ -4,9 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-import sys
 import time
-import types
 import warnings
 
 import numpy as np
@@ -179,13 +177,3 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     if report["achieved_ratio"] > budget + 1e-12:  # cannot happen after fit_to_budget; lowrank is floor()ed
         raise RuntimeError(f"internal error: cost ratio {report['achieved_ratio']} over budget {budget}")
     return model, report
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule rebinds ``gblrc.compress`` to it: keep ``gblrc.compress(model, ...)`` working."""
-
-    def __call__(self, *args, **kwargs):
-        return compress(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
