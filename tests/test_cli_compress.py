@@ -228,6 +228,25 @@ def test_hugging_face_folder_with_text_data(tmp_path):
     assert h.shape[-1] == 32 and torch.isfinite(h).all()
     assert rep["agreement_with_dense"]["examples"] == 48
 
+    # the compress output lowers from the CLI with no extra flags, and runs at another batch/sequence shape
+    import numpy as np
+    import onnx
+
+    from gblrc.runtime import make_session
+
+    onnx_path = tmp_path / "bert.onnx"
+    r = CliRunner().invoke(main, ["lower", str(out), "-o", str(onnx_path)])
+    assert r.exit_code == 0, r.output
+    assert "max rel error" in r.output
+    assert not [n for n in onnx.load(onnx_path).graph.node if n.domain == "gblrc"]
+    ids = torch.randint(1000, 2000, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    sess = make_session(onnx_path, log=False)
+    y = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        ref = m(ids, mask).last_hidden_state.double().numpy()
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+
 
 def test_gpt2_style_folder_with_token_tensors(tmp_path):
     """A causal LM folder (GPT-2: Conv1D layers, AutoModelForCausalLM) and a .pt dict of input_ids."""
