@@ -103,9 +103,11 @@ def fit_to_budget(layers, budget: float) -> float:
             if excess <= 0:
                 break
             m = layers[li]
-            r = m.rank_per_component
+            r, t = m.rank_per_component, m.tile
             side, width = (0, wc) if wc >= wr else (1, wr)
             cut = -(-excess // r)
+            if t > 1:  # keep widths on the tile grid: cut whole tiles (a partial last tile goes first)
+                cut = width - (width - cut) // t * t
             if c - excess > 0.5 * c and cut < width:  # narrowing keeps most of it: narrow this one
                 n = m.in_features if side == 0 else m.out_features
                 m.widths[side, k] = (width - cut) / n
@@ -116,9 +118,11 @@ def fit_to_budget(layers, budget: float) -> float:
     elif cost < limit - 0.01 * dense:
         for li, k, _, c, wc, wr in sorted(_components(layers), key=lambda t: -t[2]):
             m = layers[li]
-            r = m.rank_per_component
+            r, t = m.rank_per_component, m.tile
             for side, width, n in ((0, wc, m.in_features), (1, wr, m.out_features)):
                 add = min(n - width, (limit - cost) // r)
+                if t > 1 and width + add < n:  # stay on the tile grid
+                    add = (width + add) // t * t - width
                 if add > 0:
                     m.widths[side, k] = (width + add) / n
                     cost += add * r
@@ -146,4 +150,5 @@ def compact(layer: GBLRLinear) -> GBLRLinear:
     else:
         new.set_intervals([0], [0], [0], [0])
     new.sigma.copy_(layer.sigma)
+    new.tile = layer.tile
     return new.eval()

@@ -67,3 +67,71 @@ def whiten_layer(layer: GBLRLinear, W: torch.Tensor, C: torch.Tensor, damp: floa
     layer.U[:m].copy_(Uf[:, :m * r].t().reshape(m, r, n_out).transpose(1, 2).to(dt))
     layer.V[:m].copy_(Vf[:m * r].reshape(m, r, n_in).to(dt))
     return True
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the input it waits for has been seen."""
+
+
+def _capture_inputs(model, name, batches) -> list[torch.Tensor]:
+    """The inputs (rows x in) of the named layer for each batch; each forward stops at that layer."""
+    got = []
+
+    def hook(_m, inp):
+        got.append(inp[0].detach().reshape(-1, inp[0].shape[-1]).double())
+        raise _Stop
+
+    h = get_module(model, name).register_forward_pre_hook(hook)
+    try:
+        for x in batches:
+            try:
+                call_model(model, x)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return got
+
+
+@torch.no_grad()
+def call_order(model, names, batch) -> list[str]:
+    """``names`` sorted by when each layer first runs in a forward pass of ``batch``."""
+    seen, hooks = [], []
+    for n in names:
+        hooks.append(get_module(model, n).register_forward_pre_hook(
+            lambda _m, _i, n=n: None if n in seen else seen.append(n)))
+    try:
+        call_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen + [n for n in names if n not in seen]
+
+
+@torch.no_grad()
+def sequential_refit(student, teacher, layers: dict, dense_w: dict, batches, damp: float = 1e-2) -> list[str]:
+    """Refit each layer, in call order, to reproduce the teacher's layer output from the *student's* input.
+
+    For layer W with teacher inputs X_t and student inputs X_s (the earlier layers already compressed),
+    the best unconstrained map is A = W C_ts C_ss^-1 (C_ss = X_s X_s^T, C_ts = X_t X_s^T; damped towards
+    W), and the best
+    low-rank one is A truncated in the metric of C_ss (:func:`whiten_layer`), so errors of earlier layers
+    are corrected instead of compounded.  Returns the names of the layers it could not refit.
+    """
+    skipped = []
+    for name in call_order(student, list(layers), batches[0]):
+        xs, xt = _capture_inputs(student, name, batches), _capture_inputs(teacher, name, batches)
+        if len(xs) != len(xt) or any(a.shape != b.shape for a, b in zip(xs, xt)):
+            skipped.append(name)
+            continue
+        n = sum(a.shape[0] for a in xs)
+        Css = sum(a.t() @ a for a in xs) / n
+        Cts = sum(b.t() @ a for a, b in zip(xs, xt)) / n
+        reg = Css + damp * Css.diagonal().mean().clamp_min(1e-12) * torch.eye(Css.shape[0], dtype=Css.dtype)
+        W = dense_w[name].double().cpu()
+        # ridge regression towards W: A = W + W (C_ts - C_ss) reg^-1 (= W C_ts C_ss^-1 undamped; = W when
+        # the student's inputs are the teacher's), reg symmetric
+        A = W + torch.linalg.solve(reg, (W @ (Cts - Css)).t()).t()
+        if not whiten_layer(layers[name], A.to(W), Css, damp):
+            skipped.append(name)
+    return skipped

@@ -109,6 +109,12 @@ def _summary(report: dict) -> None:
 @click.option("--exclude", metavar="REGEX", help="Leave Linear layers whose name matches REGEX dense.")
 @click.option("--rank-per-component", type=click.IntRange(min=1), default=1, show_default=True,
               help="Rank of each GBLR component (above 1 gives fewer, larger blocks that lower faster).")
+@click.option("--tile", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Block widths and starts become multiples of this many rows/columns (e.g. 32: a coarser "
+                   "structure that lowers to fewer, larger slices).")
+@click.option("--structure", type=click.Choice(["gblr", "lowrank"]), default="gblr", show_default=True,
+              help="gblr: learn block widths and locations (the method); lowrank: truncated SVD at the same "
+                   "cost with the same fine-tuning (full fixed widths), a baseline to compare against.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", "output", metavar="OUT",
               help="Output file [default: <model stem>.gblr.pt beside the model]. Also written: "
@@ -120,8 +126,8 @@ def _summary(report: dict) -> None:
               help="Allow MODEL (or a .pt data file) to run its own code while loading: pickles with classes "
                    "outside torch.nn, Hugging Face folders with custom code. Only for files you trust.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
-def compress(model, budget, data, steps, batch_size, lr, include, exclude, rank_per_component, seed, output,
-             checkpoint_every, resume, trust, quiet):
+def compress(model, budget, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure, seed,
+             output, checkpoint_every, resume, trust, quiet):
     """Replace MODEL's nn.Linear layers by learned Generalized Block Low-Rank layers whose total cost
     is at most BUDGET x the dense cost, and write the compressed model.
 
@@ -156,12 +162,12 @@ def compress(model, budget, data, steps, batch_size, lr, include, exclude, rank_
         raise GblrcError(f"a checkpoint of an interrupted run exists in {str(ckpt)!r}; rerun with --resume to "
                          f"continue it, or delete that folder to start over")
     run(mpath, out, side, ckpt, b, data, steps=steps, batch_size=batch_size, lr=lr, include=include,
-        exclude=exclude, rank_per_component=rank_per_component, seed=seed,
-        checkpoint_every=checkpoint_every, resume=resume, trust=trust, quiet=quiet)
+        exclude=exclude, method={"rank_per_component": rank_per_component, "tile": tile, "structure": structure},
+        seed=seed, checkpoint_every=checkpoint_every, resume=resume, trust=trust, quiet=quiet)
 
 
 def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, include, exclude,
-        rank_per_component, seed, checkpoint_every, resume, trust, quiet):
+        method, seed, checkpoint_every, resume, trust, quiet):
     import torch
 
     from . import evaluate
@@ -200,7 +206,7 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
             warnings.simplefilter("ignore")
             cmodel, report = train(loaded.model, budget, data=None if data is None else data.train, steps=steps,
                                    batch_size=batch_size, lr=lr, include=include, exclude=exclude, seed=seed,
-                                   rank_per_component=rank_per_component, checkpoint_dir=ckpt_dir,
+                                   checkpoint_dir=ckpt_dir, **method,
                                    checkpoint_every=max(checkpoint_every, 1), resume=resume, progress=not quiet)
     except ValueError as e:
         raise GblrcError(" ".join(str(e).split()) or "compression failed") from None
@@ -214,7 +220,7 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
     full = dict(report)
     full.update(model=str(mpath), data=data_spec, output=str(out), seconds=round(time.perf_counter() - t0, 2),
                 settings={"steps": steps, "batch_size": batch_size, "lr": lr, "include": include,
-                          "exclude": exclude, "seed": seed, "rank_per_component": rank_per_component,
+                          "exclude": exclude, "seed": seed, **method,
                           "resumed": resume},
                 agreement_with_dense=evaluate.agreement(dense_out, comp_out))
     if acc_before is not None:

@@ -16,7 +16,7 @@ from .budget import compact, fit_to_budget
 from .data import batch_stream, replayable, call_model, model_output, to_device
 from .objective import Objective, task_loss
 from .init import svd_layer
-from .calib import input_covariances, whiten_layer
+from .calib import input_covariances, sequential_refit, whiten_layer
 from .replace import as_linear, find_linears, replace_linears, set_module
 from .train import TrainConfig, Trainer
 
@@ -73,27 +73,31 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
              progress: bool = True, structure: str = "gblr", lr_struct: float | None = None,
              init_factor: float = 1.0, layer_loss: float = 1.0, warmup: float = 0.1, cooldown: float = 0.2,
              sigma_max: float = 100.0, init: str = "data", calib_batches: int = 8,
-             hard_forward: bool = True) -> tuple[nn.Module, dict]:
+             hard_forward: bool = True, tile: int = 1, lr_min: float = 0.1) -> tuple[nn.Module, dict]:
     """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= ``budget``.
 
     ``data``: None (initialisation only), a Tensor of inputs, {"inputs", "targets"}, or an iterable /
     callable of batches (see :mod:`gblrc.data`).  With targets the task loss is trained (``loss="auto"``
     or ``"task"``), otherwise (or with ``loss="distill"``) the model imitates its dense self.
     ``init``: "data" (truncated SVD in the metric of each layer's inputs on ``calib_batches`` batches,
-    :mod:`gblrc.calib`) or "svd" (plain truncated SVD, :func:`gblrc.init.fit_dense`).
+    :mod:`gblrc.calib`), "sequential" (then each layer refitted in call order to the teacher's output from
+    the compressed model's own inputs, :func:`gblrc.calib.sequential_refit`) or "svd" (plain truncated
+    SVD, :func:`gblrc.init.fit_dense`).
     ``structure``: "gblr" (learned widths/locations from an initialisation at ``init_factor`` x budget)
     or "lowrank" (truncated SVD at the budget, full widths, content fine-tuned only).
+    ``rank_per_component`` and ``tile`` (widths and starts multiples of ``tile`` elements) make the learned
+    structure coarser and easier for the lowering passes to turn into speed (README, "Structure options").
     Returns (model in eval mode, report dict).  Raises ValueError on bad input.
     """
     budget = _check_budget(budget)
     if structure not in ("gblr", "lowrank"):
         raise ValueError(f"structure must be 'gblr' or 'lowrank', got {structure!r}")
-    if init not in ("data", "svd"):
-        raise ValueError(f"init must be 'data' or 'svd', got {init!r}")
+    if init not in ("data", "sequential", "svd"):
+        raise ValueError(f"init must be 'data', 'sequential' or 'svd', got {init!r}")
     if loss not in ("auto", "task", "distill"):
         raise ValueError(f"loss must be 'auto', 'task' or 'distill', got {loss!r}")
-    if int(steps) < 0 or int(batch_size) < 1 or int(rank_per_component) < 1:
-        raise ValueError("steps must be >= 0, batch_size and rank_per_component >= 1")
+    if int(steps) < 0 or int(batch_size) < 1 or int(rank_per_component) < 1 or int(tile) < 1:
+        raise ValueError("steps must be >= 0, batch_size, rank_per_component and tile >= 1")
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ValueError(f"the model has NaN or Inf values in {name!r}; fix the model before compressing")
@@ -133,7 +137,8 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
         # plus one component of the smallest layer, so that the final fit can land on the budget exactly
         one = max(rank_per_component * sum(_io(m)) / (_io(m)[0] * _io(m)[1]) for _, m in pairs)
         init_budget = min(1.0, budget * (init_factor if learn else 1.0) + one)
-    dense_w = {n: as_linear(m).weight.detach().clone() for n, m in pairs} if init == "data" and steps > 0 else None
+    dense_w = {n: as_linear(m).weight.detach().clone() for n, m in pairs} if init != "svd" and steps > 0 else None
+    dense_ref = (teacher or copy.deepcopy(model).eval()) if init == "sequential" and dense_w is not None else None
     covs = None
     if dense_w is not None:  # input statistics of the dense model on the first batches
         it = batch_stream(data, batch_size, seed)
@@ -142,21 +147,27 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     # full-width truncated SVD for low rank and as the base of the data-aware init; else gblrc.init.fit_dense
     fit = svd_layer if (structure == "lowrank" or covs is not None) else None
     layers = replace_linears(model, names, init_budget, fit=fit, rank_per_component=rank_per_component)
+    for m in layers.values():
+        m.tile = int(tile)
     if covs is not None:
         for n, m in layers.items():
             if n in covs and not whiten_layer(m, dense_w[n], covs[n]):
                 warn.append(f"layer {n}: data-aware initialisation not applicable, kept plain SVD")
+    if dense_ref is not None:
+        for n in sequential_refit(model, dense_ref, layers, dense_w, xs):
+            warn.append(f"layer {n}: sequential refit not applicable, kept the data-aware initialisation")
+        del dense_ref
     curve: list = []
     train_seconds = 0.0
     if steps > 0:
         cfg = TrainConfig(steps=steps, budget=budget, batch_size=batch_size, lr=lr,
                           lr_struct=lr_struct if lr_struct is not None else 5 * lr, seed=seed,
-                          learn_structure=learn, hard_forward=hard_forward, warmup=warmup, cooldown=cooldown, sigma_max=sigma_max,
+                          learn_structure=learn, hard_forward=hard_forward, lr_min=lr_min, warmup=warmup, cooldown=cooldown, sigma_max=sigma_max,
                           checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                           checkpoint_every=checkpoint_every, resume=resume, progress=progress)
         obj = Objective(model, teacher, names, layer_loss)
         sig = {"structure": structure, "init_factor": init_factor, "layer_loss": layer_loss, "init": init,
-               "rank_per_component": rank_per_component, "world": world}
+               "rank_per_component": rank_per_component, "world": world, "tile": int(tile)}
         t0 = time.perf_counter()
         try:
             curve = Trainer(model, layers, obj, data, cfg, rank=rank, world=world, extra_signature=sig).run()

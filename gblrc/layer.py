@@ -32,6 +32,7 @@ class GBLRLinear(nn.Module):
     """
 
     hard_forward = False  # train mode: boxcar values with Gaudi-mask gradients (set by the trainer)
+    tile = 1  # widths and starts are multiples of ``tile`` elements (compiler-friendly structure)
 
     def __init__(
         self,
@@ -69,18 +70,19 @@ class GBLRLinear(nn.Module):
         dt = self.V.dtype
         if self.training:
             s = float(self.sigma)
-            wc = quantize_ste(self.widths[0], n_in, min_one=True)
-            wr = quantize_ste(self.widths[1], n_out, min_one=True)
-            lc = quantize_ste(self.locations[0], n_in)
-            lr = quantize_ste(self.locations[1], n_out)
+            t = self.tile
+            wc = quantize_ste(self.widths[0], n_in, min_one=True, step=t)
+            wr = quantize_ste(self.widths[1], n_out, min_one=True, step=t)
+            lc = quantize_ste(self.locations[0], n_in, step=t)
+            lr = quantize_ste(self.locations[1], n_out, step=t)
             mc, mr = gaudi_mask(wc, lc, n_in, s).to(dt), gaudi_mask(wr, lr, n_out, s).to(dt)
             if self.hard_forward:  # forward with the eval-mode boxcar, gradients of the Gaudi mask
-                mc = boxcar_mask(self.widths[0], self.locations[0], n_in, dt) + (mc - mc.detach())
-                mr = boxcar_mask(self.widths[1], self.locations[1], n_out, dt) + (mr - mr.detach())
+                mc = boxcar_mask(self.widths[0], self.locations[0], n_in, dt, t) + (mc - mc.detach())
+                mr = boxcar_mask(self.widths[1], self.locations[1], n_out, dt, t) + (mr - mr.detach())
             return mc, mr
         return (
-            boxcar_mask(self.widths[0], self.locations[0], n_in, dt),
-            boxcar_mask(self.widths[1], self.locations[1], n_out, dt),
+            boxcar_mask(self.widths[0], self.locations[0], n_in, dt, self.tile),
+            boxcar_mask(self.widths[1], self.locations[1], n_out, dt, self.tile),
         )
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,11 +109,12 @@ class GBLRLinear(nn.Module):
     def hard_intervals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Integer (col widths, col starts, row widths, row starts), each (K,)."""
         n_in, n_out = self.in_features, self.out_features
+        t = self.tile
         return (
-            hard_widths(self.widths[0], n_in),
-            hard_locations(self.locations[0], n_in),
-            hard_widths(self.widths[1], n_out),
-            hard_locations(self.locations[1], n_out),
+            hard_widths(self.widths[0], n_in, t),
+            hard_locations(self.locations[0], n_in, t),
+            hard_widths(self.widths[1], n_out, t),
+            hard_locations(self.locations[1], n_out, t),
         )
 
     def flops(self) -> int:

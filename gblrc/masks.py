@@ -41,32 +41,42 @@ def gaudi_mask(width: torch.Tensor, location: torch.Tensor, n: int, sigma: float
     return torch.fft.irfft(spec, n=n, norm="forward")
 
 
-def quantize_ste(x: torch.Tensor, n: int, *, min_one: bool = False) -> torch.Tensor:
-    """Round fractions to the 1/n grid in the forward pass; identity gradient (straight-through).
+def _grid(elements: torch.Tensor, n: int, step: int) -> torch.Tensor:
+    """Round a position or length in elements to a multiple of ``step`` (at most n; n itself stays n)."""
+    if step <= 1:
+        return torch.round(elements)
+    q = (torch.round(elements / step) * step).clamp_max(n)
+    return torch.where(elements >= n - 0.5, torch.full_like(q, n), q)
+
+
+def quantize_ste(x: torch.Tensor, n: int, *, min_one: bool = False, step: int = 1) -> torch.Tensor:
+    """Round fractions to the 1/n grid (multiples of ``step`` elements) in the forward pass; identity
+    gradient (straight-through).
 
     With ``min_one`` values under 1/n become 0 (widths under one element are zero).
     """
-    q = torch.round(x.detach() * n) / n
+    q = _grid(x.detach() * n, n, step) / n
     if min_one:
         q = torch.where(x.detach() * n < 1.0 - _EPS, torch.zeros_like(q), q)
     return x + (q - x).detach()
 
 
-def hard_widths(width: torch.Tensor, n: int) -> torch.Tensor:
-    """Integer widths in elements: round(w n) clipped to [0, n]; widths under 1/n are zero."""
+def hard_widths(width: torch.Tensor, n: int, step: int = 1) -> torch.Tensor:
+    """Integer widths in elements: round(w n) (to a multiple of ``step``) clipped to [0, n]; widths
+    under 1/n are zero."""
     w = width.detach().double() * n
-    k = torch.round(w).clamp(0, n)
+    k = _grid(w, n, step).clamp(0, n)
     return torch.where(w < 1.0 - _EPS, torch.zeros_like(k), k).long()
 
 
-def hard_locations(location: torch.Tensor, n: int) -> torch.Tensor:
-    """Integer start positions in elements: round(l n) mod n."""
-    return torch.remainder(torch.round(location.detach().double() * n), n).long()
+def hard_locations(location: torch.Tensor, n: int, step: int = 1) -> torch.Tensor:
+    """Integer start positions in elements: round(l n) (to a multiple of ``step``) mod n."""
+    return torch.remainder(_grid(location.detach().double() * n, n, step), n).long()
 
 
-def boxcar_mask(width: torch.Tensor, location: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
+def boxcar_mask(width: torch.Tensor, location: torch.Tensor, n: int, dtype=torch.float32, step: int = 1) -> torch.Tensor:
     """Hard cyclic boxcar masks from fractional widths/locations (eval mode)."""
-    wi = hard_widths(width, n)
-    li = hard_locations(location, n)
+    wi = hard_widths(width, n, step)
+    li = hard_locations(location, n, step)
     i = torch.arange(n, device=width.device)
     return (torch.remainder(i - li.unsqueeze(-1), n) < wi.unsqueeze(-1)).to(dtype)

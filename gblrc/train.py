@@ -8,6 +8,7 @@ Phases over ``steps`` optimiser steps:
    exactly to the budget (``budget.fit_to_budget``) and frozen; only the content (U, V and the rest of
    the model) trains, so the model that comes out is the one that was trained.
 
+The content learning rate follows a cosine decay from ``lr`` to ``lr_min`` x ``lr``.
 The whole student stays in eval mode (no dropout: it imitates a teacher); only the GBLR layers switch to
 train mode during phases 1-2.  The batch of every step is a function of the step, so a run resumed from
 a checkpoint finishes like an uninterrupted one.
@@ -45,6 +46,7 @@ class TrainConfig:
     sigma_max: float = 100.0
     hard_forward: bool = True  # train on the eval-mode (boxcar) weights, Gaudi gradients for the structure
     lam_step: float = 2e-4  # width shrink per step when lambda first switches on (lam0 * lr_struct)
+    lr_min: float = 0.1  # the content lr decays (cosine) from lr to lr_min x lr over the run; 1 = constant
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
     resume: bool = False
@@ -64,8 +66,12 @@ class TrainConfig:
         span = max(1, self.cool_start - self.warm_end)
         return 1.0 + (self.sigma_max - 1.0) * min(1.0, (step - self.warm_end + 1) / span)
 
+    def content_lr(self, step: int) -> float:
+        t = min(1.0, step / max(1, self.steps - 1))
+        return self.lr * (self.lr_min + (1.0 - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
     def signature(self) -> dict:
-        return {k: getattr(self, k) for k in ("steps", "budget", "batch_size", "lr", "lr_struct", "seed",
+        return {k: getattr(self, k) for k in ("steps", "budget", "batch_size", "lr", "lr_struct", "seed", "lr_min",
                                               "learn_structure", "hard_forward", "warmup", "cooldown", "sigma_max")}
 
 
@@ -194,6 +200,7 @@ class Trainer:
             raise ValueError(f"the loss became {float(loss)} at step {step + 1}; lower --lr and try again")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.opt.param_groups[0]["lr"] = cfg.content_lr(step)
         params = self.content + ([] if self.cooled else self.struct if cfg.learn_structure else [])
         dist.allreduce_grads([p for p in params if p.requires_grad], self.world)
         self.opt.step()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import GblrcError
 
-__all__ = ["minilm_path", "load_minilm", "minilm_linears", "english_sentences"]
+__all__ = ["minilm_path", "load_minilm", "minilm_linears", "english_sentences", "docstring_sentences"]
 
 
 def minilm_path() -> Path:
@@ -47,19 +47,52 @@ def minilm_linears(model=None):
     ]
 
 
-def english_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
-    """English sentences from CPython's bundled documentation (pydoc_data.topics), in a fixed order."""
+def _sentences(texts, min_words: int, max_words: int, seen: set) -> list[str]:
     import re
 
-    from pydoc_data.topics import topics
-
-    out, seen = [], set()
-    for key in sorted(topics):
-        text = re.sub(r"\s+", " ", topics[key])
-        for s in re.split(r"(?<=[.!?])\s+", text):
+    out = []
+    for text in texts:
+        for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text)):
             s = s.strip()
             n = len(s.split())
             if min_words <= n <= max_words and s[0].isupper() and ">>>" not in s and s not in seen:
                 seen.add(s)
                 out.append(s)
     return out
+
+
+def english_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
+    """English sentences from CPython's bundled documentation (pydoc_data.topics), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return _sentences((topics[k] for k in sorted(topics)), min_words, max_words, set())
+
+
+_SKIP_DIRS = frozenset({"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__",
+                        "turtledemo", "ensurepip", "tkinter", "pydoc_data"})
+
+
+def docstring_sentences(min_words: int = 6, max_words: int = 40, exclude=()) -> list[str]:
+    """English sentences from the docstrings of the Python standard library's source files.
+
+    Read with ``ast`` (nothing is imported), files in sorted order; about 11,000 sentences on CPython
+    3.11.  ``exclude``: sentences to leave out (e.g. a held-out set).
+    """
+    import ast
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for d, sub, names in os.walk(root):
+        sub[:] = sorted(s for s in sub if s not in _SKIP_DIRS)
+        files += [os.path.join(d, f) for f in sorted(names) if f.endswith(".py")]
+    docs = []
+    for f in sorted(files):
+        try:
+            with open(f, encoding="utf-8") as fh:
+                tree = ast.parse(fh.read())
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        docs += [d for node in ast.walk(tree) if isinstance(node, kinds) and (d := ast.get_docstring(node))]
+    return _sentences(docs, min_words, max_words, set(exclude))
