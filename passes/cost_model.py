@@ -81,10 +81,13 @@ class CostModel:
         """(strategy, estimated seconds) of the fastest lowering of the layer."""
         if not s.blocks:
             return "dense", self.dense(s, bias)
+        from .lower_segmented import segmented_cost
+
         options = {
             "dense": self.dense(s, bias),
             "stacked": self.stacked(s, bias),
             "sliced": self.sliced(s, bias, tiles),
+            "segmented": segmented_cost(self, s, bias, tiles),
         }
         name = min(options, key=options.get)
         return name, options[name]

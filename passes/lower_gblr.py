@@ -5,6 +5,8 @@ Strategies (the cost model picks one per layer; never the naive padded sum):
 - stacked: Y = (X @ V_stacked) @ U_stacked               (two MatMuls; zero-padded n_in x R, R x n_out)
 - sliced:  codes_b = Slice(X, C_b) @ V_b^T per block (full-width blocks share one MatMul, tiles skip it),
            Y = Concat(codes) @ U_stacked                 (realises the column widths)
+- segmented: sliced codes, then each segment of output rows from the codes of the blocks covering it
+           (realises the row widths too; lower_segmented.py)
 plus Add(bias).  The original output tensor is reused, so consumers stay wired.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .base import Pass, PassResult, gblr_nodes, read_gblr_node
 from .build import Builder, detach, unique_prefix
 from .choose_products import is_tile
 from .cost_model import DEFAULT_COST_MODEL, CostModel
+from .lower_segmented import lower_segmented
 
 __all__ = ["LowerGBLR", "lower_node", "stacked_factors"]
 
@@ -68,7 +71,7 @@ def _lower_sliced(bld: Builder, x, w: GBLRWeights, out) -> None:
     bld.final_matmul(z, Us, w.bias, out)
 
 
-LOWERINGS = {"dense": _lower_dense, "stacked": _lower_stacked, "sliced": _lower_sliced}
+LOWERINGS = {"dense": _lower_dense, "stacked": _lower_stacked, "sliced": _lower_sliced, "segmented": lower_segmented}
 
 
 def lower_node(graph, node, w: GBLRWeights, strategy: str) -> None:
@@ -92,7 +95,7 @@ class LowerGBLR(Pass):
         self.model, self.force = model, force
 
     def run(self, graph):
-        counts = {"dense": 0, "stacked": 0, "sliced": 0}
+        counts = {k: 0 for k in LOWERINGS}
         for node in gblr_nodes(graph):
             w = read_gblr_node(node)
             tiles = frozenset(i for i, v in enumerate(w.V) if is_tile(v))

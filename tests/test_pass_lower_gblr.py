@@ -67,7 +67,7 @@ def test_lower_gblr_is_idempotent():
 
 @settings(max_examples=150, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n_in=st.integers(1, 200), n_out=st.integers(1, 200), K=st.integers(1, 12),
-       r=st.integers(1, 4), bias=st.booleans(), strategy=st.sampled_from(["dense", "stacked", "sliced"]),
+       r=st.integers(1, 4), bias=st.booleans(), strategy=st.sampled_from(["dense", "stacked", "sliced", "segmented"]),
        decide=st.booleans())
 def test_every_lowering_strategy_matches_reference(seed, n_in, n_out, K, r, bias, strategy, decide):
     """The cost model picks dense for small layers; force each lowering so that all are tested."""
