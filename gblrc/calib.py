@@ -73,8 +73,8 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the input it waits for has been seen."""
 
 
-def _capture_inputs(model, name, batches) -> list[torch.Tensor]:
-    """The inputs (rows x in) of the named layer for each batch; each forward stops at that layer."""
+def _capture_input(model, name, x) -> torch.Tensor | None:
+    """The input (rows x in) of the named layer on batch ``x``; the forward stops at that layer."""
     got = []
 
     def hook(_m, inp):
@@ -83,29 +83,44 @@ def _capture_inputs(model, name, batches) -> list[torch.Tensor]:
 
     h = get_module(model, name).register_forward_pre_hook(hook)
     try:
-        for x in batches:
-            try:
-                call_model(model, x)
-            except _Stop:
-                pass
+        call_model(model, x)
+    except _Stop:
+        pass
     finally:
         h.remove()
-    return got
+    return got[0] if got else None
 
 
 @torch.no_grad()
-def call_order(model, names, batch) -> list[str]:
-    """``names`` sorted by when each layer first runs in a forward pass of ``batch``."""
-    seen, hooks = [], []
+def call_groups(model, names, batch) -> list[list[str]]:
+    """``names`` in the order the layers first run on ``batch``, grouped by shared input tensor
+    (e.g. the query, key and value projections of one attention layer)."""
+    seen, alive, hooks = {}, [], []
     for n in names:
-        hooks.append(get_module(model, n).register_forward_pre_hook(
-            lambda _m, _i, n=n: None if n in seen else seen.append(n)))
+        def hook(_m, inp, n=n):
+            if n not in seen:
+                seen[n] = id(inp[0])
+                alive.append(inp[0])  # kept alive so that no later tensor reuses its id
+        hooks.append(get_module(model, n).register_forward_pre_hook(hook))
     try:
         call_model(model, batch)
     finally:
         for h in hooks:
             h.remove()
-    return seen + [n for n in names if n not in seen]
+    groups: list[list[str]] = []
+    last = None
+    for n, key in seen.items():
+        if groups and key == last:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last = key
+    return groups + [[n] for n in names if n not in seen]
+
+
+def call_order(model, names, batch) -> list[str]:
+    """``names`` sorted by when each layer first runs in a forward pass of ``batch``."""
+    return [n for g in call_groups(model, names, batch) for n in g]
 
 
 @torch.no_grad()
@@ -114,24 +129,32 @@ def sequential_refit(student, teacher, layers: dict, dense_w: dict, batches, dam
 
     For layer W with teacher inputs X_t and student inputs X_s (the earlier layers already compressed),
     the best unconstrained map is A = W C_ts C_ss^-1 (C_ss = X_s X_s^T, C_ts = X_t X_s^T; damped towards
-    W), and the best
-    low-rank one is A truncated in the metric of C_ss (:func:`whiten_layer`), so errors of earlier layers
-    are corrected instead of compounded.  Returns the names of the layers it could not refit.
+    W), and the best low-rank one is A truncated in the metric of C_ss (:func:`whiten_layer`), so errors
+    of earlier layers are corrected instead of compounded.  Layers that share an input are refitted
+    together.  Returns the names of the layers it could not refit.
     """
     skipped = []
-    for name in call_order(student, list(layers), batches[0]):
-        xs, xt = _capture_inputs(student, name, batches), _capture_inputs(teacher, name, batches)
-        if len(xs) != len(xt) or any(a.shape != b.shape for a, b in zip(xs, xt)):
-            skipped.append(name)
+    for group in call_groups(student, list(layers), batches[0]):
+        Css = Cts = None
+        n = 0
+        for x in batches:
+            xs, xt = _capture_input(student, group[0], x), _capture_input(teacher, group[0], x)
+            if xs is None or xt is None or xs.shape != xt.shape:
+                Css = None
+                break
+            Css = xs.t() @ xs + (0 if Css is None else Css)
+            Cts = xt.t() @ xs + (0 if Cts is None else Cts)
+            n += xs.shape[0]
+        if Css is None:
+            skipped += group
             continue
-        n = sum(a.shape[0] for a in xs)
-        Css = sum(a.t() @ a for a in xs) / n
-        Cts = sum(b.t() @ a for a, b in zip(xs, xt)) / n
+        Css, Cts = Css / n, Cts / n
         reg = Css + damp * Css.diagonal().mean().clamp_min(1e-12) * torch.eye(Css.shape[0], dtype=Css.dtype)
-        W = dense_w[name].double().cpu()
-        # ridge regression towards W: A = W + W (C_ts - C_ss) reg^-1 (= W C_ts C_ss^-1 undamped; = W when
-        # the student's inputs are the teacher's), reg symmetric
-        A = W + torch.linalg.solve(reg, (W @ (Cts - Css)).t()).t()
-        if not whiten_layer(layers[name], A.to(W), Css, damp):
-            skipped.append(name)
+        for name in group:
+            W = dense_w[name].double().to(Css.device)
+            # ridge regression towards W: A = W + W (C_ts - C_ss) reg^-1 (= W C_ts C_ss^-1 undamped; = W
+            # when the student's inputs are the teacher's), reg symmetric
+            A = W + torch.linalg.solve(reg, (W @ (Cts - Css)).t()).t()
+            if not whiten_layer(layers[name], A, Css, damp):
+                skipped.append(name)
     return skipped

@@ -84,3 +84,17 @@ def test_content_lr_decays_by_cosine_to_lr_min():
     assert cfg.content_lr(50) == pytest.approx(0.55e-3)
     assert cfg.content_lr(100) == pytest.approx(1e-4)
     assert TrainConfig(steps=10, budget=0.5, lr=1e-3, lr_min=1.0).content_lr(7) == pytest.approx(1e-3)
+
+
+def test_layers_that_share_an_input_are_grouped():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.o(self.q(x) * self.k(x))
+
+    from gblrc.calib import call_groups
+
+    assert call_groups(Attn(), ["o", "k", "q"], torch.randn(2, 8)) == [["q", "k"], ["o"]]
