@@ -1,6 +1,7 @@
 """gblrc: learn Generalized Block Low-Rank weights and compile them into fast ONNX graphs."""
 from .masks import boxcar_mask, gaudi_mask
 from .layer import GBLRLinear
+from .conv import GBLRConv2d
 from .structure import Block, GBLRWeights, Span, Structure, StructureError
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "gaudi_mask",
     "boxcar_mask",
     "GBLRLinear",
+    "GBLRConv2d",
     "Span",
     "Block",
     "Structure",

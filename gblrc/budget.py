@@ -1,7 +1,7 @@
 """The cost budget: the global lambda controller, the proximal step, and the exact final fit.
 
 Cost of a set of GBLR layers = sum of their hard multiply-adds (``GBLRLinear.flops``) divided by the
-sum of their dense multiply-adds.  One global lambda drives all layers, so the allocation of the
+sum of their dense multiply-adds (a convolution's count per vector times its output positions).  One global lambda drives all layers, so the allocation of the
 budget across layers is learned (DESIGN.md §1, "Training").
 """
 from __future__ import annotations
@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from .layer import GBLRLinear
 
 __all__ = ["cost_ratio", "LambdaController", "proximal_step", "fit_to_budget", "compact"]
+
+
+def _weight(m) -> int:
+    """Multiply-adds of one unit of per-vector cost: the output positions of a convolution, else 1."""
+    return int(getattr(m, "positions", 1))
 
 
 def cost_ratio(layers) -> float:
@@ -64,6 +69,7 @@ def _components(layers):
     """[(layer index, component, usefulness, cost, wc, wr)] of the live components (hard form).
 
     usefulness = (||masked U_k V_k||_F / ||W_layer||_F)^2 / cost_k: relative energy per multiply-add.
+    cost_k counts the layer's real multiply-adds (per-vector cost x output positions for convolutions).
     """
     out = []
     for li, m in enumerate(layers):
@@ -76,10 +82,10 @@ def _components(layers):
         energy = gram.sum((1, 2)).clamp_min(0).double()
         total = float(energy.sum()) + 1e-30
         wc, _, wr, _ = m.hard_intervals()
-        r = m.rank_per_component
+        r, P = m.rank_per_component, _weight(m)
         for k in range(m.num_components):
             if wc[k] > 0 and wr[k] > 0:
-                c = r * int(wc[k] + wr[k])
+                c = r * P * int(wc[k] + wr[k])
                 out.append((li, k, float(energy[k]) / total / c, c, int(wc[k]), int(wr[k])))
     return out
 
@@ -103,7 +109,7 @@ def fit_to_budget(layers, budget: float) -> float:
             if excess <= 0:
                 break
             m = layers[li]
-            r, t = m.rank_per_component, m.tile
+            r, t = m.rank_per_component * _weight(m), m.tile
             side, width = (0, wc) if wc >= wr else (1, wr)
             cut = -(-excess // r)
             if t > 1:  # keep widths on the tile grid: cut whole tiles (a partial last tile goes first)
@@ -116,9 +122,10 @@ def fit_to_budget(layers, budget: float) -> float:
                 m.widths[:, k] = 0.0
                 cost -= c
     elif cost < limit - 0.01 * dense:
+        smallest = min(m.rank_per_component * _weight(m) for m in layers)  # the cheapest possible widening
         for li, k, _, c, wc, wr in sorted(_components(layers), key=lambda t: -t[2]):
             m = layers[li]
-            r, t = m.rank_per_component, m.tile
+            r, t = m.rank_per_component * _weight(m), m.tile
             for side, width, n in ((0, wc, m.in_features), (1, wr, m.out_features)):
                 add = min(n - width, (limit - cost) // r)
                 if t > 1 and width + add < n:  # stay on the tile grid
@@ -126,7 +133,7 @@ def fit_to_budget(layers, budget: float) -> float:
                 if add > 0:
                     m.widths[side, k] = (width + add) / n
                     cost += add * r
-            if cost >= limit - r:
+            if cost >= limit - smallest:
                 break
     return cost_ratio(layers)
 
@@ -138,9 +145,12 @@ def compact(layer: GBLRLinear) -> GBLRLinear:
     live = ((wc > 0) & (wr > 0)).nonzero().flatten()
     keep = live if live.numel() else torch.zeros(1, dtype=torch.long)
     p = layer.U
-    new = GBLRLinear(layer.in_features, layer.out_features, num_components=int(keep.numel()),
-                     rank_per_component=layer.rank_per_component, bias=layer.bias is not None,
-                     device=p.device, dtype=p.dtype)
+    if hasattr(layer, "new_like"):  # GBLRConv2d: same geometry and recorded positions
+        new = layer.new_like(num_components=int(keep.numel()))
+    else:
+        new = GBLRLinear(layer.in_features, layer.out_features, num_components=int(keep.numel()),
+                         rank_per_component=layer.rank_per_component, bias=layer.bias is not None,
+                         device=p.device, dtype=p.dtype)
     new.U.copy_(layer.U[keep])
     new.V.copy_(layer.V[keep])
     if layer.bias is not None:

@@ -4,16 +4,41 @@ For a layer W (out x in) with inputs X (in x tokens) and input covariance C = X 
 W_k minimising ||(W - W_k) X||_F is U_k S_k V_k^T L^{-1}, where C = L L^T and U S V^T = svd(W L)
 (the whitening trick of activation-aware SVD compression).  Plain truncated SVD minimises
 ||W - W_k||_F instead, which ignores which input directions the data actually uses.
+
+Convolutions (nn.Conv2d / GBLRConv2d): the "inputs" of the kernel matrix W (out x in*kh*kw) are the
+receptive fields, so X is the im2col of the layer's input (``F.unfold`` with the layer's geometry,
+asymmetric padding included), one row per output position.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .data import call_model
 from .layer import GBLRLinear
 from .replace import get_module
 
 __all__ = ["input_covariances", "whiten_layer"]
+
+
+def layer_rows(module, x: torch.Tensor) -> torch.Tensor:
+    """The input ``x`` of ``module`` as rows (vectors x in_features, float64): the last axis for linear
+    layers, the receptive fields (im2col) for convolutions."""
+    from .conv import GBLRConv2d, conv_pads
+
+    x = x.detach()
+    if isinstance(module, (nn.Conv2d, GBLRConv2d)):
+        t, l, b, r = conv_pads(module)
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if (t, l) != (b, r):
+            x, pad = F.pad(x, (l, r, t, b)), 0
+        else:
+            pad = (t, l)
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=pad, stride=module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+    return x.reshape(-1, x.shape[-1]).double()
 
 
 @torch.no_grad()
@@ -23,7 +48,7 @@ def input_covariances(model, names, batches, device=None) -> dict[str, torch.Ten
 
     def rec(name):
         def hook(_m, inp, _out):
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+            x = layer_rows(_m, inp[0])
             sums[name] = sums.get(name, 0) + x.t() @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
         return hook
@@ -78,7 +103,7 @@ def _capture_input(model, name, x) -> torch.Tensor | None:
     got = []
 
     def hook(_m, inp):
-        got.append(inp[0].detach().reshape(-1, inp[0].shape[-1]).double())
+        got.append(layer_rows(_m, inp[0]))
         raise _Stop
 
     h = get_module(model, name).register_forward_pre_hook(hook)

@@ -183,7 +183,7 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
     _check_weights(loaded.model)
     if not find_linears(loaded.model, include, exclude):
         what = "" if include is None and exclude is None else " matching --include/--exclude"
-        raise GblrcError(f"{str(mpath)!r} has no compressible layer (nn.Linear){what}; nothing to compress")
+        raise GblrcError(f"{str(mpath)!r} has no compressible layer (nn.Linear / Conv2d){what}; nothing to compress")
     data = load_data(data_spec, loaded, trust=trust, batch_size=batch_size, seed=seed)
     if data is None:  # the trainer reports the "initialisation only" warning
         sample = guess_example_inputs(loaded)

@@ -103,7 +103,7 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
             raise ValueError(f"the model has NaN or Inf values in {name!r}; fix the model before compressing")
     pairs = find_linears(model, include, exclude)
     if not pairs:
-        raise ValueError("the model has no compressible linear layer (nn.Linear / Conv1D)"
+        raise ValueError("the model has no compressible linear layer (nn.Linear / Conv1D / Conv2d)"
                          + (" matching include/exclude" if include or exclude else "")
                          + "; nothing to compress")
     names = [n for n, _ in pairs]
@@ -115,6 +115,7 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     warn: list[str] = []
     steps = int(steps)
     teacher = None
+    x = None  # the first training batch, when there is one
     if data is None or steps == 0:
         if data is None:
             warn.append(NO_DATA_WARNING)
@@ -149,6 +150,9 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     layers = replace_linears(model, names, init_budget, fit=fit, rank_per_component=rank_per_component)
     for m in layers.values():
         m.tile = int(tile)
+    if x is not None and any(hasattr(m, "positions") for m in layers.values()):
+        with torch.no_grad():  # convolutions record their output positions (their cost weight)
+            call_model(model, to_device(x, dev))
     if covs is not None:
         for n, m in layers.items():
             if n in covs and not whiten_layer(m, dense_w[n], covs[n]):

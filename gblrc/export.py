@@ -1,4 +1,6 @@
-"""ONNX export: every GBLRLinear becomes ONE ``gblrc::GBLRLinear`` node (DESIGN.md §2).
+"""ONNX export: every GBLRLinear becomes ONE ``gblrc::GBLRLinear`` node (DESIGN.md §2), every
+GBLRConv2d ONE ``gblrc::GBLRConv`` node (the same inputs and structure attributes plus the Conv
+attributes kernel_shape, strides, pads, dilations; :mod:`gblrc.conv_ir`).
 
 The node's inputs are X, the packed factors U_flat and V_flat (float32 initializers, the
 layout of :func:`gblrc.structure.pack_factors`) and the bias when the layer has one; its
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 
 from .errors import GblrcError
+from .conv import GBLRConv2d
+from .conv_ir import ONNX_CONV_OP, conv_to_onnx_attributes
 from .layer import GBLRLinear
 from .structure import ONNX_DOMAIN, ONNX_OP, StructureError, pack_factors, to_onnx_attributes
 
@@ -57,6 +61,31 @@ def _make_op(attrs: dict) -> type:
                 {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)})
 
 
+def _make_conv_op(attrs: dict, layer: GBLRConv2d) -> type:
+    """As :func:`_make_op` for a GBLRConv2d: forward = the convolution with the dense kernel ``w``;
+    symbolic = one gblrc::GBLRConv node."""
+    kw = {f"{k}_i": (list(map(int, v)) if isinstance(v, (list, tuple)) else int(v)) for k, v in attrs.items()}
+    geo, n_out = layer.geometry(), int(attrs["out_features"])
+
+    def forward(ctx, x, u, v, b, w):
+        return layer._conv(x, w, b, layer.stride, layer.dilation)
+
+    def symbolic(g, x, u, v, b, w):
+        inputs = (x, u, v) if _is_none(b) else (x, u, v, b)
+        y = g.op(f"{ONNX_DOMAIN}::{ONNX_CONV_OP}", *inputs, **kw)
+        try:  # output type: (N, out, H_out, W_out)
+            sizes = list(x.type().varyingSizes())
+            h, wd = sizes[-2:]
+            hw = list(geo.output_size(h, wd)) if h is not None and wd is not None else [None, None]
+            y.setType(x.type().with_sizes(sizes[:-3] + [n_out] + hw))
+        except Exception:  # pragma: no cover - type info is a hint only
+            pass
+        return y
+
+    return type("GBLRConvOnnxOp", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)})
+
+
 def _is_none(v) -> bool:
     if v is None:
         return True
@@ -80,13 +109,16 @@ def _export_mode(root: nn.Module):
             except StructureError as e:
                 raise GblrcError(f"GBLR layer {name or '(root)'!r} cannot be exported: {e}") from None
             u, v = pack_factors(ir)
-            attrs = to_onnx_attributes(ir.structure)
             dev = layer.V.device
             patched.append(layer)
             layer.register_buffer(_U_BUF, torch.from_numpy(np.ascontiguousarray(u)).to(dev))
             layer.register_buffer(_V_BUF, torch.from_numpy(np.ascontiguousarray(v)).to(dev))
-            op = _make_op(attrs)
             w = torch.from_numpy(ir.dense(np.float64)).to(device=dev, dtype=layer.V.dtype)
+            if isinstance(layer, GBLRConv2d):
+                op = _make_conv_op(conv_to_onnx_attributes(ir.structure, layer.geometry()), layer)
+                w = w.reshape(layer.out_channels, layer.in_channels, *layer.kernel_size)
+            else:
+                op = _make_op(to_onnx_attributes(ir.structure))
 
             def fwd(x, _l=layer, _op=op, _w=w):
                 return _op.apply(x, getattr(_l, _U_BUF), getattr(_l, _V_BUF), _l.bias, _w.to(x.dtype))
@@ -237,7 +269,7 @@ def _materialize_factor_inputs(model: onnx.ModelProto) -> None:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
-    users = [n for n in g.node if n.domain == ONNX_DOMAIN and n.op_type == ONNX_OP]
+    users = [n for n in g.node if n.domain == ONNX_DOMAIN and n.op_type in (ONNX_OP, ONNX_CONV_OP)]
     for n in users:
         for name in n.input[1:]:
             src, node = name, producer.get(name)
@@ -260,7 +292,7 @@ def _materialize_factor_inputs(model: onnx.ModelProto) -> None:
 def _check_export(module: nn.Module, model: onnx.ModelProto) -> None:
     """One GBLRLinear node per layer, factor inputs are initializers, opset import present."""
     n_layers = sum(isinstance(m, GBLRLinear) for m in module.modules())
-    nodes = [n for n in model.graph.node if n.domain == ONNX_DOMAIN and n.op_type == ONNX_OP]
+    nodes = [n for n in model.graph.node if n.domain == ONNX_DOMAIN and n.op_type in (ONNX_OP, ONNX_CONV_OP)]
     if n_layers and not nodes:
         raise GblrcError(f"export produced no GBLRLinear node for {n_layers} GBLR layers; "
                          "does the model's forward call its GBLR layers?")

@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx
 
 from .errors import GblrcError
+from .conv_ir import ONNX_CONV_OP
 from .structure import ONNX_DOMAIN, ONNX_OP, Structure, StructureError, from_onnx_attributes, to_onnx_attributes
 
 __all__ = ["gblr_nodes", "layer_name", "structures_from_onnx", "structures_from_compressed", "attach_metadata",
@@ -18,7 +19,8 @@ METADATA_KEY = "gblrc.structures"
 
 
 def gblr_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.domain == ONNX_DOMAIN and n.op_type == ONNX_OP]
+    """GBLRLinear and GBLRConv nodes (a convolution's structure is that of its kernel matrix)."""
+    return [n for n in model.graph.node if n.domain == ONNX_DOMAIN and n.op_type in (ONNX_OP, ONNX_CONV_OP)]
 
 
 def layer_name(node: onnx.NodeProto) -> str:

@@ -36,11 +36,14 @@ def _is_hf(model) -> bool:
 def _gblr_layers(model) -> dict[str, dict]:
     from .layer import GBLRLinear
 
-    return {
-        n: {"in_features": m.in_features, "out_features": m.out_features, "num_components": m.num_components,
-            "rank_per_component": m.rank_per_component, "bias": m.bias is not None}
-        for n, m in model.named_modules() if isinstance(m, GBLRLinear)
-    }
+    def spec(m) -> dict:
+        d = {"in_features": m.in_features, "out_features": m.out_features, "num_components": m.num_components,
+             "rank_per_component": m.rank_per_component, "bias": m.bias is not None}
+        if hasattr(m, "geometry_kwargs"):  # GBLRConv2d
+            d["conv"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in m.geometry_kwargs().items()}
+        return d
+
+    return {n: spec(m) for n, m in model.named_modules() if isinstance(m, GBLRLinear)}
 
 
 def _plain(obj) -> Any:
@@ -100,9 +103,15 @@ def _rebuild_hf(doc: dict, path: Path):
     except Exception as e:
         raise GblrcError(f"cannot rebuild the Hugging Face model of {str(path)!r}: {' '.join(str(e).split())[:200]}") from None
     for name, spec in doc["gblr_layers"].items():
-        _set_module(model, name, GBLRLinear(spec["in_features"], spec["out_features"],
-                                            num_components=spec["num_components"],
-                                            rank_per_component=spec["rank_per_component"], bias=spec["bias"]))
+        kw = {"num_components": spec["num_components"], "rank_per_component": spec["rank_per_component"],
+              "bias": spec["bias"]}
+        if "conv" in spec:
+            from .conv import GBLRConv2d
+
+            layer = GBLRConv2d(**spec["conv"], **kw)
+        else:
+            layer = GBLRLinear(spec["in_features"], spec["out_features"], **kw)
+        _set_module(model, name, layer)
     try:
         model.load_state_dict(doc["state_dict"], strict=True)
     except RuntimeError as e:

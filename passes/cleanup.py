@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import Pass, PassResult, gblr_nodes
+from .base import Pass, PassResult, gblr_conv_nodes, gblr_nodes
 
 
 class Cleanup(Pass):
@@ -17,7 +17,7 @@ class Cleanup(Pass):
         before = len(graph.nodes)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         graph.fold_constants(error_ok=True).cleanup().toposort()
-        if not gblr_nodes(graph):
+        if not gblr_nodes(graph) and not gblr_conv_nodes(graph):
             model = gs.export_onnx(graph)
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
             graph = gs.import_onnx(model)

@@ -76,7 +76,8 @@ def test_unknown_pass_name_is_rejected_before_anything_runs():
 
 
 def test_registry_and_default_pipeline():
-    assert DEFAULT_PIPELINE == ("merge-blocks", "choose-products", "dense-fallback", "lower-gblr", "cleanup")
+    assert DEFAULT_PIPELINE == ("merge-blocks", "choose-products", "dense-fallback", "lower-gblr-conv", "lower-gblr",
+                                "cleanup")
     for name, p in PASSES.items():
         assert p.name == name and p.description
         assert isinstance(p.requires, frozenset) and isinstance(p.ensures, frozenset)
