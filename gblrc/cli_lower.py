@@ -17,6 +17,38 @@ _TRUST = click.option("--trust-pickle", "trust", is_flag=True,
                       help="Allow model classes outside torch.nn/gblrc (runs code from the file). Only for files you trust.")
 
 
+def _tune_options(f):
+    """--tune, --tokens, --threads, --provider (shared by lower and opt)."""
+    f = click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                     help="With --tune: the ONNX Runtime provider to tune for [default: auto, CUDA when available].")(f)
+    f = click.option("--threads", type=int, default=None, metavar="N",
+                     help="With --tune: intra-op threads to tune for [default: one per core].")(f)
+    f = click.option("--tokens", type=int, default=None, metavar="N",
+                     help="With --tune: rows of X (batch x sequence) to time with [default: from the example inputs].")(f)
+    f = click.option("--tune", is_flag=True,
+                     help="Calibrate the cost model on the provider and time each layer's lowerings (dense "
+                          "among them), keeping the fastest; cached in $GBLRC_CACHE_DIR or ~/.cache/gblrc.")(f)
+    return f
+
+
+def _tune_config(tune: bool, tokens, threads, provider, default_tokens=None):
+    """A TuneConfig for --tune (None without it); --tokens/--threads/--provider need --tune."""
+    given = [n for n, v in (("--tokens", tokens), ("--threads", threads), ("--provider", provider)) if v is not None]
+    if not tune:
+        if given:
+            raise GblrcError(f"{given[0]} only applies with --tune")
+        return None
+    if tokens is not None and tokens < 1:
+        raise GblrcError(f"--tokens must be at least 1, got {tokens}")
+    if threads is not None and threads < 0:
+        raise GblrcError(f"--threads must be 0 (one per core) or more, got {threads}")
+    from .lowering import load_passes
+
+    TuneConfig = load_passes().TuneConfig
+    return TuneConfig(tokens=tokens if tokens is not None else default_tokens, threads=threads or 0,
+                      provider=provider or "auto")
+
+
 def _load_compressed(path: str, *, trust: bool = False):
     """The compressed model (`gblrc compress` output) as an nn.Module with gblrc_example_inputs."""
     from . import load
@@ -100,8 +132,9 @@ def _check_runs(model, inputs, shapes) -> None:
 @click.option("--keep-gblr-ops", is_flag=True, help="Do not lower: keep gblrc.GBLRLinear nodes (not runnable in ORT).")
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="Parity tolerance, relative to max |output|.")
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="Parity tolerance, absolute.")
+@_tune_options
 @_TRUST
-def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol, trust):
+def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol, tune, tokens, threads, provider, trust):
     """Compile a compressed model (IN, from `gblrc compress`) to an ONNX file of standard ops,
     checked against PyTorch on the example inputs (batch and sequence axes stay dynamic)."""
     from .fileio import check_output_path
@@ -116,6 +149,9 @@ def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol,
     out = Path(output) if output else src.with_name(src.name.removesuffix(".pt").removesuffix(".gblr") + ".onnx")
     check_output_path(out)
     names = _split_passes(passes)
+    config = _tune_config(tune, tokens, threads, provider)
+    if config is not None and keep_gblr_ops:
+        raise GblrcError("--tune and --keep-gblr-ops exclude each other (--keep-gblr-ops does not lower)")
     if names is not None and not keep_gblr_ops:
         from .lowering import check_pass_names
 
@@ -125,7 +161,10 @@ def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol,
     examples = OrderedDict(getattr(m, "gblrc_example_inputs", None) or {})
     inputs = reshape_inputs(examples, shapes)
     _check_runs(m, inputs, shapes)
-    rep = lower_api(m, inputs, out, passes=names, opset=opset, keep_gblr_ops=keep_gblr_ops, rtol=rtol, atol=atol)
+    rep = lower_api(m, inputs, out, passes=names, opset=opset, keep_gblr_ops=keep_gblr_ops, rtol=rtol, atol=atol,
+                    tune=config if config is not None else False)
+    for line in rep.tune_lines():
+        click.echo(line)
     click.echo(rep.parity_line())
     click.echo(rep.op_table())
     for r in rep.passes:
@@ -140,7 +179,8 @@ def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol,
 @click.option("--passes", "passes", metavar="a,b,...", help="Pass pipeline [default: the default pipeline].")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare the result with the input model on generated inputs.")
-def opt(model, output, passes, check):
+@_tune_options
+def opt(model, output, passes, check, tune, tokens, threads, provider):
     """Run a pass pipeline on an ONNX file (e.g. one written with `gblrc lower --keep-gblr-ops`)."""
     import onnx
 
@@ -152,11 +192,25 @@ def opt(model, output, passes, check):
     if Path(model).exists() and out.exists() and out.resolve() == Path(model).resolve():
         raise GblrcError("-o would overwrite the input file; choose another output path")
     names = _split_passes(passes)
+    config = _tune_config(tune, tokens, threads, provider)
     if names is not None:
         names = check_pass_names(names)
     src = load_onnx(model)
     structures = structures_from_onnx(src)
-    new, results = run_passes(src, names)
+    if config is not None:
+        import dataclasses
+
+        from .lowering import run_tuned
+
+        if config.tokens is None:
+            config = dataclasses.replace(config, tokens=_onnx_tokens(src))
+        new, results, calibration = run_tuned(src, config, names)
+        from .passes.tune import format_tuning
+
+        for line in [calibration] + format_tuning([d for r in results for d in r.get("details", [])]):
+            click.echo(line)
+    else:
+        new, results = run_passes(src, names)
     if structures:
         attach_metadata(new, structures)
     try:
@@ -171,6 +225,25 @@ def opt(model, output, passes, check):
     for r in results:
         click.echo(f"pass {r['name']}: {'changed' if r['changed'] else 'no change'}")
     click.echo(f"wrote {out}")
+
+
+def _onnx_tokens(model) -> int | None:
+    """Rows of X for the first graph input when its shape is static (over the last dimension for
+    floating inputs); None when it has dynamic dimensions."""
+    import numpy as np
+    import onnx
+
+    inits = {t.name for t in model.graph.initializer}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if not dims or any(d is None or d < 1 for d in dims):
+            return None
+        floating = np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type), np.floating)
+        return int(np.prod(dims[:-1] if floating and len(dims) >= 2 else dims))
+    return None
 
 
 def _opt_parity(src, new) -> str:

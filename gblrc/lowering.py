@@ -27,9 +27,11 @@ from .export import export_onnx, normalize_inputs, wrap_for_export
 from .fileio import atomic_path, check_output_path
 from .inspection import attach_metadata, structures_from_onnx
 from .onnx_reference import REFERENCE_NOTE, dense_reference_model, reference_run
+from .conv_ir import ONNX_CONV_OP
 from .structure import ONNX_DOMAIN, ONNX_OP
 
-__all__ = ["LowerReport", "lower", "op_counts", "op_table", "run_passes", "load_passes", "check_pass_names", "reference_check", "reference_run"]
+__all__ = ["LowerReport", "lower", "op_counts", "op_table", "run_passes", "run_tuned", "tokens_from_inputs", "load_passes",
+           "check_pass_names", "reference_check", "reference_run"]
 
 
 @dataclass
@@ -41,7 +43,17 @@ class LowerReport:
     max_abs_err: float = float("nan")
     max_rel_err: float = float("nan")
     provider: str = ""
-    gblr_layers: int = 0  # GBLRLinear nodes in the exported graph (layers the forward pass uses)
+    gblr_layers: int = 0  # GBLRLinear + GBLRConv nodes in the exported graph (layers the forward pass uses)
+    tuning: list[dict] = field(default_factory=list)  # with tune: per layer, the measured times and the choice
+    calibration: str = ""  # with tune: how the cost model was calibrated
+
+    def tune_lines(self) -> list[str]:
+        """With tune: the calibration, one line per tuned layer and a summary (else nothing)."""
+        if not self.tuning and not self.calibration:
+            return []
+        from .passes.tune import format_tuning
+
+        return ([self.calibration] if self.calibration else []) + format_tuning(self.tuning)
 
     def parity_line(self) -> str:
         return (f"parity vs PyTorch (float64) on {self.provider}: max abs error {self.max_abs_err:.3g}, "
@@ -67,7 +79,7 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _has_gblr(model: onnx.ModelProto) -> bool:
-    return any(n.domain == ONNX_DOMAIN and n.op_type == ONNX_OP for n in model.graph.node)
+    return any(n.domain == ONNX_DOMAIN and n.op_type in (ONNX_OP, ONNX_CONV_OP) for n in model.graph.node)
 
 
 def load_passes():
@@ -90,6 +102,43 @@ def check_pass_names(names: Sequence[str]) -> list[str]:
     return names
 
 
+def _summarise(results, used: Sequence[str]) -> list[dict]:
+    summary = []
+    for i, r in enumerate(results):
+        name = getattr(r, "name", None) or (used[i] if i < len(used) else f"pass{i}")
+        summary.append({"name": name, "changed": bool(getattr(r, "changed", False)),
+                        "counts": dict(getattr(r, "counts", {}) or {}),
+                        "details": list(getattr(r, "details", []) or [])})
+    return summary
+
+
+def run_tuned(model: onnx.ModelProto, config, names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[dict], str]:
+    """Autotuned passes (gblrc.passes.tune: calibrated cost model, timed lowering, cached) configured by
+    ``config`` (a TuneConfig); returns the model, the pass summary and the calibration line."""
+    P = load_passes()
+    if names is not None:
+        names = check_pass_names(names)
+    try:
+        out, results, setup = P.run_tuned_pipeline(model, config, names)
+    except P.PassError as e:
+        raise GblrcError(f"pass pipeline failed: {e}") from None
+    except ValueError as e:  # bad provider, tokens or a calibration that cannot be fitted
+        raise GblrcError(f"tuning failed: {e}") from None
+    cal = setup.calibration.describe() if setup.calibration is not None else "cost model given (no calibration)"
+    return out, _summarise(results, setup.passes), cal
+
+
+def tokens_from_inputs(inputs) -> int | None:
+    """Rows of X a linear layer sees for these example inputs: the first input's elements, over its
+    last dimension when it is floating point (features), else all of them (token ids)."""
+    for t in inputs.values():
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            continue
+        n = t.numel() // (t.shape[-1] if t.is_floating_point() and t.dim() >= 2 else 1)
+        return max(int(n), 1)
+    return None
+
+
 def run_passes(model: onnx.ModelProto, names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[dict]]:
     """Run the pass pipeline (default: gblrc.passes.DEFAULT_PIPELINE); unknown names -> GblrcError."""
     P = load_passes()
@@ -101,12 +150,7 @@ def run_passes(model: onnx.ModelProto, names: Sequence[str] | None = None) -> tu
     except PassError as e:
         raise GblrcError(f"pass pipeline failed: {e}") from None
     used = list(names) if names is not None else list(DEFAULT_PIPELINE)
-    summary = []
-    for i, r in enumerate(results):
-        name = getattr(r, "name", None) or (used[i] if i < len(used) else f"pass{i}")
-        summary.append({"name": name, "changed": bool(getattr(r, "changed", False)),
-                        "counts": dict(getattr(r, "counts", {}) or {})})
-    return out, summary
+    return out, _summarise(results, used)
 
 
 # ----------------------------------------------------------------- reference evaluation
@@ -141,14 +185,16 @@ def _torch_reference(module: torch.nn.Module, inputs) -> list[np.ndarray]:
 
 def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, passes: Sequence[str] | None = None,
           opset: int = 17, keep_gblr_ops: bool = False, rtol: float = 1e-4, atol: float = 1e-5,
-          input_names: Sequence[str] | None = None, dynamic_axes=None) -> LowerReport:
+          input_names: Sequence[str] | None = None, dynamic_axes=None, tune=False) -> LowerReport:
     """Export ``module`` to ONNX at ``path`` with its GBLR layers lowered to standard ops.
 
     example_inputs: a tensor, a tuple of tensors or an ordered dict name -> tensor.  passes:
     pass names (default: the default pipeline).  keep_gblr_ops: skip the passes (the file keeps
     gblrc::GBLRLinear nodes; ONNX Runtime cannot run it without the passes).  The result must
     match PyTorch within ``max|a-b| <= atol + rtol * max|b|`` per output, else GblrcError and
-    no file is written.
+    no file is written.  tune: True or a gblrc.passes.TuneConfig: calibrate the cost model on the
+    provider and time each layer's candidate lowerings (dense among them), keep the fastest, cache
+    the times (see gblrc.passes.tune); its tokens default to the example inputs' rows.
     """
     check_output_path(path)
     inputs = normalize_inputs(example_inputs)
@@ -157,7 +203,17 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
     before = op_counts(model)
     structures = structures_from_onnx(model)
     results: list[dict] = []
-    if not keep_gblr_ops:
+    calibration = ""
+    if not keep_gblr_ops and tune:
+        import dataclasses
+
+        from .passes import TuneConfig
+
+        config = tune if isinstance(tune, TuneConfig) else TuneConfig()
+        if config.tokens is None:
+            config = dataclasses.replace(config, tokens=tokens_from_inputs(inputs))
+        model, results, calibration = run_tuned(model, config, passes)
+    elif not keep_gblr_ops:
         model, results = run_passes(model, passes)
     attach_metadata(model, structures)
     try:
@@ -186,4 +242,5 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
         onnx.save(model, os.fspath(tmp))
     return LowerReport(path=os.fspath(path), ops_before=before, ops_after=op_counts(model), passes=results,
                        max_abs_err=rep.max_abs, max_rel_err=rep.max_rel, provider=rep.provider,
-                       gblr_layers=before.get(f"{ONNX_DOMAIN}.{ONNX_OP}", 0))
+                       gblr_layers=before.get(f"{ONNX_DOMAIN}.{ONNX_OP}", 0) + before.get(f"{ONNX_DOMAIN}.{ONNX_CONV_OP}", 0),
+                       tuning=[d for r in results for d in r.get("details", [])], calibration=calibration)

@@ -22,21 +22,26 @@ from .cleanup import Cleanup
 from .cost_model import DEFAULT_COST_MODEL, CostModel
 from .dense_fallback import DenseFallback
 from .lower_gblr import LowerGBLR
+from .lower_gblr_conv import LowerGBLRConv
 from .lower_timed import TimedLowering
 from .merge_blocks import MergeBlocks
+from .tune import TuneConfig, run_tuned_pipeline, tuned_pipeline
 
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # graph-surgeon's info/warning chatter is not for our users
 
 __all__ = [
     "PASSES", "DEFAULT_PIPELINE", "TIMED_PIPELINE", "run_pipeline", "Pass", "PassError", "PassResult", "CostModel",
-    "DEFAULT_COST_MODEL",
+    "DEFAULT_COST_MODEL", "TuneConfig", "run_tuned_pipeline", "tuned_pipeline",
 ]
 
 PASSES: dict[str, Pass] = {
-    p.name: p for p in (MergeBlocks(), ChooseProducts(), DenseFallback(), LowerGBLR(), TimedLowering(), Cleanup())
+    p.name: p for p in (MergeBlocks(), ChooseProducts(), DenseFallback(), LowerGBLRConv(), LowerGBLR(), TimedLowering(),
+                        Cleanup())
 }
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("merge-blocks", "choose-products", "dense-fallback", "lower-gblr", "cleanup")
+# lower-gblr-conv (GBLRConv nodes -> Conv) runs before lower-gblr, which ensures standard ops only.
+DEFAULT_PIPELINE: tuple[str, ...] = ("merge-blocks", "choose-products", "dense-fallback", "lower-gblr-conv", "lower-gblr",
+                                     "cleanup")
 
 # Autotuning: the lowering of every layer is chosen by timing it on ONNX Runtime CPU (slower, needs onnxruntime).
 TIMED_PIPELINE: tuple[str, ...] = ("merge-blocks", "choose-products", "lower-timed", "cleanup")

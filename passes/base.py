@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from gblrc.conv_ir import ONNX_CONV_OP, ConvGeometry, conv_from_onnx_attributes
 from gblrc.structure import (
     ONNX_DOMAIN,
     ONNX_OP,
@@ -27,6 +28,8 @@ __all__ = [
     "Pass",
     "gblr_nodes",
     "read_gblr_node",
+    "gblr_conv_nodes",
+    "read_gblr_conv_node",
     "PROPERTIES",
     "run_passes",
     "established_properties",
@@ -47,6 +50,7 @@ class PassResult:
     changed: bool
     counts: dict[str, int] = field(default_factory=dict)
     name: str = ""  # the pass that produced it (filled in by Pass.__call__)
+    details: list[dict] = field(default_factory=list)  # per-node records, e.g. lower-timed's measured times
 
 
 def gblr_nodes(graph: gs.Graph) -> list[gs.Node]:
@@ -67,13 +71,26 @@ def read_gblr_node(node: gs.Node) -> GBLRWeights:
     return unpack_factors(s, consts[0], consts[1], bias)
 
 
+def gblr_conv_nodes(graph: gs.Graph) -> list[gs.Node]:
+    """GBLRConv nodes: the GBLRLinear passes (merge, choose, fallback, lower-gblr) leave them alone."""
+    return [n for n in graph.nodes if n.op == ONNX_CONV_OP and (n.domain or "") == ONNX_DOMAIN]
+
+
+def read_gblr_conv_node(node: gs.Node) -> tuple[GBLRWeights, ConvGeometry]:
+    """The IR (kernel matrix) and convolution geometry of a GBLRConv node; StructureError if malformed."""
+    _, geo = conv_from_onnx_attributes(dict(node.attrs))  # validates the geometry against the structure
+    return read_gblr_node(node), geo  # the same inputs and structure attributes as a GBLRLinear node
+
+
 def _has_gblr_nodes(graph: gs.Graph) -> bool:
-    return bool(gblr_nodes(graph))
+    return bool(gblr_nodes(graph)) or bool(gblr_conv_nodes(graph))
 
 
 def _gblr_nodes_valid(graph: gs.Graph) -> bool:
     for n in gblr_nodes(graph):
         read_gblr_node(n)  # raises with the reason
+    for n in gblr_conv_nodes(graph):
+        read_gblr_conv_node(n)
     return True
 
 

@@ -7,8 +7,13 @@ thin matrix products and copies dominate.  The model charges
     Slice / Concat / Add:      bytes moved / BANDWIDTH + OP
 
 with eff(k, n) = min(1, k / THIN) * min(1, n / THIN) penalising thin products.
-The constants live in `CostModel` so that a later calibration (timing the
-target provider) can replace them without touching the passes.
+The constants live in `CostModel`; calibrate.py fits them to timings of the
+target provider (``gblrc lower --tune``).
+
+Estimates err, and a structured lowering that is estimated barely faster than
+dense can be slower in fact: `best` picks a structured lowering only when its
+estimate is below DENSE_MARGIN x the dense estimate (the static pipeline's
+guard against being slower than dense; with --tune, timing decides).
 """
 from __future__ import annotations
 
@@ -16,9 +21,10 @@ from dataclasses import dataclass
 
 from gblrc.structure import Block, Structure
 
-__all__ = ["CostModel", "DEFAULT_COST_MODEL", "TOKENS"]
+__all__ = ["CostModel", "DEFAULT_COST_MODEL", "TOKENS", "DENSE_MARGIN"]
 
 TOKENS = 1024  # rows of X the estimates assume (batch x sequence)
+DENSE_MARGIN = 0.9  # a structured lowering must be estimated below this fraction of dense to be chosen
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class CostModel:
     op_overhead: float = 2e-6    # seconds per node
     thin: float = 16.0           # inner/outer size under which a MatMul loses efficiency
     tokens: int = TOKENS
+    dense_margin: float = DENSE_MARGIN  # structured only when estimated below this x dense
 
     # -- primitives -------------------------------------------------------
     def matmul(self, k: int, n: int) -> float:
@@ -78,19 +85,22 @@ class CostModel:
         return t + (self.copy(s.out_features) if bias else 0.0)
 
     def best(self, s: Structure, bias: bool, tiles: frozenset[int] = frozenset()) -> tuple[str, float]:
-        """(strategy, estimated seconds) of the fastest lowering of the layer."""
+        """(strategy, estimated seconds) of the fastest lowering of the layer; a structured lowering
+        only when estimated below ``dense_margin`` x dense, else dense."""
+        dense = self.dense(s, bias)
         if not s.blocks:
-            return "dense", self.dense(s, bias)
+            return "dense", dense
         from .lower_segmented import segmented_cost
 
         options = {
-            "dense": self.dense(s, bias),
             "stacked": self.stacked(s, bias),
             "sliced": self.sliced(s, bias, tiles),
             "segmented": segmented_cost(self, s, bias, tiles),
         }
         name = min(options, key=options.get)
-        return name, options[name]
+        if options[name] < self.dense_margin * dense:
+            return name, options[name]
+        return "dense", dense
 
 
 DEFAULT_COST_MODEL = CostModel()

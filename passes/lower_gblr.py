@@ -74,13 +74,18 @@ def _lower_sliced(bld: Builder, x, w: GBLRWeights, out) -> None:
 LOWERINGS = {"dense": _lower_dense, "stacked": _lower_stacked, "sliced": _lower_sliced, "segmented": lower_segmented}
 
 
-def lower_node(graph, node, w: GBLRWeights, strategy: str) -> None:
+def lower_node(graph, node, w: GBLRWeights, strategy: str, model: CostModel | None = None) -> None:
+    """Replace ``node`` by the ``strategy`` subgraph; ``model`` plans the segments of "segmented"."""
     x, out = node.inputs[0], node.outputs[0]
     if not w.structure.blocks:
         strategy = "dense"  # no blocks: Y = X @ 0 (+ bias); keeps the output's shape and dtype
     detach(node)
     prefix = unique_prefix(graph, (node.name or "gblr").replace("/", "_"))
-    LOWERINGS[strategy](Builder(graph, prefix), x, w, out)
+    bld = Builder(graph, prefix)
+    if strategy == "segmented" and model is not None:
+        lower_segmented(bld, x, w, out, model)
+    else:
+        LOWERINGS[strategy](bld, x, w, out)
 
 
 class LowerGBLR(Pass):
@@ -104,7 +109,7 @@ class LowerGBLR(Pass):
                 strategy = "dense"
             if self.force is not None:
                 strategy = self.force
-            lower_node(graph, node, w, strategy)
+            lower_node(graph, node, w, strategy, self.model)
             counts[strategy] += 1
         changed = sum(counts.values()) > 0
         if changed:

@@ -1,0 +1,165 @@
+"""Autotuning (`gblrc lower --tune`): the calibrated cost model for the decisions, timing for the lowering.
+
+    out, results, setup = run_tuned_pipeline(model, TuneConfig(tokens=1024, threads=2))
+
+1. The cost model is calibrated on the provider the model will run on (calibrate.py; cached).
+2. The pipeline is the default one with its cost-model passes (merge-blocks, choose-products, ...)
+   given the calibrated model, dense-fallback dropped and lower-gblr replaced by lower-timed:
+   every layer's candidate lowerings (dense among them) are timed and the fastest kept, the times
+   cached per layer (lower_timed.TuneCache), so tuning the same model again measures nothing.
+
+The static default pipeline stays as it is: no timing, no onnxruntime.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import onnx
+
+from .base import Pass, PassResult, run_passes
+from .calibrate import Calibration, calibrated_cost_model
+from .cost_model import TOKENS, CostModel, CostModelPass
+from .lower_gblr import LowerGBLR
+from .lower_timed import Measure, TimedLowering, TuneCache
+from .timing import cache_dir, effective_threads, resolve_provider
+
+__all__ = ["TuneConfig", "TuneSetup", "TUNE_MARGIN", "RECHECK_ABOVE", "prepare_tuning", "tuned_pipeline", "tuned_passes",
+           "run_tuned_pipeline", "format_tuning"]
+
+TUNE_MARGIN = 0.97  # a structured lowering must measure below this x dense (timing noise on a busy machine)
+RECHECK_ABOVE = 0.8  # a structured winner measured at or above this x dense is timed again against dense
+
+
+@dataclass
+class TuneConfig:
+    """How to tune.  tokens: rows of X to time with (batch x sequence); threads: intra-op threads
+    (0: one per core); provider: auto (CUDA when available), cpu or cuda; cache: the cache folder
+    (None: $GBLRC_CACHE_DIR or ~/.cache/gblrc); use_cache: read and write the cache; repeats:
+    timed runs per candidate (median); margin, recheck_above: see TimedLowering.  For tests: cost_model skips the
+    calibration, measure replaces the timing of the candidates, calibration_measure that of the
+    calibration."""
+
+    tokens: int | None = None  # None: gblrc.lower takes it from the example inputs; else TOKENS
+    threads: int = 0
+    provider: str = "auto"
+    cache: str | os.PathLike | None = None
+    use_cache: bool = True
+    repeats: int = 9
+    margin: float = TUNE_MARGIN
+    recheck_above: float = RECHECK_ABOVE
+    cost_model: CostModel | None = None
+    measure: Measure | None = None
+    calibration_measure: Callable | None = None
+
+
+@dataclass
+class TuneSetup:
+    """A TuneConfig resolved: the provider and threads used, the cost model and its calibration."""
+
+    config: TuneConfig
+    provider: str
+    threads: int
+    cost_model: CostModel
+    calibration: Calibration | None = None
+    cache_folder: Path | None = None
+    passes: list[str] = field(default_factory=list)
+
+
+def prepare_tuning(config: TuneConfig) -> TuneSetup:
+    """Resolve the provider and threads and get the calibrated cost model (cached)."""
+    if config.tokens is None:
+        config = replace(config, tokens=TOKENS)
+    if config.tokens < 1 or config.repeats < 1:
+        raise ValueError(f"tokens and repeats must be positive, got {config.tokens}, {config.repeats}")
+    provider = resolve_provider(config.provider)
+    threads = effective_threads(config.threads)
+    folder = cache_dir(config.cache) if config.use_cache else None
+    cal = None
+    model = config.cost_model
+    if model is None:
+        cal = calibrated_cost_model(provider, threads, config.tokens, cache=config.cache, use_cache=config.use_cache,
+                                    measure=config.calibration_measure)
+        model = cal.model
+    return TuneSetup(config, provider, threads, model, cal, folder)
+
+
+def tuned_pipeline(default: Sequence[str] | None = None) -> list[str]:
+    """The default pipeline with dense-fallback dropped (timing decides) and lower-gblr -> lower-timed."""
+    if default is None:
+        from . import DEFAULT_PIPELINE as default
+    out = []
+    for n in default:
+        if n == "dense-fallback":
+            continue
+        out.append("lower-timed" if n == "lower-gblr" else n)
+    return out
+
+
+def tuned_passes(names: Sequence[str], setup: TuneSetup) -> list[Pass]:
+    """Pass instances for ``names``: cost-model passes get the calibrated model, lower-timed the timing setup."""
+    from . import PASSES
+
+    c = setup.config
+    out: list[Pass] = []
+    for n in names:
+        p = PASSES[n]
+        if isinstance(p, TimedLowering):
+            p = TimedLowering(c.tokens, c.repeats, setup.threads, c.measure, provider=setup.provider,
+                              cache=TuneCache(setup.cache_folder) if setup.cache_folder is not None else None,
+                              model=setup.cost_model, margin=c.margin, recheck_above=c.recheck_above)
+        elif isinstance(p, (CostModelPass, LowerGBLR)) or isinstance(getattr(p, "model", None), CostModel):
+            try:
+                p = type(p)(setup.cost_model)
+            except TypeError:  # a pass with its own constructor: keep the registered instance
+                pass
+        out.append(p)
+    return out
+
+
+def run_tuned_pipeline(model: onnx.ModelProto, config: TuneConfig | None = None,
+                       names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[PassResult], TuneSetup]:
+    """Run ``names`` (default: tuned_pipeline()) configured by ``config``; unknown names raise PassError."""
+    from . import PASSES, PassError
+
+    names = list(tuned_pipeline() if names is None else names)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise PassError(unknown[0], f"unknown pass; known passes: {', '.join(PASSES)}")
+    setup = prepare_tuning(config or TuneConfig())
+    setup.passes = names
+    out, results = run_passes(model, tuned_passes(names, setup))
+    return out, results, setup
+
+
+def format_tuning(details: Sequence[dict]) -> list[str]:
+    """One line per tuned layer and a summary line."""
+    lines = []
+    for d in details:
+        others = ", ".join(f"{k} {v / d['times']['dense']:.2f}" for k, v in sorted(d["times"].items())
+                           if k != "dense" and "dense" in d["times"])
+        head = (f"tune {d['node'] or '?'} ({d['out']}x{d['in']}, {d['blocks']} blocks, FLOP ratio "
+                f"{d['flop_ratio']:.2f}): {d['choice']}")
+        if "dense" not in d["times"]:
+            lines.append(f"{head} (not timed: no cheaper structure)" if not d["times"] else f"{head} (times: "
+                         + ", ".join(f"{k} {1e3 * v:.3g} ms" for k, v in sorted(d["times"].items())) + ")")
+            continue
+        rc = d.get("recheck")
+        again = ("; rechecked: " + ", ".join(f"{k} {v / rc['dense']:.2f}" for k, v in sorted(rc.items()) if k != "dense")
+                 if rc and "dense" in rc else "")
+        lines.append(f"{head} {d['ratio']:.2f}x dense (dense {1e3 * d['times']['dense']:.3g} ms"
+                     f"{'; ' + others if others else ''}{again}){' [cached]' if d['cached'] else ''}")
+    if details:
+        by = {}
+        for d in details:
+            by[d["choice"]] = by.get(d["choice"], 0) + 1
+        timed = [d for d in details if "dense" in d["times"] and d["choice"] in d["times"]]
+        tot_dense = sum(d["times"]["dense"] for d in timed)
+        tot = sum(d["times"][d["choice"]] for d in timed)
+        cached = sum(d["cached"] for d in details)
+        lines.append(f"tuned {len(details)} layers ({cached} from cache): "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(by.items()))
+                     + (f"; timed layers together {tot / tot_dense:.2f}x dense" if tot_dense > 0 else ""))
+    return lines
