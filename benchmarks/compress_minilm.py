@@ -65,8 +65,13 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--heldout", type=int, default=256)
-    ap.add_argument("--variants", default="gblr:data,lowrank:data,lowrank:svd",
-                    help="structure:init pairs (init: data = activation-aware SVD, svd = plain truncated SVD)")
+    ap.add_argument("--variants", default="gblr:sequential,lowrank:sequential,lowrank:svd",
+                    help="comma-separated structure:init[:r=R][:tile=T] (init: sequential / data = activation-"
+                         "aware SVD with / without the sequential refit, svd = plain truncated SVD; r: rank per "
+                         "component; tile: widths and starts in multiples of T)")
+    ap.add_argument("--calib-batches", type=int, default=16)
+    ap.add_argument("--save", metavar="DIR", help="also save each compressed model as DIR/<variant>.gblr.pt "
+                                                   "(for benchmarks/minilm_speed.py)")
     ap.add_argument("--layer-loss", type=float, default=1.0)
     ap.add_argument("--init-factor", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=0)
@@ -87,12 +92,19 @@ def main():
           f"torch threads {torch.get_num_threads()}")
     rows = []
     for variant in args.variants.split(","):
-        structure, init = variant.split(":")
+        structure, init, *opts = variant.split(":")
+        opts = dict(o.split("=") for o in opts)
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         cm, rep = gblrc.compress(model, args.budget, data=train_b, steps=args.steps, lr=args.lr,
                                  include=r"^encoder\.", structure=structure, init=init, progress=False,
-                                 layer_loss=args.layer_loss, init_factor=args.init_factor)
+                                 layer_loss=args.layer_loss, init_factor=args.init_factor,
+                                 rank_per_component=int(opts.get("r", 1)), tile=int(opts.get("tile", 1)),
+                                 calib_batches=args.calib_batches)
+        if args.save:
+            os.makedirs(args.save, exist_ok=True)
+            gblrc.save(cm, os.path.join(args.save, variant.replace(":", "_").replace("=", "") + ".gblr.pt"),
+                       example_inputs=held_b[0])
         secs = time.perf_counter() - t0
         cos = torch.nn.functional.cosine_similarity(embed(cm, held_b), ref).mean().item()
         step_t = rep.get("train_seconds", secs) / max(1, args.steps)
@@ -102,10 +114,10 @@ def main():
         print(f"  {variant}: done in {secs:.0f} s; loss {rep['loss_curve'][0][1]:.4f} -> "
               f"{rep['loss_curve'][-1][1]:.4f}" if rep["loss_curve"] else "", flush=True)
     print()
-    print(f"{'variant':<14}{'layers':>7}{'achieved':>10}{'cosine':>9}{'step/dense':>12}{'wall s':>8}"
+    print(f"{'variant':<24}{'layers':>7}{'achieved':>10}{'cosine':>9}{'step/dense':>12}{'wall s':>8}"
           f"{'layer ratio min..max':>22}{'blocks':>8}")
     for s, n, a, c, r, w, lo, hi, nb in rows:
-        print(f"{s:<14}{n:>7}{a:>10.4f}{c:>9.4f}{r:>12.2f}{w:>8.0f}{lo:>12.3f}..{hi:<8.3f}{nb:>8}")
+        print(f"{s:<24}{n:>7}{a:>10.4f}{c:>9.4f}{r:>12.2f}{w:>8.0f}{lo:>12.3f}..{hi:<8.3f}{nb:>8}")
     print(f"(dense fine-tuning step: {t_dense * 1000:.0f} ms, median of 7)")
 
 
