@@ -30,7 +30,7 @@ __all__ = ["TuneConfig", "TuneSetup", "TUNE_MARGIN", "RECHECK_ABOVE", "prepare_t
            "run_tuned_pipeline", "format_tuning"]
 
 TUNE_MARGIN = 0.97  # a structured lowering must measure below this x dense (timing noise on a busy machine)
-RECHECK_ABOVE = 0.8  # a structured winner measured at or above this x dense is timed again against dense
+RECHECK_ABOVE = 0.6  # a structured winner measured at or above this x dense is timed again against dense
 
 
 @dataclass

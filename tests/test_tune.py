@@ -278,3 +278,19 @@ def test_lower_api_reports_a_bad_provider_cleanly(tmp_path):
         lower(small_model(), OrderedDict(input=torch.randn(2, 64)), tmp_path / "e.onnx",
               tune=TuneConfig(provider="cuda", cache=tmp_path))
     assert not (tmp_path / "e.onnx").exists()
+
+
+def test_lowerings_that_multiply_more_than_dense_are_not_candidates():
+    from gblrc.passes.lower_timed import TimedLowering, realised_macs
+    from gblrc.structure import Block, GBLRWeights, Span, Structure
+    import numpy as np
+
+    # 6 narrow blocks of rank 48 on a 96 x 96 layer: stacked would multiply 288 x 192 > 96 x 96
+    blocks = tuple(Block((Span(16 * i, 16 * i + 16),), (Span(16 * i, 16 * i + 16),), 8) for i in range(6))
+    s = Structure(96, 96, blocks)
+    rng = np.random.default_rng(0)
+    w = GBLRWeights(s, tuple(rng.standard_normal((16, 8)) for _ in blocks),
+                    tuple(rng.standard_normal((8, 16)) for _ in blocks), None)
+    assert realised_macs(w, "stacked") == 48 * 192 and realised_macs(w, "segmented") == s.cost()
+    cands = TimedLowering(strategies=("stacked", "sliced", "segmented")).candidates(w)
+    assert cands == ("dense", "sliced", "segmented")
