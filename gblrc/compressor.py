@@ -72,7 +72,7 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
              rank_per_component: int = 1, checkpoint_dir=None, checkpoint_every: int = 50, resume: bool = False,
              progress: bool = True, structure: str = "gblr", lr_struct: float | None = None,
              init_factor: float = 1.0, layer_loss: float = 1.0, warmup: float = 0.1, cooldown: float = 0.2,
-             sigma_max: float = 100.0, init: str = "data", calib_batches: int = 8,
+             sigma_max: float = 100.0, init: str = "sequential", calib_batches: int = 16,
              hard_forward: bool = True, tile: int = 1, lr_min: float = 0.1) -> tuple[nn.Module, dict]:
     """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= ``budget``.
 
