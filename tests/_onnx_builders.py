@@ -32,15 +32,21 @@ def random_weights(rng: np.random.Generator, n_in: int, n_out: int, K: int, r: i
     return GBLRWeights(Structure(n_in, n_out, tuple(blocks)), tuple(U), tuple(V), b).validate()
 
 
-def gblr_model(w: GBLRWeights, lead: int = 1, opset: int = 17) -> onnx.ModelProto:
-    """One GBLRLinear node; X has `lead` dynamic leading dims and float32 I/O."""
-    s = w.structure
+def factor_inputs(w: GBLRWeights) -> tuple[list, list[str]]:
+    """(initializers, node input names) of a GBLR node reading X: X, U_flat, V_flat[, bias]."""
     u, v = pack_factors(w)
     inits = [numpy_helper.from_array(u, "U_flat"), numpy_helper.from_array(v, "V_flat")]
     ins = ["X", "U_flat", "V_flat"]
     if w.bias is not None:
         inits.append(numpy_helper.from_array(np.asarray(w.bias, np.float32), "bias"))
         ins.append("bias")
+    return inits, ins
+
+
+def gblr_model(w: GBLRWeights, lead: int = 1, opset: int = 17) -> onnx.ModelProto:
+    """One GBLRLinear node; X has `lead` dynamic leading dims and float32 I/O."""
+    s = w.structure
+    inits, ins = factor_inputs(w)
     dims = [f"d{i}" for i in range(lead)]
     node = helper.make_node(ONNX_OP, ins, ["Y"], name="layer0", domain=ONNX_DOMAIN, **to_onnx_attributes(s))
     g = helper.make_graph(

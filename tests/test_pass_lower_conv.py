@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from _onnx_builders import op_counts, ort_run, random_weights
+from _onnx_builders import factor_inputs, op_counts, ort_run, random_weights
 from gblrc import GBLRConv2d
 from gblrc.conv_ir import ONNX_CONV_OP, ConvGeometry, conv_from_onnx_attributes, conv_to_onnx_attributes
 from gblrc.export import export_onnx
@@ -25,12 +25,7 @@ def conv_node_model(w, geo: ConvGeometry, hw=(7, 9), extra_linear=None) -> onnx.
     """X (N, C, H, W) -> one GBLRConv node [-> Flatten -> GBLRLinear ``extra_linear``]."""
     s = w.structure
     c = geo.in_channels(s.in_features)
-    u, v = pack_factors(w)
-    inits = [numpy_helper.from_array(u, "U_flat"), numpy_helper.from_array(v, "V_flat")]
-    ins = ["X", "U_flat", "V_flat"]
-    if w.bias is not None:
-        inits.append(numpy_helper.from_array(np.asarray(w.bias, np.float32), "bias"))
-        ins.append("bias")
+    inits, ins = factor_inputs(w)
     nodes = [helper.make_node(ONNX_CONV_OP, ins, ["Y"], name="conv0", domain=ONNX_DOMAIN,
                               **conv_to_onnx_attributes(s, geo))]
     ho, wo = geo.output_size(*hw)
