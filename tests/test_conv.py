@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _samples import randomize
 from gblrc import GBLRConv2d, GBLRLinear
 from gblrc.budget import compact, cost_ratio, fit_to_budget
 from gblrc.calib import input_covariances, layer_rows, whiten_layer
@@ -22,19 +23,7 @@ def random_conv(c_in, c_out, k, stride=1, padding=0, K=5, r=1, bias=True, seed=0
     rng = np.random.default_rng(seed)
     m = GBLRConv2d(c_in, c_out, k, stride, padding, dilation, num_components=K, rank_per_component=r,
                    bias=bias, dtype=torch.float64)
-    n_in = m.in_features
-    if full:
-        m.set_intervals([n_in] * K, [0] * K, [c_out] * K, [0] * K)
-    else:
-        m.set_intervals(rng.integers(0, n_in + 1, K), rng.integers(0, n_in, K),
-                        rng.integers(0, c_out + 1, K), rng.integers(0, c_out, K))
-    with torch.no_grad():
-        torch.manual_seed(seed)
-        m.U.normal_()
-        m.V.normal_()
-        if bias:
-            m.bias.normal_()
-    return m.eval()
+    return randomize(m, rng, seed, full)
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from _samples import randomize
 from gblrc import GBLRLinear
 from gblrc.export import export_onnx
 from gblrc.onnx_reference import reference_run
@@ -20,18 +21,10 @@ from gblrc.structure import from_onnx_attributes, pack_factors, to_onnx_attribut
 def random_layer(n_in, n_out, K, r, bias, seed, empty=False):
     rng = np.random.default_rng(seed)
     layer = GBLRLinear(n_in, n_out, num_components=K, rank_per_component=r, bias=bias)
+    randomize(layer, rng, seed)
     if empty:
         layer.set_intervals([0] * K, [0] * K, [0] * K, [0] * K)
-    else:
-        layer.set_intervals(rng.integers(0, n_in + 1, K), rng.integers(0, n_in, K),
-                            rng.integers(0, n_out + 1, K), rng.integers(0, n_out, K))
-    with torch.no_grad():
-        torch.manual_seed(seed)
-        layer.U.normal_()
-        layer.V.normal_()
-        if bias:
-            layer.bias.normal_()
-    return layer.eval()
+    return layer
 
 
 def mlp(seed=0, bias=True):

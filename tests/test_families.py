@@ -2,16 +2,15 @@
 gblrc.compress at budget 0.5, lowered with gblrc.lower to standard ONNX ops, run in ONNX Runtime."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
+from _samples import load_families
 import gblrc
 from gblrc import GBLRLinear
 from gblrc.runtime import make_session
@@ -23,11 +22,7 @@ BUDGET = 0.5
 
 
 def _load_families():
-    spec = importlib.util.spec_from_file_location("gblrc_sample_families",
-                                                  Path(__file__).resolve().parents[1] / "samples" / "families.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_families()
 
 
 F = _load_families()

@@ -1,11 +1,9 @@
 """The Monarch baseline (gblrc.monarch): projection, forward, cost, budget choice, replacement, ONNX."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from _samples import load_families
 import gblrc
 from gblrc.monarch import (MonarchLinear, monarch_cost, monarch_links, monarch_project, monarch_shapes,
                            nblocks_for_budget, replace_with_monarch)
@@ -24,11 +23,7 @@ SHAPES = [(16, 16, 4), (64, 64, 8), (24, 40, 3), (40, 24, 5), (30, 50, 4), (17, 
 
 
 def families():
-    spec = importlib.util.spec_from_file_location("gblrc_sample_families",
-                                                  Path(__file__).resolve().parents[1] / "samples" / "families.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_families()
 
 
 def random_monarch(n_in, n_out, b, seed=0, dtype=torch.float64):
