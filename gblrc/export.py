@@ -238,6 +238,9 @@ def export_onnx(module: nn.Module, example_inputs, path: str | os.PathLike | Non
         if dynamic_axes is None:
             dynamic_axes = default_dynamic_axes(OrderedDict(zip(names, args)), OrderedDict(zip(onames, outs)))
         buf = io.BytesIO()
+        from .onnx_compat import register as register_symbolics
+
+        register_symbolics(opset)  # aten::diff, bool cumsum (HF decoders called without an attention mask)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

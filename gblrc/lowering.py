@@ -199,9 +199,6 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
     check_output_path(path)
     inputs = normalize_inputs(example_inputs)
     names = list(input_names) if input_names is not None else list(inputs)
-    from .onnx_compat import register as _register_symbolics
-
-    _register_symbolics(opset)  # e.g. aten::diff (HF decoders called without an attention mask)
     model = export_onnx(module, inputs, opset=opset, input_names=names, dynamic_axes=dynamic_axes)
     before = op_counts(model)
     structures = structures_from_onnx(model)

@@ -44,7 +44,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = ("merge-blocks", "choose-products", "dense-f
                                      "cleanup")
 
 # Autotuning: the lowering of every layer is chosen by timing it on ONNX Runtime CPU (slower, needs onnxruntime).
-TIMED_PIPELINE: tuple[str, ...] = ("merge-blocks", "choose-products", "lower-timed", "cleanup")
+TIMED_PIPELINE: tuple[str, ...] = ("merge-blocks", "choose-products", "lower-gblr-conv", "lower-timed", "cleanup")
 
 
 def run_pipeline(model: onnx.ModelProto, names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[PassResult]]:

@@ -14,7 +14,7 @@ from gblrc.conv_ir import ONNX_CONV_OP, ConvGeometry, conv_from_onnx_attributes,
 from gblrc.export import export_onnx
 from gblrc.onnx_reference import reference_run
 from gblrc.structure import ONNX_DOMAIN, ONNX_OP, StructureError, pack_factors, to_onnx_attributes
-from gblrc.passes import DEFAULT_PIPELINE, PASSES, PassError, run_pipeline
+from gblrc.passes import DEFAULT_PIPELINE, PASSES, TIMED_PIPELINE, PassError, run_pipeline
 from gblrc.passes.base import PROPERTIES, import_graph, run_passes
 from gblrc.passes.lower_gblr_conv import LowerGBLRConv, choose_conv_strategy
 
@@ -129,6 +129,10 @@ def test_pipeline_properties_and_counts_with_conv_and_linear_nodes():
     h, scale = reference(wc, geo, x)
     ref = wl.apply(h.reshape(3, -1))
     assert np.abs(y - ref).max() <= 1e-5 * scale * np.abs(wl.dense()).sum(1).max()
+    # the timed pipeline (gblrc lower --tune's order) lowers the conv node too, with the same numerics
+    timed, _ = run_pipeline(m, list(TIMED_PIPELINE))
+    assert all(n.domain in ("", "ai.onnx") for n in timed.graph.node)
+    assert np.abs(ort_run(timed, x) - ref).max() <= 1e-5 * scale * np.abs(wl.dense()).sum(1).max()
     # lower-gblr-conv alone: the GBLRLinear node stays, the gblrc opset with it
     part, _ = run_pipeline(m, ["lower-gblr-conv"])
     assert [n.op_type for n in part.graph.node if n.domain == ONNX_DOMAIN] == [ONNX_OP]
