@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import gblrc  # noqa: E402
-from gblrc.zoo import english_sentences, load_minilm  # noqa: E402
+from gblrc.zoo import english_passages, english_sentences, load_minilm  # noqa: E402
 
 
 def batches(tok, sents, bs, max_len=64):
@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--heldout", type=int, default=256)
     ap.add_argument("--variants", default="gblr:sequential,lowrank:sequential,lowrank:svd",
-                    help="comma-separated structure:init[:r=R][:tile=T] (init: sequential / data = activation-"
+                    help="comma-separated structure:init[:r=R][:tile=T][:alloc][:norms] (alloc: per-layer budgets from measured sensitivities; norms: LayerNorms trained too; init: sequential / data = activation-"
                          "aware SVD with / without the sequential refit, svd = plain truncated SVD; r: rank per "
                          "component; tile: widths and starts in multiples of T)")
     ap.add_argument("--calib-batches", type=int, default=16)
@@ -75,6 +75,11 @@ def main():
     ap.add_argument("--layer-loss", type=float, default=1.0)
     ap.add_argument("--init-factor", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--text", default="sentences", metavar="sentences|passages[:N]",
+                    help="training text: the documentation sentences not held out, or N random word spans of the "
+                         "documentation text that never include a held-out sentence (default N 20000)")
+    ap.add_argument("--train-eval", type=int, default=0, metavar="N",
+                    help="also print the cosine on N training sentences (to see over-fitting)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,24 +88,28 @@ def main():
     sents = english_sentences()
     random.Random(0).shuffle(sents)
     held, train = sents[:args.heldout], sents[args.heldout:]
+    if args.text.startswith("passages"):
+        train = english_passages(int(args.text.split(":")[1]) if ":" in args.text else 20000, exclude=held)
     train_b = batches(tok, train, args.batch_size)
     held_b = batches(tok, held, 64)
     ref = embed(dense, held_b)
     t_dense = dense_step_time(dense, train_b)
-    print(f"MiniLM: {len(train)} training sentences ({len(train_b)} batches of {args.batch_size}), "
+    print(f"MiniLM: {len(train)} training {args.text.split(':')[0]} ({len(train_b)} batches of {args.batch_size}), "
           f"{len(held)} held out; budget {args.budget}, {args.steps} steps, lr {args.lr}, "
           f"torch threads {torch.get_num_threads()}")
     rows = []
     for variant in args.variants.split(","):
         structure, init, *opts = variant.split(":")
-        opts = dict(o.split("=") for o in opts)
+        opts = dict(o.split("=") if "=" in o else (o, "1") for o in opts)
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         cm, rep = gblrc.compress(model, args.budget, data=train_b, steps=args.steps, lr=args.lr,
                                  include=r"^encoder\.", structure=structure, init=init, progress=False,
                                  layer_loss=args.layer_loss, init_factor=args.init_factor,
                                  rank_per_component=int(opts.get("r", 1)), tile=int(opts.get("tile", 1)),
-                                 calib_batches=args.calib_batches)
+                                 calib_batches=args.calib_batches,
+                                 allocate="sensitivity" if "alloc" in opts else "uniform",
+                                 tune_norms="norms" in opts)
         if args.save:
             os.makedirs(args.save, exist_ok=True)
             gblrc.save(cm, os.path.join(args.save, variant.replace(":", "_").replace("=", "") + ".gblr.pt"),
@@ -109,6 +118,10 @@ def main():
         cos = torch.nn.functional.cosine_similarity(embed(cm, held_b), ref).mean().item()
         step_t = rep.get("train_seconds", secs) / max(1, args.steps)
         ratios = [l["ratio"] for l in rep["layers"]]
+        if args.train_eval:
+            tb = batches(tok, train[:args.train_eval], 64)
+            tc = torch.nn.functional.cosine_similarity(embed(cm, tb), embed(dense, tb)).mean().item()
+            print(f"  {variant}: cosine on {args.train_eval} training sentences {tc:.4f}")
         rows.append((variant, len(rep["layers"]), rep["achieved_ratio"], cos, step_t / t_dense, secs,
                      min(ratios), max(ratios), sum(l["blocks"] for l in rep["layers"])))
         print(f"  {variant}: done in {secs:.0f} s; loss {rep['loss_curve'][0][1]:.4f} -> "

@@ -115,6 +115,13 @@ def _summary(report: dict) -> None:
 @click.option("--structure", type=click.Choice(["gblr", "lowrank"]), default="gblr", show_default=True,
               help="gblr: learn block widths and locations (the method); lowrank: truncated SVD at the same "
                    "cost with the same fine-tuning (full fixed widths), a baseline to compare against.")
+@click.option("--allocate", type=click.Choice(["auto", "sensitivity", "uniform"]), default="auto", show_default=True,
+              help="How the budget is split across layers before training: sensitivity measures how much "
+                   "truncating each layer alone changes the output (a few forward passes per layer) and gives "
+                   "sensitive layers more; uniform gives every layer the same fraction; auto: sensitivity "
+                   "when there is --data and every layer is linear (not Conv2d), else uniform.")
+@click.option("--tune-norms/--no-tune-norms", default=False, show_default=True,
+              help="Also fine-tune the LayerNorm (and other normalisation) parameters; free at inference.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", "output", metavar="OUT",
               help="Output file [default: <model stem>.gblr.pt beside the model]. Also written: "
@@ -126,8 +133,8 @@ def _summary(report: dict) -> None:
               help="Allow MODEL (or a .pt data file) to run its own code while loading: pickles with classes "
                    "outside torch.nn, Hugging Face folders with custom code. Only for files you trust.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
-def compress(model, budget, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure, seed,
-             output, checkpoint_every, resume, trust, quiet):
+def compress(model, budget, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure,
+             allocate, tune_norms, seed, output, checkpoint_every, resume, trust, quiet):
     """Replace MODEL's nn.Linear layers by learned Generalized Block Low-Rank layers whose total cost
     is at most BUDGET x the dense cost, and write the compressed model.
 
@@ -162,7 +169,8 @@ def compress(model, budget, data, steps, batch_size, lr, include, exclude, rank_
         raise GblrcError(f"a checkpoint of an interrupted run exists in {str(ckpt)!r}; rerun with --resume to "
                          f"continue it, or delete that folder to start over")
     run(mpath, out, side, ckpt, b, data, steps=steps, batch_size=batch_size, lr=lr, include=include,
-        exclude=exclude, method={"rank_per_component": rank_per_component, "tile": tile, "structure": structure},
+        exclude=exclude, method={"rank_per_component": rank_per_component, "tile": tile, "structure": structure,
+                                      "allocate": allocate, "tune_norms": tune_norms},
         seed=seed, checkpoint_every=checkpoint_every, resume=resume, trust=trust, quiet=quiet)
 
 

@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from . import dist
+from .allocate import allocate_budgets
 from .budget import compact, fit_to_budget
 from .data import batch_stream, replayable, call_model, model_output, to_device
 from .objective import Objective, task_loss
 from .init import svd_layer
 from .calib import input_covariances, sequential_refit, whiten_layer
+from .layer import GBLRLinear
 from .replace import as_linear, find_linears, replace_linears, set_module
 from .train import TrainConfig, Trainer
 
@@ -39,6 +41,12 @@ def _check_budget(budget) -> float:
 def _io(m) -> tuple[int, int]:
     lin = as_linear(m) if not isinstance(m, nn.Linear) else m
     return lin.in_features, lin.out_features
+
+
+def _norm_params(model) -> list:
+    """The affine parameters of the model's normalisation layers (LayerNorm, RMSNorm, BatchNorm ...)."""
+    return [p for m in model.modules() if "Norm" in type(m).__name__ and not isinstance(m, GBLRLinear)
+            for p in m.parameters(recurse=False) if p.is_floating_point()]
 
 
 def _check_fits(model, x, y, distill: bool) -> None:
@@ -73,7 +81,9 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
              progress: bool = True, structure: str = "gblr", lr_struct: float | None = None,
              init_factor: float = 1.0, layer_loss: float = 1.0, warmup: float = 0.1, cooldown: float = 0.2,
              sigma_max: float = 100.0, init: str = "sequential", calib_batches: int = 16,
-             hard_forward: bool = True, tile: int = 1, lr_min: float = 0.1) -> tuple[nn.Module, dict]:
+             hard_forward: bool = True, tile: int = 1, lr_min: float = 0.1,
+             allocate: str = "auto", sensitivity_batches: int = 1,
+             tune_norms: bool = False) -> tuple[nn.Module, dict]:
     """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= ``budget``.
 
     ``data``: None (initialisation only), a Tensor of inputs, {"inputs", "targets"}, or an iterable /
@@ -87,6 +97,12 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     or "lowrank" (truncated SVD at the budget, full widths, content fine-tuned only).
     ``rank_per_component`` and ``tile`` (widths and starts multiples of ``tile`` elements) make the learned
     structure coarser and easier for the lowering passes to turn into speed (README, "Structure options").
+    ``allocate``: "uniform" (every layer starts at the same cost ratio), "sensitivity" (per-layer
+    ratios from each layer's measured effect on the output on ``sensitivity_batches`` batches,
+    :mod:`gblrc.allocate`; needs data and a data-aware ``init``; linear layers only; a warning and
+    uniform otherwise) or "auto" (sensitivity where it applies, else uniform, silently).
+    ``tune_norms``: also fine-tune the model's normalisation layers (LayerNorm, RMSNorm, BatchNorm
+    affine parameters) with the content; they cost nothing at inference.
     Returns (model in eval mode, report dict).  Raises ValueError on bad input.
     """
     budget = _check_budget(budget)
@@ -94,6 +110,8 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
         raise ValueError(f"structure must be 'gblr' or 'lowrank', got {structure!r}")
     if init not in ("data", "sequential", "svd"):
         raise ValueError(f"init must be 'data', 'sequential' or 'svd', got {init!r}")
+    if allocate not in ("auto", "uniform", "sensitivity"):
+        raise ValueError(f"allocate must be 'auto', 'uniform' or 'sensitivity', got {allocate!r}")
     if loss not in ("auto", "task", "distill"):
         raise ValueError(f"loss must be 'auto', 'task' or 'distill', got {loss!r}")
     if int(steps) < 0 or int(batch_size) < 1 or int(rank_per_component) < 1 or int(tile) < 1:
@@ -132,12 +150,6 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
         if distill:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
     learn = structure == "gblr" and steps > 0
-    if structure == "lowrank":
-        init_budget = budget
-    else:  # start above the budget: training (or the final fit) chooses what to remove
-        # plus one component of the smallest layer, so that the final fit can land on the budget exactly
-        one = max(rank_per_component * sum(_io(m)) / (_io(m)[0] * _io(m)[1]) for _, m in pairs)
-        init_budget = min(1.0, budget * (init_factor if learn else 1.0) + one)
     dense_w = {n: as_linear(m).weight.detach().clone() for n, m in pairs} if init != "svd" and steps > 0 else None
     dense_ref = (teacher or copy.deepcopy(model).eval()) if init == "sequential" and dense_w is not None else None
     covs = None
@@ -145,9 +157,28 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
         it = batch_stream(data, batch_size, seed)
         xs = [to_device(next(it)[0], dev) for _ in range(calib_batches)]
         covs = input_covariances(model, names, xs)
+    budgets = {n: budget for n in names}
+    if allocate in ("auto", "sensitivity"):
+        alloc = None
+        if covs is not None:
+            alloc = allocate_budgets(model, names, covs, xs[:max(1, sensitivity_batches)], budget,
+                                     rank_per_component=rank_per_component, progress=progress and rank == 0)
+            alloc = dist.broadcast_object(alloc, world) if alloc is not None else None
+        if alloc is None and allocate == "sensitivity" and steps > 0:
+            msg = "sensitivity allocation needs data, a data-aware init and linear layers only; kept uniform"
+            warn.append(msg)
+            warnings.warn(msg, stacklevel=2)
+        if alloc is not None:
+            budgets = alloc
+    if structure == "lowrank":
+        init_budgets = budgets
+    else:  # start above the budget: training (or the final fit) chooses what to remove
+        # plus one component of the smallest layer, so that the final fit can land on the budget exactly
+        one = max(rank_per_component * sum(_io(m)) / (_io(m)[0] * _io(m)[1]) for _, m in pairs)
+        init_budgets = {n: min(1.0, b * (init_factor if learn else 1.0) + one) for n, b in budgets.items()}
     # full-width truncated SVD for low rank and as the base of the data-aware init; else gblrc.init.fit_dense
     fit = svd_layer if (structure == "lowrank" or covs is not None) else None
-    layers = replace_linears(model, names, init_budget, fit=fit, rank_per_component=rank_per_component)
+    layers = replace_linears(model, names, init_budgets, fit=fit, rank_per_component=rank_per_component)
     for m in layers.values():
         m.tile = int(tile)
     if x is not None and any(hasattr(m, "positions") for m in layers.values()):
@@ -170,11 +201,12 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
                           checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                           checkpoint_every=checkpoint_every, resume=resume, progress=progress)
         obj = Objective(model, teacher, names, layer_loss)
-        sig = {"structure": structure, "init_factor": init_factor, "layer_loss": layer_loss, "init": init,
+        sig = {"structure": structure, "init_factor": init_factor, "allocate": allocate, "tune_norms": tune_norms, "layer_loss": layer_loss, "init": init,
                "rank_per_component": rank_per_component, "world": world, "tile": int(tile)}
         t0 = time.perf_counter()
         try:
-            curve = Trainer(model, layers, obj, data, cfg, rank=rank, world=world, extra_signature=sig).run()
+            curve = Trainer(model, layers, obj, data, cfg, rank=rank, world=world, extra_signature=sig,
+                            extra_params=_norm_params(model) if tune_norms else ()).run()
         finally:
             obj.close()
         train_seconds = time.perf_counter() - t0

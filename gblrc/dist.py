@@ -71,3 +71,12 @@ def allreduce_mean(x: float, world: int, device=None) -> float:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+def broadcast_object(obj, world: int):
+    """Rank 0's ``obj`` (picklable) on every rank."""
+    if world <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

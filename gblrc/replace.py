@@ -137,7 +137,8 @@ def find_linears(model: nn.Module, include: str | None = None, exclude: str | No
 def replace_linears(model: nn.Module, names_or_pairs, budget: float, *, fit=None, **fit_kwargs) -> dict[str, GBLRLinear]:
     """Replace the named linear layers of ``model`` in place by GBLR layers fitted at ``budget``.
 
-    ``names_or_pairs``: qualified names, or (name, module) pairs as returned by :func:`find_linears`.
+    ``names_or_pairs``: qualified names, or (name, module) pairs as returned by :func:`find_linears`;
+    ``budget``: one cost ratio for all, or {name: ratio}.
     Each layer is initialised with :func:`gblrc.init.fit_dense` (Conv1D converted to Linear first; a
     Conv2d's kernel matrix as a Linear, the result becoming a :class:`GBLRConv2d`); ``fit_kwargs`` go to
     it; ``fit`` replaces it (e.g. ``gblrc.init.svd_layer``).  Returns {name: new GBLRLinear}.
@@ -145,9 +146,11 @@ def replace_linears(model: nn.Module, names_or_pairs, budget: float, *, fit=None
     from .init import fit_dense
 
     fit = fit or fit_dense
-    if not (0.0 < float(budget) <= 1.0):
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
     names = [p[0] if isinstance(p, (tuple, list)) else p for p in names_or_pairs]
+    budgets = dict(budget) if isinstance(budget, dict) else {n: budget for n in names}
+    for b in budgets.values():
+        if not (0.0 < float(b) <= 1.0):
+            raise ValueError(f"budget must be in (0, 1], got {b}")
     out = {}
     for name in names:
         m = get_module(model, name)
@@ -157,7 +160,7 @@ def replace_linears(model: nn.Module, names_or_pairs, budget: float, *, fit=None
             raise ValueError(f"{name!r} is not a linear layer ({type(m).__name__})")
         if not torch.isfinite(m.weight).all() or (m.bias is not None and not torch.isfinite(m.bias).all()):
             raise ValueError(f"layer {name!r} has NaN or Inf weights; fix the model before compressing")
-        g = fit(as_linear(m), budget, **fit_kwargs).eval()
+        g = fit(as_linear(m), budgets[name], **fit_kwargs).eval()
         if isinstance(m, nn.Conv2d):
             g = GBLRConv2d.from_gblr(g, **conv_geometry(m)).eval()
         g.to(device=m.weight.device)

@@ -77,7 +77,7 @@ class TrainConfig:
 
 class Trainer:
     def __init__(self, model, layers: dict, objective, data, cfg: TrainConfig, *, rank: int = 0, world: int = 1,
-                 extra_signature: dict | None = None):
+                 extra_signature: dict | None = None, extra_params=()):
         self.model, self.layers, self.objective, self.data, self.cfg = model, layers, objective, data, cfg
         self.rank, self.world = rank, world
         self.mods = list(layers.values())
@@ -85,6 +85,11 @@ class Trainer:
         sid = {id(p) for p in struct}
         # content: the compressed layers' factors and biases; the rest of the model stays as it was
         content = [p for m in self.mods for p in m.parameters() if id(p) not in sid]
+        cid = {id(p) for p in content}
+        content += [p for p in extra_params if id(p) not in cid and id(p) not in sid]  # e.g. LayerNorms
+        # everything else is frozen while training (no wasted gradients), and restored after
+        keep = {id(p) for p in content} | sid
+        self._frozen = [p for p in model.parameters() if id(p) not in keep and p.requires_grad]
         groups = [{"params": content, "lr": cfg.lr, "weight_decay": 0.0}]
         if cfg.learn_structure:
             groups.append({"params": struct, "lr": cfg.lr_struct, "betas": (0.0, 0.999), "weight_decay": 0.0})
@@ -167,6 +172,8 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="gblrc compress", dynamic_ncols=True)
+        for p in self._frozen:
+            p.requires_grad_(False)
         try:
             while self.step < cfg.steps:
                 self._one_step(stream, dev)
@@ -178,6 +185,8 @@ class Trainer:
                         and self.step < cfg.steps:
                     self.save_checkpoint()
         finally:
+            for p in self._frozen:
+                p.requires_grad_(True)
             if bar is not None:
                 bar.close()
         if cfg.learn_structure and not self.cooled:

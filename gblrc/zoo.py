@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .errors import GblrcError
 
-__all__ = ["minilm_path", "load_minilm", "minilm_linears", "english_sentences", "docstring_sentences"]
+__all__ = ["minilm_path", "load_minilm", "minilm_linears", "english_sentences", "english_passages",
+           "docstring_sentences"]
 
 
 def minilm_path() -> Path:
@@ -66,6 +67,43 @@ def english_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
     from pydoc_data.topics import topics
 
     return _sentences((topics[k] for k in sorted(topics)), min_words, max_words, set())
+
+
+def english_passages(n: int = 20000, exclude=(), min_words: int = 6, max_words: int = 40, seed: int = 0) -> list[str]:
+    """``n`` word spans of CPython's documentation text (pydoc_data.topics), for distillation.
+
+    Each span is a run of ``min_words``..``max_words`` consecutive words at a random place in the text
+    (prose and code alike: a student imitating its teacher needs inputs, not labels), so a few
+    thousand sentences become as many distinct inputs as wanted.  Spans never include a sentence of
+    ``exclude`` (e.g. the held-out sentences of :func:`english_sentences`): the text is cut at them.
+    """
+    import random
+    import re
+
+    from pydoc_data.topics import topics
+
+    exclude = set(exclude)
+    runs, cur = [], []
+    for k in sorted(topics):
+        for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", topics[k])):
+            if s.strip() in exclude:
+                runs.append(cur)
+                cur = []
+            else:  # table rules and borders are not words
+                cur += [w for w in s.split() if not re.fullmatch(r"[|+=\-]+", w)]
+        runs.append(cur)
+        cur = []
+    runs = [r for r in runs if len(r) >= min_words]
+    if not runs:
+        raise GblrcError("no text left for passages after the exclusions")
+    weights = [len(r) for r in runs]
+    rng = random.Random(seed)
+    out = []
+    for r in rng.choices(runs, weights=weights, k=n):
+        length = min(len(r), rng.randint(min_words, max_words))
+        start = rng.randint(0, len(r) - length)
+        out.append(" ".join(r[start:start + length]))
+    return out
 
 
 _SKIP_DIRS = frozenset({"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__",
