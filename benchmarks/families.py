@@ -194,7 +194,7 @@ def compress_variant(task: Task, dense, method, budget, a):
             f", {len(skipped)} convs left dense" if skipped else "")
     else:
         model, rep = gblrc.compress(model, budget, data=task.train_data, steps=a.steps, batch_size=task.batch_size,
-                                    lr=a.lr, structure=method, progress=False, seed=0)
+                                    lr=a.lr, structure=method, progress=False, seed=0, allocate=a.allocate)
         note = f"{len(rep['layers'])} layers, {sum(r['blocks'] for r in rep['layers'])} blocks"
     return {"model": model, "ratio": rep["achieved_ratio"], "seconds": time.perf_counter() - t0, "note": note}, None
 
@@ -309,6 +309,8 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps per compressed variant (default 300; --quick 20)")
     ap.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (all methods)")
+    ap.add_argument("--allocate", default="uniform", choices=["auto", "sensitivity", "uniform"],
+                    help="budget split across layers for GBLR and low rank (the published table: uniform)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved latency runs (default 21; --quick 5)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime intra-op threads (latency)")
     ap.add_argument("--torch-threads", type=int, default=1,

@@ -158,6 +158,7 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
         xs = [to_device(next(it)[0], dev) for _ in range(calib_batches)]
         covs = input_covariances(model, names, xs)
     budgets = {n: budget for n in names}
+    used = "uniform"
     if allocate in ("auto", "sensitivity"):
         alloc = None
         if covs is not None:
@@ -169,7 +170,7 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
             warn.append(msg)
             warnings.warn(msg, stacklevel=2)
         if alloc is not None:
-            budgets = alloc
+            budgets, used = alloc, "sensitivity"
     if structure == "lowrank":
         init_budgets = budgets
     else:  # start above the budget: training (or the final fit) chooses what to remove
@@ -221,6 +222,8 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     model.eval()
     report = _report(budget, layers, curve, steps, warn)
     report["train_seconds"] = round(train_seconds, 3)
+    report["allocate"] = used  # how the budget was split across layers before training
+    report["allocated_ratios"] = {n: round(float(b), 4) for n, b in budgets.items()}
     if report["achieved_ratio"] > budget + 1e-12:  # cannot happen after fit_to_budget; lowrank is floor()ed
         raise RuntimeError(f"internal error: cost ratio {report['achieved_ratio']} over budget {budget}")
     return model, report

@@ -300,3 +300,17 @@ def test_failure_while_writing_leaves_no_output(files, tmp_path, monkeypatch):
     r = invoke(files / "mlp.pt", "--budget", "0.5", "-o", out, "-q")
     assert r.exit_code != 0 and isinstance(r.exception, OSError)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT, no report, no temporary files
+
+
+@pytest.mark.parametrize("allocate", ["uniform", "sensitivity"])
+def test_allocate_option_splits_the_budget(files, tmp_path, allocate):
+    out = tmp_path / "m.gblr.pt"
+    r = invoke(files / "mlp.pt", "--budget", "0.4", "--data", files / "data.pt", "--steps", "10", "-q",
+               "--allocate", allocate, "--structure", "lowrank", "-o", out)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "m.gblr.pt.report.json").read_text())
+    assert rep["achieved_ratio"] <= 0.4
+    ratios = [row["ratio"] for row in rep["layers"]]
+    if allocate == "uniform":  # the same number of whole components fits each 48-wide layer
+        assert max(ratios) - min(ratios) < 0.1
+    assert rep["allocate"] == allocate
