@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--heldout", type=int, default=256)
     ap.add_argument("--variants", default="gblr:sequential,lowrank:sequential,lowrank:svd",
-                    help="comma-separated structure:init[:r=R][:tile=T][:alloc][:norms] (alloc: per-layer budgets from measured sensitivities; norms: LayerNorms trained too; init: sequential / data = activation-"
+                    help="comma-separated structure:init[:r=R][:tile=T][:alloc][:norms] (alloc: per-layer budgets from measured sensitivities; norms: LayerNorms trained too; cap=C: no layer above C x budget (default: no cap); init: sequential / data = activation-"
                          "aware SVD with / without the sequential refit, svd = plain truncated SVD; r: rank per "
                          "component; tile: widths and starts in multiples of T)")
     ap.add_argument("--calib-batches", type=int, default=16)
@@ -109,7 +109,8 @@ def main():
                                  rank_per_component=int(opts.get("r", 1)), tile=int(opts.get("tile", 1)),
                                  calib_batches=args.calib_batches,
                                  allocate="sensitivity" if "alloc" in opts else "uniform",
-                                 tune_norms="norms" in opts)
+                                 tune_norms="norms" in opts,
+                                 allocate_cap=float(opts["cap"]) if opts.get("cap", "none") != "none" else None)
         if args.save:
             os.makedirs(args.save, exist_ok=True)
             gblrc.save(cm, os.path.join(args.save, variant.replace(":", "_").replace("=", "") + ".gblr.pt"),

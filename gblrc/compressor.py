@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import dist
-from .allocate import allocate_budgets
+from .allocate import GRID, allocate_budgets
 from .budget import compact, fit_to_budget
 from .data import batch_stream, replayable, call_model, model_output, to_device
 from .objective import Objective, task_loss
@@ -82,7 +82,7 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
              init_factor: float = 1.0, layer_loss: float = 1.0, warmup: float = 0.1, cooldown: float = 0.2,
              sigma_max: float = 100.0, init: str = "sequential", calib_batches: int = 16,
              hard_forward: bool = True, tile: int = 1, lr_min: float = 0.1,
-             allocate: str = "auto", sensitivity_batches: int = 1,
+             allocate: str = "auto", sensitivity_batches: int = 1, allocate_cap: float | None = None,
              tune_norms: bool = False) -> tuple[nn.Module, dict]:
     """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= ``budget``.
 
@@ -100,7 +100,8 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     ``allocate``: "uniform" (every layer starts at the same cost ratio), "sensitivity" (per-layer
     ratios from each layer's measured effect on the output on ``sensitivity_batches`` batches,
     :mod:`gblrc.allocate`; needs data and a data-aware ``init``; linear layers only; a warning and
-    uniform otherwise) or "auto" (sensitivity where it applies, else uniform, silently).
+    uniform otherwise) or "auto" (sensitivity where it applies, else uniform, silently); no layer gets more
+    than ``allocate_cap`` x budget (None: up to its dense cost).
     ``tune_norms``: also fine-tune the model's normalisation layers (LayerNorm, RMSNorm, BatchNorm
     affine parameters) with the content; they cost nothing at inference.
     Returns (model in eval mode, report dict).  Raises ValueError on bad input.
@@ -162,7 +163,8 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     if allocate in ("auto", "sensitivity"):
         alloc = None
         if covs is not None:
-            alloc = allocate_budgets(model, names, covs, xs[:max(1, sensitivity_batches)], budget,
+            grid = [g for g in GRID if allocate_cap is None or g <= allocate_cap * budget + 1e-9] or [min(GRID)]
+            alloc = allocate_budgets(model, names, covs, xs[:max(1, sensitivity_batches)], budget, grid=grid,
                                      rank_per_component=rank_per_component, progress=progress and rank == 0)
             alloc = dist.broadcast_object(alloc, world) if alloc is not None else None
         if alloc is None and allocate == "sensitivity" and steps > 0:
@@ -202,7 +204,8 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
                           checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                           checkpoint_every=checkpoint_every, resume=resume, progress=progress)
         obj = Objective(model, teacher, names, layer_loss)
-        sig = {"structure": structure, "init_factor": init_factor, "allocate": allocate, "tune_norms": tune_norms, "layer_loss": layer_loss, "init": init,
+        sig = {"structure": structure, "init_factor": init_factor, "allocate": allocate, "allocate_cap": allocate_cap,
+               "tune_norms": tune_norms, "layer_loss": layer_loss, "init": init,
                "rank_per_component": rank_per_component, "world": world, "tile": int(tile)}
         t0 = time.perf_counter()
         try:

@@ -139,3 +139,15 @@ def test_auto_allocation_is_silent_where_it_does_not_apply():
 def test_bad_allocate_value_is_refused():
     with pytest.raises(ValueError, match="allocate must be"):
         gblrc.compress(TwoPaths(), 0.4, allocate="fisher", progress=False)
+
+
+def test_allocate_cap_bounds_every_layer():
+    torch.manual_seed(0)
+    xs = torch.cat(_data(batches=2))
+    _, rep = gblrc.compress(TwoPaths(), 0.4, data=xs, steps=2, batch_size=256, include="quiet|loud",
+                            structure="lowrank", allocate="sensitivity", allocate_cap=1.25, progress=False)
+    assert rep["allocate"] == "sensitivity"
+    assert max(rep["allocated_ratios"].values()) <= 0.5 + 1e-3
+    _, free = gblrc.compress(TwoPaths(), 0.4, data=xs, steps=2, batch_size=256, include="quiet|loud",
+                             structure="lowrank", allocate="sensitivity", allocate_cap=None, progress=False)
+    assert max(free["allocated_ratios"].values()) > 0.5
