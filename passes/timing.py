@@ -1,5 +1,8 @@
 """Timing ONNX models on the provider they will run on, and the on-disk cache of what was measured.
 
+The sessions, the I/O-bound runner and the interleaved timing are gblrc.runtime.timing's (the one
+timing harness, also behind `gblrc bench`), re-exported here.
+
 Shared by calibration (calibrate.py: fit the cost model's constants) and autotuning
 (lower_timed.py: time the candidate lowerings of each layer).  Sessions are made the way the
 timings are meant to transfer: the provider asked for, a fixed number of intra-op threads, graph
@@ -19,20 +22,20 @@ import json
 import os
 import platform
 import tempfile
-import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import numpy as np
+from gblrc.runtime.timing import (  # the one timing harness
+    CPU, CUDA, Runner, _cores, effective_threads, resolve_provider, time_interleaved, time_runs, timing_session,
+)
 
 __all__ = [
     "CPU", "CUDA", "CACHE_ENV", "cache_dir", "cpu_model", "effective_threads", "resolve_provider", "environment",
     "key_hash", "read_json", "write_json", "make_session", "Runner", "time_interleaved", "time_runs",
 ]
 
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 CACHE_ENV = "GBLRC_CACHE_DIR"
 
 
@@ -74,36 +77,6 @@ def gpu_model() -> str:
         except OSError:
             continue
     return ""
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def effective_threads(threads: int | None) -> int:
-    """Intra-op threads: ``threads`` when positive, else the number of cores this process may use."""
-    return int(threads) if threads and int(threads) > 0 else _cores()
-
-
-def resolve_provider(provider: str | None = "auto") -> str:
-    """'auto' (CUDA when this ONNX Runtime has it, else CPU), 'cpu', 'cuda' or a full provider name."""
-    import onnxruntime as ort
-
-    avail = ort.get_available_providers()
-    p = (provider or "auto").strip().lower()
-    if p == "auto":
-        return CUDA if CUDA in avail else CPU
-    if p in ("cpu", CPU.lower()):
-        return CPU
-    if p in ("cuda", "gpu", CUDA.lower()):
-        if CUDA not in avail:
-            raise ValueError(f"the CUDA provider is not available in this ONNX Runtime build "
-                             f"(available: {', '.join(avail)})")
-        return CUDA
-    raise ValueError(f"unknown provider {provider!r}; choose auto, cpu or cuda")
 
 
 def environment(provider: str, threads: int | None, tokens: int) -> dict[str, Any]:
@@ -154,68 +127,9 @@ def write_json(path: Path, data: Mapping[str, Any]) -> bool:
         return False
 
 
-# ----------------------------------------------------------------- sessions and timed runs
+# ----------------------------------------------------------------- sessions
 def make_session(model, provider: str, threads: int | None):
-    """An InferenceSession for timing: ``provider`` (CUDA falls back to CPU for unsupported nodes),
-    ``threads`` intra-op threads, full graph optimisations, no spinning worker threads."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = effective_threads(threads)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    data = model if isinstance(model, (bytes, bytearray)) else model.SerializeToString()
-    providers = [CUDA, CPU] if provider == CUDA else [CPU]
-    return ort.InferenceSession(bytes(data), so, providers=providers)
-
-
-class Runner:
-    """One timed run of a session: inputs bound once on the device, outputs preallocated when their shape is static."""
-
-    def __init__(self, session, feeds: Mapping[str, np.ndarray], provider: str):
-        import onnxruntime as ort
-
-        self.session, self.cuda = session, provider == CUDA
-        device = "cuda" if self.cuda else "cpu"
-        self.binding = session.io_binding()
-        self._keep = []  # OrtValues must outlive the binding
-        for name, arr in feeds.items():
-            v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), device, 0)
-            self._keep.append(v)
-            self.binding.bind_ortvalue_input(name, v)
-        for o in session.get_outputs():
-            shape = o.shape
-            if all(isinstance(d, int) and d >= 0 for d in shape) and o.type == "tensor(float)":
-                v = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, device, 0)
-                self._keep.append(v)
-                self.binding.bind_ortvalue_output(o.name, v)
-            else:
-                self.binding.bind_output(o.name, device)
-
-    def __call__(self) -> None:
-        self.session.run_with_iobinding(self.binding)
-        if self.cuda:
-            self.binding.synchronize_outputs()
-
-
-def time_interleaved(runners: Mapping[str, Callable[[], None]], repeats: int = 9, warmup: int = 2,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median seconds per run of each runner, the runners interleaved round-robin (so that load
-    on a shared machine falls on all of them alike), after ``warmup`` untimed rounds."""
-    return {k: float(np.median(v)) for k, v in time_runs(runners, repeats, warmup, clock).items()}
-
-
-def time_runs(runners: Mapping[str, Callable[[], None]], repeats: int = 9, warmup: int = 2,
-              clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Seconds of every timed run of each runner (interleaved round-robin, after ``warmup`` rounds)."""
-    for _ in range(max(0, warmup)):
-        for run in runners.values():
-            run()
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(max(1, repeats)):
-        for k, run in runners.items():
-            t0 = clock()
-            run()
-            times[k].append(clock() - t0)
-    return times
+    """An InferenceSession for timing (:func:`gblrc.runtime.timing.timing_session`): ``provider`` (CUDA
+    falls back to CPU for unsupported nodes), ``threads`` intra-op threads, full graph optimisations,
+    no spinning worker threads."""
+    return timing_session(model, provider, threads)
