@@ -65,17 +65,17 @@ def _split_passes(text: str | None) -> list[str] | None:
     return names
 
 
-def parse_input_shapes(specs: tuple[str, ...]) -> "OrderedDict[str, tuple[int, ...]]":
-    """``NAME=D0xD1x...`` (several separated by commas or given repeatedly) -> {name: shape}."""
+def parse_input_shapes(specs: tuple[str, ...], option: str = "--input-shape") -> "OrderedDict[str, tuple[int, ...]]":
+    """``NAME=D0xD1x...`` (several separated by commas or given repeatedly) -> {name: shape}; errors name ``option``."""
     out: "OrderedDict[str, tuple[int, ...]]" = OrderedDict()
     for spec in specs:
         for item in filter(None, (s.strip() for s in spec.split(","))):
             m = re.fullmatch(r"([A-Za-z_][\w.]*)=(\d+(?:x\d+)*)", item)
             if not m:
-                raise GblrcError(f"--input-shape {item!r} is not NAME=D0xD1x...; e.g. input_ids=8x128")
+                raise GblrcError(f"{option} {item!r} is not NAME=D0xD1x...; e.g. input_ids=8x128")
             shape = tuple(int(d) for d in m.group(2).split("x"))
             if any(d < 1 for d in shape):
-                raise GblrcError(f"--input-shape {item!r}: every dimension must be at least 1")
+                raise GblrcError(f"{option} {item!r}: every dimension must be at least 1")
             out[m.group(1)] = shape
     return out
 
@@ -130,13 +130,44 @@ def _check_runs(model, inputs, shapes) -> None:
               help="Example input shapes for export and the parity check (default: the stored examples).")
 @click.option("--passes", "passes", metavar="a,b,...", help="Pass pipeline [default: the default pipeline].")
 @click.option("--keep-gblr-ops", is_flag=True, help="Do not lower: keep gblrc.GBLRLinear nodes (not runnable in ORT).")
-@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Parity tolerance, relative to max |output|.")
-@click.option("--atol", type=float, default=1e-5, show_default=True, help="Parity tolerance, absolute.")
+@click.option("--rtol", type=float, default=None,
+              help="Parity tolerance, relative to max |output| [default: 1e-4; with --precision fp16: 1e-2 for the "
+                   "fp16 graph, the fp32 graph still at 1e-4].")
+@click.option("--atol", type=float, default=None, help="Parity tolerance, absolute [default: 1e-5; fp16: 1e-3].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: weights and compute in half precision (ONNX Runtime's float16 converter; LayerNorm, "
+                   "Softmax and reductions stay fp32; inputs/outputs keep their types), for the CUDA provider. "
+                   "Checked against PyTorch at the fp16 tolerance.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="int8: quantise the lowered fp32 graph with ONNX Runtime (MatMul/Gemm/Conv weights), for CPUs; "
+                   "prints and records (metadata gblrc.quantization) its fidelity to the fp32 lowered graph.")
+@click.option("--quant-mode", type=click.Choice(["dynamic", "static"]), default=None,
+              help="With --quantize: dynamic (activations quantised at run time; no data) or static QDQ "
+                   "(activation ranges calibrated on --data) [default: dynamic].")
+@click.option("--per-channel", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="With --quantize: per-output-channel weight scales; auto quantises both ways and keeps the one "
+                   "closer to the fp32 graph [default: auto].")
+@click.option("--data", "data_spec", metavar="D",
+              help="With --quantize: calibration batches (static) and extra inputs for the fidelity check: a .pt "
+                   "file (a tensor or dict of input tensors, or {'inputs': ...}) or module:function.")
+@click.option("--calib-batches", type=int, default=None, metavar="N",
+              help="With --data: batches of --data to use [default: 8].")
+@click.option("--with-dense", "with_dense", metavar="DENSE.onnx",
+              help="Also write the dense reference of the same model (every GBLR layer as its dense MatMul, same "
+                   "precision and quantisation, checked the same way): the baseline for `gblrc bench`.")
 @_tune_options
 @_TRUST
-def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol, tune, tokens, threads, provider, trust):
+def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol, precision, quantize, quant_mode,
+          per_channel, data_spec, calib_batches, with_dense, tune, tokens, threads, provider, trust):
     """Compile a compressed model (IN, from `gblrc compress`) to an ONNX file of standard ops,
-    checked against PyTorch on the example inputs (batch and sequence axes stay dynamic)."""
+    checked against PyTorch on the example inputs (batch and sequence axes stay dynamic).
+
+    \b
+    Deployment forms (see README, "Deploying: fp16, int8 and gblrc bench"):
+      gblrc lower m.gblr.pt -o m16.onnx --precision fp16          # GPUs (CUDA provider)
+      gblrc lower m.gblr.pt -o m8.onnx --quantize int8 --with-dense d8.onnx   # CPUs
+      gblrc bench m8.onnx --against d8.onnx --shape input_ids=8x128 --shape attention_mask=8x128
+    """
     from .fileio import check_output_path
     from .lowering import lower as lower_api
 
@@ -148,6 +179,13 @@ def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol,
         raise GblrcError(f"input {model!r} does not exist; give the .gblr.pt file written by gblrc compress")
     out = Path(output) if output else src.with_name(src.name.removesuffix(".pt").removesuffix(".gblr") + ".onnx")
     check_output_path(out)
+    quant = _quant_options(quantize, precision, quant_mode, per_channel, data_spec, calib_batches, keep_gblr_ops)
+    if with_dense is not None:
+        if keep_gblr_ops:
+            raise GblrcError("--with-dense and --keep-gblr-ops exclude each other (--keep-gblr-ops does not lower)")
+        check_output_path(with_dense)
+        if Path(with_dense).resolve() == out.resolve():
+            raise GblrcError("--with-dense names the output file itself; choose another path")
     names = _split_passes(passes)
     config = _tune_config(tune, tokens, threads, provider)
     if config is not None and keep_gblr_ops:
@@ -161,16 +199,99 @@ def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol,
     examples = OrderedDict(getattr(m, "gblrc_example_inputs", None) or {})
     inputs = reshape_inputs(examples, shapes)
     _check_runs(m, inputs, shapes)
+    calibration = None
+    if quant["data"] is not None:
+        calibration = _calibration_feeds(quant["data"], m, inputs, quant["batches"], trust=trust)
     rep = lower_api(m, inputs, out, passes=names, opset=opset, keep_gblr_ops=keep_gblr_ops, rtol=rtol, atol=atol,
-                    tune=config if config is not None else False)
+                    tune=config if config is not None else False, precision=precision, quantize=quantize,
+                    quant_mode=quant["mode"], per_channel=quant["per_channel"], calib_feeds=calibration,
+                    with_dense=with_dense)
     for line in rep.tune_lines():
         click.echo(line)
     click.echo(rep.parity_line())
+    for line in rep.precision_lines():
+        click.echo(line)
     click.echo(rep.op_table())
     for r in rep.passes:
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items())
         click.echo(f"pass {r['name']}: {'changed' if r['changed'] else 'no change'}{f' ({counts})' if counts else ''}")
-    click.echo(f"wrote {out} ({rep.gblr_layers} GBLRLinear nodes {'kept' if keep_gblr_ops else 'lowered'})")
+    form = {"fp32": "", "fp16": ", fp16"}.get(rep.precision, f", {rep.precision}")
+    click.echo(f"wrote {out} ({rep.gblr_layers} GBLRLinear nodes {'kept' if keep_gblr_ops else 'lowered'}{form})")
+    if rep.dense_path:
+        click.echo(f"wrote {rep.dense_path} (dense reference: every GBLR layer as its dense MatMul{form}; "
+                   f"fp32 parity vs PyTorch: max rel error {rep.dense_max_rel_err:.3g})")
+
+
+def _quant_options(quantize, precision, mode, per_channel, data_spec, batches, keep_gblr_ops) -> dict:
+    """Check the --quantize family of options together (before any slow work)."""
+    given = [n for n, v in (("--quant-mode", mode), ("--per-channel", per_channel), ("--data", data_spec),
+                            ("--calib-batches", batches)) if v is not None]
+    if quantize is None:
+        if given:
+            raise GblrcError(f"{given[0]} only applies with --quantize int8")
+        if keep_gblr_ops and precision != "fp32":
+            raise GblrcError("--precision fp16 and --keep-gblr-ops exclude each other (--keep-gblr-ops does not lower)")
+        return {"mode": "dynamic", "per_channel": "auto", "data": None, "batches": 0}
+    if precision != "fp32":
+        raise GblrcError("--quantize int8 and --precision fp16 exclude each other: int8 is for CPUs (from the fp32 "
+                         "graph), fp16 for GPUs; choose one")
+    if keep_gblr_ops:
+        raise GblrcError("--quantize and --keep-gblr-ops exclude each other (--keep-gblr-ops does not lower)")
+    mode = mode or "dynamic"
+    if mode == "static" and data_spec is None:
+        raise GblrcError("--quant-mode static needs calibration batches: give --data D (or use --quant-mode dynamic)")
+    if batches is not None and batches < 1:
+        raise GblrcError(f"--calib-batches must be at least 1, got {batches}")
+    if batches is not None and data_spec is None:
+        raise GblrcError("--calib-batches only applies with --data")
+    pc = {"auto": "auto", "on": True, "off": False}[per_channel or "auto"]
+    return {"mode": mode, "per_channel": pc, "data": data_spec, "batches": batches or 8}
+
+
+def _calibration_feeds(spec: str, model, examples: "OrderedDict", n: int, *, trust: bool) -> list[dict]:
+    """Up to ``n`` batches of ``--data`` as ONNX feeds (input name -> array, in the example inputs' dtypes)."""
+    import itertools
+    from types import SimpleNamespace
+
+    import torch
+
+    from .datafiles import load_data
+
+    data = load_data(spec, SimpleNamespace(kind="module", tokenizer=None, model=model), trust=trust, batch_size=32)
+    train = data.train
+    if isinstance(train, dict) and "inputs" in train:
+        x = train["inputs"]
+        rows = next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+        batches = ({k: v[i:i + 32] for k, v in x.items()} if isinstance(x, dict) else x[i:i + 32]
+                   for i in range(0, rows, 32))
+    else:
+        batches = iter(train() if callable(train) else train)
+    names = list(examples)
+    feeds = []
+    for b in itertools.islice(batches, n):
+        if isinstance(b, (tuple, list)) and len(b) == 2:
+            b = b[0]
+        if isinstance(b, torch.Tensor):
+            b = {names[0]: b}
+        if not isinstance(b, dict):
+            raise GblrcError(f"--data batches must be tensors or dicts of tensors, got {type(b).__name__}")
+        missing = [k for k in names if k not in b]
+        if missing:
+            raise GblrcError(f"--data batches lack the model input {missing[0]!r} (they have: {', '.join(map(str, b))})")
+        feed = {}
+        for k in names:
+            t = b[k]
+            if not isinstance(t, torch.Tensor):
+                raise GblrcError(f"--data input {k!r} is a {type(t).__name__}, not a tensor")
+            ex = examples[k]
+            if t.dim() != ex.dim() or (ex.dim() and t.shape[-1] != ex.shape[-1] and ex.is_floating_point()):
+                raise GblrcError(f"--data input {k!r} has shape {'x'.join(map(str, t.shape))}; the model's example "
+                                 f"has {'x'.join(map(str, ex.shape))}")
+            feed[k] = t.detach().cpu().to(ex.dtype).numpy()
+        feeds.append(feed)
+    if not feeds:
+        raise GblrcError(f"--data {spec!r} gave no batches")
+    return feeds
 
 
 @click.command("opt", context_settings=_CTX)

@@ -4,6 +4,12 @@ Pipeline: export (one gblrc::GBLRLinear node per layer) -> passes (unless keep_g
 -> onnx.checker (full_check) -> parity against PyTorch on the example inputs -> atomic write.
 Any failure raises GblrcError and leaves no output file.
 
+Deployment precision (:mod:`gblrc.precision`): ``precision="fp16"`` converts the checked fp32 graph
+to half precision (LayerNorm, Softmax and reductions kept in fp32) and gates it against PyTorch at
+the fp16 tolerance; ``quantize="int8"`` quantises it with ONNX Runtime (dynamic or static QDQ) and
+measures and records its fidelity to the fp32 lowered graph.  ``with_dense`` also writes the dense
+reference (the same model with every GBLR layer as its dense MatMul, same precision) for `gblrc bench`.
+
 Parity runs in ONNX Runtime (:func:`gblrc.runtime.check_parity`).  A graph that still holds
 GBLRLinear nodes (``keep_gblr_ops``, or a pass list that does not lower them) is checked on a
 copy whose GBLRLinear nodes are replaced by their dense matrices (gblrc.onnx_reference).
@@ -46,6 +52,33 @@ class LowerReport:
     gblr_layers: int = 0  # GBLRLinear + GBLRConv nodes in the exported graph (layers the forward pass uses)
     tuning: list[dict] = field(default_factory=list)  # with tune: per layer, the measured times and the choice
     calibration: str = ""  # with tune: how the cost model was calibrated
+    precision: str = "fp32"  # "fp32", "fp16", "int8-dynamic" or "int8-static": what the file holds
+    rtol: float = 1e-4  # the parity gate's tolerance (of the fp32 graph; of the fp16 graph with precision fp16)
+    atol: float = 1e-5
+    fp16: dict = field(default_factory=dict)  # precision fp16: {"max_abs", "max_rel", "provider", "rtol", "atol", "fp32_ops"}
+    quantization: dict = field(default_factory=dict)  # int8: {"mode", "per_channel", "fidelity", "rows", "candidates"}
+    dense_path: str = ""  # with_dense: the dense reference written beside
+    dense_max_rel_err: float = float("nan")  # with_dense: its parity (fp32 graph) against PyTorch
+
+    def precision_lines(self) -> list[str]:
+        """What the precision step did (nothing for plain fp32)."""
+        lines = []
+        if self.fp16:
+            f = self.fp16
+            lines.append(f"fp16: parity vs PyTorch (float64) on {f['provider']}: max abs error {f['max_abs']:.3g}, "
+                         f"max rel error {f['max_rel']:.3g} (fp16 tolerance rtol={f['rtol']:g}, atol={f['atol']:g}); "
+                         f"kept in fp32: {', '.join(f['fp32_ops']) or 'none'}")
+        if self.quantization:
+            q = self.quantization
+            fid = q["fidelity"]
+            how = f"per-channel {'on' if q['per_channel'] else 'off'}"
+            if len(q.get("candidates", {})) > 1:
+                c = q["candidates"]
+                how += f" (chosen by fidelity: cosine {c['on']:.4f} on, {c['off']:.4f} off)"
+            lines.append(f"int8 ({q['mode']}, {how}): fidelity to the fp32 lowered model on {q['inputs']}: "
+                         f"max rel error {fid['max_rel']:.3g}, cosine mean {fid['cosine_mean']:.4f} "
+                         f"(min {fid['cosine_min']:.4f}) over {fid['n']} rows")
+        return lines
 
     def tune_lines(self) -> list[str]:
         """With tune: the calibration, one line per tuned layer and a summary (else nothing)."""
@@ -183,9 +216,14 @@ def _torch_reference(module: torch.nn.Module, inputs) -> list[np.ndarray]:
     return [o.detach().cpu().double().numpy() for o in outs]
 
 
+PRECISIONS = ("fp32", "fp16")
+
+
 def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, passes: Sequence[str] | None = None,
-          opset: int = 17, keep_gblr_ops: bool = False, rtol: float = 1e-4, atol: float = 1e-5,
-          input_names: Sequence[str] | None = None, dynamic_axes=None, tune=False) -> LowerReport:
+          opset: int = 17, keep_gblr_ops: bool = False, rtol: float | None = None, atol: float | None = None,
+          input_names: Sequence[str] | None = None, dynamic_axes=None, tune=False, precision: str = "fp32",
+          quantize: str | None = None, quant_mode: str = "dynamic", per_channel: bool | str = "auto",
+          calib_feeds: Sequence[dict] | None = None, with_dense: str | os.PathLike | None = None) -> LowerReport:
     """Export ``module`` to ONNX at ``path`` with its GBLR layers lowered to standard ops.
 
     example_inputs: a tensor, a tuple of tensors or an ordered dict name -> tensor.  passes:
@@ -195,11 +233,44 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
     no file is written.  tune: True or a gblrc.passes.TuneConfig: calibrate the cost model on the
     provider and time each layer's candidate lowerings (dense among them), keep the fastest, cache
     the times (see gblrc.passes.tune); its tokens default to the example inputs' rows.
+
+    precision: "fp32" or "fp16" (:func:`gblrc.precision.to_fp16`; the fp32 graph is checked first, at
+    rtol 1e-4 / atol 1e-5, then the fp16 graph at ``rtol``/``atol``, default FP16_RTOL / FP16_ATOL).
+    quantize: None or "int8" (:func:`gblrc.precision.quantize_int8` with ``quant_mode`` "dynamic" or
+    "static", the latter calibrated on ``calib_feeds``, a list of feeds name -> array);
+    ``per_channel`` True, False or "auto" (both, keeping the one closer to the fp32 graph); its fidelity
+    to the fp32 lowered graph, on the example inputs and the calibration feeds, is measured and recorded
+    in the file's metadata (``gblrc.quantization``).  with_dense: also write there the dense reference:
+    the exported graph with every GBLR layer as its dense MatMul, checked, at the same precision.
     """
     check_output_path(path)
+    if precision not in PRECISIONS:
+        raise GblrcError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if quantize not in (None, "int8"):
+        raise GblrcError(f"unknown quantisation {quantize!r}; the one supported is int8")
+    if quantize and precision != "fp32":
+        raise GblrcError("int8 quantisation and fp16 exclude each other (ONNX Runtime quantises fp32 graphs); "
+                         "choose one")
+    if keep_gblr_ops and (quantize or precision != "fp32"):
+        raise GblrcError("keep_gblr_ops writes an un-lowered graph; it cannot be converted to fp16 or int8")
+    if quant_mode not in ("dynamic", "static"):
+        raise GblrcError(f"unknown quantisation mode {quant_mode!r}; choose dynamic or static")
+    if with_dense is not None:
+        check_output_path(with_dense)
+        if os.path.abspath(os.fspath(with_dense)) == os.path.abspath(os.fspath(path)):
+            raise GblrcError("the dense reference path is the output path; choose another")
+    from .precision import FP16_ATOL, FP16_RTOL
+
+    rtol32, atol32 = (1e-4, 1e-5) if precision == "fp16" else (rtol if rtol is not None else 1e-4,
+                                                               atol if atol is not None else 1e-5)
+    if precision == "fp16":
+        rtol, atol = (rtol if rtol is not None else FP16_RTOL), (atol if atol is not None else FP16_ATOL)
+    else:
+        rtol, atol = rtol32, atol32
     inputs = normalize_inputs(example_inputs)
     names = list(input_names) if input_names is not None else list(inputs)
     model = export_onnx(module, inputs, opset=opset, input_names=names, dynamic_axes=dynamic_axes)
+    exported = model
     before = op_counts(model)
     structures = structures_from_onnx(model)
     results: list[dict] = []
@@ -224,6 +295,35 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs.values())}
     graph_inputs = {i.name for i in model.graph.input}
     feeds = {k: v for k, v in feeds.items() if k in graph_inputs}  # inputs the graph does not use are pruned
+    rep = _gate(model, feeds, ref, rtol=rtol32, atol=atol32, what="the ONNX model")
+    report = LowerReport(path=os.fspath(path), ops_before=before, ops_after=op_counts(model), passes=results,
+                         max_abs_err=rep.max_abs, max_rel_err=rep.max_rel, provider=rep.provider,
+                         gblr_layers=before.get(f"{ONNX_DOMAIN}.{ONNX_OP}", 0) + before.get(f"{ONNX_DOMAIN}.{ONNX_CONV_OP}", 0),
+                         tuning=[d for r in results for d in r.get("details", [])], calibration=calibration,
+                         rtol=rtol32, atol=atol32)
+    out = _deploy(model, feeds, ref, report, precision=precision, quantize=quantize, quant_mode=quant_mode,
+                  per_channel=per_channel, calibration=calib_feeds, rtol=rtol, atol=atol)
+    dense = None
+    if with_dense is not None:
+        dense = dense_reference_model(exported)
+        onnx.helper.set_model_props(dense, {**{p.key: p.value for p in dense.metadata_props},
+                                            "gblrc.reference": "dense: every GBLR layer as its dense MatMul"})
+        drep = _gate(dense, feeds, ref, rtol=rtol32, atol=atol32, what="the dense reference")
+        report.dense_path, report.dense_max_rel_err = os.fspath(with_dense), drep.max_rel
+        dense = _deploy(dense, feeds, ref, LowerReport(path="", ops_before={}, ops_after={}), precision=precision,
+                        quantize=quantize, quant_mode=quant_mode, per_channel=per_channel, calibration=calib_feeds,
+                        rtol=rtol, atol=atol)
+    with atomic_path(path) as tmp:
+        if dense is not None:
+            with atomic_path(with_dense) as dtmp:
+                onnx.save(dense, os.fspath(dtmp))
+        onnx.save(out, os.fspath(tmp))
+    report.ops_after = op_counts(out)
+    return report
+
+
+def _gate(model: onnx.ModelProto, feeds: dict, ref: list, *, rtol: float, atol: float, what: str):
+    """Parity of ``model`` with the PyTorch reference; GblrcError beyond tolerance or when it cannot run."""
     try:
         if _has_gblr(model):
             rep = reference_check(model, feeds, ref, rtol=rtol, atol=atol)
@@ -234,13 +334,66 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
     except GblrcError:
         raise
     except Exception as e:
-        raise GblrcError(f"running the ONNX model failed: {' '.join(str(e).split())[:300]}") from None
+        raise GblrcError(f"running {what} failed: {' '.join(str(e).split())[:300]}") from None
     if not rep.ok:
-        raise GblrcError(f"the ONNX model does not match PyTorch: max abs error {rep.max_abs:.3g}, "
+        raise GblrcError(f"{what} does not match PyTorch: max abs error {rep.max_abs:.3g}, "
                          f"max rel error {rep.max_rel:.3g} (tolerance rtol={rtol}, atol={atol}); no file written")
-    with atomic_path(path) as tmp:
-        onnx.save(model, os.fspath(tmp))
-    return LowerReport(path=os.fspath(path), ops_before=before, ops_after=op_counts(model), passes=results,
-                       max_abs_err=rep.max_abs, max_rel_err=rep.max_rel, provider=rep.provider,
-                       gblr_layers=before.get(f"{ONNX_DOMAIN}.{ONNX_OP}", 0) + before.get(f"{ONNX_DOMAIN}.{ONNX_CONV_OP}", 0),
-                       tuning=[d for r in results for d in r.get("details", [])], calibration=calibration)
+    return rep
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    from .runtime import make_session
+
+    return make_session(model, log=False, exact=True).run(None, feeds)
+
+
+def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport, *, precision: str,
+            quantize: str | None, quant_mode: str, per_channel, calibration, rtol: float, atol: float) -> onnx.ModelProto:
+    """The checked fp32 ``model`` at the precision asked for (fp16 gated, int8 measured); fills ``report``."""
+    import json
+
+    from .precision import FP32_OPS, fidelity, quantize_int8, to_fp16
+
+    if precision == "fp16":
+        m16 = to_fp16(model)
+        try:
+            onnx.checker.check_model(m16, full_check=True)
+        except Exception as e:
+            raise GblrcError(f"the fp16 model is invalid: {' '.join(str(e).split())[:300]}") from None
+        rep = _gate(m16, feeds, ref, rtol=rtol, atol=atol, what="the fp16 ONNX model")
+        present = {n.op_type for n in model.graph.node}
+        report.precision, report.rtol, report.atol = "fp16", rtol, atol
+        report.fp16 = {"max_abs": rep.max_abs, "max_rel": rep.max_rel, "provider": rep.provider, "rtol": rtol,
+                       "atol": atol, "fp32_ops": [o for o in FP32_OPS if o in present]}
+        return m16
+    if quantize != "int8":
+        return model
+    calibration = [{k: np.asarray(v) for k, v in f.items() if k in feeds} for f in (calibration or [])]
+    check = [feeds] + calibration
+    base = [_run(model, f) for f in check]
+    choices = [True, False] if per_channel == "auto" else [bool(per_channel)]
+    best = None
+    candidates = {}
+    for pc in choices:
+        q = quantize_int8(model, mode=quant_mode, per_channel=pc, calibration=calibration)
+        try:
+            fid = fidelity([_run(q, f) for f in check], base)
+        except GblrcError:
+            raise
+        except Exception as e:
+            raise GblrcError(f"running the int8 model failed: {' '.join(str(e).split())[:300]}") from None
+        candidates["on" if pc else "off"] = fid.cosine_mean
+        if best is None or fid.cosine_mean > best[2].cosine_mean:
+            best = (q, pc, fid)
+    q, pc, fid = best
+    if not np.isfinite(fid.max_rel):
+        raise GblrcError("the int8 model gives non-finite outputs; no file written")
+    n_cal = len(check) - 1
+    report.precision = f"int8-{quant_mode}"
+    report.quantization = {"mode": quant_mode, "per_channel": pc, "fidelity": fid.as_dict(), "candidates": candidates,
+                           "inputs": "the example inputs" + (f" and {n_cal} calibration batches" if n_cal else "")}
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({p.key: p.value for p in q.metadata_props})
+    props["gblrc.quantization"] = json.dumps(report.quantization, separators=(",", ":"))
+    onnx.helper.set_model_props(q, props)
+    return q
