@@ -17,6 +17,7 @@ def main():
       gblrc compress model.pt --budget 0.4 --data inputs.pt   # learn the structure
       gblrc lower model.gblr.pt -o model.onnx                 # compile to standard ONNX
       gblrc inspect model.onnx                                # layers, blocks, costs
+      gblrc bench model.onnx --against dense.onnx --shape x=8x384   # time it here
     """
 
 
@@ -32,3 +33,7 @@ from .cli_lower import inspect_cmd, lower, opt, passes_cmd  # noqa: E402
 
 for _cmd in (lower, opt, passes_cmd, inspect_cmd):
     main.add_command(_cmd)
+
+from .cli_bench import bench_cmd  # noqa: E402
+
+main.add_command(bench_cmd)

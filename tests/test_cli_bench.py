@@ -1,0 +1,122 @@
+"""`gblrc bench`: times, throughput and the ratio printed, JSON written, clean one-line errors."""
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import gblrc
+from gblrc.bench import make_feeds
+from gblrc.errors import GblrcError
+from test_cli_lower import clean_failure, ok, run
+from test_export import mlp
+
+FAST = ["--threads", "1", "--repeats", "3", "--sessions", "1", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A lowered model and its dense reference (gblrc lower --with-dense)."""
+    d = tmp_path_factory.mktemp("bench")
+    src = d / "mlp.gblr.pt"
+    gblrc.save(mlp(seed=3), src, example_inputs=OrderedDict(input=torch.randn(2, 5, 12)))
+    low, dense = d / "low.onnx", d / "dense.onnx"
+    ok(run("lower", src, "-o", low, "--with-dense", dense))
+    return low, dense
+
+
+def test_bench_against_prints_times_throughput_ratio_and_writes_json(pair, tmp_path):
+    low, dense = pair
+    out = tmp_path / "b.json"
+    text = ok(run("bench", low, "--against", dense, "--shape", "input=4x16x12", "--json", out, *FAST))
+    assert "CPUExecutionProvider, 1 thread;" in text and "inputs input=4x16x12" in text
+    rows = {l.split()[0]: l for l in text.splitlines() if l.startswith(("low.onnx", "dense.onnx"))}
+    assert set(rows) == {"low.onnx", "dense.onnx"} and all(" ms " in r for r in rows.values())
+    m = re.search(r"time ratio low\.onnx / dense\.onnx: ([0-9.]+) \(([0-9.]+)x the throughput\)", text)
+    assert m and float(m.group(1)) > 0
+    assert "outputs of low.onnx vs dense.onnx: max rel difference" in text  # the same function: ~1e-7
+    data = json.loads(out.read_text())
+    assert data["provider"] == "CPUExecutionProvider" and data["threads"] == 1 and data["inputs"] == {"input": [4, 16, 12]}
+    t = {d["label"]: d["seconds_per_run"] for d in data["models"]}
+    assert data["time_ratio"] == pytest.approx(t["low.onnx"] / t["dense.onnx"])
+    assert float(m.group(1)) == pytest.approx(data["time_ratio"], abs=6e-4)
+    assert data["batch"] == 4 and data["models"][0]["samples_per_s"] == pytest.approx(4 / t["low.onnx"])
+    assert data["outputs"]["compared"] and data["outputs"]["max_rel"] < 1e-4 and data["outputs"]["cosine_min"] > 0.9999
+    assert len(data["models"][0]["session_medians_s"]) == 1
+
+
+def test_bench_one_model_static_shapes(tmp_path):
+    w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], [numpy_helper.from_array(w, "w")])
+    p = tmp_path / "static.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), p)
+    text = ok(run("bench", p, *FAST))
+    assert "inputs x=3x8" in text and "static.onnx" in text and "time ratio" not in text
+
+
+def test_feeds_for_token_models_stay_in_the_vocabulary():
+    emb = numpy_helper.from_array(np.zeros((50, 4), np.float32), "emb")
+    g = helper.make_graph([helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+                           helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT)], "g",
+                          [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+                           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+                          [helper.make_tensor_value_info("h", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("m", TensorProto.FLOAT, None)], [emb])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    f = make_feeds(model, {"input_ids": (2, 64), "attention_mask": (2, 64)})
+    assert f["input_ids"].dtype == np.int64 and f["input_ids"].max() < 50 and f["input_ids"].max() > 10
+    assert (f["attention_mask"] == 1).all()
+    with pytest.raises(GblrcError, match="give them with --shape input_ids=8x128"):
+        make_feeds(model, {"attention_mask": (2, 3)})
+
+
+@pytest.mark.parametrize("args,match", [
+    (["{missing}"], "does not exist"),
+    (["{corrupt}"], "not a valid ONNX file"),
+    (["{low}", "--against", "{missing}"], "does not exist"),
+    (["{low}"], "has dynamic dimensions"),
+    (["{low}", "--shape", "input=4x16"], "2 dimensions given, the input has 3"),
+    (["{low}", "--shape", "input=4x16x13"], "dimension 2 is fixed at 12"),
+    (["{low}", "--shape", "input=4xx"], "--shape 'input=4xx' is not NAME=D0xD1"),
+    (["{low}", "--shape", "input=0x1x12"], "at least 1"),
+    (["{low}", "--shape", "tokens=4x16"], "unknown input 'tokens'"),
+    (["{low}", "--shape", "input=2x3x12", "--against", "{other}"], "bench compares models with the same inputs"),
+    (["{low}", "--shape", "input=2x3x12", "--json", "{nofolder}"], "does not exist"),
+    (["{low}", "--shape", "input=2x3x12", "--repeats", "0"], "--repeats must be at least 1"),
+    (["{low}", "--shape", "input=2x3x12", "--cuda-graph", "--provider", "cpu"], "--cuda-graph needs the CUDA provider"),
+    (["{custom}", "--shape", "input=2x12"], "cannot run"),
+])
+def test_bench_bad_input_is_one_line(pair, tmp_path, args, match):
+    low, _ = pair
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07\x12\xff\xff garbage")
+    other = tmp_path / "other.onnx"
+    g = helper.make_graph([helper.make_node("Relu", ["z"], ["y"])], "g",
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), other)
+    custom = tmp_path / "custom.onnx"  # an un-lowered graph: ONNX Runtime has no GBLRLinear kernel
+    src = tmp_path / "m.gblr.pt"
+    gblrc.save(mlp(), src, example_inputs=OrderedDict(input=torch.randn(2, 12)))
+    ok(run("lower", src, "-o", custom, "--keep-gblr-ops", "--input-shape", "input=2x12"))
+    paths = {"missing": tmp_path / "missing.onnx", "corrupt": corrupt, "low": low, "other": other, "custom": custom,
+             "nofolder": tmp_path / "no" / "b.json"}
+    result = run("bench", *FAST, *[a.format(**paths) for a in args])
+    clean_failure(result, paths["nofolder"], match=match)
+
+
+def test_cuda_provider_missing_is_a_clear_error(pair):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider")
+    clean_failure(run("bench", pair[0], "--provider", "cuda", "--shape", "input=2x3x12", *FAST),
+                  match="the CUDA provider is not available")
