@@ -76,6 +76,25 @@ def atomic_outputs(*paths: Path):
             os.chmod(t, 0o666 & ~umask)
 
 
+def _fidelity_lines(report: dict, eval_spec) -> None:
+    fid = report.get("fidelity")
+    search = report.get("fidelity_search")
+    if search:
+        click.echo(f"fidelity / budget curve (target {search['target']}, eval set {search['eval_set']}):")
+        for p in search["curve"]:
+            how = "trained" if p["trained"] else "init"
+            click.echo(f"  budget {p['budget']:.4f} ({how}): cosine {p['cosine']:.4f} (min {p['cosine_min']:.3f})")
+        click.echo(f"chosen budget: {search['chosen_budget']:g}")
+    if fid:
+        where = eval_spec or "held-out part of the data"
+        parts = [f"after init {fid['init']['cosine']:.4f}"] if "init" in fid else []
+        parts.append(f"final {fid['final']['cosine']:.4f} (min {fid['final']['cosine_min']:.3f})")
+        acc = fid["final"].get("accuracy")
+        if acc is not None:
+            parts.append(f"accuracy {acc:.4f} (dense {fid['dense'].get('accuracy', float('nan')):.4f})")
+        click.echo(f"fidelity on {where} ({fid['examples']} examples), cosine to the dense model: " + ", ".join(parts))
+
+
 def _summary(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -94,15 +113,33 @@ def _summary(report: dict) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model", metavar="MODEL")
-@click.option("--budget", "-b", required=True, metavar="B",
-              help="Cost of the compressed layers as a fraction of their dense multiply-adds, in (0, 1].")
+@click.option("--budget", "-b", metavar="B",
+              help="Cost of the compressed layers as a fraction of their dense multiply-adds, in (0, 1]. "
+                   "Required unless --target-fidelity is given (then it is the largest budget allowed).")
+@click.option("--target-fidelity", type=float, metavar="F",
+              help="Choose the budget: the smallest whose held-out fidelity (mean cosine to the dense model "
+                   "on --eval-data, or on a part of --data held out) is at least F, e.g. 0.98. Searches "
+                   "budgets with the cheap initialisation, then trains at the chosen one; prints the "
+                   "curve and records it in the report.")
 @click.option("--data", "-d", metavar="D",
               help="Training data: a .pt file (a tensor of inputs, or a dict with 'inputs' and optional 'targets', "
                    "'eval_inputs', 'eval_targets'); a text file, one example per line (Hugging Face models, "
                    "tokenised by the model's tokenizer); or module:function returning an iterable of batches. "
                    "With targets the task loss is used, otherwise distillation from the dense model. "
                    "Without --data only the initialisation from the dense weights is done.")
-@click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Training steps.")
+@click.option("--eval-data", metavar="E",
+              help="Examples to judge fidelity on, in the forms of --data (best from another source than "
+                   "--data: users' inputs are never the training set). The report and the console give "
+                   "the cosine to the dense model (and accuracy, with class targets) after the "
+                   "initialisation and at the end.")
+@click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Training steps. 0 with --data: post-training compression only (data-aware "
+                   "initialisation, sequential refit and budget allocation, no fine-tuning).")
+@click.option("--hidden-loss", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Distillation: weight of matching every block's hidden state (Hugging Face models).")
+@click.option("--augment", type=click.FloatRange(min=0, max=0.9), default=0.0, show_default=True,
+              help="Distillation: fraction of tokens replaced by random ones in every training batch "
+                   "(text models), so the student imitates the teacher beyond the training text.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate.")
 @click.option("--include", metavar="REGEX", help="Compress only Linear layers whose name matches REGEX.")
@@ -133,7 +170,7 @@ def _summary(report: dict) -> None:
               help="Allow MODEL (or a .pt data file) to run its own code while loading: pickles with classes "
                    "outside torch.nn, Hugging Face folders with custom code. Only for files you trust.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
-def compress(model, budget, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure,
+def compress(model, budget, target_fidelity, eval_data, hidden_loss, augment, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure,
              allocate, tune_norms, seed, output, checkpoint_every, resume, trust, quiet):
     """Replace MODEL's nn.Linear layers by learned Generalized Block Low-Rank layers whose total cost
     is at most BUDGET x the dense cost, and write the compressed model.
@@ -151,7 +188,16 @@ def compress(model, budget, data, steps, batch_size, lr, include, exclude, rank_
       gblrc compress path/to/hf_folder --budget 0.5 --data sentences.txt --include '^encoder\\.'
     Then: gblrc lower <OUT> -o model.onnx
     """
-    b = parse_budget(budget)
+    if target_fidelity is not None:
+        if not (0.0 < target_fidelity < 1.0):
+            raise GblrcError(f"--target-fidelity must be a cosine in (0, 1), e.g. 0.98; got {target_fidelity}")
+        if data is None:
+            raise GblrcError("--target-fidelity needs --data (to initialise and to measure fidelity on)")
+        b = parse_budget(budget) if budget is not None else 1.0
+    elif budget is None:
+        raise GblrcError("give --budget B (a fraction of the dense cost), or --target-fidelity F to choose it")
+    else:
+        b = parse_budget(budget)
     include, exclude = _regex(include, "--include"), _regex(exclude, "--exclude")
     mpath = Path(model)
     if not mpath.exists():
@@ -170,16 +216,19 @@ def compress(model, budget, data, steps, batch_size, lr, include, exclude, rank_
                          f"continue it, or delete that folder to start over")
     run(mpath, out, side, ckpt, b, data, steps=steps, batch_size=batch_size, lr=lr, include=include,
         exclude=exclude, method={"rank_per_component": rank_per_component, "tile": tile, "structure": structure,
-                                      "allocate": allocate, "tune_norms": tune_norms},
+                                      "allocate": allocate, "tune_norms": tune_norms,
+                                      "hidden_loss": hidden_loss, "augment": augment},
+        eval_spec=eval_data, target=target_fidelity,
         seed=seed, checkpoint_every=checkpoint_every, resume=resume, trust=trust, quiet=quiet)
 
 
 def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, include, exclude,
-        method, seed, checkpoint_every, resume, trust, quiet):
+        method, seed, checkpoint_every, resume, trust, quiet, eval_spec=None, target=None):
     import torch
 
     from . import evaluate
     from .compressor import compress as train
+    from .target import compress_to_fidelity
     from .datafiles import check_fits, example_inputs, guess_example_inputs, load_data
     from .loading import load_model
     from .modelio import save
@@ -193,6 +242,9 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
         what = "" if include is None and exclude is None else " matching --include/--exclude"
         raise GblrcError(f"{str(mpath)!r} has no compressible layer (nn.Linear / Conv2d){what}; nothing to compress")
     data = load_data(data_spec, loaded, trust=trust, batch_size=batch_size, seed=seed)
+    evald = load_data(eval_spec, loaded, trust=trust, batch_size=batch_size, seed=seed) if eval_spec else None
+    if evald is not None:
+        check_fits(loaded.model, evald.sample)
     if data is None:  # the trainer reports the "initialisation only" warning
         sample = guess_example_inputs(loaded)
     else:
@@ -212,10 +264,20 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
     try:
         with warnings.catch_warnings():  # they come back in report["warnings"], printed below
             warnings.simplefilter("ignore")
-            cmodel, report = train(loaded.model, budget, data=None if data is None else data.train, steps=steps,
-                                   batch_size=batch_size, lr=lr, include=include, exclude=exclude, seed=seed,
-                                   checkpoint_dir=ckpt_dir, **method,
-                                   checkpoint_every=max(checkpoint_every, 1), resume=resume, progress=not quiet)
+            kw = dict(batch_size=batch_size, lr=lr, include=include, exclude=exclude, seed=seed, **method)
+            evs = None if evald is None else evald.train
+            if target is not None:
+                if not quiet:
+                    click.echo(f"searching the smallest budget <= {budget:g} with held-out fidelity >= {target}",
+                               err=True)
+                cmodel, report = compress_to_fidelity(loaded.model, target, data=data.train, eval_data=evs,
+                                                      max_budget=budget, steps=steps, progress=False,
+                                                      log=None if quiet else (lambda s: click.echo(s, err=True)), **kw)
+                budget = report["budget"]
+            else:
+                cmodel, report = train(loaded.model, budget, data=None if data is None else data.train, steps=steps,
+                                       checkpoint_dir=ckpt_dir, eval_data=evs, **kw,
+                                       checkpoint_every=max(checkpoint_every, 1), resume=resume, progress=not quiet)
     except ValueError as e:
         raise GblrcError(" ".join(str(e).split()) or "compression failed") from None
     except KeyboardInterrupt:
@@ -247,6 +309,7 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
         _summary(report)
     if acc_before is not None:
         click.echo(f"accuracy ({full['accuracy_set']}): dense {acc_before:.4f} -> compressed {acc_after:.4f}")
+    _fidelity_lines(report, eval_spec)
     if full["agreement_with_dense"]:
         click.echo(f"output cosine to the dense model: {full['agreement_with_dense']['cosine']:.4f}")
     click.echo(f"wrote {out} (achieved cost ratio {report['achieved_ratio']:.4f}, budget {budget}), "

@@ -15,6 +15,7 @@ from . import dist
 from .allocate import GRID, allocate_budgets
 from .budget import compact, fit_to_budget
 from .data import batch_stream, replayable, call_model, model_output, to_device
+from .fidelity import Fidelity, eval_batches
 from .objective import Objective, task_loss
 from .init import svd_layer
 from .calib import input_covariances, sequential_refit, whiten_layer
@@ -83,7 +84,8 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
              sigma_max: float = 100.0, init: str = "sequential", calib_batches: int = 16,
              hard_forward: bool = True, tile: int = 1, lr_min: float = 0.1,
              allocate: str = "auto", sensitivity_batches: int = 1, allocate_cap: float | None = None,
-             tune_norms: bool = False) -> tuple[nn.Module, dict]:
+             tune_norms: bool = False, eval_data=None, hidden_loss: float = 0.0,
+             augment: float = 0.0) -> tuple[nn.Module, dict]:
     """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= ``budget``.
 
     ``data``: None (initialisation only), a Tensor of inputs, {"inputs", "targets"}, or an iterable /
@@ -104,6 +106,9 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     than ``allocate_cap`` x budget (None: up to its dense cost).
     ``tune_norms``: also fine-tune the model's normalisation layers (LayerNorm, RMSNorm, BatchNorm
     affine parameters) with the content; they cost nothing at inference.
+    ``eval_data``: examples to judge fidelity on (same forms as ``data``; best from another source than
+    ``data``): the report's ``fidelity`` gives the cosine to the dense model (and the task metric with
+    class targets) after the initialisation and at the end (:mod:`gblrc.fidelity`).
     Returns (model in eval mode, report dict).  Raises ValueError on bad input.
     """
     budget = _check_budget(budget)
@@ -120,6 +125,7 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ValueError(f"the model has NaN or Inf values in {name!r}; fix the model before compressing")
+    judge = Fidelity(model, eval_batches(eval_data)) if eval_data is not None else None
     pairs = find_linears(model, include, exclude)
     if not pairs:
         raise ValueError("the model has no compressible linear layer (nn.Linear / Conv1D / Conv2d)"
@@ -135,12 +141,11 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     steps = int(steps)
     teacher = None
     x = None  # the first training batch, when there is one
-    if data is None or steps == 0:
-        if data is None:
-            warn.append(NO_DATA_WARNING)
-            warnings.warn(NO_DATA_WARNING, stacklevel=2)
+    if data is None:
+        warn.append(NO_DATA_WARNING)
+        warnings.warn(NO_DATA_WARNING, stacklevel=2)
         steps = 0
-    else:
+    else:  # steps == 0: post-training compression (data-aware init, refit, allocation; no training)
         data = replayable(data)  # a generator is read once and replayed
         x, y = next(batch_stream(data, batch_size, seed))
         distill = loss == "distill" or (loss == "auto" and y is None)
@@ -148,10 +153,10 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
             raise ValueError("loss='task' needs targets in the data")
         model.eval()
         _check_fits(model, to_device(x, dev), to_device(y, dev), distill)
-        if distill:
+        if distill and steps > 0:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
     learn = structure == "gblr" and steps > 0
-    dense_w = {n: as_linear(m).weight.detach().clone() for n, m in pairs} if init != "svd" and steps > 0 else None
+    dense_w = {n: as_linear(m).weight.detach().clone() for n, m in pairs} if init != "svd" and data is not None else None
     dense_ref = (teacher or copy.deepcopy(model).eval()) if init == "sequential" and dense_w is not None else None
     covs = None
     if dense_w is not None:  # input statistics of the dense model on the first batches
@@ -167,7 +172,7 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
             alloc = allocate_budgets(model, names, covs, xs[:max(1, sensitivity_batches)], budget, grid=grid,
                                      rank_per_component=rank_per_component, progress=progress and rank == 0)
             alloc = dist.broadcast_object(alloc, world) if alloc is not None else None
-        if alloc is None and allocate == "sensitivity" and steps > 0:
+        if alloc is None and allocate == "sensitivity" and data is not None:
             msg = "sensitivity allocation needs data, a data-aware init and linear layers only; kept uniform"
             warn.append(msg)
             warnings.warn(msg, stacklevel=2)
@@ -195,6 +200,9 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
         for n in sequential_refit(model, dense_ref, layers, dense_w, xs):
             warn.append(f"layer {n}: sequential refit not applicable, kept the data-aware initialisation")
         del dense_ref
+    fid = {}
+    if judge is not None:
+        fid = {"examples": judge.examples, "dense": judge.dense, "init": judge(model)}
     curve: list = []
     train_seconds = 0.0
     if steps > 0:
@@ -203,9 +211,13 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
                           learn_structure=learn, hard_forward=hard_forward, lr_min=lr_min, warmup=warmup, cooldown=cooldown, sigma_max=sigma_max,
                           checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                           checkpoint_every=checkpoint_every, resume=resume, progress=progress)
-        obj = Objective(model, teacher, names, layer_loss)
+        obj = Objective(model, teacher, names, layer_loss, hidden_weight=hidden_loss, augment=augment, seed=seed)
+        for msg in obj.inapplicable(x):
+            warn.append(msg)
+            warnings.warn(msg, stacklevel=2)
         sig = {"structure": structure, "init_factor": init_factor, "allocate": allocate, "allocate_cap": allocate_cap,
-               "tune_norms": tune_norms, "layer_loss": layer_loss, "init": init,
+               "tune_norms": tune_norms, "layer_loss": layer_loss, "init": init, "hidden_loss": hidden_loss,
+               "augment": augment,
                "rank_per_component": rank_per_component, "world": world, "tile": int(tile)}
         t0 = time.perf_counter()
         try:
@@ -227,6 +239,9 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     report["train_seconds"] = round(train_seconds, 3)
     report["allocate"] = used  # how the budget was split across layers before training
     report["allocated_ratios"] = {n: round(float(b), 4) for n, b in budgets.items()}
+    if judge is not None:
+        fid["final"] = judge(model)
+        report["fidelity"] = fid
     if report["achieved_ratio"] > budget + 1e-12:  # cannot happen after fit_to_budget; lowrank is floor()ed
         raise RuntimeError(f"internal error: cost ratio {report['achieved_ratio']} over budget {budget}")
     return model, report

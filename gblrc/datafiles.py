@@ -107,6 +107,10 @@ class TextBatches:
         self.lines, self.tok, self.model = lines, tokenizer, model
         self.bs, self.seed, self.passes = max(1, min(int(batch_size), len(lines))), int(seed), 0
 
+    def with_lines(self, lines: list[str]) -> "TextBatches":
+        """The same batcher over other lines (e.g. a held-out part)."""
+        return TextBatches(lines, self.tok, self.model, self.bs, self.seed)
+
     def batch(self, idx) -> dict:
         return tokenize(self.tok, [self.lines[i] for i in idx], self.model)
 
