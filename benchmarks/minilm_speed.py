@@ -17,7 +17,6 @@ import os
 import random
 import sys
 import tempfile
-import time
 from collections import OrderedDict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +29,7 @@ import torch  # noqa: E402
 import gblrc  # noqa: E402
 from gblrc.export import export_onnx  # noqa: E402
 from gblrc.layer import GBLRLinear  # noqa: E402
+from gblrc.runtime import timing  # noqa: E402
 from gblrc.passes import run_pipeline  # noqa: E402
 from gblrc.passes.build import write_gblr_node  # noqa: E402
 from gblrc.structure import ONNX_DOMAIN, ONNX_OP  # noqa: E402
@@ -39,38 +39,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from compress_minilm import batches, embed  # noqa: E402
 
 
-def session(model_or_path, threads):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    src = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-
-
-def interleaved(sessions: dict, feeds: dict, repeats: int) -> dict:
-    """Median seconds per run of each session, runs interleaved (after three warm-up runs each)."""
-    for _ in range(3):  # warm-up: allocations, prepacking, thread pools
-        for s in sessions.values():
-            s.run(None, feeds)
-    times = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feeds)
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def best_of_sessions(models: dict, feeds: dict, repeats: int, threads: int, sessions: int = 3) -> dict:
-    """Per model, the smallest of the medians over ``sessions`` fresh sessions (interleaved runs).
+    """Per model, the smallest of the medians over ``sessions`` fresh sessions (interleaved runs, I/O
+    binding): gblrc.runtime.timing, the timing harness of `gblrc bench` and the tuner.
 
     A session's speed on this machine is bimodal (e.g. 0.67 or 1.28 ms for the same MatMul, fixed at
     session creation): the best of a few sessions compares the models, not the luck of the draw."""
-    best = {}
-    for _ in range(sessions):
-        t = interleaved({k: session(m, threads) for k, m in models.items()}, feeds, repeats)
-        best = {k: min(v, best.get(k, float("inf"))) for k, v in t.items()}
-    return best
+    return timing.best_of_sessions(models, feeds, threads=threads, repeats=repeats, sessions=sessions).best
 
 
 def layer_models(w, tokens):
