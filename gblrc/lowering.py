@@ -341,18 +341,12 @@ def _gate(model: onnx.ModelProto, feeds: dict, ref: list, *, rtol: float, atol: 
     return rep
 
 
-def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    from .runtime import make_session
-
-    return make_session(model, log=False, exact=True).run(None, feeds)
-
-
 def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport, *, precision: str,
             quantize: str | None, quant_mode: str, per_channel, calibration, rtol: float, atol: float) -> onnx.ModelProto:
     """The checked fp32 ``model`` at the precision asked for (fp16 gated, int8 measured); fills ``report``."""
     import json
 
-    from .precision import FP32_OPS, fidelity, quantize_int8, to_fp16
+    from .precision import FP32_OPS, quantize_checked, to_fp16
 
     if precision == "fp16":
         m16 = to_fp16(model)
@@ -370,24 +364,8 @@ def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport,
         return model
     calibration = [{k: np.asarray(v) for k, v in f.items() if k in feeds} for f in (calibration or [])]
     check = [feeds] + calibration
-    base = [_run(model, f) for f in check]
-    choices = [True, False] if per_channel == "auto" else [bool(per_channel)]
-    best = None
-    candidates = {}
-    for pc in choices:
-        q = quantize_int8(model, mode=quant_mode, per_channel=pc, calibration=calibration)
-        try:
-            fid = fidelity([_run(q, f) for f in check], base)
-        except GblrcError:
-            raise
-        except Exception as e:
-            raise GblrcError(f"running the int8 model failed: {' '.join(str(e).split())[:300]}") from None
-        candidates["on" if pc else "off"] = fid.cosine_mean
-        if best is None or fid.cosine_mean > best[2].cosine_mean:
-            best = (q, pc, fid)
-    q, pc, fid = best
-    if not np.isfinite(fid.max_rel):
-        raise GblrcError("the int8 model gives non-finite outputs; no file written")
+    q, pc, fid, candidates = quantize_checked(model, check, mode=quant_mode, per_channel=per_channel,
+                                              calibration=calibration)
     n_cal = len(check) - 1
     report.precision = f"int8-{quant_mode}"
     report.quantization = {"mode": quant_mode, "per_channel": pc, "fidelity": fid.as_dict(), "candidates": candidates,
