@@ -49,9 +49,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "samples"))
 
 import families as fam  # noqa: E402  (samples/families.py)
-from minilm_latency import session  # noqa: E402  (benchmarks/minilm_latency.py: ORT CPU session, no spinning)
 
 import gblrc  # noqa: E402
+from gblrc.runtime import timing  # noqa: E402
 from gblrc.data import batch_stream, call_model, model_output  # noqa: E402
 from gblrc.monarch import MonarchLinear, replace_with_monarch  # noqa: E402
 from gblrc.objective import task_loss  # noqa: E402
@@ -201,19 +201,9 @@ def compress_variant(task: Task, dense, method, budget, a):
 
 # ----------------------------------------------------------------------------- latency
 def time_sessions(paths: dict, feeds: dict, threads: int, repeats: int) -> dict:
-    """Median seconds per run of every ONNX file, runs interleaved (one of each per round)."""
-    sess = {k: session(p, threads) for k, p in paths.items()}
-    names = {k: {i.name for i in s.get_inputs()} for k, s in sess.items()}
-    for k, s in sess.items():
-        s.run(None, {n: v for n, v in feeds.items() if n in names[k]})
-    times = {k: [] for k in sess}
-    for _ in range(repeats):
-        for k, s in sess.items():
-            f = {n: v for n, v in feeds.items() if n in names[k]}
-            t = time.perf_counter()
-            s.run(None, f)
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    """Median seconds per run of every ONNX file, runs interleaved (one of each per round), one session each,
+    inputs bound once (gblrc.runtime.timing: the timing harness of `gblrc bench` and the tuner)."""
+    return timing.best_of_sessions(paths, feeds, threads=threads, repeats=repeats, sessions=1, warmup=1).best
 
 
 # ---------------------------------------------------------------------------------- main

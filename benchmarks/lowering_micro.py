@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +22,7 @@ from gblrc.passes.base import import_graph, read_gblr_node, run_passes  # noqa: 
 from gblrc.passes.choose_products import is_tile  # noqa: E402
 from gblrc.passes.cost_model import DEFAULT_COST_MODEL  # noqa: E402
 from gblrc.passes.lower_gblr import LowerGBLR  # noqa: E402
+from gblrc.runtime import timing  # noqa: E402
 from gblrc.structure import Block, GBLRWeights, Span, Structure, cyclic_spans  # noqa: E402
 
 N_IN, N_OUT = 384, 1536
@@ -57,14 +57,6 @@ STRUCTURES = {
 }
 
 
-def session(model, threads):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    # idle worker threads of one session must not spin while the next session in the interleaving runs
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=1024)
@@ -90,19 +82,17 @@ def main():
         est = DEFAULT_COST_MODEL.best(dw.structure, True, tiles)[1] / DEFAULT_COST_MODEL.dense(dw.structure, True)
         default, res = run_pipeline(base)
         variants["timed"], tres = run_pipeline(base, list(TIMED_PIPELINE))
-        tchoice = [k.replace("lowered_", "") for k, v in tres[2].counts.items() if v][0]
+        tchoice = [k.replace("lowered_", "") for r in tres for k, v in r.counts.items() if k.startswith("lowered_") and v]
+        tchoice = tchoice[0] if tchoice else "dense"
         variants["default"] = default
         choice = [k.replace("lowered_", "") for r in res for k, v in r.counts.items() if k.startswith("lowered_") and v]
         choice = choice or (["dense"] if any(r.counts.get("dense_layers") for r in res) else ["?"])
-        sess = {k: session(m, a.threads) for k, m in variants.items()}
-        times = {k: [] for k in sess}
+        sess = {k: timing.timing_session(m, timing.CPU, a.threads) for k, m in variants.items()}
         ref = w.apply(x.astype(np.float64))
         for k, s in sess.items():
             err = np.abs(s.run(None, {"X": x})[0] - ref).max() / np.abs(ref).max()
             assert err < 1e-5, (name, k, err)
-        for _ in range(a.repeats):
-            for k, s in sess.items():
-                t = time.perf_counter(); s.run(None, {"X": x}); times[k].append(time.perf_counter() - t)
+        times = timing.time_runs({k: timing.Runner(s, {"X": x}) for k, s in sess.items()}, repeats=a.repeats, warmup=1)
         med = {k: float(np.median(v)) for k, v in times.items()}
         r = {k: med[k] / med["dense"] for k in med}
         best = {k: float(np.min(v)) for k, v in times.items()}

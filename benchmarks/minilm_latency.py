@@ -21,19 +21,13 @@ import torch
 from gblrc import GBLRLinear, lower
 from gblrc.export import export_onnx
 from gblrc.init import fit_dense, svd_layer
+from gblrc.runtime import timing
 from gblrc.zoo import english_sentences, load_minilm, minilm_linears
 
 
 def _set(root, name, new):
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent), leaf, new)
-
-
-def session(path, threads):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def main():
@@ -67,13 +61,9 @@ def main():
         p_dense, p_gblr = os.path.join(d, "dense.onnx"), os.path.join(d, "gblr.onnx")
         export_onnx(dense, ex, p_dense)
         rep = lower(model, ex, p_gblr)
-        s = {"dense": session(p_dense, a.threads), "gblr": session(p_gblr, a.threads)}
-        times = {k: [] for k in s}
-        for k in s:
-            s[k].run(None, feeds)
-        for _ in range(a.repeats):
-            for k in s:
-                t = time.perf_counter(); s[k].run(None, feeds); times[k].append(time.perf_counter() - t)
+        runners = {k: timing.Runner(timing.timing_session(p, timing.CPU, a.threads), feeds)
+                   for k, p in (("dense", p_dense), ("gblr", p_gblr))}
+        times = timing.time_runs(runners, repeats=a.repeats, warmup=1)  # gblrc.runtime.timing, as `gblrc bench`
     med = {k: float(np.median(v)) for k, v in times.items()}
     strategies = {}
     for r in rep.passes:
