@@ -369,7 +369,8 @@ def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport,
     n_cal = len(check) - 1
     report.precision = f"int8-{quant_mode}"
     report.quantization = {"mode": quant_mode, "per_channel": pc, "fidelity": fid.as_dict(), "candidates": candidates,
-                           "inputs": "the example inputs" + (f" and {n_cal} calibration batches" if n_cal else "")}
+                           "inputs": "the example inputs" + (f" and {n_cal} calibration batches" if n_cal else "")
+                           + (" (padding positions excluded)" if "attention_mask" in feeds else "")}
     props = {p.key: p.value for p in model.metadata_props}
     props.update({p.key: p.value for p in q.metadata_props})
     props["gblrc.quantization"] = json.dumps(report.quantization, separators=(",", ":"))

@@ -42,6 +42,7 @@ FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNorm
 FP16_RTOL, FP16_ATOL = 1e-2, 1e-3
 
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
+MASK_INPUT = "attention_mask"  # an input of this name marks padding positions: fidelity skips them
 
 
 def float_dtype_of(model: onnx.ModelProto) -> str:
@@ -182,15 +183,23 @@ class Fidelity:
         return asdict(self)
 
 
-def fidelity(outputs: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]]) -> Fidelity:
-    """Fidelity over several runs: ``outputs[i]`` and ``reference[i]`` are the outputs of run i."""
+def fidelity(outputs: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
+             masks: Sequence[np.ndarray | None] | None = None) -> Fidelity:
+    """Fidelity over several runs: ``outputs[i]`` and ``reference[i]`` are the outputs of run i.
+
+    masks[i] (optional, e.g. run i's attention mask): outputs whose leading dimensions are the mask's
+    shape count only the rows where it is non-zero (padding positions hold no meaning to compare)."""
     max_rel, cos = 0.0, []
-    for outs, refs in zip(outputs, reference):
+    for i, (outs, refs) in enumerate(zip(outputs, reference)):
+        mask = None if masks is None else masks[i]
         for a, b in zip(outs, refs):
             a = np.asarray(a, np.float64)
             b = np.asarray(b, np.float64)
             if a.shape != b.shape:
                 raise GblrcError(f"output shapes differ: {a.shape} vs {b.shape}")
+            if mask is not None and a.ndim == mask.ndim + 1 and a.shape[:-1] == mask.shape:
+                keep = np.asarray(mask) != 0
+                a, b = a[keep], b[keep]
             if not np.all(np.isfinite(a)):
                 return Fidelity(float("inf"), float("nan"), float("nan"), 0)
             scale = float(np.max(np.abs(b))) if b.size else 0.0
@@ -220,15 +229,16 @@ def quantize_checked(model: onnx.ModelProto, check: Sequence[Mapping[str, np.nda
 
     per_channel "auto": quantise both ways and keep the one with the higher mean cosine (per-channel
     weight scales help some models and hurt others: on MiniLM they help the dense model and hurt the
-    lowered one).  Returns (int8 model, per_channel used, its fidelity, {"on"/"off": mean cosine}).
+    lowered one).  Rows at padding positions (``attention_mask`` 0) are not compared.  Returns (int8 model, per_channel used, its fidelity, {"on"/"off": mean cosine}).
     """
     base = [_run(model, f) for f in check]
+    masks = [f.get(MASK_INPUT) for f in check]
     choices = [True, False] if per_channel == "auto" else [bool(per_channel)]
     best, candidates = None, {}
     for pc in choices:
         q = quantize_int8(model, mode=mode, per_channel=pc, calibration=calibration)
         try:
-            fid = fidelity([_run(q, f) for f in check], base)
+            fid = fidelity([_run(q, f) for f in check], base, masks)
         except GblrcError:
             raise
         except Exception as e:

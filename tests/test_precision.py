@@ -175,6 +175,12 @@ def test_fidelity_definitions():
     f = fidelity([[a]], [[b]])
     assert f.cosine_min == pytest.approx(0.0) and f.cosine_mean == pytest.approx(0.5)
     assert f.max_rel == pytest.approx(np.sqrt(1) * 2 / 2)
+    # padding positions (attention mask 0) are not compared
+    h, g = np.ones((2, 3, 4)), np.ones((2, 3, 4))
+    g[1, 2] = -1
+    assert fidelity([[h]], [[g]]).cosine_min == pytest.approx(-1.0)
+    f = fidelity([[h]], [[g]], [np.array([[1, 1, 1], [1, 1, 0]])])
+    assert f.cosine_min == pytest.approx(1.0) and f.max_rel == 0 and f.n == 5
 
 
 # ----------------------------------------------------------------- the real MiniLM in fp16
