@@ -99,6 +99,8 @@ def main():
     ap.add_argument("--eval", default="stdlib-b,packages", help="other sources to judge on, comma-separated")
     ap.add_argument("--mix", default="", metavar="SOURCE",
                     help="add this source's sentences to the training text (e.g. packages:20000); judge on others")
+    ap.add_argument("--mix-share", type=float, default=0.0, metavar="F",
+                    help="with --mix: repeat the training source's sentences to about this share of the text")
     ap.add_argument("--heldout", type=int, default=256, help="held-out sentences of the training source")
     ap.add_argument("--eval-n", type=int, default=300, help="sentences of each other source")
     ap.add_argument("--budget", type=float, default=0.4)
@@ -119,7 +121,11 @@ def main():
     if args.train_n:
         train = train[:args.train_n]
     if args.mix:  # another source's sentences added to the training text (never judged on)
-        train = train + source(args.mix, seed=2)
+        extra = source(args.mix, seed=2)
+        if args.mix_share:  # the training source repeated so that it is this share of the sentences
+            reps = max(1, round(args.mix_share * len(extra) / ((1 - args.mix_share) * len(train))))
+            train = train * reps
+        train = train + extra
         random.Random(3).shuffle(train)
     evals = {f"{args.train} (in domain)": batches(tok, held, 64)}
     for name in filter(None, args.eval.split(",")):

@@ -135,6 +135,10 @@ def _summary(report: dict) -> None:
 @click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True,
               help="Training steps. 0 with --data: post-training compression only (data-aware "
                    "initialisation, sequential refit and budget allocation, no fine-tuning).")
+@click.option("--general-text", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Text --data only: add N sentences of built-in general English (docstrings of installed "
+                   "packages) to the training text, the file's lines repeated to stay half of it, so the "
+                   "compressed model stays faithful on text unlike the file's.")
 @click.option("--hidden-loss", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Distillation: weight of matching every block's hidden state (Hugging Face models).")
 @click.option("--augment", type=click.FloatRange(min=0, max=0.9), default=0.0, show_default=True,
@@ -170,7 +174,7 @@ def _summary(report: dict) -> None:
               help="Allow MODEL (or a .pt data file) to run its own code while loading: pickles with classes "
                    "outside torch.nn, Hugging Face folders with custom code. Only for files you trust.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
-def compress(model, budget, target_fidelity, eval_data, hidden_loss, augment, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure,
+def compress(model, budget, target_fidelity, eval_data, general_text, hidden_loss, augment, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure,
              allocate, tune_norms, seed, output, checkpoint_every, resume, trust, quiet):
     """Replace MODEL's nn.Linear layers by learned Generalized Block Low-Rank layers whose total cost
     is at most BUDGET x the dense cost, and write the compressed model.
@@ -218,12 +222,12 @@ def compress(model, budget, target_fidelity, eval_data, hidden_loss, augment, da
         exclude=exclude, method={"rank_per_component": rank_per_component, "tile": tile, "structure": structure,
                                       "allocate": allocate, "tune_norms": tune_norms,
                                       "hidden_loss": hidden_loss, "augment": augment},
-        eval_spec=eval_data, target=target_fidelity,
+        eval_spec=eval_data, target=target_fidelity, general_text=general_text,
         seed=seed, checkpoint_every=checkpoint_every, resume=resume, trust=trust, quiet=quiet)
 
 
 def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, include, exclude,
-        method, seed, checkpoint_every, resume, trust, quiet, eval_spec=None, target=None):
+        method, seed, checkpoint_every, resume, trust, quiet, eval_spec=None, target=None, general_text=0):
     import torch
 
     from . import evaluate
@@ -241,7 +245,9 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
     if not find_linears(loaded.model, include, exclude):
         what = "" if include is None and exclude is None else " matching --include/--exclude"
         raise GblrcError(f"{str(mpath)!r} has no compressible layer (nn.Linear / Conv2d){what}; nothing to compress")
-    data = load_data(data_spec, loaded, trust=trust, batch_size=batch_size, seed=seed)
+    if general_text and data_spec is None:
+        raise GblrcError("--general-text needs --data (a text file to mix it into)")
+    data = load_data(data_spec, loaded, trust=trust, batch_size=batch_size, seed=seed, general_text=general_text)
     evald = load_data(eval_spec, loaded, trust=trust, batch_size=batch_size, seed=seed) if eval_spec else None
     if evald is not None:
         check_fits(loaded.model, evald.sample)
@@ -290,7 +296,7 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
     full = dict(report)
     full.update(model=str(mpath), data=data_spec, output=str(out), seconds=round(time.perf_counter() - t0, 2),
                 settings={"steps": steps, "batch_size": batch_size, "lr": lr, "include": include,
-                          "exclude": exclude, "seed": seed, **method,
+                          "exclude": exclude, "seed": seed, **method, "general_text": general_text, "eval_data": eval_spec,
                           "resumed": resume},
                 agreement_with_dense=evaluate.agreement(dense_out, comp_out))
     if acc_before is not None:

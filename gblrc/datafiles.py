@@ -124,7 +124,7 @@ class TextBatches:
             yield self.batch(perm[i:i + self.bs])
 
 
-def _from_text(path: Path, loaded, batch_size: int, seed: int) -> Data:
+def _from_text(path: Path, loaded, batch_size: int, seed: int, general: int = 0) -> Data:
     if loaded.kind != "hf" or loaded.tokenizer is None:
         raise GblrcError(f"text data {str(path)!r} needs a Hugging Face model folder with a tokenizer; "
                          f"for other models give a .pt file of input tensors")
@@ -134,8 +134,13 @@ def _from_text(path: Path, loaded, batch_size: int, seed: int) -> Data:
         raise GblrcError(f"data file {str(path)!r} is neither a .pt file nor UTF-8 text") from None
     if not lines:
         _empty(path)
+    probe_lines = lines[:64]  # the file's first lines: before/after agreement
+    if general:
+        from .zoo import mix_text
+
+        lines = mix_text(lines, general, seed=seed)
     batches = TextBatches(lines, loaded.tokenizer, loaded.model, batch_size, seed)
-    probe = batches.batch(range(min(len(lines), 64)))  # first lines: before/after agreement
+    probe = tokenize(loaded.tokenizer, probe_lines, loaded.model)
     return Data(train=batches, sample=_head(probe, 2), eval_inputs=probe, eval_name="first lines")
 
 
@@ -175,10 +180,19 @@ def _from_function(spec: str) -> Data:
     return Data(train=fn, sample=_head(x, 2), has_targets=has_y)
 
 
-def load_data(spec: str | None, loaded, *, trust: bool = False, batch_size: int = 32, seed: int = 0) -> Data | None:
-    """Read ``--data``: a .pt file, a text file (HF models), or ``module:function``; None for no data."""
+def load_data(spec: str | None, loaded, *, trust: bool = False, batch_size: int = 32, seed: int = 0,
+              general_text: int = 0) -> Data | None:
+    """Read ``--data``: a .pt file, a text file (HF models), or ``module:function``; None for no data.
+
+    ``general_text``: add that many sentences of the built-in general text to a text file's lines
+    (:func:`gblrc.zoo.mix_text`); an error for other kinds of data."""
     if spec is None:
         return None
+    if general_text:
+        p = Path(spec)
+        if not p.is_file() or p.suffix in (".pt", ".pth", ".bin") or ":" in spec and not p.exists():
+            raise GblrcError("--general-text mixes built-in English into a text file's lines; --data is not a text file")
+        return _from_text(p, loaded, batch_size, seed, general_text)
     p = Path(spec)
     if p.is_file():
         if p.suffix in (".pt", ".pth", ".bin"):

@@ -7,7 +7,8 @@ from pathlib import Path
 from .errors import GblrcError
 
 __all__ = ["minilm_path", "load_minilm", "minilm_linears", "english_sentences", "english_passages",
-           "docstring_sentences", "package_sentences", "PACKAGE_SOURCES"]
+           "docstring_sentences", "package_sentences", "PACKAGE_SOURCES",
+           "mix_text"]
 
 
 def minilm_path() -> Path:
@@ -187,4 +188,24 @@ def package_sentences(packages=PACKAGE_SOURCES, min_words: int = 6, max_words: i
         out += got[:cap]
     if not out:
         raise GblrcError("none of the packages whose docstrings make the text corpus is installed")
+    return out if limit is None else out[:int(limit)]
+
+
+def mix_text(lines: list[str], general: int, share: float = 0.5, seed: int = 0) -> list[str]:
+    """``lines`` plus ``general`` sentences of the wide package corpus (:func:`package_sentences`), the
+    user's lines repeated so that they stay about ``share`` of the result, shuffled with ``seed``.
+
+    Distillation needs inputs, not labels: text of other sources teaches the student to follow the
+    teacher beyond the user's domain, the repeated lines keep the user's domain weighted.
+    """
+    import random
+
+    if general <= 0:
+        return list(lines)
+    if not lines:
+        raise GblrcError("no lines to mix the general text with")
+    extra = package_sentences(limit=int(general), exclude=set(lines))
+    reps = max(1, round(share * len(extra) / ((1.0 - share) * len(lines)))) if 0 < share < 1 else 1
+    out = list(lines) * reps + extra
+    random.Random(seed).shuffle(out)
     return out

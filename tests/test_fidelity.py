@@ -188,3 +188,50 @@ def test_cli_target_fidelity_errors_are_one_line(files, tmp_path, args, words):
     assert last.startswith("Error: ") and "Traceback" not in r.output, r.output
     assert all(w.lower() in last.lower() for w in words), last
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    """A tiny random BERT folder with MiniLM's real tokenizer, and text lines of one source."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from gblrc.zoo import english_sentences, minilm_path
+
+    d = tmp_path_factory.mktemp("bert")
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, architectures=["BertModel"])
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(d / "bert")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_path() / f).exists():
+            shutil.copy(minilm_path() / f, d / "bert" / f)
+    sents = english_sentences()
+    (d / "train.txt").write_text("\n".join(sents[:40]) + "\n")
+    (d / "eval.txt").write_text("\n".join(sents[-24:]) + "\n")
+    return d
+
+
+def test_cli_general_text_mixes_built_in_english_into_text_data(bert_folder, tmp_path):
+    from gblrc.zoo import mix_text
+
+    lines = [f"Line number {i} of the user's own text." for i in range(10)]
+    mixed = mix_text(lines, 60)
+    assert set(lines) <= set(mixed) and 100 <= len(mixed) <= 140
+    assert 0.35 <= sum(s in set(lines) for s in mixed) / len(mixed) <= 0.65  # the user's lines stay about half
+    out = tmp_path / "g.gblr.pt"
+    r = invoke(bert_folder / "bert", "--budget", "0.5", "--data", bert_folder / "train.txt", "--general-text", "60",
+               "--eval-data", bert_folder / "eval.txt", "--hidden-loss", "1", "--augment", "0.1",
+               "--steps", "4", "--batch-size", "8", "-q", "-o", out)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "g.gblr.pt.report.json").read_text())
+    assert rep["settings"]["general_text"] == 60 and rep["fidelity"]["examples"] == 24
+    assert "fidelity on" in r.output and not rep["warnings"]
+
+
+def test_cli_general_text_needs_text_data(files, tmp_path):
+    r = invoke(files / "mlp.pt", "--budget", "0.5", "--data", files / "train.pt", "--general-text", "100",
+               "-o", tmp_path / "x.gblr.pt")
+    assert r.exit_code != 0 and r.output.strip().splitlines()[-1].startswith("Error: --general-text")
+    assert not (tmp_path / "x.gblr.pt").exists()
