@@ -131,13 +131,14 @@ def main():
     for name in filter(None, args.eval.split(",")):
         if name == args.train or name.split(":")[0] == args.mix.split(":")[0]:
             continue
-        sents = [s for s in source(name, seed=1) if s not in set(train)][:args.eval_n]
+        seen = set(train)
+        sents = [s for s in source(name, seed=1) if s not in seen][:args.eval_n]
         evals[name] = batches(tok, sents, 64)
     refs = {k: embed(dense, b) for k, b in evals.items()}
     train_b = batches(tok, train, args.batch_size)
     sizes = ", ".join(f"{k} ({sum(len(x['input_ids']) for x in v)})" for k, v in evals.items())
-    print(f"MiniLM, budget {args.budget}, {args.steps} steps, lr {args.lr}: training on {len(train)} {args.train} "
-          f"sentences; judged on {sizes}; "
+    print(f"MiniLM, budget {args.budget}, {args.steps} steps, lr {args.lr}: training on {len(train)} sentences of "
+          f"{args.train}{' + ' + args.mix if args.mix else ''}; judged on {sizes}; "
           f"torch threads {torch.get_num_threads()}", flush=True)
     rows = []
     for text in args.variants.split(","):

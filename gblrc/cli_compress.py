@@ -135,10 +135,11 @@ def _summary(report: dict) -> None:
 @click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True,
               help="Training steps. 0 with --data: post-training compression only (data-aware "
                    "initialisation, sequential refit and budget allocation, no fine-tuning).")
-@click.option("--general-text", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+@click.option("--general-text", type=click.IntRange(min=0), default=None, metavar="N",
               help="Text --data only: add N sentences of built-in general English (docstrings of installed "
                    "packages) to the training text, the file's lines repeated to stay half of it, so the "
-                   "compressed model stays faithful on text unlike the file's.")
+                   "compressed model stays faithful on text unlike the file's (on MiniLM: +0.04 cosine on "
+                   "other text, -0.003 on the file's own). [default: 12000 for text data; 0 turns it off]")
 @click.option("--hidden-loss", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Distillation: weight of matching every block's hidden state (Hugging Face models).")
 @click.option("--augment", type=click.FloatRange(min=0, max=0.9), default=0.0, show_default=True,
@@ -233,7 +234,7 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
     from . import evaluate
     from .compressor import compress as train
     from .target import compress_to_fidelity
-    from .datafiles import check_fits, example_inputs, guess_example_inputs, load_data
+    from .datafiles import GENERAL_TEXT, check_fits, example_inputs, guess_example_inputs, is_text_data, load_data
     from .loading import load_model
     from .modelio import save
     from .replace import find_linears
@@ -247,6 +248,11 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
         raise GblrcError(f"{str(mpath)!r} has no compressible layer (nn.Linear / Conv2d){what}; nothing to compress")
     if general_text and data_spec is None:
         raise GblrcError("--general-text needs --data (a text file to mix it into)")
+    if general_text is None:
+        general_text = GENERAL_TEXT if is_text_data(data_spec) else 0
+        if general_text and not quiet:
+            click.echo(f"mixing {general_text} sentences of built-in English into the text data "
+                       f"(--general-text 0 turns it off)", err=True)
     data = load_data(data_spec, loaded, trust=trust, batch_size=batch_size, seed=seed, general_text=general_text)
     evald = load_data(eval_spec, loaded, trust=trust, batch_size=batch_size, seed=seed) if eval_spec else None
     if evald is not None:

@@ -180,6 +180,20 @@ def _from_function(spec: str) -> Data:
     return Data(train=fn, sample=_head(x, 2), has_targets=has_y)
 
 
+GENERAL_TEXT = 12000  # sentences of built-in English mixed into text data by default (README: Fidelity)
+
+
+def is_text_data(spec: str | None) -> bool:
+    """True when ``--data`` names a text file (one example per line), not a .pt file or module:function."""
+    if spec is None:
+        return False
+    p = Path(spec)
+    if not p.is_file() or p.suffix in (".pt", ".pth", ".bin"):
+        return False
+    with open(p, "rb") as f:
+        return not f.read(4).startswith(b"PK")
+
+
 def load_data(spec: str | None, loaded, *, trust: bool = False, batch_size: int = 32, seed: int = 0,
               general_text: int = 0) -> Data | None:
     """Read ``--data``: a .pt file, a text file (HF models), or ``module:function``; None for no data.
@@ -189,10 +203,9 @@ def load_data(spec: str | None, loaded, *, trust: bool = False, batch_size: int 
     if spec is None:
         return None
     if general_text:
-        p = Path(spec)
-        if not p.is_file() or p.suffix in (".pt", ".pth", ".bin") or ":" in spec and not p.exists():
+        if not is_text_data(spec):
             raise GblrcError("--general-text mixes built-in English into a text file's lines; --data is not a text file")
-        return _from_text(p, loaded, batch_size, seed, general_text)
+        return _from_text(Path(spec), loaded, batch_size, seed, general_text)
     p = Path(spec)
     if p.is_file():
         if p.suffix in (".pt", ".pth", ".bin"):

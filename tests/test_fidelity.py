@@ -235,3 +235,14 @@ def test_cli_general_text_needs_text_data(files, tmp_path):
                "-o", tmp_path / "x.gblr.pt")
     assert r.exit_code != 0 and r.output.strip().splitlines()[-1].startswith("Error: --general-text")
     assert not (tmp_path / "x.gblr.pt").exists()
+
+
+def test_cli_text_data_mixes_general_text_by_default_and_zero_turns_it_off(bert_folder, tmp_path):
+    for flag, want in (([], 12000), (["--general-text", "0"], 0)):
+        out = tmp_path / f"d{want}.gblr.pt"
+        r = invoke(bert_folder / "bert", "--budget", "0.5", "--data", bert_folder / "train.txt", *flag,
+                   "--steps", "2", "--batch-size", "8", "-o", out)
+        assert r.exit_code == 0, r.output
+        rep = json.loads(out.with_name(out.name + ".report.json").read_text())
+        assert rep["settings"]["general_text"] == want
+        assert ("mixing 12000 sentences of built-in English" in r.output) == (want > 0)
