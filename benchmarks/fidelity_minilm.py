@@ -31,6 +31,8 @@ import torch  # noqa: E402
 import gblrc  # noqa: E402
 from gblrc.zoo import docstring_sentences, english_sentences, load_minilm, package_sentences  # noqa: E402
 
+from compress_minilm import batches, embed  # noqa: E402  (this folder: the same tokenising and pooling)
+
 
 def source(name: str, n: int | None = None, seed: int = 0) -> list[str]:
     if name == "pydoc":
@@ -46,24 +48,6 @@ def source(name: str, n: int | None = None, seed: int = 0) -> list[str]:
     s = list(s)
     random.Random(seed).shuffle(s)
     return s[:n] if n else s
-
-
-def batches(tok, sents, bs, max_len=64):
-    out = []
-    for i in range(0, len(sents), bs):
-        enc = tok(sents[i:i + bs], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    return out
-
-
-@torch.no_grad()
-def embed(model, bl):
-    embs = []
-    for b in bl:
-        h = model(**b).last_hidden_state
-        m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-        embs.append((h * m).sum(1) / m.sum(1))
-    return torch.cat(embs)
 
 
 def fidelity(model, bl, ref) -> tuple[float, float]:

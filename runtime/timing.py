@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .session import _model_bytes
+
 __all__ = ["CPU", "CUDA", "effective_threads", "resolve_provider", "timing_session", "Runner", "time_runs",
            "time_interleaved", "best_of_sessions", "Timing"]
 
@@ -62,16 +64,6 @@ def resolve_provider(provider: str | None = "auto") -> str:
     raise ValueError(f"unknown provider {provider!r}; choose auto, cpu or cuda")
 
 
-def _model_source(model) -> bytes | str:
-    if isinstance(model, (str, os.PathLike)):
-        return os.fspath(model)
-    if isinstance(model, (bytes, bytearray)):
-        return bytes(model)
-    if hasattr(model, "SerializeToString"):  # onnx.ModelProto, without importing onnx
-        return model.SerializeToString()
-    raise TypeError(f"expected an ONNX model, its bytes or a path, got {type(model).__name__}")
-
-
 def timing_session(model, provider: str = CPU, threads: int | None = None, *, cuda_graph: bool = False,
                    optimize: bool = True):
     """An InferenceSession for timing ``model`` (ModelProto, bytes or path): ``provider`` (CUDA falls back
@@ -91,7 +83,7 @@ def timing_session(model, provider: str = CPU, threads: int | None = None, *, cu
             providers.append(CPU)
     else:
         providers = [CPU]
-    return ort.InferenceSession(_model_source(model), so, providers=providers)
+    return ort.InferenceSession(_model_bytes(model), so, providers=providers)
 
 
 class Runner:
