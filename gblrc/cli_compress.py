@@ -198,6 +198,8 @@ def compress(model, budget, target_fidelity, eval_data, general_text, hidden_los
             raise GblrcError(f"--target-fidelity must be a cosine in (0, 1), e.g. 0.98; got {target_fidelity}")
         if data is None:
             raise GblrcError("--target-fidelity needs --data (to initialise and to measure fidelity on)")
+        if resume:
+            raise GblrcError("--resume does not apply with --target-fidelity (its runs keep no checkpoints)")
         b = parse_budget(budget) if budget is not None else 1.0
     elif budget is None:
         raise GblrcError("give --budget B (a fraction of the dense cost), or --target-fidelity F to choose it")

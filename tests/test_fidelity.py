@@ -179,6 +179,7 @@ def test_cli_target_fidelity_prints_the_curve_and_records_it(files, tmp_path):
     (["--target-fidelity", "0.99999", "--budget", "0.05"], ["out of reach"]),
     (["--target-fidelity", "1.5"], ["--target-fidelity"]),
     ([], ["--budget"]),
+    (["--target-fidelity", "0.9", "--resume"], ["--resume"]),
 ])
 def test_cli_target_fidelity_errors_are_one_line(files, tmp_path, args, words):
     out = tmp_path / "bad.gblr.pt"
