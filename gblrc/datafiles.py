@@ -202,19 +202,12 @@ def load_data(spec: str | None, loaded, *, trust: bool = False, batch_size: int 
     (:func:`gblrc.zoo.mix_text`); an error for other kinds of data."""
     if spec is None:
         return None
-    if general_text:
-        if not is_text_data(spec):
-            raise GblrcError("--general-text mixes built-in English into a text file's lines; --data is not a text file")
-        return _from_text(Path(spec), loaded, batch_size, seed, general_text)
+    text = is_text_data(spec)
+    if general_text and not text:
+        raise GblrcError("--general-text mixes built-in English into a text file's lines; --data is not a text file")
     p = Path(spec)
-    if p.is_file():
-        if p.suffix in (".pt", ".pth", ".bin"):
-            return _from_pt(p, trust)
-        with open(p, "rb") as f:
-            head = f.read(4)
-        if head.startswith(b"PK"):  # a torch.save zip file with another suffix
-            return _from_pt(p, trust)
-        return _from_text(p, loaded, batch_size, seed)
+    if p.is_file():  # a .pt file, or a torch.save zip file with another suffix, else text
+        return _from_text(p, loaded, batch_size, seed, general_text) if text else _from_pt(p, trust)
     if ":" in spec and not p.exists():
         return _from_function(spec)
     raise GblrcError(f"data {spec!r} does not exist; give a .pt file, a text file or module:function")

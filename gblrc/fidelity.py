@@ -15,21 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .data import call_model, model_output
+from .data import _rows, batch_rows, call_model, model_output, normalize_batch
 
 __all__ = ["Fidelity", "eval_batches", "split_holdout"]
-
-
-def _n(x) -> int:
-    if isinstance(x, dict):
-        return int(next(v for v in x.values() if torch.is_tensor(v) and v.dim() > 0).shape[0])
-    return int(x.shape[0])
-
-
-def _slice(x, i, j):
-    if isinstance(x, dict):
-        return {k: (v[i:j] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in x.items()}
-    return x[i:j]
 
 
 def eval_batches(data, limit: int = 512, chunk: int = 64) -> list[tuple]:
@@ -38,20 +26,18 @@ def eval_batches(data, limit: int = 512, chunk: int = 64) -> list[tuple]:
     ``data``: a Tensor of inputs, {"inputs", "targets"}, or an iterable of batches (as ``compress``'s
     ``data``: Tensors, dicts of keyword tensors, or (inputs, targets) tuples).
     """
-    from .data import normalize_batch
-
     out, seen = [], 0
     if torch.is_tensor(data) or (isinstance(data, dict) and "inputs" in data):
         x, y = (data, None) if torch.is_tensor(data) else (data["inputs"], data.get("targets"))
-        for i in range(0, min(_n(x), limit), chunk):
+        for i in range(0, min(batch_rows(x), limit), chunk):
             j = min(i + chunk, limit)
-            out.append((_slice(x, i, j), None if y is None else y[i:j]))
+            out.append((_rows(x, slice(i, j)), None if y is None else y[i:j]))
         return out
     it = data() if callable(data) and not hasattr(data, "__iter__") else data
     for b in it:
         x, y = normalize_batch(b)
-        take = min(_n(x), limit - seen)
-        out.append((_slice(x, 0, take), None if y is None else y[:take]))
+        take = min(batch_rows(x), limit - seen)
+        out.append((_rows(x, slice(0, take)), None if y is None else y[:take]))
         seen += take
         if seen >= limit:
             break

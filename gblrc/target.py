@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from .data import _rows, batch_rows
 from .fidelity import Fidelity, eval_batches, split_holdout
 
 __all__ = ["compress_to_fidelity", "holdout"]
@@ -33,16 +34,15 @@ def holdout(data, fraction: float = 0.15):
     batcher with ``lines`` or an iterable of batches)."""
     if torch.is_tensor(data) or (isinstance(data, dict) and "inputs" in data):
         x, y = (data, None) if torch.is_tensor(data) else (data["inputs"], data.get("targets"))
-        n = int(next(v for v in x.values()).shape[0]) if isinstance(x, dict) else int(x.shape[0])
+        n = batch_rows(x)
         k = max(1, int(round(n * fraction)))
         if n - k < 1:
             raise ValueError("too little data to hold some out for judging fidelity; give eval data or more data")
-        cut = (lambda a, s: {kk: v[s] for kk, v in a.items()}) if isinstance(x, dict) else (lambda a, s: a[s])
         tr, ev = slice(0, n - k), slice(n - k, n)
-        if y is None and torch.is_tensor(data):
-            return cut(x, tr), cut(x, ev)
-        return ({"inputs": cut(x, tr), **({} if y is None else {"targets": y[tr]})},
-                {"inputs": cut(x, ev), **({} if y is None else {"targets": y[ev]})})
+        if torch.is_tensor(data):
+            return _rows(x, tr), _rows(x, ev)
+        return ({"inputs": _rows(x, tr), **({} if y is None else {"targets": y[tr]})},
+                {"inputs": _rows(x, ev), **({} if y is None else {"targets": y[ev]})})
     if hasattr(data, "lines") and hasattr(data, "with_lines"):  # gblrc.datafiles.TextBatches
         lines = data.lines
         k = max(1, int(round(len(lines) * fraction)))
@@ -59,7 +59,7 @@ def _log_gap(f: float) -> float:
 
 def compress_to_fidelity(model, target: float, *, data, eval_data=None, max_budget: float = 1.0,
                          steps: int = 200, tolerance: float = 0.005, max_evals: int = 10, log=None, **kw):
-    """Compress ``model`` (in place) at the smallest budget whose held-out fidelity is >= ``target``.
+    """Compress a copy of ``model`` at the smallest budget whose held-out fidelity is >= ``target``.
 
     ``kw`` are :func:`gblrc.compress` arguments.  Returns (model, report); report["fidelity_search"]
     holds the measured curve [{"budget", "cosine", "trained"}], the chosen budget and the held-out set.
@@ -75,14 +75,13 @@ def compress_to_fidelity(model, target: float, *, data, eval_data=None, max_budg
     if eval_data is None:
         data, eval_data = holdout(data)
         held = "held out from the data"
-    judge = Fidelity(model, eval_batches(eval_data))
-    dense = copy.deepcopy(model)
+    judge = Fidelity(model, eval_batches(eval_data))  # ``model`` stays dense: every run compresses a copy
     say = log or (lambda s: None)
     curve: list[dict] = []
     kept: dict[float, tuple] = {}
 
     def run(b: float, n_steps: int):
-        m, rep = compress(copy.deepcopy(dense), b, data=data, steps=n_steps, **kw)
+        m, rep = compress(copy.deepcopy(model), b, data=data, steps=n_steps, **kw)
         f = judge(m)
         curve.append({"budget": round(b, 4), "achieved_ratio": rep["achieved_ratio"], "cosine": f["cosine"],
                       "cosine_min": f["cosine_min"], "trained": n_steps > 0})
