@@ -28,7 +28,7 @@ import onnx
 from .errors import GblrcError
 
 __all__ = ["FP32_OPS", "FP16_RTOL", "FP16_ATOL", "QUANT_OPS", "to_fp16", "quantize_int8", "quantize_checked",
-           "quantizable_nodes", "Fidelity", "fidelity", "float_dtype_of"]
+           "quantizable_nodes", "OutputAgreement", "fidelity", "float_dtype_of"]
 
 # Ops kept in fp32 inside an fp16 model (numerically sensitive: normalisation, exponentials, reductions),
 # plus Range, which has no fp16 kernel on the CUDA provider.
@@ -166,7 +166,7 @@ def quantize_int8(model: onnx.ModelProto, *, mode: str = "dynamic", per_channel:
 
 
 @dataclass
-class Fidelity:
+class OutputAgreement:
     """Outputs of a model against a reference: over all outputs, the largest relative error (to each
     output's max |reference|), and the cosine similarity of rows (vectors along the last axis):
     mean and minimum; ``n`` rows compared."""
@@ -184,8 +184,8 @@ class Fidelity:
 
 
 def fidelity(outputs: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
-             masks: Sequence[np.ndarray | None] | None = None) -> Fidelity:
-    """Fidelity over several runs: ``outputs[i]`` and ``reference[i]`` are the outputs of run i.
+             masks: Sequence[np.ndarray | None] | None = None) -> OutputAgreement:
+    """The agreement over several runs: ``outputs[i]`` and ``reference[i]`` are the outputs of run i.
 
     masks[i] (optional, e.g. run i's attention mask): outputs whose leading dimensions are the mask's
     shape count only the rows where it is non-zero (padding positions hold no meaning to compare)."""
@@ -201,7 +201,7 @@ def fidelity(outputs: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequen
                 keep = np.asarray(mask) != 0
                 a, b = a[keep], b[keep]
             if not np.all(np.isfinite(a)):
-                return Fidelity(float("inf"), float("nan"), float("nan"), 0)
+                return OutputAgreement(float("inf"), float("nan"), float("nan"), 0)
             scale = float(np.max(np.abs(b))) if b.size else 0.0
             err = float(np.max(np.abs(a - b))) if a.size else 0.0
             max_rel = max(max_rel, err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
@@ -212,8 +212,8 @@ def fidelity(outputs: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequen
             cos.extend(((a2[ok] * b2[ok]).sum(1) / (na[ok] * nb[ok])).tolist())
             cos.extend([1.0 if x == y else 0.0 for x, y in zip(na[~ok], nb[~ok])])
     if not cos:
-        return Fidelity(max_rel, float("nan"), float("nan"), 0)
-    return Fidelity(max_rel, float(np.mean(cos)), float(np.min(cos)), len(cos))
+        return OutputAgreement(max_rel, float("nan"), float("nan"), 0)
+    return OutputAgreement(max_rel, float(np.mean(cos)), float(np.min(cos)), len(cos))
 
 
 def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -224,7 +224,7 @@ def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.nda
 
 def quantize_checked(model: onnx.ModelProto, check: Sequence[Mapping[str, np.ndarray]], *, mode: str = "dynamic",
                      per_channel: bool | str = "auto", calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
-                     ) -> tuple[onnx.ModelProto, bool, Fidelity, dict]:
+                     ) -> tuple[onnx.ModelProto, bool, OutputAgreement, dict]:
     """:func:`quantize_int8` with its fidelity to ``model`` measured on the feeds ``check``.
 
     per_channel "auto": quantise both ways and keep the one with the higher mean cosine (per-channel
