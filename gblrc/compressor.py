@@ -155,6 +155,10 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
         _check_fits(model, to_device(x, dev), to_device(y, dev), distill)
         if distill and steps > 0:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if steps == 0 and (hidden_loss > 0 or augment > 0):
+        msg = "hidden-state loss and token augmentation are training options; with no training steps they do nothing"
+        warn.append(msg)
+        warnings.warn(msg, stacklevel=2)
     learn = structure == "gblr" and steps > 0
     dense_w = {n: as_linear(m).weight.detach().clone() for n, m in pairs} if init != "svd" and data is not None else None
     dense_ref = (teacher or copy.deepcopy(model).eval()) if init == "sequential" and dense_w is not None else None

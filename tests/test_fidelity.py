@@ -247,3 +247,9 @@ def test_cli_text_data_mixes_general_text_by_default_and_zero_turns_it_off(bert_
         rep = json.loads(out.with_name(out.name + ".report.json").read_text())
         assert rep["settings"]["general_text"] == want
         assert ("mixing 12000 sentences of built-in English" in r.output) == (want > 0)
+
+
+def test_training_options_without_training_warn():
+    with pytest.warns(UserWarning, match="with no training steps they do nothing"):
+        _, rep = gblrc.compress(mlp(), 0.5, data=correlated(64, 1), steps=0, hidden_loss=1.0, progress=False)
+    assert any("no training steps" in w for w in rep["warnings"])
