@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import gblrc  # noqa: E402
-from gblrc.zoo import english_passages, english_sentences, load_minilm  # noqa: E402
+from gblrc.io.zoo import english_passages, english_sentences, load_minilm  # noqa: E402
 
 
 def batches(tok, sents, bs, max_len=64):

@@ -4,7 +4,7 @@ One process, one table.  The compressed model: --model FILE.gblr.pt (e.g. from b
 --save), else all 36 encoder Linear layers compressed here at --budget with `gblrc.compress` (defaults:
 sequential data-aware init, sensitivity allocation) and --steps of distillation (default 0: the
 initialisation only) on English documentation sentences (pydoc topics).  Every row is made by the same
-code as the CLI: dense = the dense ONNX export, `gblrc.precision.to_fp16` / `quantize_checked` on it;
+code as the CLI: dense = the dense ONNX export, `gblrc.export.precision.to_fp16` / `quantize_checked` on it;
 gblrc = `gblrc.lower(..., precision=..., quantize=..., quant_mode=...)`.  int8 static QDQ is calibrated
 on --calib-batches batches of the training sentences; per-channel weight scales are chosen per model
 by fidelity to its fp32 form (both tried).
@@ -36,11 +36,11 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 import gblrc  # noqa: E402
-from gblrc.export import export_onnx  # noqa: E402
-from gblrc.precision import quantize_checked, to_fp16  # noqa: E402
+from gblrc.export.graph import export_onnx  # noqa: E402
+from gblrc.export.precision import quantize_checked, to_fp16  # noqa: E402
 from gblrc.runtime import make_session  # noqa: E402
 from gblrc.runtime.timing import best_of_sessions  # noqa: E402
-from gblrc.zoo import docstring_sentences, english_sentences, load_minilm  # noqa: E402
+from gblrc.io.zoo import docstring_sentences, english_sentences, load_minilm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from compress_minilm import batches  # noqa: E402

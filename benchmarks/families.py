@@ -10,9 +10,9 @@ copy of the trained dense model:
 
 * GBLR     — ``gblrc.compress(..., structure="gblr")`` (learned widths/locations);
 * low rank — ``gblrc.compress(..., structure="lowrank")`` (truncated SVD at the budget, full widths);
-* Monarch  — ``gblrc.monarch.replace_with_monarch`` (Monarch projection, the block count under the budget
+* Monarch  — ``gblrc.nn.monarch.replace_with_monarch`` (Monarch projection, the block count under the budget
   closest to it) and a plain fine-tuning loop with what gblrc's trainer does for the content: the same
-  batches (``gblrc.data.batch_stream``, same seed), task loss, AdamW (weight decay 0) on the replaced
+  batches (``gblrc.learn.data.batch_stream``, same seed), task loss, AdamW (weight decay 0) on the replaced
   layers only, the same lr and cosine decay to 0.1 x lr, the same number of steps, model in eval mode.
 
 Every variant is lowered with ``gblrc.lower`` (parity-checked against PyTorch) and timed in ONNX Runtime
@@ -52,20 +52,20 @@ import families as fam  # noqa: E402  (samples/families.py)
 
 import gblrc  # noqa: E402
 from gblrc.runtime import timing  # noqa: E402
-from gblrc.data import batch_stream, call_model, model_output  # noqa: E402
-from gblrc.monarch import MonarchLinear, replace_with_monarch  # noqa: E402
-from gblrc.objective import task_loss  # noqa: E402
-from gblrc.train import TrainConfig  # noqa: E402
+from gblrc.learn.data import batch_stream, call_model, model_output  # noqa: E402
+from gblrc.nn.monarch import MonarchLinear, replace_with_monarch  # noqa: E402
+from gblrc.learn.objective import task_loss  # noqa: E402
+from gblrc.learn.train import TrainConfig  # noqa: E402
 
 METHODS = ("gblr", "lowrank", "monarch")
 LABEL = {"dense": "dense", "gblr": "GBLR", "lowrank": "low rank", "monarch": "Monarch"}
 
 
 def conv_supported() -> bool:
-    """Does gblrc compress nn.Conv2d (gblrc.conv + gblrc.replace.is_conv2d)?"""
+    """Does gblrc compress nn.Conv2d (gblrc.nn.conv + gblrc.nn.replace.is_conv2d)?"""
     try:
-        import gblrc.conv  # noqa: F401
-        from gblrc import replace
+        import gblrc.nn.conv  # noqa: F401
+        from gblrc.nn import replace
     except ImportError:
         return False
     return hasattr(replace, "is_conv2d") and hasattr(gblrc, "GBLRConv2d")
@@ -180,7 +180,7 @@ def compress_variant(task: Task, dense, method, budget, a):
     model = copy.deepcopy(dense)
     t0 = time.perf_counter()
     if method == "monarch":
-        from gblrc.replace import find_linears, is_linear
+        from gblrc.nn.replace import find_linears, is_linear
 
         if not any(is_linear(m) for _, m in find_linears(model)):
             return None, "n/a: the Monarch baseline replaces linear layers; this model's compressible layers are convolutions"
@@ -318,7 +318,7 @@ def main(argv=None):
     torch.set_num_threads(a.torch_threads)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     if "cnn" in models and not conv_supported():
-        print("note: gblrc does not compress nn.Conv2d in this checkout (no gblrc.conv / replace.is_conv2d): "
+        print("note: gblrc does not compress nn.Conv2d in this checkout (no gblrc.nn.conv / replace.is_conv2d): "
               "the CNN is skipped")
         models.remove("cnn")
     size = 8 if a.quick else 16

@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import gblrc  # noqa: E402
-from gblrc.zoo import docstring_sentences, english_sentences, load_minilm, package_sentences  # noqa: E402
+from gblrc.io.zoo import docstring_sentences, english_sentences, load_minilm, package_sentences  # noqa: E402
 
 from compress_minilm import batches, embed  # noqa: E402  (this folder: the same tokenising and pooling)
 

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 import gblrc
-from gblrc.export import export_onnx
-from gblrc.precision import to_fp16
+from gblrc.export.graph import export_onnx
+from gblrc.export.precision import to_fp16
 
 torch.manual_seed(0)
 layers = []
@@ -47,7 +47,7 @@ for p in ("fp32", "fp16"):
     print(f"FFN stack {p}: cost ratio {rep['achieved_ratio']:.3f}; {lr.parity_line()}", *lr.precision_lines())
 if os.environ.get("MINILM") == "1":
     try:
-        from gblrc.zoo import load_minilm
+        from gblrc.io.zoo import load_minilm
         dense, tok = load_minilm()
     except Exception as e:  # the model package is optional
         print(f"MiniLM skipped: {e}")

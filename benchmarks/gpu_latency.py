@@ -3,7 +3,7 @@
     python benchmarks/gpu_latency.py DENSE.onnx LOWERED.onnx [--repeats 50] [--cuda-graph]
     python benchmarks/gpu_latency.py DENSE.onnx LOWERED.onnx --provider cpu     # the same checks on CPU
 
-Feeds: `gblrc bench`'s (gblrc.bench.make_feeds) at the models' static shapes (symbolic dims: --dim N).
+Feeds: `gblrc bench`'s (gblrc.export.bench.make_feeds) at the models' static shapes (symbolic dims: --dim N).
 Parity: the lowered model's outputs from the timed session on the chosen provider against the same
 model on the CPU provider (max relative error, must be <= --rtol; an fp16 model is compared with its own
 CPU run, so use --rtol 1e-2 for fp16).  Latency: gblrc.runtime.timing (the timing harness of `gblrc bench`
@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from gblrc.bench import graph_inputs, make_feeds
+from gblrc.export.bench import graph_inputs, make_feeds
 from gblrc.runtime.timing import CPU, CUDA, best_of_sessions, timing_session
 
 

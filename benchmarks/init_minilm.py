@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from gblrc.init import fit_dense, relative_error, svd_layer
-from gblrc.zoo import minilm_linears
+from gblrc.nn.fit import relative_error
+from gblrc.nn.layer import fit_dense, svd_layer
+from gblrc.io.zoo import minilm_linears
 
 
 def main(argv=None) -> int:

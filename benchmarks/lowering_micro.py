@@ -23,7 +23,7 @@ from gblrc.passes.choose_products import is_tile  # noqa: E402
 from gblrc.passes.cost_model import DEFAULT_COST_MODEL  # noqa: E402
 from gblrc.passes.lower_gblr import LowerGBLR  # noqa: E402
 from gblrc.runtime import timing  # noqa: E402
-from gblrc.structure import Block, GBLRWeights, Span, Structure, cyclic_spans  # noqa: E402
+from gblrc.ir.structure import Block, GBLRWeights, Span, Structure, cyclic_spans  # noqa: E402
 
 N_IN, N_OUT = 384, 1536
 

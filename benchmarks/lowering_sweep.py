@@ -37,7 +37,7 @@ from gblrc.passes.choose_products import is_tile  # noqa: E402
 from gblrc.passes.cost_model import DEFAULT_COST_MODEL  # noqa: E402
 from gblrc.passes.lower_gblr import LowerGBLR  # noqa: E402
 from gblrc.passes.timing import CPU, Runner, effective_threads, make_session, time_runs  # noqa: E402
-from gblrc.structure import Block, GBLRWeights, Structure, cyclic_spans  # noqa: E402
+from gblrc.ir.structure import Block, GBLRWeights, Structure, cyclic_spans  # noqa: E402
 
 SHAPES = ((384, 384), (384, 1536), (1536, 384))  # (n_in, n_out)
 MODES = ("overlap", "grid", "bands")

@@ -1,7 +1,7 @@
 """Whole-model latency: MiniLM with GBLR layers, lowered by `gblrc lower`, vs the dense ONNX export.
 
 All 36 encoder Linear layers become GBLR layers at --budget, initialised from the pretrained weights
-(--init svd: truncated SVD, i.e. full-width blocks; --init gblr: block pursuit, gblrc.init.fit_dense).
+(--init svd: truncated SVD, i.e. full-width blocks; --init gblr: block pursuit, gblrc.nn.layer.fit_dense).
 Both models run in ONNX Runtime (CPU provider, --threads threads) on the same --batch x --seq tokens,
 interleaved, --repeats runs each; prints medians' ratio and the FLOP ratio of the compressed layers.
 Usage: python benchmarks/minilm_latency.py [--budget 0.4] [--init svd|gblr] [--repeats 15]
@@ -19,10 +19,10 @@ import onnxruntime as ort
 import torch
 
 from gblrc import GBLRLinear, lower
-from gblrc.export import export_onnx
-from gblrc.init import fit_dense, svd_layer
+from gblrc.export.graph import export_onnx
+from gblrc.nn.layer import fit_dense, svd_layer
 from gblrc.runtime import timing
-from gblrc.zoo import english_sentences, load_minilm, minilm_linears
+from gblrc.io.zoo import english_sentences, load_minilm, minilm_linears
 
 
 def _set(root, name, new):

@@ -27,13 +27,13 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 import gblrc  # noqa: E402
-from gblrc.export import export_onnx  # noqa: E402
-from gblrc.layer import GBLRLinear  # noqa: E402
+from gblrc.export.graph import export_onnx  # noqa: E402
+from gblrc.nn.layer import GBLRLinear  # noqa: E402
 from gblrc.runtime import timing  # noqa: E402
 from gblrc.passes import run_pipeline  # noqa: E402
 from gblrc.passes.build import write_gblr_node  # noqa: E402
-from gblrc.structure import ONNX_DOMAIN, ONNX_OP  # noqa: E402
-from gblrc.zoo import english_sentences, load_minilm  # noqa: E402
+from gblrc.ir.structure import ONNX_DOMAIN, ONNX_OP  # noqa: E402
+from gblrc.io.zoo import english_sentences, load_minilm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from compress_minilm import batches, embed  # noqa: E402

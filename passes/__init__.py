@@ -11,20 +11,11 @@ violated precondition raises PassError("pass '<name>': ...").
 """
 from __future__ import annotations
 
-from typing import Sequence
-
-import onnx
 import onnx_graphsurgeon as gs
 
-from .base import Pass, PassError, PassResult, run_passes
-from .choose_products import ChooseProducts
-from .cleanup import Cleanup
+from .base import Pass, PassError, PassResult
 from .cost_model import DEFAULT_COST_MODEL, CostModel
-from .dense_fallback import DenseFallback
-from .lower_gblr import LowerGBLR
-from .lower_gblr_conv import LowerGBLRConv
-from .lower_timed import TimedLowering
-from .merge_blocks import MergeBlocks
+from .pipeline import DEFAULT_PIPELINE, PASSES, TIMED_PIPELINE, run_pipeline
 from .tune import TuneConfig, run_tuned_pipeline, tuned_pipeline
 
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # graph-surgeon's info/warning chatter is not for our users
@@ -33,24 +24,3 @@ __all__ = [
     "PASSES", "DEFAULT_PIPELINE", "TIMED_PIPELINE", "run_pipeline", "Pass", "PassError", "PassResult", "CostModel",
     "DEFAULT_COST_MODEL", "TuneConfig", "run_tuned_pipeline", "tuned_pipeline",
 ]
-
-PASSES: dict[str, Pass] = {
-    p.name: p for p in (MergeBlocks(), ChooseProducts(), DenseFallback(), LowerGBLRConv(), LowerGBLR(), TimedLowering(),
-                        Cleanup())
-}
-
-# lower-gblr-conv (GBLRConv nodes -> Conv) runs before lower-gblr, which ensures standard ops only.
-DEFAULT_PIPELINE: tuple[str, ...] = ("merge-blocks", "choose-products", "dense-fallback", "lower-gblr-conv", "lower-gblr",
-                                     "cleanup")
-
-# Autotuning: the lowering of every layer is chosen by timing it on ONNX Runtime CPU (slower, needs onnxruntime).
-TIMED_PIPELINE: tuple[str, ...] = ("merge-blocks", "choose-products", "lower-gblr-conv", "lower-timed", "cleanup")
-
-
-def run_pipeline(model: onnx.ModelProto, names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[PassResult]]:
-    """Run the named passes (default: DEFAULT_PIPELINE) in order; unknown names raise PassError."""
-    names = list(DEFAULT_PIPELINE if names is None else names)
-    unknown = [n for n in names if n not in PASSES]
-    if unknown:
-        raise PassError(unknown[0], f"unknown pass; known passes: {', '.join(PASSES)}")
-    return run_passes(model, [PASSES[n] for n in names])

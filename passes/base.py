@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from gblrc.conv_ir import ONNX_CONV_OP, ConvGeometry, conv_from_onnx_attributes
-from gblrc.structure import (
+from gblrc.ir.conv import ONNX_CONV_OP, ConvGeometry, conv_from_onnx_attributes
+from gblrc.ir.structure import (
     ONNX_DOMAIN,
     ONNX_OP,
     GBLRWeights,

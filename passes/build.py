@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from gblrc.structure import GBLRWeights, pack_factors, to_onnx_attributes
+from gblrc.ir.structure import GBLRWeights, pack_factors, to_onnx_attributes
 
 __all__ = ["Builder", "write_gblr_node", "detach", "unique_prefix"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gblrc.structure import Block, GBLRWeights, Structure
+from gblrc.ir.structure import Block, GBLRWeights, Structure
 
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node
 from .build import write_gblr_node

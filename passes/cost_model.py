@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gblrc.structure import Block, Structure
+from gblrc.ir.structure import Block, Structure
 
-__all__ = ["CostModel", "DEFAULT_COST_MODEL", "TOKENS", "DENSE_MARGIN"]
+__all__ = ["CostModel", "DEFAULT_COST_MODEL", "TOKENS", "DENSE_MARGIN", "Segment", "plan_segments", "segmented_cost"]
 
 TOKENS = 1024  # rows of X the estimates assume (batch x sequence)
 DENSE_MARGIN = 0.6  # a structured lowering must be estimated below this fraction of dense to be chosen
@@ -91,8 +91,6 @@ class CostModel:
         dense = self.dense(s, bias)
         if not s.blocks:
             return "dense", dense
-        from .lower_segmented import segmented_cost
-
         options = {
             "stacked": self.stacked(s, bias),
             "sliced": self.sliced(s, bias, tiles),
@@ -102,6 +100,85 @@ class CostModel:
         if options[name] < self.dense_margin * dense:
             return name, options[name]
         return "dense", dense
+
+
+# -- the segmented lowering's plan and cost (lower_segmented.py builds it) --------------------
+
+@dataclass(frozen=True)
+class Segment:
+    """Output rows [start, stop) computed from the codes of ``blocks`` (block indices, sorted)."""
+
+    start: int
+    stop: int
+    blocks: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return self.stop - self.start
+
+    def rank(self, s: Structure) -> int:
+        """Codes this segment reads: the summed rank of its blocks."""
+        return sum(s.blocks[i].rank for i in self.blocks)
+
+
+def _segment_cost(model: CostModel, s: Structure, seg: Segment) -> float:
+    r = seg.rank(s)
+    gather = model.copy(r) if len(seg.blocks) > 1 else 0.0
+    return gather + model.matmul(max(r, 1), seg.width)
+
+
+def _boundaries(s: Structure) -> list[int]:
+    cuts = {0, s.out_features}
+    for b in s.blocks:
+        for sp in b.rows:
+            cuts.update((sp.start, sp.stop))
+    return sorted(cuts)
+
+
+def plan_segments(s: Structure, model: CostModel) -> list[Segment]:
+    """Row segments covering [0, n_out), in order, merged greedily while the estimate drops."""
+    cuts = _boundaries(s)
+    segs = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        cover = tuple(i for i, blk in enumerate(s.blocks) if any(sp.start <= a and b <= sp.stop for sp in blk.rows))
+        segs.append(Segment(a, b, cover))
+    if not any(g.blocks for g in segs):
+        return [Segment(0, s.out_features, ())]
+
+    def merged(x: Segment, y: Segment) -> Segment:
+        return Segment(x.start, y.stop, tuple(sorted(set(x.blocks) | set(y.blocks))))
+
+    while len(segs) > 1:
+        best, gain = None, 0.0
+        for i in range(len(segs) - 1):
+            x, y = segs[i], segs[i + 1]
+            g = _segment_cost(model, s, x) + _segment_cost(model, s, y) - _segment_cost(model, s, merged(x, y))
+            if not x.blocks or not y.blocks:
+                g = float("inf")  # an uncovered segment has nothing to compute it from
+            if g > gain:
+                best, gain = i, g
+        if best is None:
+            break
+        segs[best:best + 2] = [merged(segs[best], segs[best + 1])]
+    return segs
+
+
+def _codes_cost(model: CostModel, s: Structure, tiles: frozenset[int]) -> float:
+    full = [b for b in s.blocks if b.n_cols == s.in_features and len(b.cols) == 1]
+    t = model.matmul(s.in_features, sum(b.rank for b in full)) if full else 0.0
+    for i, b in enumerate(s.blocks):
+        if not (b.n_cols == s.in_features and len(b.cols) == 1):
+            t += model.block_codes(b, s.in_features, i in tiles)
+    return t
+
+
+def segmented_cost(model: CostModel, s: Structure, bias: bool, tiles: frozenset[int] = frozenset()) -> float:
+    """Estimated seconds of the segmented lowering of a layer."""
+    segs = plan_segments(s, model)
+    t = _codes_cost(model, s, tiles) + sum(_segment_cost(model, s, g) for g in segs)
+    if len(segs) > 1:
+        t += model.copy(s.out_features)
+    return t + (model.copy(s.out_features) if bias else 0.0)
 
 
 DEFAULT_COST_MODEL = CostModel()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gblrc.structure import GBLRWeights
+from gblrc.ir.structure import GBLRWeights
 
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node
 from .build import Builder, detach, unique_prefix

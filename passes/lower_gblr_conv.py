@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gblrc.conv_ir import ConvGeometry
-from gblrc.structure import GBLRWeights
+from gblrc.ir.conv import ConvGeometry
+from gblrc.ir.structure import GBLRWeights
 
 from .base import Pass, PassResult, gblr_conv_nodes, read_gblr_conv_node
 from .build import Builder, detach, unique_prefix

@@ -23,13 +23,12 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from gblrc.structure import GBLRWeights
+from gblrc.ir.structure import GBLRWeights
 
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node
 from .choose_products import is_tile
-from .cost_model import DEFAULT_COST_MODEL, CostModel
+from .cost_model import DEFAULT_COST_MODEL, CostModel, plan_segments
 from .lower_gblr import LOWERINGS, lower_node
-from .lower_segmented import plan_segments
 from .timing import Runner, environment, key_hash, make_session, read_json, resolve_provider, time_interleaved, write_json
 
 __all__ = ["TimedLowering", "TuneCache", "candidate_model", "candidate_strategies", "layer_key", "time_strategies"]

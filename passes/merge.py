@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from gblrc.structure import Block, GBLRWeights, Span, Structure
+from gblrc.ir.structure import Block, GBLRWeights, Span, Structure
 
 __all__ = ["union_spans", "merge_pair", "merge_blocks"]
 

@@ -19,11 +19,12 @@ from typing import Callable, Sequence
 
 import onnx
 
-from .base import Pass, PassResult, run_passes
+from .base import Pass, PassError, PassResult, run_passes
 from .calibrate import Calibration, calibrated_cost_model
 from .cost_model import TOKENS, CostModel, CostModelPass
 from .lower_gblr import LowerGBLR
 from .lower_timed import Measure, TimedLowering, TuneCache
+from .pipeline import DEFAULT_PIPELINE, PASSES
 from .timing import cache_dir, effective_threads, resolve_provider
 
 __all__ = ["TuneConfig", "TuneSetup", "TUNE_MARGIN", "RECHECK_ABOVE", "prepare_tuning", "tuned_pipeline", "tuned_passes",
@@ -89,7 +90,7 @@ def prepare_tuning(config: TuneConfig) -> TuneSetup:
 def tuned_pipeline(default: Sequence[str] | None = None) -> list[str]:
     """The default pipeline with dense-fallback dropped (timing decides) and lower-gblr -> lower-timed."""
     if default is None:
-        from . import DEFAULT_PIPELINE as default
+        default = DEFAULT_PIPELINE
     out = []
     for n in default:
         if n == "dense-fallback":
@@ -100,8 +101,6 @@ def tuned_pipeline(default: Sequence[str] | None = None) -> list[str]:
 
 def tuned_passes(names: Sequence[str], setup: TuneSetup) -> list[Pass]:
     """Pass instances for ``names``: cost-model passes get the calibrated model, lower-timed the timing setup."""
-    from . import PASSES
-
     c = setup.config
     out: list[Pass] = []
     for n in names:
@@ -122,8 +121,6 @@ def tuned_passes(names: Sequence[str], setup: TuneSetup) -> list[Pass]:
 def run_tuned_pipeline(model: onnx.ModelProto, config: TuneConfig | None = None,
                        names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[PassResult], TuneSetup]:
     """Run ``names`` (default: tuned_pipeline()) configured by ``config``; unknown names raise PassError."""
-    from . import PASSES, PassError
-
     names = list(tuned_pipeline() if names is None else names)
     unknown = [n for n in names if n not in PASSES]
     if unknown:

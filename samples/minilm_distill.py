@@ -50,7 +50,7 @@ def main(argv=None):
 
     import gblrc
     from gblrc.cli import main as cli
-    from gblrc.zoo import english_sentences, load_minilm, minilm_path
+    from gblrc.io.zoo import english_sentences, load_minilm, minilm_path
 
     sents = english_sentences()
     held = sents[-a.heldout_sentences:]

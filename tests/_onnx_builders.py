@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gblrc.structure import (
+from gblrc.ir.structure import (
     ONNX_DOMAIN, ONNX_OP, GBLRWeights, Structure, cyclic_spans, merge_same_intervals, pack_factors, to_onnx_attributes,
 )
 

@@ -1,4 +1,4 @@
-"""Sensitivity-based budget allocation across layers (gblrc.allocate, compress(allocate="sensitivity"))."""
+"""Sensitivity-based budget allocation across layers (gblrc.learn.allocate, compress(allocate="sensitivity"))."""
 from __future__ import annotations
 
 import copy
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gblrc
-from gblrc.allocate import _interpolate, allocate_budgets, sensitivity_curves, solve_allocation
-from gblrc.calib import input_covariances
+from gblrc.learn.allocate import _interpolate, allocate_budgets, sensitivity_curves, solve_allocation
+from gblrc.learn.calib import input_covariances
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Data-aware initialisation: whitened truncated SVD and the sequential refit (gblrc.calib)."""
+"""Data-aware initialisation: whitened truncated SVD and the sequential refit (gblrc.learn.calib)."""
 from __future__ import annotations
 
 import copy
@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import gblrc
-from gblrc.calib import call_order, input_covariances, sequential_refit, whiten_layer
-from gblrc.init import svd_layer
-from gblrc.train import TrainConfig
+from gblrc.learn.calib import call_order, input_covariances, sequential_refit, whiten_layer
+from gblrc.nn.layer import svd_layer
+from gblrc.learn.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,6 +95,6 @@ def test_layers_that_share_an_input_are_grouped():
         def forward(self, x):
             return self.o(self.q(x) * self.k(x))
 
-    from gblrc.calib import call_groups
+    from gblrc.learn.calib import call_groups
 
     assert call_groups(Attn(), ["o", "k", "q"], torch.randn(2, 8)) == [["q", "k"], ["o"]]

@@ -13,7 +13,7 @@ from gblrc.passes import calibrate as C
 from gblrc.passes import timing
 from gblrc.passes.calibrate import calibrated_cost_model, fit_cost_model, measure_samples, synthetic_samples
 from gblrc.passes.cost_model import CostModel
-from gblrc.structure import Block, Span, Structure
+from gblrc.ir.structure import Block, Span, Structure
 
 KNOWN = [CostModel(peak_macs=80e9, bandwidth=20e9, op_overhead=5e-6, thin=24.0, tokens=512),
          CostModel(peak_macs=300e9, bandwidth=6e9, op_overhead=2e-5, thin=8.0, tokens=1024),

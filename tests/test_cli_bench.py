@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import gblrc
-from gblrc.bench import make_feeds
+from gblrc.export.bench import make_feeds
 from gblrc.errors import GblrcError
 from test_cli_lower import clean_failure, ok, run
 from test_export import mlp

@@ -11,7 +11,7 @@ from torch import nn
 
 import gblrc
 from gblrc.cli import main
-from gblrc.layer import GBLRLinear
+from gblrc.nn.layer import GBLRLinear
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,7 +202,7 @@ def test_hugging_face_folder_with_text_data(tmp_path):
 
     from transformers import BertConfig, BertModel
 
-    from gblrc.zoo import english_sentences, minilm_path
+    from gblrc.io.zoo import english_sentences, minilm_path
 
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=128, architectures=["BertModel"])
@@ -290,12 +290,12 @@ def test_data_from_a_python_function(files, tmp_path):
 
 
 def test_failure_while_writing_leaves_no_output(files, tmp_path, monkeypatch):
-    import gblrc.report
+    import gblrc.learn.report
 
     def broken(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(gblrc.report, "draw_structure", broken)
+    monkeypatch.setattr(gblrc.learn.report, "draw_structure", broken)
     out = tmp_path / "w.gblr.pt"
     r = invoke(files / "mlp.pt", "--budget", "0.5", "-o", out, "-q")
     assert r.exit_code != 0 and isinstance(r.exception, OSError)

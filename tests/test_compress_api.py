@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import gblrc
-from gblrc.layer import GBLRLinear
+from gblrc.nn.layer import GBLRLinear
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -148,7 +148,7 @@ def test_seed_reproducible_and_seed_matters():
 
 
 def test_checkpoint_resume_matches_uninterrupted(tmp_path, monkeypatch):
-    from gblrc import train
+    from gblrc.learn import train
 
     x, y = mlp_data()
     data = {"inputs": x, "targets": y}
@@ -176,7 +176,7 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_compress_stays_a_function_after_the_implementation_module_is_imported():
-    import gblrc.compressor as mod
+    import gblrc.learn.compress as mod
 
     assert gblrc.compress is not mod and callable(gblrc.compress)
     with pytest.raises(ValueError, match="budget"):

@@ -11,10 +11,10 @@ from torch import nn
 
 from _samples import randomize
 from gblrc import GBLRConv2d, GBLRLinear
-from gblrc.budget import compact, cost_ratio, fit_to_budget
-from gblrc.calib import input_covariances, layer_rows, whiten_layer
-from gblrc.init import svd_layer
-from gblrc.replace import find_linears, replace_linears
+from gblrc.learn.budget import compact, cost_ratio, fit_to_budget
+from gblrc.learn.calib import input_covariances, layer_rows, whiten_layer
+from gblrc.nn.layer import svd_layer
+from gblrc.nn.replace import find_linears, replace_linears
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

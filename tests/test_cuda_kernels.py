@@ -26,7 +26,7 @@ from gblrc.passes import PASSES
 from gblrc.passes.base import run_passes
 from gblrc.passes.lower_gblr import LowerGBLR
 from gblrc.passes.lower_gblr_conv import LowerGBLRConv
-from gblrc.precision import to_fp16
+from gblrc.export.precision import to_fp16
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,7 +115,7 @@ def test_linear_lowerings_have_cuda_kernels(strategy):
 def test_conv_lowerings_have_cuda_kernels(strategy):
     from test_pass_lower_conv import conv_node_model
 
-    from gblrc.conv_ir import ConvGeometry
+    from gblrc.ir.conv import ConvGeometry
 
     geo = ConvGeometry((3, 3), (1, 1), (1, 1, 1, 1))
     w = random_weights(np.random.default_rng(3), 4 * 9, 6, 3, 2)

@@ -13,9 +13,9 @@ from torch import nn
 
 from _samples import randomize
 from gblrc import GBLRLinear
-from gblrc.export import export_onnx
-from gblrc.onnx_reference import reference_run
-from gblrc.structure import from_onnx_attributes, pack_factors, to_onnx_attributes
+from gblrc.export.graph import export_onnx
+from gblrc.export.reference import reference_run
+from gblrc.ir.structure import from_onnx_attributes, pack_factors, to_onnx_attributes
 
 
 def random_layer(n_in, n_out, K, r, bias, seed, empty=False):
@@ -175,7 +175,7 @@ def test_lower_keep_gblr_ops(tmp_path):
 def test_lower_failure_leaves_no_file(tmp_path, monkeypatch):
     """A lowering that breaks the numbers is caught by the parity check; nothing is written."""
     import gblrc
-    import gblrc.lowering as L
+    import gblrc.export.lowering as L
     from gblrc.errors import GblrcError
 
     def corrupt(model, names=None):  # scale the first bias: a wrong result, still a valid graph

@@ -148,7 +148,7 @@ def test_onnx_compat_diff_and_bool_cumsum():
     import io
     import warnings
 
-    from gblrc.onnx_compat import register
+    from gblrc.export.symbolic import register
 
     class M(torch.nn.Module):
         def forward(self, p, f):

@@ -11,7 +11,7 @@ from torch import nn
 
 import gblrc
 from gblrc import GBLRConv2d, GBLRLinear
-from gblrc.budget import cost_ratio
+from gblrc.learn.budget import cost_ratio
 from gblrc.cli import main
 from gblrc.runtime import make_session
 

@@ -12,9 +12,9 @@ from torch import nn
 
 import gblrc
 from gblrc.cli import main
-from gblrc.fidelity import Fidelity, eval_batches
-from gblrc.objective import augment_tokens
-from gblrc.target import compress_to_fidelity, holdout
+from gblrc.learn.fidelity import Fidelity, eval_batches
+from gblrc.learn.objective import augment_tokens
+from gblrc.learn.target import compress_to_fidelity, holdout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -198,7 +198,7 @@ def bert_folder(tmp_path_factory):
 
     from transformers import BertConfig, BertModel
 
-    from gblrc.zoo import english_sentences, minilm_path
+    from gblrc.io.zoo import english_sentences, minilm_path
 
     d = tmp_path_factory.mktemp("bert")
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -215,7 +215,7 @@ def bert_folder(tmp_path_factory):
 
 
 def test_cli_general_text_mixes_built_in_english_into_text_data(bert_folder, tmp_path):
-    from gblrc.zoo import mix_text
+    from gblrc.io.zoo import mix_text
 
     lines = [f"Line number {i} of the user's own text." for i in range(10)]
     mixed = mix_text(lines, 60)

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gblrc.init import fit_dense, relative_error, svd_layer, svd_rank_for_budget
-from gblrc.layer import GBLRLinear
+from gblrc.nn.fit import relative_error, svd_rank_for_budget
+from gblrc.nn.layer import fit_dense, svd_layer
+from gblrc.nn.layer import GBLRLinear
 
 
 @pytest.fixture(autouse=True, scope="module")

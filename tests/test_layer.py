@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from gblrc.layer import GBLRLinear
-from gblrc.masks import boxcar_mask, gaudi_mask
+from gblrc.nn.layer import GBLRLinear
+from gblrc.nn.masks import boxcar_mask, gaudi_mask
 
 
 def make(n_in=12, n_out=9, K=4, r=2, seed=0):

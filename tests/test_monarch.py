@@ -1,4 +1,4 @@
-"""The Monarch baseline (gblrc.monarch): projection, forward, cost, budget choice, replacement, ONNX."""
+"""The Monarch baseline (gblrc.nn.monarch): projection, forward, cost, budget choice, replacement, ONNX."""
 from __future__ import annotations
 
 import io
@@ -14,7 +14,7 @@ from torch import nn
 
 from _samples import load_families
 import gblrc
-from gblrc.monarch import (MonarchLinear, monarch_cost, monarch_links, monarch_project, monarch_shapes,
+from gblrc.nn.monarch import (MonarchLinear, monarch_cost, monarch_links, monarch_project, monarch_shapes,
                            nblocks_for_budget, replace_with_monarch)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

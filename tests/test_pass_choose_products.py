@@ -6,7 +6,7 @@ from gblrc.passes import PASSES
 from gblrc.passes.base import gblr_nodes, import_graph, read_gblr_node, run_passes
 from gblrc.passes.lower_gblr import LowerGBLR
 from gblrc.passes.choose_products import ChooseProducts, as_tile, is_tile
-from gblrc.structure import Block, Span
+from gblrc.ir.structure import Block, Span
 
 
 def _mixed():

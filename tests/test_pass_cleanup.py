@@ -7,7 +7,7 @@ from gblrc.passes import PASSES
 from gblrc.passes.base import import_graph, run_passes
 from gblrc.passes.cleanup import Cleanup
 from gblrc.passes.lower_gblr import LowerGBLR
-from gblrc.structure import Block, Span
+from gblrc.ir.structure import Block, Span
 
 
 def _lowered_sliced():
@@ -47,7 +47,7 @@ def test_cleanup_removes_dead_nodes_and_folds_constants():
     after = op_counts(out)
     assert res[0].changed and res[0].counts["nodes_removed"] == 2
     assert "Relu" not in after and "Neg" not in after and after["Add"] == before["Add"]
-    from gblrc.structure import GBLRWeights
+    from gblrc.ir.structure import GBLRWeights
     assert_matches(out, GBLRWeights(w.structure, w.U, w.V, w2_bias), lead=(2, 3))
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 
 from gblrc.passes.cost_model import DEFAULT_COST_MODEL as M, CostModel
-from gblrc.structure import Block, Span, Structure, cyclic_spans
+from gblrc.ir.structure import Block, Span, Structure, cyclic_spans
 
 N_IN, N_OUT = 384, 1536
 

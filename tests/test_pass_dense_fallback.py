@@ -6,7 +6,7 @@ from _onnx_builders import assert_matches, fixed_weights, gblr_model, op_counts
 from gblrc.passes import PASSES, run_pipeline
 from gblrc.passes.base import gblr_nodes, import_graph, run_passes
 from gblrc.passes.dense_fallback import DenseFallback
-from gblrc.structure import Block, Span
+from gblrc.ir.structure import Block, Span
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -10,10 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from _onnx_builders import factor_inputs, op_counts, ort_run, random_weights
 from gblrc import GBLRConv2d
-from gblrc.conv_ir import ONNX_CONV_OP, ConvGeometry, conv_from_onnx_attributes, conv_to_onnx_attributes
-from gblrc.export import export_onnx
-from gblrc.onnx_reference import reference_run
-from gblrc.structure import ONNX_DOMAIN, ONNX_OP, StructureError, pack_factors, to_onnx_attributes
+from gblrc.ir.conv import ONNX_CONV_OP, ConvGeometry, conv_from_onnx_attributes, conv_to_onnx_attributes
+from gblrc.export.graph import export_onnx
+from gblrc.export.reference import reference_run
+from gblrc.ir.structure import ONNX_DOMAIN, ONNX_OP, StructureError, pack_factors, to_onnx_attributes
 from gblrc.passes import DEFAULT_PIPELINE, PASSES, TIMED_PIPELINE, PassError, run_pipeline
 from gblrc.passes.base import PROPERTIES, import_graph, run_passes
 from gblrc.passes.lower_gblr_conv import LowerGBLRConv, choose_conv_strategy
@@ -95,7 +95,7 @@ def test_empty_structure_lowers_to_bias_only():
 
 def test_strategy_by_flops_and_cost_model():
     rng = np.random.default_rng(0)
-    from gblrc.structure import Block, GBLRWeights, Span, Structure
+    from gblrc.ir.structure import Block, GBLRWeights, Span, Structure
 
     def full(n_in, n_out, R):
         s = Structure(n_in, n_out, (Block((Span(0, n_out),), (Span(0, n_in),), R),))

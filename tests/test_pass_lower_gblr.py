@@ -8,7 +8,7 @@ from _onnx_builders import assert_matches, fixed_weights, gblr_model, max_rel_er
 from gblrc.passes import PASSES, run_pipeline
 from gblrc.passes.base import run_passes
 from gblrc.passes.lower_gblr import LowerGBLR, stacked_factors
-from gblrc.structure import Block, Span
+from gblrc.ir.structure import Block, Span
 
 
 def test_full_width_structure_lowers_to_rank_R_pair_of_products():

@@ -6,8 +6,8 @@ from _onnx_builders import assert_matches, fixed_weights, gblr_model, op_counts,
 from gblrc.passes import PASSES, DEFAULT_COST_MODEL, CostModel
 from gblrc.passes.base import run_passes
 from gblrc.passes.lower_gblr import LowerGBLR
-from gblrc.passes.lower_segmented import Segment, plan_segments, segmented_cost
-from gblrc.structure import Block, Span, Structure
+from gblrc.passes.cost_model import Segment, plan_segments, segmented_cost
+from gblrc.ir.structure import Block, Span, Structure
 
 
 def two_row_bands(rank=32):

@@ -7,7 +7,7 @@ from _onnx_builders import assert_matches, chain_model, fixed_weights, gblr_mode
 from gblrc.passes import PASSES, TIMED_PIPELINE, PassError, run_pipeline
 from gblrc.passes.base import run_passes
 from gblrc.passes.lower_timed import TimedLowering, candidate_model, time_strategies
-from gblrc.structure import Block, Span
+from gblrc.ir.structure import Block, Span
 
 
 def _w():

@@ -8,7 +8,7 @@ from gblrc.passes.base import gblr_nodes, import_graph, read_gblr_node, run_pass
 from gblrc.passes.cost_model import CostModel
 from gblrc.passes.merge import merge_blocks, merge_pair, union_spans
 from gblrc.passes.merge_blocks import MergeBlocks
-from gblrc.structure import Block, Span
+from gblrc.ir.structure import Block, Span
 
 seeds = st.integers(0, 2**32 - 1)
 

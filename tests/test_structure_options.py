@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from torch import nn
 
 import gblrc
-from gblrc.budget import fit_to_budget
+from gblrc.learn.budget import fit_to_budget
 from gblrc.cli import main
-from gblrc.layer import GBLRLinear
-from gblrc.masks import boxcar_mask, hard_locations, hard_widths, quantize_ste
+from gblrc.nn.layer import GBLRLinear
+from gblrc.nn.masks import boxcar_mask, hard_locations, hard_widths, quantize_ste
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

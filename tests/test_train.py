@@ -3,11 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from gblrc.budget import LambdaController, compact, cost_ratio, fit_to_budget, proximal_step
-from gblrc.data import batch_stream, split_batch
-from gblrc.layer import GBLRLinear
-from gblrc.objective import Objective, task_loss
-from gblrc.train import TrainConfig
+from gblrc.learn.budget import LambdaController, compact, cost_ratio, fit_to_budget, proximal_step
+from gblrc.learn.data import batch_stream, split_batch
+from gblrc.nn.layer import GBLRLinear
+from gblrc.learn.objective import Objective, task_loss
+from gblrc.learn.train import TrainConfig
 
 
 def layer(n_in=40, n_out=24, K=12, seed=0):
@@ -131,7 +131,7 @@ def test_losses():
 
 
 def test_generator_data_is_replayed_from_the_start():
-    from gblrc.data import replayable
+    from gblrc.learn.data import replayable
 
     gen = (torch.full((1, 2), float(i)) for i in range(4))
     data = replayable(gen)

@@ -17,14 +17,14 @@ from _onnx_builders import assert_matches, chain_model, fixed_weights, gblr_mode
 from gblrc import GBLRLinear
 from gblrc.cli import main
 from gblrc.errors import GblrcError
-from gblrc.lowering import lower, tokens_from_inputs
+from gblrc.export.lowering import lower, tokens_from_inputs
 from gblrc.passes import DEFAULT_PIPELINE, TuneConfig, run_tuned_pipeline, tuned_pipeline
 from gblrc.passes.base import run_passes
 from gblrc.passes.cost_model import DEFAULT_COST_MODEL
 from gblrc.passes.lower_timed import TimedLowering, TuneCache, candidate_strategies
 from gblrc.passes.timing import CACHE_ENV
 from gblrc.runtime import make_session
-from gblrc.structure import Block, Span
+from gblrc.ir.structure import Block, Span
 
 
 class FakeTimer:
@@ -282,7 +282,7 @@ def test_lower_api_reports_a_bad_provider_cleanly(tmp_path):
 
 def test_lowerings_that_multiply_more_than_dense_are_not_candidates():
     from gblrc.passes.lower_timed import TimedLowering, realised_macs
-    from gblrc.structure import Block, GBLRWeights, Span, Structure
+    from gblrc.ir.structure import Block, GBLRWeights, Span, Structure
     import numpy as np
 
     # 6 narrow blocks of rank 48 on a 96 x 96 layer: stacked would multiply 288 x 192 > 96 x 96

@@ -1,0 +1,378 @@
+"""`gblrc.lower`: export a model with GBLR layers to ONNX, run the passes, check, write.
+
+Pipeline: export (one gblrc::GBLRLinear node per layer) -> passes (unless keep_gblr_ops)
+-> onnx.checker (full_check) -> parity against PyTorch on the example inputs -> atomic write.
+Any failure raises GblrcError and leaves no output file.
+
+Deployment precision (:mod:`gblrc.export.precision`): ``precision="fp16"`` converts the checked fp32 graph
+to half precision (LayerNorm, Softmax and reductions kept in fp32) and gates it against PyTorch at
+the fp16 tolerance; ``quantize="int8"`` quantises it with ONNX Runtime (dynamic or static QDQ) and
+measures and records its fidelity to the fp32 lowered graph.  ``with_dense`` also writes the dense
+reference (the same model with every GBLR layer as its dense MatMul, same precision) for `gblrc bench`.
+
+Parity runs in ONNX Runtime (:func:`gblrc.runtime.check_parity`).  A graph that still holds
+GBLRLinear nodes (``keep_gblr_ops``, or a pass list that does not lower them) is checked on a
+copy whose GBLRLinear nodes are replaced by their dense matrices (gblrc.export.reference).
+The PyTorch reference is computed in float64 (a float64 copy of the model) when possible,
+so the error reported is that of the ONNX model alone.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+
+from gblrc.errors import GblrcError
+from gblrc.export.graph import export_onnx, normalize_inputs, wrap_for_export
+from gblrc.io.fileio import atomic_path, check_output_path
+from gblrc.export.inspection import attach_metadata, structures_from_onnx
+from gblrc.export.reference import REFERENCE_NOTE, dense_reference_model, reference_run
+from gblrc.ir.conv import ONNX_CONV_OP
+from gblrc.ir.structure import ONNX_DOMAIN, ONNX_OP
+
+__all__ = ["LowerReport", "lower", "op_counts", "op_table", "run_passes", "run_tuned", "tokens_from_inputs", "load_passes",
+           "check_pass_names", "reference_check", "reference_run"]
+
+
+@dataclass
+class LowerReport:
+    path: str
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    passes: list[dict] = field(default_factory=list)  # [{"name", "changed", "counts"}]
+    max_abs_err: float = float("nan")
+    max_rel_err: float = float("nan")
+    provider: str = ""
+    gblr_layers: int = 0  # GBLRLinear + GBLRConv nodes in the exported graph (layers the forward pass uses)
+    tuning: list[dict] = field(default_factory=list)  # with tune: per layer, the measured times and the choice
+    calibration: str = ""  # with tune: how the cost model was calibrated
+    precision: str = "fp32"  # "fp32", "fp16", "int8-dynamic" or "int8-static": what the file holds
+    rtol: float = 1e-4  # the parity gate's tolerance (of the fp32 graph; of the fp16 graph with precision fp16)
+    atol: float = 1e-5
+    fp16: dict = field(default_factory=dict)  # precision fp16: {"max_abs", "max_rel", "provider", "rtol", "atol", "fp32_ops"}
+    quantization: dict = field(default_factory=dict)  # int8: {"mode", "per_channel", "fidelity", "rows", "candidates"}
+    dense_path: str = ""  # with_dense: the dense reference written beside
+    dense_max_rel_err: float = float("nan")  # with_dense: its parity (fp32 graph) against PyTorch
+
+    def precision_lines(self) -> list[str]:
+        """What the precision step did (nothing for plain fp32)."""
+        lines = []
+        if self.fp16:
+            f = self.fp16
+            lines.append(f"fp16: parity vs PyTorch (float64) on {f['provider']}: max abs error {f['max_abs']:.3g}, "
+                         f"max rel error {f['max_rel']:.3g} (fp16 tolerance rtol={f['rtol']:g}, atol={f['atol']:g}); "
+                         f"kept in fp32: {', '.join(f['fp32_ops']) or 'none'}")
+        if self.quantization:
+            q = self.quantization
+            fid = q["fidelity"]
+            how = f"per-channel {'on' if q['per_channel'] else 'off'}"
+            if len(q.get("candidates", {})) > 1:
+                c = q["candidates"]
+                how += f" (chosen by fidelity: cosine {c['on']:.4f} on, {c['off']:.4f} off)"
+            lines.append(f"int8 ({q['mode']}, {how}): fidelity to the fp32 lowered model on {q['inputs']}: "
+                         f"max rel error {fid['max_rel']:.3g}, cosine mean {fid['cosine_mean']:.4f} "
+                         f"(min {fid['cosine_min']:.4f}) over {fid['n']} rows")
+        return lines
+
+    def tune_lines(self) -> list[str]:
+        """With tune: the calibration, one line per tuned layer and a summary (else nothing)."""
+        if not self.tuning and not self.calibration:
+            return []
+        from gblrc.passes.tune import format_tuning
+
+        return ([self.calibration] if self.calibration else []) + format_tuning(self.tuning)
+
+    def parity_line(self) -> str:
+        return (f"parity vs PyTorch (float64) on {self.provider}: max abs error {self.max_abs_err:.3g}, "
+                f"max rel error {self.max_rel_err:.3g}")
+
+    def op_table(self) -> str:
+        return op_table(self.ops_before, self.ops_after)
+
+
+def op_table(before: dict[str, int], after: dict[str, int]) -> str:
+    """Node counts by op type before and after, most frequent (after) first, with totals."""
+    names = sorted(set(before) | set(after), key=lambda k: (-after.get(k, 0), k))
+    rows = [f"{'op':<28}{'before':>8}{'after':>8}"]
+    rows += [f"{k:<28}{before.get(k, 0):>8}{after.get(k, 0):>8}" for k in names]
+    rows.append(f"{'total':<28}{sum(before.values()):>8}{sum(after.values()):>8}")
+    return "\n".join(rows)
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Node counts by op type (custom-domain ops as 'domain.Op'), top-level graph."""
+    c = Counter((f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type) for n in model.graph.node)
+    return dict(sorted(c.items()))
+
+
+def _has_gblr(model: onnx.ModelProto) -> bool:
+    return any(n.domain == ONNX_DOMAIN and n.op_type in (ONNX_OP, ONNX_CONV_OP) for n in model.graph.node)
+
+
+def load_passes():
+    """The gblrc.passes module (PASSES, DEFAULT_PIPELINE, run_pipeline, PassError)."""
+    try:
+        from gblrc import passes
+        passes.PASSES, passes.DEFAULT_PIPELINE, passes.run_pipeline, passes.PassError  # noqa: B018
+    except (ImportError, AttributeError) as e:
+        raise GblrcError(f"the ONNX passes are not available ({' '.join(str(e).split())}); reinstall gblrc") from None
+    return passes
+
+
+def check_pass_names(names: Sequence[str]) -> list[str]:
+    """Stripped names; GblrcError naming the first unknown one."""
+    PASSES = load_passes().PASSES
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise GblrcError(f"unknown pass {unknown[0]!r}; choose from: {', '.join(PASSES)} (see: gblrc passes)")
+    return names
+
+
+def _summarise(results, used: Sequence[str]) -> list[dict]:
+    summary = []
+    for i, r in enumerate(results):
+        name = getattr(r, "name", None) or (used[i] if i < len(used) else f"pass{i}")
+        summary.append({"name": name, "changed": bool(getattr(r, "changed", False)),
+                        "counts": dict(getattr(r, "counts", {}) or {}),
+                        "details": list(getattr(r, "details", []) or [])})
+    return summary
+
+
+def run_tuned(model: onnx.ModelProto, config, names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[dict], str]:
+    """Autotuned passes (gblrc.passes.tune: calibrated cost model, timed lowering, cached) configured by
+    ``config`` (a TuneConfig); returns the model, the pass summary and the calibration line."""
+    P = load_passes()
+    if names is not None:
+        names = check_pass_names(names)
+    try:
+        out, results, setup = P.run_tuned_pipeline(model, config, names)
+    except P.PassError as e:
+        raise GblrcError(f"pass pipeline failed: {e}") from None
+    except ValueError as e:  # bad provider, tokens or a calibration that cannot be fitted
+        raise GblrcError(f"tuning failed: {e}") from None
+    cal = setup.calibration.describe() if setup.calibration is not None else "cost model given (no calibration)"
+    return out, _summarise(results, setup.passes), cal
+
+
+def tokens_from_inputs(inputs) -> int | None:
+    """Rows of X a linear layer sees for these example inputs: the first input's elements, over its
+    last dimension when it is floating point (features), else all of them (token ids)."""
+    for t in inputs.values():
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            continue
+        n = t.numel() // (t.shape[-1] if t.is_floating_point() and t.dim() >= 2 else 1)
+        return max(int(n), 1)
+    return None
+
+
+def run_passes(model: onnx.ModelProto, names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[dict]]:
+    """Run the pass pipeline (default: gblrc.passes.DEFAULT_PIPELINE); unknown names -> GblrcError."""
+    P = load_passes()
+    DEFAULT_PIPELINE, PassError, run_pipeline = P.DEFAULT_PIPELINE, P.PassError, P.run_pipeline
+    if names is not None:
+        names = check_pass_names(names)
+    try:
+        out, results = run_pipeline(model, names)
+    except PassError as e:
+        raise GblrcError(f"pass pipeline failed: {e}") from None
+    used = list(names) if names is not None else list(DEFAULT_PIPELINE)
+    return out, _summarise(results, used)
+
+
+# ----------------------------------------------------------------- reference evaluation
+def reference_check(model: onnx.ModelProto, feeds: dict, reference: list, *, rtol: float, atol: float):
+    """Parity of a graph that still holds GBLRLinear nodes (evaluated as their dense matrices)."""
+    from gblrc.runtime import check_parity
+
+    rep = check_parity(dense_reference_model(model), feeds, reference, rtol=rtol, atol=atol)
+    rep.provider = f"{rep.provider} ({REFERENCE_NOTE})"
+    return rep
+
+
+# ----------------------------------------------------------------- the PyTorch reference
+@torch.no_grad()
+def _torch_reference(module: torch.nn.Module, inputs) -> list[np.ndarray]:
+    """Outputs in float64 (a float64 copy of the model); the model's own dtype if that fails."""
+    names = list(inputs)
+    try:
+        m64 = copy.deepcopy(module).double().eval()
+        args = tuple(t.double() if t.is_floating_point() else t for t in inputs.values())
+        out = wrap_for_export(m64, names)(*args)
+    except Exception:
+        was = module.training
+        module.eval()
+        try:
+            out = wrap_for_export(module, names)(*inputs.values())
+        finally:
+            module.train(was)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.detach().cpu().double().numpy() for o in outs]
+
+
+PRECISIONS = ("fp32", "fp16")
+
+
+def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, passes: Sequence[str] | None = None,
+          opset: int = 17, keep_gblr_ops: bool = False, rtol: float | None = None, atol: float | None = None,
+          input_names: Sequence[str] | None = None, dynamic_axes=None, tune=False, precision: str = "fp32",
+          quantize: str | None = None, quant_mode: str = "dynamic", per_channel: bool | str = "auto",
+          calib_feeds: Sequence[dict] | None = None, with_dense: str | os.PathLike | None = None) -> LowerReport:
+    """Export ``module`` to ONNX at ``path`` with its GBLR layers lowered to standard ops.
+
+    example_inputs: a tensor, a tuple of tensors or an ordered dict name -> tensor.  passes:
+    pass names (default: the default pipeline).  keep_gblr_ops: skip the passes (the file keeps
+    gblrc::GBLRLinear nodes; ONNX Runtime cannot run it without the passes).  The result must
+    match PyTorch within ``max|a-b| <= atol + rtol * max|b|`` per output, else GblrcError and
+    no file is written.  tune: True or a gblrc.passes.TuneConfig: calibrate the cost model on the
+    provider and time each layer's candidate lowerings (dense among them), keep the fastest, cache
+    the times (see gblrc.passes.tune); its tokens default to the example inputs' rows.
+
+    precision: "fp32" or "fp16" (:func:`gblrc.export.precision.to_fp16`; the fp32 graph is checked first, at
+    rtol 1e-4 / atol 1e-5, then the fp16 graph at ``rtol``/``atol``, default FP16_RTOL / FP16_ATOL).
+    quantize: None or "int8" (:func:`gblrc.export.precision.quantize_int8` with ``quant_mode`` "dynamic" or
+    "static", the latter calibrated on ``calib_feeds``, a list of feeds name -> array);
+    ``per_channel`` True, False or "auto" (both, keeping the one closer to the fp32 graph); its fidelity
+    to the fp32 lowered graph, on the example inputs and the calibration feeds, is measured and recorded
+    in the file's metadata (``gblrc.quantization``).  with_dense: also write there the dense reference:
+    the exported graph with every GBLR layer as its dense MatMul, checked, at the same precision.
+    """
+    check_output_path(path)
+    if precision not in PRECISIONS:
+        raise GblrcError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if quantize not in (None, "int8"):
+        raise GblrcError(f"unknown quantisation {quantize!r}; the one supported is int8")
+    if quantize and precision != "fp32":
+        raise GblrcError("int8 quantisation and fp16 exclude each other (ONNX Runtime quantises fp32 graphs); "
+                         "choose one")
+    if keep_gblr_ops and (quantize or precision != "fp32"):
+        raise GblrcError("keep_gblr_ops writes an un-lowered graph; it cannot be converted to fp16 or int8")
+    if quant_mode not in ("dynamic", "static"):
+        raise GblrcError(f"unknown quantisation mode {quant_mode!r}; choose dynamic or static")
+    if with_dense is not None:
+        check_output_path(with_dense)
+        if os.path.abspath(os.fspath(with_dense)) == os.path.abspath(os.fspath(path)):
+            raise GblrcError("the dense reference path is the output path; choose another")
+    from gblrc.export.precision import FP16_ATOL, FP16_RTOL
+
+    rtol32, atol32 = (1e-4, 1e-5) if precision == "fp16" else (rtol if rtol is not None else 1e-4,
+                                                               atol if atol is not None else 1e-5)
+    if precision == "fp16":
+        rtol, atol = (rtol if rtol is not None else FP16_RTOL), (atol if atol is not None else FP16_ATOL)
+    else:
+        rtol, atol = rtol32, atol32
+    inputs = normalize_inputs(example_inputs)
+    names = list(input_names) if input_names is not None else list(inputs)
+    model = export_onnx(module, inputs, opset=opset, input_names=names, dynamic_axes=dynamic_axes)
+    exported = model
+    before = op_counts(model)
+    structures = structures_from_onnx(model)
+    results: list[dict] = []
+    calibration = ""
+    if not keep_gblr_ops and tune:
+        import dataclasses
+
+        from gblrc.passes import TuneConfig
+
+        config = tune if isinstance(tune, TuneConfig) else TuneConfig()
+        if config.tokens is None:
+            config = dataclasses.replace(config, tokens=tokens_from_inputs(inputs))
+        model, results, calibration = run_tuned(model, config, passes)
+    elif not keep_gblr_ops:
+        model, results = run_passes(model, passes)
+    attach_metadata(model, structures)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise GblrcError(f"the lowered ONNX model is invalid: {' '.join(str(e).split())[:300]}") from None
+    ref = _torch_reference(module, inputs)
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs.values())}
+    graph_inputs = {i.name for i in model.graph.input}
+    feeds = {k: v for k, v in feeds.items() if k in graph_inputs}  # inputs the graph does not use are pruned
+    rep = _gate(model, feeds, ref, rtol=rtol32, atol=atol32, what="the ONNX model")
+    report = LowerReport(path=os.fspath(path), ops_before=before, ops_after=op_counts(model), passes=results,
+                         max_abs_err=rep.max_abs, max_rel_err=rep.max_rel, provider=rep.provider,
+                         gblr_layers=before.get(f"{ONNX_DOMAIN}.{ONNX_OP}", 0) + before.get(f"{ONNX_DOMAIN}.{ONNX_CONV_OP}", 0),
+                         tuning=[d for r in results for d in r.get("details", [])], calibration=calibration,
+                         rtol=rtol32, atol=atol32)
+    out = _deploy(model, feeds, ref, report, precision=precision, quantize=quantize, quant_mode=quant_mode,
+                  per_channel=per_channel, calibration=calib_feeds, rtol=rtol, atol=atol)
+    dense = None
+    if with_dense is not None:
+        dense = dense_reference_model(exported)
+        onnx.helper.set_model_props(dense, {**{p.key: p.value for p in dense.metadata_props},
+                                            "gblrc.reference": "dense: every GBLR layer as its dense MatMul"})
+        drep = _gate(dense, feeds, ref, rtol=rtol32, atol=atol32, what="the dense reference")
+        report.dense_path, report.dense_max_rel_err = os.fspath(with_dense), drep.max_rel
+        dense = _deploy(dense, feeds, ref, LowerReport(path="", ops_before={}, ops_after={}), precision=precision,
+                        quantize=quantize, quant_mode=quant_mode, per_channel=per_channel, calibration=calib_feeds,
+                        rtol=rtol, atol=atol)
+    with atomic_path(path) as tmp:
+        if dense is not None:
+            with atomic_path(with_dense) as dtmp:
+                onnx.save(dense, os.fspath(dtmp))
+        onnx.save(out, os.fspath(tmp))
+    report.ops_after = op_counts(out)
+    return report
+
+
+def _gate(model: onnx.ModelProto, feeds: dict, ref: list, *, rtol: float, atol: float, what: str):
+    """Parity of ``model`` with the PyTorch reference; GblrcError beyond tolerance or when it cannot run."""
+    try:
+        if _has_gblr(model):
+            rep = reference_check(model, feeds, ref, rtol=rtol, atol=atol)
+        else:
+            from gblrc.runtime import check_parity
+
+            rep = check_parity(model, feeds, ref, rtol=rtol, atol=atol)
+    except GblrcError:
+        raise
+    except Exception as e:
+        raise GblrcError(f"running {what} failed: {' '.join(str(e).split())[:300]}") from None
+    if not rep.ok:
+        raise GblrcError(f"{what} does not match PyTorch: max abs error {rep.max_abs:.3g}, "
+                         f"max rel error {rep.max_rel:.3g} (tolerance rtol={rtol}, atol={atol}); no file written")
+    return rep
+
+
+def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport, *, precision: str,
+            quantize: str | None, quant_mode: str, per_channel, calibration, rtol: float, atol: float) -> onnx.ModelProto:
+    """The checked fp32 ``model`` at the precision asked for (fp16 gated, int8 measured); fills ``report``."""
+    import json
+
+    from gblrc.export.precision import FP32_OPS, quantize_checked, to_fp16
+
+    if precision == "fp16":
+        m16 = to_fp16(model)
+        try:
+            onnx.checker.check_model(m16, full_check=True)
+        except Exception as e:
+            raise GblrcError(f"the fp16 model is invalid: {' '.join(str(e).split())[:300]}") from None
+        rep = _gate(m16, feeds, ref, rtol=rtol, atol=atol, what="the fp16 ONNX model")
+        present = {n.op_type for n in model.graph.node}
+        report.precision, report.rtol, report.atol = "fp16", rtol, atol
+        report.fp16 = {"max_abs": rep.max_abs, "max_rel": rep.max_rel, "provider": rep.provider, "rtol": rtol,
+                       "atol": atol, "fp32_ops": [o for o in FP32_OPS if o in present]}
+        return m16
+    if quantize != "int8":
+        return model
+    calibration = [{k: np.asarray(v) for k, v in f.items() if k in feeds} for f in (calibration or [])]
+    check = [feeds] + calibration
+    q, pc, fid, candidates = quantize_checked(model, check, mode=quant_mode, per_channel=per_channel,
+                                              calibration=calibration)
+    n_cal = len(check) - 1
+    report.precision = f"int8-{quant_mode}"
+    report.quantization = {"mode": quant_mode, "per_channel": pc, "fidelity": fid.as_dict(), "candidates": candidates,
+                           "inputs": "the example inputs" + (f" and {n_cal} calibration batches" if n_cal else "")
+                           + (" (padding positions excluded)" if "attention_mask" in feeds else "")}
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({p.key: p.value for p in q.metadata_props})
+    props["gblrc.quantization"] = json.dumps(report.quantization, separators=(",", ":"))
+    onnx.helper.set_model_props(q, props)
+    return q

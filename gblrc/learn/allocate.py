@@ -1,0 +1,195 @@
+"""Sensitivity-based allocation of the budget across layers (before initialisation).
+
+A uniform budget gives every layer the same fraction of its dense cost, although layers differ widely in
+how much their truncation hurts the model's output.  Here each layer's sensitivity curve is *measured*:
+for a few ratios g, the layer alone is replaced by its truncation at cost g (the data-aware truncated SVD
+of :mod:`gblrc.learn.calib`, everything else dense) and the relative MSE of the model's output against the
+dense output is recorded on a calibration batch; between and beyond those points the loss is
+interpolated through the truncation's tail energy (log-log), which the SVD gives for every rank.  The per-layer budgets then minimise
+the sum of the measured losses under the total cost (Lagrangian relaxation: one multiplier mu, each layer
+picks the grid point minimising loss + mu * cost, mu bisected to the largest total cost within budget;
+the losses are first made non-increasing in g so noise cannot buy a worse point at a higher cost).
+
+Only linear layers (nn.Linear, HF Conv1D) are allocated; a model with convolutions keeps the uniform
+budget (:func:`allocate_budgets` returns None).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gblrc.learn.calib import layer_rows
+from gblrc.learn.data import call_model, model_output
+from gblrc.nn.fit import svd_rank_for_budget
+from gblrc.learn.objective import _mask_for, rel_mse
+from gblrc.nn.replace import get_module, is_linear
+
+__all__ = ["sensitivity_curves", "solve_allocation", "allocate_budgets", "GRID"]
+
+GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0: the ratios a layer may get
+MEASURE = (0.1, 0.25, 0.45, 0.7)  # the ratios whose effect on the output is measured
+
+
+def _cost(n_in: int, n_out: int, g: float, r: int) -> int:
+    """Multiply-adds of the truncated SVD at ratio g (whole components of rank r)."""
+    return svd_rank_for_budget(n_in, n_out, g, r) * r * (n_in + n_out)
+
+
+@torch.no_grad()
+def _whitened_svd(W: torch.Tensor, C: torch.Tensor, damp: float = 1e-2):
+    """(U, S, Vh, L): svd(W L) with C + damp = L L^T (the metric of :func:`gblrc.learn.calib.whiten_layer`)."""
+    W = W.double()
+    n_in = W.shape[1]
+    C = C.double() + damp * C.diagonal().mean().clamp_min(1e-12) * torch.eye(n_in, dtype=torch.float64)
+    L = torch.linalg.cholesky(C)
+    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+    return U, S, Vh, L
+
+
+def _truncation_error(U, S, Vh, L, k: int) -> torch.Tensor:
+    """W - W_k with W_k the rank-k truncation in the metric: U_tail S_tail Vh_tail L^-1."""
+    k = min(k, S.numel())
+    return U[:, k:] @ torch.linalg.solve_triangular(L, Vh[k:] * S[k:, None], upper=False, left=False)
+
+
+def _interpolate(tails, measured) -> list[float]:
+    """Loss at each tail energy of ``tails``, piecewise linear in log-log through ``measured``
+    [(tail energy, loss)], extrapolated with the end slopes (loss 0 where the tail is 0)."""
+    pts = sorted((math.log(max(t, 1e-300)), math.log(max(l, 1e-300))) for t, l in measured if t > 0)
+    out = []
+    for t in tails:
+        if t <= 0 or not pts:
+            out.append(0.0)
+            continue
+        x = math.log(t)
+        if len(pts) == 1:
+            out.append(math.exp(pts[0][1] + x - pts[0][0]))  # loss proportional to the tail energy
+            continue
+        i = 1
+        while i < len(pts) - 1 and x > pts[i][0]:
+            i += 1
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 1.0
+        out.append(math.exp(y0 + slope * (x - x0)))
+    return out
+
+
+@torch.no_grad()
+def sensitivity_curves(model, names, covs: dict, batches, *, grid=GRID, measure=MEASURE, rank_per_component: int = 1,
+                       progress: bool = False) -> dict[str, list[tuple[int, float]]]:
+    """{name: [(cost of the truncation at g, relative MSE of the output), ...] for g in grid}.
+
+    The loss is measured at the ratios ``measure`` (forward passes on ``batches`` with only this layer
+    truncated) and interpolated to ``grid`` through the truncation's tail energy in the metric, which the
+    SVD gives exactly.  ``model`` is the dense model (unchanged on return); ``covs`` the layers' input
+    covariances.
+    """
+    from gblrc.nn.replace import as_linear
+
+    outs = [model_output(call_model(model, x)).detach() for x in batches]
+    curves = {}
+    it = names
+    if progress:
+        from gblrc.learn.progress import track
+
+        it = track(names, "gblrc sensitivity")
+    r = rank_per_component
+    for name in it:
+        mod = get_module(model, name)
+        W = as_linear(mod).weight.detach()
+        n_out, n_in = W.shape
+        U, S, Vh, L = _whitened_svd(W, covs[name])
+        energy = (S * S).flip(0).cumsum(0).flip(0).tolist() + [0.0]  # energy[k] = sum_{i >= k} S_i^2
+
+        def tail(g):
+            return energy[min(svd_rank_for_budget(n_in, n_out, g, r) * r, S.numel())]
+
+        state = {}
+
+        def hook(_m, inp, out):
+            x = layer_rows(_m, inp[0])
+            return out - (x @ state["E"].t()).to(out.dtype).reshape(out.shape)
+
+        h = mod.register_forward_hook(hook)
+        try:
+            measured = []
+            for g in measure:
+                k = svd_rank_for_budget(n_in, n_out, g, r) * r
+                state["E"] = _truncation_error(U, S, Vh, L, k)
+                loss = sum(float(rel_mse(model_output(call_model(model, x)), t, _mask_for(x, t)))
+                           for x, t in zip(batches, outs)) / len(batches)
+                measured.append((tail(g), loss))
+        finally:
+            h.remove()
+        losses = _interpolate([tail(g) for g in grid], measured)
+        curves[name] = [(_cost(n_in, n_out, g, r), l) for g, l in zip(grid, losses)]
+    return curves
+
+
+def solve_allocation(curves: dict, dense_costs: dict, budget: float) -> dict[str, float]:
+    """{name: cost ratio} minimising the summed losses with sum(cost) <= budget * sum(dense cost).
+
+    ``curves``: {name: [(cost, loss), ...]} (costs increasing); ``dense_costs``: {name: dense cost}.
+    Each layer's chosen ratio is its chosen cost / dense cost (>= the smallest point of its curve).
+    """
+    cap = budget * sum(dense_costs.values())
+    pts = {}
+    for n, c in curves.items():
+        best, mono = float("inf"), []
+        for cost, loss in c:  # non-increasing envelope: a higher cost never has a higher loss
+            best = min(best, loss)
+            mono.append((cost, best))
+        pts[n] = mono
+
+    def pick(mu):
+        return {n: min(p, key=lambda cl: (cl[1] + mu * cl[0], cl[0])) for n, p in pts.items()}
+
+    def total(choice):
+        return sum(c for c, _ in choice.values())
+
+    lo, hi = 0.0, 1.0
+    while total(pick(hi)) > cap and hi < 1e30:
+        hi *= 10.0
+    if total(pick(hi)) > cap:
+        raise ValueError(f"budget {budget} is below the smallest allocatable cost; raise the budget")
+    if total(pick(lo)) <= cap:
+        hi = lo
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if total(pick(mid)) > cap:
+            lo = mid
+        else:
+            hi = mid
+    choice = pick(hi)
+    # spend what is left greedily: the next grid point with the best loss drop per cost that still fits
+    spent = total(choice)
+    while True:
+        best = None
+        for n, (c, l) in choice.items():
+            for c2, l2 in pts[n]:
+                if c2 > c and spent - c + c2 <= cap and l2 < l:
+                    gain = (l - l2) / (c2 - c)
+                    if best is None or gain > best[0]:
+                        best = (gain, n, (c2, l2))
+        if best is None:
+            break
+        _, n, new = best
+        spent += new[0] - choice[n][0]
+        choice[n] = new
+    return {n: min(1.0, (choice[n][0] + 0.5) / dense_costs[n]) for n in choice}  # +0.5: floor() keeps the cost
+
+
+def allocate_budgets(model, names, covs: dict, batches, budget: float, *, rank_per_component: int = 1,
+                     grid=GRID, measure=MEASURE, progress: bool = False) -> dict[str, float] | None:
+    """Per-layer cost ratios from measured sensitivities (module docstring), or None when not applicable."""
+    mods = {n: get_module(model, n) for n in names}
+    if not all(is_linear(m) for m in mods.values()) or any(n not in covs for n in names) or not batches:
+        return None
+    from gblrc.nn.replace import as_linear
+
+    curves = sensitivity_curves(model, names, covs, batches, grid=grid, measure=measure,
+                                rank_per_component=rank_per_component,
+                                progress=progress)
+    dense = {n: as_linear(m).weight.shape[0] * as_linear(m).weight.shape[1] for n, m in mods.items()}
+    return solve_allocation(curves, dense, budget)

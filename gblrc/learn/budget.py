@@ -1,0 +1,164 @@
+"""The cost budget: the global lambda controller, the proximal step, and the exact final fit.
+
+Cost of a set of GBLR layers = sum of their hard multiply-adds (``GBLRLinear.flops``) divided by the
+sum of their dense multiply-adds (a convolution's count per vector times its output positions).  One global lambda drives all layers, so the allocation of the
+budget across layers is learned (DESIGN.md §1, "Training").
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from gblrc.nn.layer import GBLRLinear
+
+__all__ = ["cost_ratio", "LambdaController", "proximal_step", "fit_to_budget", "compact"]
+
+
+def _weight(m) -> int:
+    """Multiply-adds of one unit of per-vector cost: the output positions of a convolution, else 1."""
+    return int(getattr(m, "positions", 1))
+
+
+def cost_ratio(layers) -> float:
+    layers = list(layers)
+    return sum(m.flops() for m in layers) / max(1, sum(m.dense_flops() for m in layers))
+
+
+class LambdaController:
+    """lambda rises (x``growth`` per step from ``lam0``) while the cost is above the reference, else 0.
+
+    The reference descends linearly from the initial cost ratio to the budget over the first
+    ``reach`` steps, then stays at the budget, so the layers shrink gradually while they learn.
+    """
+
+    def __init__(self, budget: float, start_ratio: float, reach: int, lam0: float, growth: float = 1.15):
+        self.budget, self.start, self.reach = float(budget), float(start_ratio), max(1, int(reach))
+        self.lam0, self.growth, self.lam = float(lam0), float(growth), 0.0
+
+    def reference(self, step: int) -> float:
+        t = min(1.0, step / self.reach)
+        return self.start + (self.budget - self.start) * t
+
+    def update(self, step: int, ratio: float) -> float:
+        if ratio > self.reference(step):
+            self.lam = self.lam0 if self.lam <= 0 else self.lam * self.growth
+        else:
+            self.lam = 0.0
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {"lam": self.lam, "start": self.start}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.lam, self.start = float(d["lam"]), float(d["start"])
+
+
+@torch.no_grad()
+def proximal_step(layers, shrink: float) -> None:
+    """w <- clamp(softshrink(w, shrink), 0, 1); l <- l - floor(l) on every layer."""
+    for m in layers:
+        w = m.widths
+        w.copy_(F.softshrink(w, shrink).clamp_(0.0, 1.0) if shrink > 0 else w.clamp(0.0, 1.0))
+        m.locations.sub_(torch.floor(m.locations))
+
+
+@torch.no_grad()
+def _components(layers):
+    """[(layer index, component, usefulness, cost, wc, wr)] of the live components (hard form).
+
+    usefulness = (||masked U_k V_k||_F / ||W_layer||_F)^2 / cost_k: relative energy per multiply-add.
+    cost_k counts the layer's real multiply-adds (per-vector cost x output positions for convolutions).
+    """
+    out = []
+    for li, m in enumerate(layers):
+        mc, mr = m.masks() if not m.training else (None, None)
+        if mc is None:
+            raise RuntimeError("fit_to_budget needs layers in eval mode")
+        U = m.U * mr[:, :, None]                      # (K, out, r)
+        V = m.V * mc[:, None, :]                      # (K, r, in)
+        gram = (U.transpose(1, 2) @ U) * (V @ V.transpose(1, 2))  # (K, r, r): ||U_k V_k||^2 = sum
+        energy = gram.sum((1, 2)).clamp_min(0).double()
+        total = float(energy.sum()) + 1e-30
+        wc, _, wr, _ = m.hard_intervals()
+        r, P = m.rank_per_component, _weight(m)
+        for k in range(m.num_components):
+            if wc[k] > 0 and wr[k] > 0:
+                c = r * P * int(wc[k] + wr[k])
+                out.append((li, k, float(energy[k]) / total / c, c, int(wc[k]), int(wr[k])))
+    return out
+
+
+@torch.no_grad()
+def fit_to_budget(layers, budget: float) -> float:
+    """Make the total hard cost <= floor(budget x dense) and close to it; returns the new cost ratio.
+
+    Over budget: remove the least useful components (smallest usefulness, see ``_components``); the
+    last one is narrowed instead when removing it would undershoot.  Far under budget (more than one
+    percent): widen the most useful components (their masked-out factor entries come back).
+    Layers must be in eval mode (hard structure).
+    """
+    layers = list(layers)
+    dense = sum(m.dense_flops() for m in layers)
+    limit = math.floor(budget * dense + 1e-9)
+    cost = sum(m.flops() for m in layers)
+    if cost > limit:
+        for li, k, _, c, wc, wr in sorted(_components(layers), key=lambda t: t[2]):
+            excess = cost - limit
+            if excess <= 0:
+                break
+            m = layers[li]
+            r, t = m.rank_per_component * _weight(m), m.tile
+            side, width = (0, wc) if wc >= wr else (1, wr)
+            cut = -(-excess // r)
+            if t > 1:  # keep widths on the tile grid: cut whole tiles (a partial last tile goes first)
+                cut = width - (width - cut) // t * t
+            if c - excess > 0.5 * c and cut < width:  # narrowing keeps most of it: narrow this one
+                n = m.in_features if side == 0 else m.out_features
+                m.widths[side, k] = (width - cut) / n
+                cost -= cut * r
+            else:
+                m.widths[:, k] = 0.0
+                cost -= c
+    elif cost < limit - 0.01 * dense:
+        smallest = min(m.rank_per_component * _weight(m) for m in layers)  # the cheapest possible widening
+        for li, k, _, c, wc, wr in sorted(_components(layers), key=lambda t: -t[2]):
+            m = layers[li]
+            r, t = m.rank_per_component * _weight(m), m.tile
+            for side, width, n in ((0, wc, m.in_features), (1, wr, m.out_features)):
+                add = min(n - width, (limit - cost) // r)
+                if t > 1 and width + add < n:  # stay on the tile grid
+                    add = (width + add) // t * t - width
+                if add > 0:
+                    m.widths[side, k] = (width + add) / n
+                    cost += add * r
+            if cost >= limit - smallest:
+                break
+    return cost_ratio(layers)
+
+
+@torch.no_grad()
+def compact(layer: GBLRLinear) -> GBLRLinear:
+    """A copy of ``layer`` (eval mode) with only its live components (zero widths dropped)."""
+    wc, lc, wr, lr = layer.hard_intervals()
+    live = ((wc > 0) & (wr > 0)).nonzero().flatten()
+    keep = live if live.numel() else torch.zeros(1, dtype=torch.long)
+    p = layer.U
+    if hasattr(layer, "new_like"):  # GBLRConv2d: same geometry and recorded positions
+        new = layer.new_like(num_components=int(keep.numel()))
+    else:
+        new = GBLRLinear(layer.in_features, layer.out_features, num_components=int(keep.numel()),
+                         rank_per_component=layer.rank_per_component, bias=layer.bias is not None,
+                         device=p.device, dtype=p.dtype)
+    new.U.copy_(layer.U[keep])
+    new.V.copy_(layer.V[keep])
+    if layer.bias is not None:
+        new.bias.copy_(layer.bias)
+    if live.numel():
+        new.set_intervals(wc[keep].tolist(), lc[keep].tolist(), wr[keep].tolist(), lr[keep].tolist())
+    else:
+        new.set_intervals([0], [0], [0], [0])
+    new.sigma.copy_(layer.sigma)
+    new.tile = layer.tile
+    return new.eval()

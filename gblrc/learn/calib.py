@@ -1,0 +1,185 @@
+"""Data-aware initialisation: truncated SVD in the metric of each layer's input activations.
+
+For a layer W (out x in) with inputs X (in x tokens) and input covariance C = X X^T / tokens, the rank-k
+W_k minimising ||(W - W_k) X||_F is U_k S_k V_k^T L^{-1}, where C = L L^T and U S V^T = svd(W L)
+(the whitening trick of activation-aware SVD compression).  Plain truncated SVD minimises
+||W - W_k||_F instead, which ignores which input directions the data actually uses.
+
+Convolutions (nn.Conv2d / GBLRConv2d): the "inputs" of the kernel matrix W (out x in*kh*kw) are the
+receptive fields, so X is the im2col of the layer's input (``F.unfold`` with the layer's geometry,
+asymmetric padding included), one row per output position.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gblrc.learn.data import call_model
+from gblrc.nn.layer import GBLRLinear
+from gblrc.nn.replace import get_module
+
+__all__ = ["input_covariances", "whiten_layer"]
+
+
+def layer_rows(module, x: torch.Tensor) -> torch.Tensor:
+    """The input ``x`` of ``module`` as rows (vectors x in_features, float64): the last axis for linear
+    layers, the receptive fields (im2col) for convolutions."""
+    from gblrc.nn.conv import GBLRConv2d, conv_pads
+
+    x = x.detach()
+    if isinstance(module, (nn.Conv2d, GBLRConv2d)):
+        t, l, b, r = conv_pads(module)
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if (t, l) != (b, r):
+            x, pad = F.pad(x, (l, r, t, b)), 0
+        else:
+            pad = (t, l)
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=pad, stride=module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+    return x.reshape(-1, x.shape[-1]).double()
+
+
+@torch.no_grad()
+def input_covariances(model, names, batches, device=None) -> dict[str, torch.Tensor]:
+    """{name: C (in x in, float64)} averaged over the rows of the inputs of each named layer."""
+    sums, counts, hooks = {}, {}, []
+
+    def rec(name):
+        def hook(_m, inp, _out):
+            x = layer_rows(_m, inp[0])
+            sums[name] = sums.get(name, 0) + x.t() @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    for n in names:
+        hooks.append(get_module(model, n).register_forward_hook(rec(n)))
+    try:
+        for x in batches:
+            call_model(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
+
+
+@torch.no_grad()
+def whiten_layer(layer: GBLRLinear, W: torch.Tensor, C: torch.Tensor, damp: float = 1e-2) -> bool:
+    """Refit the full-width components of ``layer`` to ``W`` in the metric of ``C``; False if not applicable."""
+    wc, _, wr, _ = layer.hard_intervals()
+    live = ((wc > 0) & (wr > 0)).nonzero().flatten()
+    n_in, n_out, r = layer.in_features, layer.out_features, layer.rank_per_component
+    if live.numel() == 0 or not bool(((wc[live] == n_in) & (wr[live] == n_out)).all()):
+        return False
+    if not bool((live == torch.arange(live.numel())).all()):
+        return False
+    k = live.numel() * r
+    W = W.double()
+    C = C.double().to(W.device)
+    C = C + damp * C.diagonal().mean().clamp_min(1e-12) * torch.eye(n_in, dtype=C.dtype, device=C.device)
+    L = torch.linalg.cholesky(C)
+    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+    k = min(k, S.numel())
+    s = S[:k].sqrt()
+    Uf = U[:, :k] * s                                                   # (out, k)
+    # Vf = (s Vh_k) L^{-1}: solve X L = s Vh_k for X (k x in)
+    Vf = torch.linalg.solve_triangular(L, Vh[:k] * s[:, None], upper=False, left=False)
+    m = k // r
+    dt = layer.U.dtype
+    layer.U.zero_()
+    layer.V.zero_()
+    layer.U[:m].copy_(Uf[:, :m * r].t().reshape(m, r, n_out).transpose(1, 2).to(dt))
+    layer.V[:m].copy_(Vf[:m * r].reshape(m, r, n_in).to(dt))
+    return True
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the input it waits for has been seen."""
+
+
+def _capture_input(model, name, x) -> torch.Tensor | None:
+    """The input (rows x in) of the named layer on batch ``x``; the forward stops at that layer."""
+    got = []
+
+    def hook(_m, inp):
+        got.append(layer_rows(_m, inp[0]))
+        raise _Stop
+
+    h = get_module(model, name).register_forward_pre_hook(hook)
+    try:
+        call_model(model, x)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got[0] if got else None
+
+
+@torch.no_grad()
+def call_groups(model, names, batch) -> list[list[str]]:
+    """``names`` in the order the layers first run on ``batch``, grouped by shared input tensor
+    (e.g. the query, key and value projections of one attention layer)."""
+    seen, alive, hooks = {}, [], []
+    for n in names:
+        def hook(_m, inp, n=n):
+            if n not in seen:
+                seen[n] = id(inp[0])
+                alive.append(inp[0])  # kept alive so that no later tensor reuses its id
+        hooks.append(get_module(model, n).register_forward_pre_hook(hook))
+    try:
+        call_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for n, key in seen.items():
+        if groups and key == last:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last = key
+    return groups + [[n] for n in names if n not in seen]
+
+
+def call_order(model, names, batch) -> list[str]:
+    """``names`` sorted by when each layer first runs in a forward pass of ``batch``."""
+    return [n for g in call_groups(model, names, batch) for n in g]
+
+
+@torch.no_grad()
+def sequential_refit(student, teacher, layers: dict, dense_w: dict, batches, damp: float = 1e-2) -> list[str]:
+    """Refit each layer, in call order, to reproduce the teacher's layer output from the *student's* input.
+
+    For layer W with teacher inputs X_t and student inputs X_s (the earlier layers already compressed),
+    the best unconstrained map is A = W C_ts C_ss^-1 (C_ss = X_s X_s^T, C_ts = X_t X_s^T; damped towards
+    W), and the best low-rank one is A truncated in the metric of C_ss (:func:`whiten_layer`), so errors
+    of earlier layers are corrected instead of compounded.  Layers that share an input are refitted
+    together.  Returns the names of the layers it could not refit.
+    """
+    skipped = []
+    for group in call_groups(student, list(layers), batches[0]):
+        Css = Cts = None
+        n = 0
+        for x in batches:
+            xs, xt = _capture_input(student, group[0], x), _capture_input(teacher, group[0], x)
+            if xs is None or xt is None or xs.shape != xt.shape:
+                Css = None
+                break
+            Css = xs.t() @ xs + (0 if Css is None else Css)
+            Cts = xt.t() @ xs + (0 if Cts is None else Cts)
+            n += xs.shape[0]
+        if Css is None:
+            skipped += group
+            continue
+        Css, Cts = Css / n, Cts / n
+        reg = Css + damp * Css.diagonal().mean().clamp_min(1e-12) * torch.eye(Css.shape[0], dtype=Css.dtype)
+        for name in group:
+            W = dense_w[name].double().to(Css.device)
+            # ridge regression towards W: A = W + W (C_ts - C_ss) reg^-1 (= W C_ts C_ss^-1 undamped; = W
+            # when the student's inputs are the teacher's), reg symmetric
+            A = W + torch.linalg.solve(reg, (W @ (Cts - Css)).t()).t()
+            if not whiten_layer(layers[name], A, Css, damp):
+                skipped.append(name)
+    return skipped

@@ -1,0 +1,90 @@
+"""Side files of `gblrc compress`: the JSON report and a picture of every layer's learned blocks."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+__all__ = ["write_json", "draw_structure", "layer_structures"]
+
+
+def _jsonable(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "tolist"):  # torch tensors
+        return o.tolist()
+    return str(o)
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+    """Write ``report`` as indented JSON (numpy/torch numbers converted)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, default=_jsonable)
+        f.write("\n")
+
+
+def layer_structures(model) -> list[tuple[str, object]]:
+    """[(name, Structure)] of every GBLRLinear in ``model``, in module order."""
+    from gblrc.nn.layer import GBLRLinear
+
+    return [(n, m.structure().structure) for n, m in model.named_modules() if isinstance(m, GBLRLinear)]
+
+
+def draw_structure(model, path: str | os.PathLike, *, title: str = "", fmt: str = "png") -> int:
+    """One subplot per GBLR layer: the outline of every block (each row span x column span),
+    coloured by the block's rank, over a grey map of the total rank covering each weight entry
+    ("depth"); x is the weight's columns (inputs), y its rows (outputs).
+    Returns the number of layers drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    layers = layer_structures(model)
+    n = max(len(layers), 1)
+    cols = min(n, 6)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 1, 2.6 * rows + 0.8), squeeze=False, layout="constrained")
+    max_rank = max([b.rank for _, s in layers for b in s.blocks] or [1])
+    norm = Normalize(vmin=1, vmax=max(max_rank, 2))
+    cmap = plt.get_cmap("viridis")
+    for ax in axes.flat[len(layers):]:
+        ax.axis("off")
+    for ax, (name, s) in zip(axes.flat, layers):
+        import numpy as np
+
+        depth = np.zeros((s.out_features, s.in_features))  # total rank covering each weight entry
+        rects, colors = [], []
+        for b in s.blocks:
+            depth[np.ix_(b.row_index(), b.col_index())] += b.rank
+            for r in b.rows:
+                for c in b.cols:
+                    rects.append(Rectangle((c.start, r.start), len(c), len(r)))
+                    colors.append(cmap(norm(b.rank)))
+        ax.imshow(depth, cmap="Greys", aspect="auto", interpolation="nearest",
+                  extent=(0, s.in_features, s.out_features, 0), vmin=0, vmax=max(depth.max(), 1))
+        ax.add_collection(PatchCollection(rects, facecolors="none", edgecolors=colors, linewidths=0.6))
+        ax.set_xlim(0, s.in_features)
+        ax.set_ylim(s.out_features, 0)
+        ax.set_title(f"{name}\n{len(s.blocks)} blocks, cost {s.cost_ratio():.2f}, depth<={int(depth.max())}",
+                     fontsize=7)
+        ax.tick_params(labelsize=6)
+    if not layers:
+        axes.flat[0].text(0.5, 0.5, "no GBLR layers", ha="center", va="center")
+    fig.suptitle((title + "\n" if title else "") + "GBLR blocks: x = input column, y = output row\n"
+                 "outline = block (colour: rank), grey = total rank per entry", fontsize=8)
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.6, label="block rank")
+    fig.savefig(str(Path(path)), format=fmt, dpi=90)
+    plt.close(fig)
+    return len(layers)

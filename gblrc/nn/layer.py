@@ -1,0 +1,215 @@
+"""GBLRLinear: a linear layer whose weight is a Generalized Block Low-Rank matrix."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from gblrc.nn.fit import Fitted, check_budget, fit_weight, weight_and_bias
+from gblrc.nn.masks import boxcar_mask, gaudi_mask, hard_locations, hard_widths, quantize_ste
+from gblrc.ir.structure import GBLRWeights, Structure, cyclic_spans, merge_same_intervals
+
+__all__ = ["GBLRLinear", "fit_dense", "svd_layer"]
+
+
+class GBLRLinear(nn.Module):
+    """y = x W^T + b with W = sum_k (U_k * m_row_k)(V_k * m_col_k).
+
+    Parameters
+    ----------
+    in_features, out_features: layer shape.
+    num_components: K, the number of components (default min(in, out)).
+    rank_per_component: r, the rank of each component (the paper uses 1).
+    bias: whether to learn an additive bias.
+
+    Learnable: ``U`` (K, out, r), ``V`` (K, r, in), ``widths`` and
+    ``locations`` (2, K) as fractions of the axis length; row 0 is the input
+    (column) side, row 1 the output (row) side.  ``sigma`` is a buffer that
+    the trainer sets (σ homotopy).  Train mode uses Gaudi masks with widths
+    and locations rounded to the 1/n grid by a straight-through estimator;
+    eval mode uses hard boxcar masks, widths under 1/n being zero.
+    """
+
+    hard_forward = False  # train mode: boxcar values with Gaudi-mask gradients (set by the trainer)
+    tile = 1  # widths and starts are multiples of ``tile`` elements (compiler-friendly structure)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        num_components: int | None = None,
+        rank_per_component: int = 1,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"GBLRLinear needs positive sizes, got ({in_features}, {out_features})")
+        K = int(num_components) if num_components is not None else min(in_features, out_features)
+        r = int(rank_per_component)
+        if K < 1 or r < 1:
+            raise ValueError(f"num_components and rank_per_component must be >= 1, got {K}, {r}")
+        fk = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.num_components, self.rank_per_component = K, r
+        bound = 1.0 / math.sqrt(in_features)
+        self.V = nn.Parameter(torch.empty(K, r, in_features, **fk).uniform_(-bound, bound))
+        self.U = nn.Parameter(torch.empty(K, out_features, r, **fk).uniform_(-bound, bound) / math.sqrt(K * r))
+        self.widths = nn.Parameter(torch.ones(2, K, **fk))
+        self.locations = nn.Parameter(torch.zeros(2, K, **fk))
+        self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
+        self.register_buffer("sigma", torch.tensor(1.0, dtype=torch.float64))
+
+    # ------------------------------------------------------------------ masks
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(column masks (K, in), row masks (K, out)) for the current mode."""
+        n_in, n_out = self.in_features, self.out_features
+        dt = self.V.dtype
+        if self.training:
+            s = float(self.sigma)
+            t = self.tile
+            wc = quantize_ste(self.widths[0], n_in, min_one=True, step=t)
+            wr = quantize_ste(self.widths[1], n_out, min_one=True, step=t)
+            lc = quantize_ste(self.locations[0], n_in, step=t)
+            lr = quantize_ste(self.locations[1], n_out, step=t)
+            mc, mr = gaudi_mask(wc, lc, n_in, s).to(dt), gaudi_mask(wr, lr, n_out, s).to(dt)
+            if self.hard_forward:  # forward with the eval-mode boxcar, gradients of the Gaudi mask
+                mc = boxcar_mask(self.widths[0], self.locations[0], n_in, dt, t) + (mc - mc.detach())
+                mr = boxcar_mask(self.widths[1], self.locations[1], n_out, dt, t) + (mr - mr.detach())
+            return mc, mr
+        return (
+            boxcar_mask(self.widths[0], self.locations[0], n_in, dt, self.tile),
+            boxcar_mask(self.widths[1], self.locations[1], n_out, dt, self.tile),
+        )
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked factors as two matrices: V_all (K r, in) and U_all (out, K r)."""
+        mc, mr = self.masks()
+        K, r = self.num_components, self.rank_per_component
+        V = (self.V * mc[:, None, :]).reshape(K * r, self.in_features)
+        U = (self.U * mr[:, :, None]).permute(1, 0, 2).reshape(self.out_features, K * r)
+        return U, V
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) matrix this layer applies in its current mode."""
+        U, V = self.factors()
+        return U @ V
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        U, V = self.factors()
+        y = (x @ V.t()) @ U.t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    # ------------------------------------------------------------------ cost
+    def hard_intervals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer (col widths, col starts, row widths, row starts), each (K,)."""
+        n_in, n_out = self.in_features, self.out_features
+        t = self.tile
+        return (
+            hard_widths(self.widths[0], n_in, t),
+            hard_locations(self.locations[0], n_in, t),
+            hard_widths(self.widths[1], n_out, t),
+            hard_locations(self.locations[1], n_out, t),
+        )
+
+    def flops(self) -> int:
+        """Exact multiply-adds per input vector of the hard (eval-mode) structure."""
+        wc, _, wr, _ = self.hard_intervals()
+        live = (wc > 0) & (wr > 0)
+        return int((self.rank_per_component * (wc + wr) * live).sum())
+
+    def dense_flops(self) -> int:
+        return self.in_features * self.out_features
+
+    def cost(self) -> torch.Tensor:
+        """Differentiable cost (multiply-adds per vector): r * sum_k (w_c n_in + w_r n_out)."""
+        w = self.widths.clamp(0.0, 1.0)
+        return self.rank_per_component * (w[0].sum() * self.in_features + w[1].sum() * self.out_features)
+
+    # ----------------------------------------------------------- structure
+    @torch.no_grad()
+    def set_intervals(self, col_widths, col_starts, row_widths, row_starts) -> "GBLRLinear":
+        """Set the structure from integer widths/starts (in elements), each of length K."""
+        n_in, n_out = self.in_features, self.out_features
+        t = lambda v: torch.as_tensor(np.asarray(v, dtype=np.float64), dtype=self.widths.dtype, device=self.widths.device)
+        self.widths[0].copy_(t(col_widths) / n_in)
+        self.widths[1].copy_(t(row_widths) / n_out)
+        self.locations[0].copy_(torch.remainder(t(col_starts), n_in) / n_in)
+        self.locations[1].copy_(torch.remainder(t(row_starts), n_out) / n_out)
+        return self
+
+    @torch.no_grad()
+    def structure(self) -> GBLRWeights:
+        """The hard structure with its factors as the IR (float64 numpy factors)."""
+        wc, lc, wr, lr = (t.cpu().numpy() for t in self.hard_intervals())
+        U = self.U.detach().cpu().double().numpy()
+        V = self.V.detach().cpu().double().numpy()
+        comps = []
+        for k in range(self.num_components):
+            if wc[k] == 0 or wr[k] == 0:
+                continue
+            rows = cyclic_spans(lr[k], wr[k], self.out_features)
+            cols = cyclic_spans(lc[k], wc[k], self.in_features)
+            ri = np.concatenate([s.indices() for s in rows])
+            ci = np.concatenate([s.indices() for s in cols])
+            comps.append((rows, cols, U[k][ri, :], V[k][:, ci]))
+        blocks, Us, Vs = merge_same_intervals(comps)
+        bias = None if self.bias is None else self.bias.detach().cpu().double().numpy()
+        s = Structure(self.in_features, self.out_features, tuple(blocks))
+        return GBLRWeights(s, tuple(Us), tuple(Vs), bias).validate()
+
+    @classmethod
+    @torch.no_grad()
+    def from_fitted(cls, f: Fitted, bias: torch.Tensor | None = None, *, dtype=None, device=None) -> "GBLRLinear":
+        """A layer holding the fitted components ``f`` (and ``bias``); one empty component if ``f`` has none."""
+        K = f.num_components
+        layer = cls(f.n_in, f.n_out, num_components=max(K, 1), rank_per_component=f.r, bias=bias is not None,
+                    dtype=dtype, device=device)
+        layer.U.zero_()
+        layer.V.zero_()
+        if K == 0:
+            layer.set_intervals([0], [0], [0], [0])
+        else:
+            layer.U.copy_(f.U.to(layer.U))
+            layer.V.copy_(f.V.to(layer.V))
+            layer.set_intervals(f.col_widths, f.col_starts, f.row_widths, f.row_starts)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, budget: float, *, rank_per_component: int = 1, **kwargs) -> "GBLRLinear":
+        """A GBLR layer fitted to ``linear``'s weight at ``budget`` x its dense multiply-adds, in eval mode.
+
+        Its relative Frobenius error is at most truncated SVD's at the same budget; see
+        :func:`gblrc.nn.fit.fit_weight` for the method and options.
+        """
+        W, b = weight_and_bias(linear)
+        f = fit_weight(W, budget, rank_per_component, **kwargs)
+        return cls.from_fitted(f, b, dtype=W.dtype, device=W.device).eval()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_components={self.num_components}, rank_per_component={self.rank_per_component}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+def fit_dense(linear: nn.Linear, budget: float, *, rank_per_component: int = 1, **kwargs) -> GBLRLinear:
+    """:meth:`GBLRLinear.from_dense` as a function (the ``fit`` callback of replacement and conv)."""
+    return GBLRLinear.from_dense(linear, budget, rank_per_component=rank_per_component, **kwargs)
+
+
+def svd_layer(linear: nn.Linear, budget: float, *, rank_per_component: int = 1) -> GBLRLinear:
+    """Truncated SVD at the budget, as a GBLR layer of full-width components (in train mode)."""
+    budget = check_budget(budget)
+    W, b = weight_and_bias(linear)
+    f = fit_weight(W, budget, rank_per_component, method="svd")
+    return GBLRLinear.from_fitted(f, b, dtype=W.dtype, device=W.device)

@@ -1,0 +1,144 @@
+"""The stages of gblrc.compress, one by one, on a tiny MLP (issue 14)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gblrc.learn import compress as C
+from gblrc.nn.layer import GBLRLinear
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 8)).eval()
+
+
+NAMES = ["0", "2"]  # the output layer (4) is a head: kept dense
+DENSE = {"0": 16 * 32, "2": 32 * 24}
+
+
+MIX = torch.randn(6, 16, generator=torch.Generator().manual_seed(99))
+
+
+def data(n=256, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g) @ MIX + 0.05 * torch.randn(n, 16, generator=g)  # correlated inputs
+
+
+def run_for(model=None, budget=0.4, **kw):
+    kw.setdefault("progress", False)
+    return C.start(model or mlp(), C.check_options(budget, **kw))
+
+
+def test_check_options_rejects_bad_values_and_freezes_good_ones():
+    o = C.check_options(0.5, steps=3, structure="lowrank")
+    assert o.budget == 0.5 and o.steps == 3
+    with pytest.raises(Exception):
+        o.steps = 4  # frozen
+    for bad in (dict(structure="dense"), dict(init="x"), dict(allocate="x"), dict(loss="x"), dict(steps=-1)):
+        with pytest.raises(ValueError):
+            C.check_options(0.5, **bad)
+    with pytest.raises(ValueError, match="budget"):
+        C.check_options(1.5)
+    with pytest.raises(TypeError):
+        C.check_options(0.5, no_such_option=1)
+
+
+def test_start_finds_the_layers_and_refuses_bad_models():
+    run = run_for(steps=5)
+    assert run.names == NAMES and run.steps == 5 and run.warnings == []
+    m = mlp()
+    with torch.no_grad():
+        m[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        run_for(m)
+    with pytest.raises(ValueError, match="no compressible linear layer"):
+        run_for(nn.Sequential(nn.GELU(), nn.Linear(4, 4)), exclude=r"^1$")
+
+
+def test_read_data_without_data_warns_and_stops_training():
+    run = run_for(steps=5)
+    with pytest.warns(UserWarning, match="no data given"):
+        C.read_data(run)
+    assert run.steps == 0 and run.teacher is None and C.NO_DATA_WARNING in run.warnings
+
+
+def test_read_data_checks_the_batch_and_keeps_a_frozen_teacher():
+    run = run_for(data=data(), steps=2)
+    C.read_data(run)
+    assert run.x.shape == (32, 16) and run.teacher is not run.model
+    assert not any(p.requires_grad for p in run.teacher.parameters())
+    with pytest.raises(ValueError, match="does not fit"):
+        C.read_data(run_for(data=torch.randn(64, 7)))
+    post = run_for(data=data(), steps=0)
+    C.read_data(post)
+    assert post.teacher is None and post.steps == 0
+
+
+def test_calibrate_measures_input_covariances_unless_init_is_svd():
+    run = run_for(data=data(), steps=0, calib_batches=3)
+    C.read_data(run)
+    C.calibrate(run)
+    assert set(run.covs) == {"0", "2"} and run.covs["0"].shape == (16, 16) and len(run.xs) == 3
+    assert torch.equal(run.dense_w["0"], run.model[0].weight) and run.dense_ref is not None
+    svd = run_for(data=data(), init="svd")
+    C.read_data(svd)
+    C.calibrate(svd)
+    assert svd.covs is None and svd.dense_w is None
+
+
+def test_allocate_uniform_and_by_sensitivity():
+    uni = run_for(data=data(), allocate="uniform", steps=0)
+    C.read_data(uni); C.calibrate(uni); C.allocate(uni)
+    assert uni.budgets == {"0": 0.4, "2": 0.4} and uni.allocated == "uniform"
+    sen = run_for(data=data(), allocate="sensitivity", steps=0, structure="lowrank")
+    C.read_data(sen); C.calibrate(sen); C.allocate(sen)
+    assert sen.allocated == "sensitivity" and set(sen.budgets) == set(NAMES) and sen.budgets != uni.budgets
+    C.initialise(sen)  # the ratios are grid targets; the layers built from them stay within the budget
+    assert sum(m.flops() for m in sen.layers.values()) <= 0.4 * sum(DENSE.values())
+
+
+def _output_error(model, dense, x):
+    with torch.no_grad():
+        return float((model(x) - dense(x)).norm() / dense(x).norm())
+
+
+def test_initialise_replaces_the_layers_and_data_aware_beats_plain_svd():
+    x = data(seed=7)
+    errs = {}
+    for init in ("svd", "sequential"):
+        run = run_for(data=data(), init=init, allocate="uniform", structure="lowrank", steps=0)
+        for stage in (C.read_data, C.calibrate, C.allocate, C.initialise):
+            stage(run)
+        assert all(isinstance(run.model[i], GBLRLinear) for i in (0, 2)) and run.dense_ref is None
+        assert all(m.flops() <= 0.4 * m.dense_flops() for m in run.layers.values())
+        errs[init] = _output_error(run.model.eval(), mlp(), x)
+    assert errs["sequential"] < 0.8 * errs["svd"]
+
+
+def test_train_runs_the_steps_and_harden_lands_on_the_budget():
+    run = run_for(data=data(), steps=3, allocate="uniform", init="svd", structure="gblr", batch_size=16)
+    for stage in (C.read_data, C.calibrate, C.allocate, C.initialise):
+        stage(run)
+    assert sum(m.flops() for m in run.layers.values()) > 0.4 * sum(DENSE.values())  # a margin above
+    C.train(run)
+    assert [row[0] for row in run.curve] == [1, 2, 3] and run.train_seconds > 0
+    C.harden(run)
+    assert not run.model.training
+    assert sum(m.flops() for m in run.layers.values()) <= 0.4 * sum(DENSE.values())
+    rep = C.make_report(run)
+    assert rep["steps"] == 3 and rep["achieved_ratio"] <= 0.4 and [r["name"] for r in rep["layers"]] == ["0", "2"]
+
+
+def test_train_without_steps_does_nothing():
+    run = run_for(data=data(), steps=0, init="svd", allocate="uniform")
+    for stage in (C.read_data, C.calibrate, C.allocate, C.initialise, C.train):
+        stage(run)
+    assert run.curve == [] and run.train_seconds == 0.0
+
+
+def test_compress_is_the_stages_in_order():
+    assert C.STAGES == (C.read_data, C.calibrate, C.allocate, C.initialise, C.train, C.harden)
+    m, rep = C.compress(mlp(), 0.4, data=data(), steps=2, progress=False, allocate="uniform", init="svd")
+    assert rep["achieved_ratio"] <= 0.4 and rep["steps"] == 2
