@@ -142,3 +142,21 @@ def test_compress_is_the_stages_in_order():
     assert C.STAGES == (C.read_data, C.calibrate, C.allocate, C.initialise, C.train, C.harden)
     m, rep = C.compress(mlp(), 0.4, data=data(), steps=2, progress=False, allocate="uniform", init="svd")
     assert rep["achieved_ratio"] <= 0.4 and rep["steps"] == 2
+
+
+def test_the_report_says_how_far_the_structure_moved():
+    from gblrc.ir.structure import Block, Span, Structure
+    from gblrc.learn.report import structure_movement
+
+    full = lambda r: Block((Span(0, 8),), (Span(0, 8),), r)
+    a0 = Structure(8, 8, (full(1), Block((Span(0, 4),), (Span(0, 8),), 1)))
+    a1 = Structure(8, 8, (full(1), Block((Span(0, 2),), (Span(0, 8),), 1)))  # one block resized
+    b = Structure(8, 8, (full(2),))
+    mv = structure_movement({"a": a0, "b": b}, {"a": a1, "b": b})
+    assert mv["blocks_changed"] == 1 / 3 and mv["layers_changed"] == ["a"]
+    assert 0 < mv["cost_moved"] < 0.05  # b's share grew a little as a shrank
+    same = structure_movement({"a": a0}, {"a": a0})
+    assert same == {"blocks_changed": 0.0, "cost_moved": 0.0, "layers_changed": []}
+    m, rep = C.compress(mlp(), 0.4, data=data(), steps=4, progress=False, allocate="uniform", init="svd",
+                        init_factor=1.5, batch_size=16)
+    assert 0 <= rep["structure_moved"]["blocks_changed"] <= 1 and "cost_moved" in rep["structure_moved"]

@@ -324,6 +324,10 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
     if acc_before is not None:
         click.echo(f"accuracy ({full['accuracy_set']}): dense {acc_before:.4f} -> compressed {acc_after:.4f}")
     _fidelity_lines(report, eval_spec)
+    mv = report.get("structure_moved")
+    if mv and report.get("steps", 0) > 0:
+        click.echo(f"structure moved by training: {100 * mv['blocks_changed']:.1f}% of the initial blocks changed, "
+                   f"{100 * mv['cost_moved']:.1f}% of the cost moved between layers")
     if full["agreement_with_dense"]:
         click.echo(f"output cosine to the dense model: {full['agreement_with_dense']['cosine']:.4f}")
     click.echo(f"wrote {out} (achieved cost ratio {report['achieved_ratio']:.4f}, budget {budget}), "

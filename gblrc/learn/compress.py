@@ -27,6 +27,7 @@ from gblrc.nn.layer import svd_layer
 from gblrc.learn.calib import input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import as_linear, find_linears, replace_linears, set_module
+from gblrc.learn.report import structure_movement
 from gblrc.learn.train import TrainConfig, Trainer
 
 __all__ = ["compress", "Options", "Run", "check_options", "start", "read_data", "calibrate", "allocate",
@@ -205,6 +206,7 @@ class Run:
     allocated: str = "uniform"
     layers: dict = field(default_factory=dict)  # name -> GBLRLinear
     fidelity: dict = field(default_factory=dict)
+    initial: dict = field(default_factory=dict)  # name -> Structure after initialise (before training)
     curve: list = field(default_factory=list)
     train_seconds: float = 0.0
 
@@ -317,6 +319,7 @@ def initialise(run: Run) -> None:
         run.dense_ref = None
     if run.judge is not None:
         run.fidelity = {"examples": run.judge.examples, "dense": run.judge.dense, "init": run.judge(model)}
+    run.initial = {n: m.structure().structure for n, m in run.layers.items()}
 
 
 def train(run: Run) -> None:
@@ -368,6 +371,9 @@ def make_report(run: Run) -> dict:
     report["train_seconds"] = round(run.train_seconds, 3)
     report["allocate"] = run.allocated  # how the budget was split across layers before training
     report["allocated_ratios"] = {n: round(float(b), 4) for n, b in run.budgets.items()}
+    # how far training and the final fit moved the structure from the initialisation
+    report["structure_moved"] = structure_movement(run.initial, {n: m.structure().structure
+                                                                 for n, m in run.layers.items()})
     if run.judge is not None:
         run.fidelity["final"] = run.judge(run.model)
         report["fidelity"] = run.fidelity

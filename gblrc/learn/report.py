@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["write_json", "draw_structure", "layer_structures"]
+__all__ = ["write_json", "draw_structure", "layer_structures", "structure_movement"]
 
 
 def _jsonable(o):
@@ -35,6 +35,31 @@ def layer_structures(model) -> list[tuple[str, object]]:
     from gblrc.nn.layer import GBLRLinear
 
     return [(n, m.structure().structure) for n, m in model.named_modules() if isinstance(m, GBLRLinear)]
+
+
+def structure_movement(before: dict, after: dict) -> dict:
+    """How far training moved the structure, from {layer name: Structure} before and after.
+
+    ``blocks_changed``: the fraction of the blocks before whose (row spans, column spans) are not among
+    the blocks after (moved, resized or removed); ``cost_moved``: the fraction of the total cost that
+    changed layers (sum over layers of the growth of their share of the cost); ``layers_changed``: the
+    layers with any block changed.
+    """
+    key = lambda b: (tuple((sp.start, sp.stop) for sp in b.rows), tuple((sp.start, sp.stop) for sp in b.cols))
+    total = changed = 0
+    layers = []
+    for name, s0 in before.items():
+        kept = {key(b) for b in after[name].blocks}
+        moved = sum(key(b) not in kept for b in s0.blocks)
+        total += len(s0.blocks)
+        changed += moved
+        if moved or len(after[name].blocks) != len(s0.blocks):
+            layers.append(name)
+    c0 = sum(s.cost() for s in before.values()) or 1
+    c1 = sum(after[n].cost() for n in before) or 1
+    moved_cost = sum(max(0.0, after[n].cost() / c1 - before[n].cost() / c0) for n in before)
+    return {"blocks_changed": changed / total if total else 0.0, "cost_moved": round(moved_cost, 6),
+            "layers_changed": layers}
 
 
 def draw_structure(model, path: str | os.PathLike, *, title: str = "", fmt: str = "png") -> int:
