@@ -95,6 +95,23 @@ def _fidelity_lines(report: dict, eval_spec) -> None:
         click.echo(f"fidelity on {where} ({fid['examples']} examples), cosine to the dense model: " + ", ".join(parts))
 
 
+def _agreement_judge(model, probe, targets):
+    """A Fidelity on the first 512 examples of ``probe`` (with ``targets`` when they match it), or None
+    when there is no probe or the model's output tensor cannot be found."""
+    from gblrc.learn.data import batch_rows
+    from gblrc.learn.fidelity import Fidelity, eval_batches
+
+    if probe is None:
+        return None
+    data = {"inputs": probe}
+    if targets is not None and len(targets) == batch_rows(probe):
+        data["targets"] = targets
+    try:
+        return Fidelity(model, eval_batches(data, limit=512))
+    except ValueError:
+        return None
+
+
 def _summary(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -233,7 +250,6 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
         method, seed, checkpoint_every, resume, trust, quiet, eval_spec=None, target=None, general_text=0):
     import torch
 
-    from gblrc.learn import evaluate
     from gblrc.learn.compress import compress as train
     from gblrc.learn.target import compress_to_fidelity
     from gblrc.io.datafiles import GENERAL_TEXT, check_fits, example_inputs, guess_example_inputs, is_text_data, load_data
@@ -271,8 +287,8 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
                                        data.train["inputs"] if isinstance(data.train, dict) else
                                        data.train if isinstance(data.train, torch.Tensor) else data.sample)
     probe = probe if probe is not None else sample
-    dense_out = evaluate.outputs(loaded.model, probe) if probe is not None else None
-    acc_before = evaluate.accuracy(dense_out, None if data is None else data.eval_targets)
+    judge = _agreement_judge(loaded.model, probe, None if data is None else data.eval_targets)
+    acc_before = judge.dense.get("accuracy") if judge is not None else None
 
     ckpt_dir = str(ckpt) if checkpoint_every > 0 else None
     try:
@@ -299,14 +315,14 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
         raise GblrcError(f"interrupted{hint}") from None
     cmodel.eval()
 
-    comp_out = evaluate.outputs(cmodel, probe) if probe is not None else None
-    acc_after = evaluate.accuracy(comp_out, None if data is None else data.eval_targets)
+    agreement = judge(cmodel) if judge is not None else None
+    acc_after = agreement.get("accuracy") if agreement is not None else None
     full = dict(report)
     full.update(model=str(mpath), data=data_spec, output=str(out), seconds=round(time.perf_counter() - t0, 2),
                 settings={"steps": steps, "batch_size": batch_size, "lr": lr, "include": include,
                           "exclude": exclude, "seed": seed, **method, "general_text": general_text, "eval_data": eval_spec,
                           "resumed": resume},
-                agreement_with_dense=evaluate.agreement(dense_out, comp_out))
+                agreement_with_dense=agreement)
     if acc_before is not None:
         full.update(accuracy_before=acc_before, accuracy_after=acc_after,
                     accuracy_set=f"{data.eval_name} set, {min(len(data.eval_targets), 512)} examples")
