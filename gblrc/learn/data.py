@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 import torch
 
+from gblrc.io.datafiles import call_model  # re-exported: the stages call models through it
+
 __all__ = ["Batch", "Replay", "replayable", "batch_stream", "split_batch", "to_device", "batch_rows", "call_model", "model_output"]
 
 Batch = tuple[Any, Any]  # (inputs: Tensor | dict[str, Tensor], targets: Tensor | None)
@@ -166,11 +168,6 @@ def batch_stream(data, batch_size: int, seed: int, start: int = 0) -> Iterator[B
         return _iter_stream(data, start)
     raise ValueError(f"unsupported data of type {type(data).__name__}: give a Tensor, a dict with 'inputs' "
                      f"(and 'targets'), or an iterable of batches")
-
-
-def call_model(model, x):
-    """Run ``model`` on a tensor or a dict of keyword inputs."""
-    return model(**x) if isinstance(x, dict) else model(x)
 
 
 def model_output(out) -> torch.Tensor:
