@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gblrc.learn.data import call_model
+from gblrc.nn.fit_data import whitened_svd
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import get_module
 
@@ -74,17 +75,8 @@ def whiten_layer(layer: GBLRLinear, W: torch.Tensor, C: torch.Tensor, damp: floa
         return False
     if not bool((live == torch.arange(live.numel())).all()):
         return False
-    k = live.numel() * r
-    W = W.double()
-    C = C.double().to(W.device)
-    C = C + damp * C.diagonal().mean().clamp_min(1e-12) * torch.eye(n_in, dtype=C.dtype, device=C.device)
-    L = torch.linalg.cholesky(C)
-    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
-    k = min(k, S.numel())
-    s = S[:k].sqrt()
-    Uf = U[:, :k] * s                                                   # (out, k)
-    # Vf = (s Vh_k) L^{-1}: solve X L = s Vh_k for X (k x in)
-    Vf = torch.linalg.solve_triangular(L, Vh[:k] * s[:, None], upper=False, left=False)
+    Uf, Vf = whitened_svd(W, C.to(W.device), live.numel() * r, damp)  # (out, k), (k, in)
+    k = Uf.shape[1]
     m = k // r
     dt = layer.U.dtype
     layer.U.zero_()

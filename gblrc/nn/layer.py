@@ -184,14 +184,24 @@ class GBLRLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, budget: float, *, rank_per_component: int = 1, **kwargs) -> "GBLRLinear":
+    def from_dense(cls, linear: nn.Linear, budget: float, *, rank_per_component: int = 1, inputs=None,
+                   **kwargs) -> "GBLRLinear":
         """A GBLR layer fitted to ``linear``'s weight at ``budget`` x its dense multiply-adds, in eval mode.
 
-        Its relative Frobenius error is at most truncated SVD's at the same budget; see
-        :func:`gblrc.nn.fit.fit_weight` for the method and options.
+        Without ``inputs``: in Frobenius norm, never worse than truncated SVD (options:
+        :func:`gblrc.nn.fit.fit_weight`).  With ``inputs`` (rows of the layer's inputs, (n, in)): in the
+        metric of those inputs, ||X (W - W^)^T||, never worse than whitened (data-aware) SVD on them
+        (options: :func:`gblrc.nn.fit_data.fit_inputs`).
         """
         W, b = weight_and_bias(linear)
-        f = fit_weight(W, budget, rank_per_component, **kwargs)
+        if inputs is not None:
+            from gblrc.nn.fit_data import fit_inputs, second_moment
+
+            if inputs.shape[-1] != W.shape[1]:
+                raise ValueError(f"inputs have {inputs.shape[-1]} features, the layer takes {W.shape[1]}")
+            f = fit_inputs(W, second_moment(inputs), budget, rank_per_component, **kwargs)
+        else:
+            f = fit_weight(W, budget, rank_per_component, **kwargs)
         return cls.from_fitted(f, b, dtype=W.dtype, device=W.device).eval()
 
     def extra_repr(self) -> str:
