@@ -153,8 +153,10 @@ def test_the_report_says_how_far_the_structure_moved():
     a1 = Structure(8, 8, (full(1), Block((Span(0, 2),), (Span(0, 8),), 1)))  # one block resized
     b = Structure(8, 8, (full(2),))
     mv = structure_movement({"a": a0, "b": b}, {"a": a1, "b": b})
-    assert mv["blocks_changed"] == 1 / 3 and mv["layers_changed"] == ["a"]
+    assert mv["blocks_changed"] == round(1 / 4, 6) and mv["layers_changed"] == ["a"]  # 1 of 4 rank units
     assert 0 < mv["cost_moved"] < 0.05  # b's share grew a little as a shrank
+    split = Structure(8, 8, (full(1), Block((Span(0, 8),), (Span(0, 6),), 1)))  # a rank-2 block: one unit moved
+    assert structure_movement({"b": b}, {"b": split})["blocks_changed"] == 0.5
     same = structure_movement({"a": a0}, {"a": a0})
     assert same == {"blocks_changed": 0.0, "cost_moved": 0.0, "layers_changed": []}
     m, rep = C.compress(mlp(), 0.4, data=data(), steps=4, progress=False, allocate="uniform", init="svd",

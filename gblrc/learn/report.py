@@ -40,25 +40,33 @@ def layer_structures(model) -> list[tuple[str, object]]:
 def structure_movement(before: dict, after: dict) -> dict:
     """How far training moved the structure, from {layer name: Structure} before and after.
 
-    ``blocks_changed``: the fraction of the blocks before whose (row spans, column spans) are not among
-    the blocks after (moved, resized or removed); ``cost_moved``: the fraction of the total cost that
-    changed layers (sum over layers of the growth of their share of the cost); ``layers_changed``: the
-    layers with any block changed.
+    ``blocks_changed``: the share of the initial components (counted in rank units, since components
+    with equal spans merge into one block of their summed rank) whose (row spans, column spans) are gone
+    after training (moved, resized or removed); ``cost_moved``: the share of the total cost that changed
+    layers (sum over layers of the growth of their share of the cost); ``layers_changed``: the layers
+    with any component changed.
     """
-    key = lambda b: (tuple((sp.start, sp.stop) for sp in b.rows), tuple((sp.start, sp.stop) for sp in b.cols))
+    from collections import Counter
+
+    def ranks(st) -> Counter:
+        c = Counter()
+        for b in st.blocks:
+            c[(tuple((sp.start, sp.stop) for sp in b.rows), tuple((sp.start, sp.stop) for sp in b.cols))] += b.rank
+        return c
+
     total = changed = 0
     layers = []
     for name, s0 in before.items():
-        kept = {key(b) for b in after[name].blocks}
-        moved = sum(key(b) not in kept for b in s0.blocks)
-        total += len(s0.blocks)
+        r0, r1 = ranks(s0), ranks(after[name])
+        moved = sum(max(0, r - r1.get(k, 0)) for k, r in r0.items())
+        total += sum(r0.values())
         changed += moved
-        if moved or len(after[name].blocks) != len(s0.blocks):
+        if moved or r0 != r1:
             layers.append(name)
     c0 = sum(s.cost() for s in before.values()) or 1
     c1 = sum(after[n].cost() for n in before) or 1
     moved_cost = sum(max(0.0, after[n].cost() / c1 - before[n].cost() / c0) for n in before)
-    return {"blocks_changed": changed / total if total else 0.0, "cost_moved": round(moved_cost, 6),
+    return {"blocks_changed": round(changed / total, 6) if total else 0.0, "cost_moved": round(moved_cost, 6),
             "layers_changed": layers}
 
 
