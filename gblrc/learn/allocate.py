@@ -22,6 +22,7 @@ import torch
 from gblrc.learn.calib import layer_rows
 from gblrc.learn.data import call_model, model_output
 from gblrc.nn.fit import svd_rank_for_budget
+from gblrc.nn.fit_data import whitened_decomposition
 from gblrc.learn.objective import _mask_for, rel_mse
 from gblrc.nn.replace import get_module, is_linear
 
@@ -37,16 +38,6 @@ def _cost(n_in: int, n_out: int, g: float, r: int) -> int:
 
 
 @torch.no_grad()
-def _whitened_svd(W: torch.Tensor, C: torch.Tensor, damp: float = 1e-2):
-    """(U, S, Vh, L): svd(W L) with C + damp = L L^T (the metric of :func:`gblrc.learn.calib.whiten_layer`)."""
-    W = W.double()
-    n_in = W.shape[1]
-    C = C.double() + damp * C.diagonal().mean().clamp_min(1e-12) * torch.eye(n_in, dtype=torch.float64)
-    L = torch.linalg.cholesky(C)
-    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
-    return U, S, Vh, L
-
-
 def _truncation_error(U, S, Vh, L, k: int) -> torch.Tensor:
     """W - W_k with W_k the rank-k truncation in the metric: U_tail S_tail Vh_tail L^-1."""
     k = min(k, S.numel())
@@ -99,7 +90,7 @@ def sensitivity_curves(model, names, covs: dict, batches, *, grid=GRID, measure=
         mod = get_module(model, name)
         W = as_linear(mod).weight.detach()
         n_out, n_in = W.shape
-        U, S, Vh, L = _whitened_svd(W, covs[name])
+        U, S, Vh, L = whitened_decomposition(W, covs[name])
         energy = (S * S).flip(0).cumsum(0).flip(0).tolist() + [0.0]  # energy[k] = sum_{i >= k} S_i^2
 
         def tail(g):

@@ -7,7 +7,6 @@ found): :func:`check_options`, :func:`start`, :func:`read_data`, :func:`calibrat
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 import warnings
@@ -23,6 +22,7 @@ from gblrc.learn.budget import compact, fit_to_budget
 from gblrc.learn.data import batch_stream, replayable, call_model, model_output, to_device
 from gblrc.learn.fidelity import Fidelity, eval_batches
 from gblrc.learn.objective import Objective, task_loss
+from gblrc.nn.fit import check_budget
 from gblrc.nn.layer import svd_layer
 from gblrc.learn.calib import input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
@@ -35,16 +35,6 @@ __all__ = ["compress", "Options", "Run", "check_options", "start", "read_data", 
 
 NO_DATA_WARNING = ("no data given: the GBLR layers are only initialised from the dense weights (no training); "
                    "give data for better accuracy")
-
-
-def _check_budget(budget) -> float:
-    try:
-        b = float(budget)
-    except (TypeError, ValueError):
-        raise ValueError(f"budget must be a number in (0, 1], got {budget!r}") from None
-    if not (math.isfinite(b) and 0.0 < b <= 1.0):
-        raise ValueError(f"budget must be in (0, 1] (a fraction of the dense cost), got {budget}")
-    return b
 
 
 def _io(m) -> tuple[int, int]:
@@ -167,7 +157,7 @@ class Options:
 
 def check_options(budget, **kw) -> Options:
     """Stage 0: :class:`Options` from compress()'s arguments; ValueError on a bad value."""
-    o = Options(budget=_check_budget(budget), **kw)
+    o = Options(budget=check_budget(budget), **kw)
     if o.structure not in ("gblr", "lowrank"):
         raise ValueError(f"structure must be 'gblr' or 'lowrank', got {o.structure!r}")
     if o.init not in ("data", "sequential", "svd"):

@@ -33,7 +33,7 @@ def check_budget(budget) -> float:
     except (TypeError, ValueError):
         raise ValueError(f"budget must be a number in (0, 1], got {budget!r}") from None
     if not (0.0 < b <= 1.0):
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
+        raise ValueError(f"budget must be in (0, 1] (a fraction of the dense cost), got {budget}")
     return b
 
 

@@ -36,7 +36,7 @@ import torch
 
 from gblrc.nn.fit import Fitted, check_budget
 
-__all__ = ["fit_inputs", "whitened_svd", "whitened_svd_fit", "output_error", "second_moment"]
+__all__ = ["fit_inputs", "whitened_decomposition", "whitened_svd", "whitened_svd_fit", "output_error", "second_moment"]
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -83,11 +83,16 @@ def cost_of(comps, r: int) -> int:
     return sum(r * (c["rw"] + c["cw"]) for c in comps)
 
 
+def whitened_decomposition(W: torch.Tensor, C: torch.Tensor, damp: float = 1e-2):
+    """(U, S, Vh, L): svd(W L) with damped C = L L^T, the metric of the layer's inputs (float64)."""
+    L = torch.linalg.cholesky(damped(C.double(), damp))
+    U, S, Vh = torch.linalg.svd(W.double() @ L, full_matrices=False)
+    return U, S, Vh, L
+
+
 def whitened_svd(W: torch.Tensor, C: torch.Tensor, k: int, damp: float = 1e-2):
     """(Uf (out,k), Vf (k,in)): best rank-k fit of W in the metric of damped C."""
-    Cd = damped(C.double(), damp)
-    L = torch.linalg.cholesky(Cd)
-    U, S, Vh = torch.linalg.svd(W.double() @ L, full_matrices=False)
+    U, S, Vh, L = whitened_decomposition(W, C, damp)
     k = min(k, S.numel())
     s = S[:k].sqrt()
     Uf = U[:, :k] * s
