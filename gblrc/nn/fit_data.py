@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from gblrc.nn.fit import Fitted, check_budget
+from gblrc.nn.fit import Fitted, check_budget, svd_rank_for_budget
 
 __all__ = ["fit_inputs", "whitened_decomposition", "whitened_svd", "whitened_svd_fit", "output_error", "second_moment"]
 
@@ -125,15 +125,20 @@ def second_moment(X: torch.Tensor) -> torch.Tensor:
     return X.t() @ X / max(1, X.shape[0])
 
 
+def _svd_comps(W: torch.Tensor, C: torch.Tensor, k: int, r: int, damp: float) -> list[dict]:
+    """The first k whitened-SVD components of rank r, full width (fewer if W's rank is smaller)."""
+    if k <= 0:
+        return []
+    n_out, n_in = W.shape
+    Uf, Vf = whitened_svd(W, C, k * r, damp)
+    return [dict(rs=0, rw=n_out, cs=0, cw=n_in, U=Uf[:, i * r:(i + 1) * r], V=Vf[i * r:(i + 1) * r], full=True)
+            for i in range(Uf.shape[1] // r)]
+
+
 def whitened_svd_fit(W: torch.Tensor, C: torch.Tensor, budget: float, r: int = 1, damp: float = 1e-2) -> Fitted:
     """Data-aware low rank: whitened truncated SVD at the budget, as full-width components of rank r."""
-    from gblrc.nn.fit import svd_rank_for_budget
-
     n_out, n_in = W.shape
-    k = svd_rank_for_budget(n_in, n_out, check_budget(budget), r)
-    Uf, Vf = whitened_svd(W, C, k * r, damp)
-    comps = [dict(rs=0, rw=n_out, cs=0, cw=n_in, U=Uf[:, i * r:(i + 1) * r], V=Vf[i * r:(i + 1) * r])
-             for i in range(Uf.shape[1] // r)]
+    comps = _svd_comps(W, C, svd_rank_for_budget(n_in, n_out, check_budget(budget), r), r, damp)
     return _pack(comps, n_out, n_in, r)
 
 
@@ -276,7 +281,7 @@ def fit_inputs(W: torch.Tensor, C: torch.Tensor, budget: float, r: int = 1, *, d
     n_out, n_in = W.shape
     r = int(r)
     cap = int(math.floor(float(budget) * n_in * n_out))
-    k_svd = cap // (r * (n_in + n_out))
+    k_svd = svd_rank_for_budget(n_in, n_out, budget, r)
     info = {}
 
     def cal_err(comps):
@@ -291,11 +296,7 @@ def fit_inputs(W: torch.Tensor, C: torch.Tensor, budget: float, r: int = 1, *, d
         return What
 
     def svd_comps(k):
-        if k <= 0:
-            return []
-        Uf, Vf = whitened_svd(W, C, k * r, damp)
-        return [dict(rs=0, rw=n_out, cs=0, cw=n_in, U=Uf[:, i * r:(i + 1) * r], V=Vf[i * r:(i + 1) * r], full=True)
-                for i in range(k)]
+        return _svd_comps(W, C, k, r, damp)
 
     base = svd_comps(k_svd)
     e_base = cal_err(base)

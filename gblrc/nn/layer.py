@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gblrc.nn.fit import Fitted, check_budget, fit_weight, weight_and_bias
+from gblrc.nn.fit import Fitted, fit_weight, weight_and_bias
 from gblrc.nn.masks import boxcar_mask, gaudi_mask, hard_locations, hard_widths, quantize_ste
 from gblrc.ir.structure import GBLRWeights, Structure, cyclic_spans, merge_same_intervals
 
@@ -219,7 +219,6 @@ def fit_dense(linear: nn.Linear, budget: float, *, rank_per_component: int = 1, 
 
 def svd_layer(linear: nn.Linear, budget: float, *, rank_per_component: int = 1) -> GBLRLinear:
     """Truncated SVD at the budget, as a GBLR layer of full-width components (in train mode)."""
-    budget = check_budget(budget)
     W, b = weight_and_bias(linear)
     f = fit_weight(W, budget, rank_per_component, method="svd")
     return GBLRLinear.from_fitted(f, b, dtype=W.dtype, device=W.device)
