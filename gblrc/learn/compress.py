@@ -83,7 +83,7 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
              hard_forward: bool = True, tile: int = 1, lr_min: float = 0.1,
              allocate: str = "auto", sensitivity_batches: int = 1, allocate_cap: float | None = None,
              tune_norms: bool = False, eval_data=None, hidden_loss: float = 0.0,
-             augment: float = 0.0, pooled_loss: float = 0.0, anchor_loss: float = 0.0) -> tuple[nn.Module, dict]:
+             augment: float = 0.0) -> tuple[nn.Module, dict]:
     """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= ``budget``.
 
     ``data``: None (initialisation only), a Tensor of inputs, {"inputs", "targets"}, or an iterable /
@@ -153,8 +153,6 @@ class Options:
     eval_data: object = None
     hidden_loss: float = 0.0
     augment: float = 0.0
-    pooled_loss: float = 0.0
-    anchor_loss: float = 0.0
 
 
 def check_options(budget, **kw) -> Options:
@@ -326,15 +324,13 @@ def train(run: Run) -> None:
                       cooldown=o.cooldown, sigma_max=o.sigma_max,
                       checkpoint_dir=str(o.checkpoint_dir) if o.checkpoint_dir else None,
                       checkpoint_every=o.checkpoint_every, resume=o.resume, progress=o.progress)
-    anchors = {n: (run.dense_w[n], run.covs[n]) for n in run.names if n in run.covs} if run.covs else None
     obj = Objective(run.model, run.teacher, run.names, o.layer_loss, hidden_weight=o.hidden_loss, augment=o.augment,
-                    seed=o.seed, pooled_weight=o.pooled_loss, anchor_weight=o.anchor_loss, anchors=anchors)
+                    seed=o.seed)
     for msg in obj.inapplicable(run.x):
         run.warn(msg)
     sig = {"structure": o.structure, "init_factor": o.init_factor, "allocate": o.allocate,
            "allocate_cap": o.allocate_cap, "tune_norms": o.tune_norms, "layer_loss": o.layer_loss, "init": o.init,
-           "hidden_loss": o.hidden_loss, "augment": o.augment, "pooled_loss": o.pooled_loss,
-           "anchor_loss": o.anchor_loss, "rank_per_component": o.rank_per_component,
+           "hidden_loss": o.hidden_loss, "augment": o.augment, "rank_per_component": o.rank_per_component,
            "world": run.world, "tile": int(o.tile)}
     t0 = time.perf_counter()
     try:

@@ -75,27 +75,12 @@ class Objective:
     models that take ``output_hidden_states``: each block's output, not only the last);
     ``augment``: the fraction of tokens replaced by random ones in each batch's ``input_ids`` (a
     different draw at every step, seeded), so that the student imitates the teacher beyond the data.
-    ``pooled_weight`` x the mean (1 - cosine) between the student's and the teacher's sequence outputs
-    mean-pooled over the real tokens (sentence embeddings; outputs of shape (batch, tokens, features)
-    with an attention mask).
-    ``anchor_weight`` x the mean over ``anchors`` {name: (dense weight W, input covariance C)} of
-    tr((W^ - W) C (W^ - W)^T) / tr(W C W^T): each compressed layer kept near its dense self in the metric
-    of the inputs it saw at calibration (a local term that does not depend on the batch).
     """
 
     def __init__(self, student, teacher=None, layer_names=(), layer_weight: float = 1.0, *,
-                 hidden_weight: float = 0.0, augment: float = 0.0, seed: int = 0, pooled_weight: float = 0.0,
-                 anchor_weight: float = 0.0, anchors=None):
+                 hidden_weight: float = 0.0, augment: float = 0.0, seed: int = 0):
         self.student, self.teacher, self.layer_weight = student, teacher, float(layer_weight)
         self.hidden_weight, self.augment = float(hidden_weight), float(augment)
-        self.pooled_weight, self.anchor_weight = float(pooled_weight), float(anchor_weight)
-        self._anchors = []
-        if teacher is not None and self.anchor_weight > 0:
-            for name, (w, c) in (anchors or {}).items():
-                layer = student.get_submodule(name)
-                if hasattr(layer, "dense_weight"):
-                    w, c = w.detach().float(), c.detach().float()
-                    self._anchors.append((layer, w, c, (w @ c * w).sum().clamp_min(1e-12)))
         self._gen = torch.Generator().manual_seed(int(seed) + 7919)
         self._vocab = _vocab_size(student) if self.augment > 0 else None
         self._hidden_ok = self.hidden_weight > 0 and ("output_hidden_states" in forward_order(student) or
@@ -113,11 +98,6 @@ class Objective:
             out.append("hidden-state loss and token augmentation apply to distillation only (the data has "
                        "targets): ignored")
             return out
-        if self.anchor_weight > 0 and not self._anchors:
-            out.append("the anchor loss needs data-aware calibration (input covariances) of GBLR layers: ignored")
-        if self.pooled_weight > 0 and not (isinstance(x, dict) and torch.is_tensor(x.get("attention_mask"))):
-            out.append("the pooled loss needs sequence outputs (batch, tokens, features) and an attention mask: "
-                       "ignored")
         if self.hidden_weight > 0 and not (self._hidden_ok and isinstance(x, dict)):
             out.append("the hidden-state loss needs a Hugging Face model called with keyword inputs "
                        "(output_hidden_states): ignored")
@@ -146,15 +126,6 @@ class Objective:
         t, s = model_output(tout), model_output(sout)
         mask = _mask_for(x, t)
         loss = rel_mse(s, t, mask)
-        if self.pooled_weight > 0 and mask is not None:
-            ps, pt = (s.float() * mask).sum(1), (t.float() * mask).sum(1)  # the count cancels in the cosine
-            loss = loss + self.pooled_weight * (1 - F.cosine_similarity(ps, pt, dim=-1)).mean()
-        if self._anchors:
-            reg = 0.0
-            for layer, w, c, norm in self._anchors:
-                d = layer.dense_weight().float() - w
-                reg = reg + (d @ c * d).sum() / norm
-            loss = loss + self.anchor_weight * reg / len(self._anchors)
         hs, ht = getattr(sout, "hidden_states", None), getattr(tout, "hidden_states", None)
         if hidden and hs is not None and ht is not None and len(hs) > 1:
             # states 1..L (0 is the embedding output, identical in both)
