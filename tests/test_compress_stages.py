@@ -162,3 +162,25 @@ def test_the_report_says_how_far_the_structure_moved():
     m, rep = C.compress(mlp(), 0.4, data=data(), steps=4, progress=False, allocate="uniform", init="svd",
                         init_factor=1.5, batch_size=16)
     assert 0 <= rep["structure_moved"]["blocks_changed"] <= 1 and "cost_moved" in rep["structure_moved"]
+
+
+def test_train_rest_trains_what_lies_outside_the_compressed_layers():
+    """From scratch the head and norms start random too: train_rest trains them, the default leaves them."""
+    import copy as _copy
+
+    import gblrc as _gblrc
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 4))
+    x, y = torch.randn(128, 16), torch.randint(0, 4, (128,))
+    kept = {}
+    for rest in (False, True):
+        m = _copy.deepcopy(net)
+        _gblrc.compress(m, 0.5, data={"inputs": x, "targets": y}, steps=8, include=r"^0$", init="svd",
+                        allocate="uniform", progress=False, train_rest=rest)
+        kept[rest] = (torch.equal(m[3].weight, net[3].weight), torch.equal(m[1].weight, net[1].weight))
+    assert kept[False] == (True, True)   # the uncompressed head and the norm are not trained by default
+    assert kept[True] == (False, False)  # train_rest trains both
+    with pytest.warns(UserWarning, match="train_rest"):
+        _gblrc.compress(_copy.deepcopy(net), 0.5, data={"inputs": x, "targets": y}, steps=0, progress=False,
+                        train_rest=True)

@@ -181,6 +181,9 @@ def _summary(report: dict) -> None:
                    "when there is --data and every layer is linear (not Conv2d), else uniform.")
 @click.option("--tune-norms/--no-tune-norms", default=False, show_default=True,
               help="Also fine-tune the LayerNorm (and other normalisation) parameters; free at inference.")
+@click.option("--train-rest", is_flag=True,
+              help="Also train every parameter outside the compressed layers (embeddings, norms, heads that "
+                   "are not compressed): for training structured layers from scratch, where those start random.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", "output", metavar="OUT",
               help="Output file [default: <model stem>.gblr.pt beside the model]. Also written: "
@@ -193,7 +196,7 @@ def _summary(report: dict) -> None:
                    "outside torch.nn, Hugging Face folders with custom code. Only for files you trust.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
 def compress(model, budget, target_fidelity, eval_data, general_text, hidden_loss, augment, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure,
-             allocate, tune_norms, seed, output, checkpoint_every, resume, trust, quiet):
+             allocate, tune_norms, train_rest, seed, output, checkpoint_every, resume, trust, quiet):
     """Replace MODEL's nn.Linear layers by learned Generalized Block Low-Rank layers whose total cost
     is at most BUDGET x the dense cost, and write the compressed model.
 
@@ -240,7 +243,7 @@ def compress(model, budget, target_fidelity, eval_data, general_text, hidden_los
                          f"continue it, or delete that folder to start over")
     run(mpath, out, side, ckpt, b, data, steps=steps, batch_size=batch_size, lr=lr, include=include,
         exclude=exclude, method={"rank_per_component": rank_per_component, "tile": tile, "structure": structure,
-                                      "allocate": allocate, "tune_norms": tune_norms,
+                                      "allocate": allocate, "tune_norms": tune_norms, "train_rest": train_rest,
                                       "hidden_loss": hidden_loss, "augment": augment},
         eval_spec=eval_data, target=target_fidelity, general_text=general_text,
         seed=seed, checkpoint_every=checkpoint_every, resume=resume, trust=trust, quiet=quiet)

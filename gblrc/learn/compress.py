@@ -48,6 +48,12 @@ def _norm_params(model) -> list:
             for p in m.parameters(recurse=False) if p.is_floating_point()]
 
 
+def _rest_params(model, layers) -> list:
+    """The model's trainable floating-point parameters outside the compressed ``layers``."""
+    inside = {id(p) for m in layers for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in inside and p.is_floating_point() and p.requires_grad]
+
+
 def _check_fits(model, x, y, distill: bool) -> None:
     """One batch through the model: a one-line ValueError when it does not fit."""
     try:
@@ -83,7 +89,7 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
              hard_forward: bool = True, tile: int = 1, lr_min: float = 0.1,
              allocate: str = "auto", sensitivity_batches: int = 1, allocate_cap: float | None = None,
              tune_norms: bool = False, eval_data=None, hidden_loss: float = 0.0,
-             augment: float = 0.0) -> tuple[nn.Module, dict]:
+             augment: float = 0.0, train_rest: bool = False) -> tuple[nn.Module, dict]:
     """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= ``budget``.
 
     ``data``: None (initialisation only), a Tensor of inputs, {"inputs", "targets"}, or an iterable /
@@ -104,6 +110,9 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     than ``allocate_cap`` x budget (None: up to its dense cost).
     ``tune_norms``: also fine-tune the model's normalisation layers (LayerNorm, RMSNorm, BatchNorm
     affine parameters) with the content; they cost nothing at inference.
+    ``train_rest``: also train every parameter outside the compressed layers (embeddings, heads that are
+    not compressed, norms, other modules' biases) with the content: for structured layers trained from
+    scratch, where those start random too (``benchmarks/scratch_structures.py``).
     ``eval_data``: examples to judge fidelity on (same forms as ``data``; best from another source than
     ``data``): the report's ``fidelity`` gives the cosine to the dense model (and the task metric with
     class targets) after the initialisation and at the end (:mod:`gblrc.learn.fidelity`).
@@ -153,6 +162,7 @@ class Options:
     eval_data: object = None
     hidden_loss: float = 0.0
     augment: float = 0.0
+    train_rest: bool = False
 
 
 def check_options(budget, **kw) -> Options:
@@ -243,8 +253,9 @@ def read_data(run: Run) -> None:
         run.x = x
         if distill and run.steps > 0:
             run.teacher = copy.deepcopy(run.model).eval().requires_grad_(False)
-    if run.steps == 0 and (o.hidden_loss > 0 or o.augment > 0):
-        run.warn("hidden-state loss and token augmentation are training options; with no training steps they do nothing")
+    if run.steps == 0 and (o.hidden_loss > 0 or o.augment > 0 or o.train_rest):
+        run.warn("hidden-state loss, token augmentation and train_rest are training options; with no training steps "
+                 "they do nothing")
 
 
 def calibrate(run: Run) -> None:
@@ -329,13 +340,14 @@ def train(run: Run) -> None:
     for msg in obj.inapplicable(run.x):
         run.warn(msg)
     sig = {"structure": o.structure, "init_factor": o.init_factor, "allocate": o.allocate,
-           "allocate_cap": o.allocate_cap, "tune_norms": o.tune_norms, "layer_loss": o.layer_loss, "init": o.init,
+           "allocate_cap": o.allocate_cap, "tune_norms": o.tune_norms, "train_rest": o.train_rest, "layer_loss": o.layer_loss, "init": o.init,
            "hidden_loss": o.hidden_loss, "augment": o.augment, "rank_per_component": o.rank_per_component,
            "world": run.world, "tile": int(o.tile)}
     t0 = time.perf_counter()
     try:
         run.curve = Trainer(run.model, run.layers, obj, run.data, cfg, rank=run.rank, world=run.world,
-                            extra_signature=sig, extra_params=_norm_params(run.model) if o.tune_norms else ()).run()
+                            extra_signature=sig, extra_params=_rest_params(run.model, run.layers.values()) if o.train_rest
+                            else _norm_params(run.model) if o.tune_norms else ()).run()
     finally:
         obj.close()
     run.train_seconds = time.perf_counter() - t0
