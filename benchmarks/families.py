@@ -155,8 +155,14 @@ def train_dense(task: Task, model, seed=0):
 
 def finetune_monarch(model, data, *, steps, batch_size, lr, seed=0):
     """What gblrc's trainer does for the content, on the Monarch layers (module doc)."""
-    cfg = TrainConfig(steps=steps, budget=1.0, batch_size=batch_size, lr=lr, seed=seed, learn_structure=False)
     params = [p for m in model.modules() if isinstance(m, MonarchLinear) for p in m.parameters()]
+    return train_like_compress(model, params, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+
+
+def train_like_compress(model, params, data, *, steps, batch_size, lr, seed=0):
+    """Train only ``params`` the way gblrc's trainer trains the content: task loss on the same batches
+    (``batch_stream``, same seed), AdamW with weight decay 0, cosine lr to 0.1 x lr, model in eval mode."""
+    cfg = TrainConfig(steps=steps, budget=1.0, batch_size=batch_size, lr=lr, seed=seed, learn_structure=False)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:

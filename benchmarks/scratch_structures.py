@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -50,9 +48,6 @@ fam = bf.fam
 
 import gblrc  # noqa: E402
 import gblrc.learn.compress as gc  # noqa: E402
-from gblrc.learn.data import batch_stream, call_model, model_output  # noqa: E402
-from gblrc.learn.objective import task_loss  # noqa: E402
-from gblrc.learn.train import TrainConfig  # noqa: E402
 from gblrc.nn.layer import GBLRLinear  # noqa: E402
 from gblrc.nn.replace import as_linear, find_linears  # noqa: E402
 
@@ -82,26 +77,9 @@ def structured(model, budget, data, method, a, seed, lr):
 
 def dense_compress_recipe(model, data, a, seed, lr):
     """What gblrc's trainer does for the content, on the dense model: same parameters, lr schedule, batches."""
-    cfg = TrainConfig(steps=a.steps, budget=1.0, batch_size=a.batch_size, lr=lr, seed=seed, learn_structure=False)
     params = [p for _, m in find_linears(model) for p in as_linear(m).parameters()] + rest_params(model, a.rest)
     torch.manual_seed(seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": 0.0}])
-    stream = batch_stream(data, a.batch_size, seed)
-    model.eval()
-    for step in range(a.steps):
-        x, y = next(stream)
-        loss = task_loss(model_output(call_model(model, x)), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.param_groups[0]["lr"] = cfg.content_lr(step)
-        opt.step()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model.eval()
+    return bf.train_like_compress(model, params, data, steps=a.steps, batch_size=a.batch_size, lr=lr, seed=seed)
 
 
 def one_run(name, method, budget, seed, a, task):
