@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 import gblrc  # noqa: E402
 from gblrc.export.graph import export_onnx  # noqa: E402
+from gblrc.learn.budget import TimeCost  # noqa: E402
 from gblrc.nn.layer import GBLRLinear  # noqa: E402
 from gblrc.runtime import timing  # noqa: E402
 from gblrc.passes import run_pipeline  # noqa: E402
@@ -81,7 +82,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--heldout", type=int, default=256)
-    ap.add_argument("--verbose", action="store_true", help="print every layer's time ratio")
+    ap.add_argument("--sessions", type=int, default=3, help="fresh ORT sessions per layer pair (the best counts)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="print every layer: FLOP ratio, the cost model's estimated time ratio and lowering "
+                         "(gblrc.ir.cost.lowered_estimate), the measured time ratio, and whether it is within "
+                         "the lowering bar (time <= FLOP + 0.1 and <= 1.05 x dense)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     dense, tok = load_minilm()
@@ -94,7 +99,8 @@ def main():
     feeds = {k: v.numpy() for k, v in ex.items()}
     tokens = a.batch * a.seq
     print(f"MiniLM, {a.batch}x{a.seq} tokens; ORT {ort.__version__} CPU, {a.threads} threads, "
-          f"medians of {a.repeats} interleaved runs, best of 3 sessions; per-layer rows: {tokens} x in")
+          f"medians of {a.repeats} interleaved runs, best of {a.sessions} sessions (whole model: 3); per-layer rows: "
+          f"{tokens} x in")
     print("| model | cosine | FLOP ratio | whole model time ratio | FFN layers time ratio (max, median) | "
           "attention layers (max, median) | lowerings |")
     print("|---|---|---|---|---|---|---|")
@@ -115,17 +121,27 @@ def main():
                     if k.startswith("lowered_") and v:
                         kinds[k[8:]] = kinds.get(k[8:], 0) + v
             x = {}
-            ffn, att = [], []
+            ffn, att, table = [], [], []
+            unit = TimeCost()
             for name, m in layers.items():
                 w = m.structure()
                 n_in = w.structure.in_features
                 x.setdefault(n_in, {"X": np.random.default_rng(0).standard_normal((tokens, n_in)).astype(np.float32)})
                 dm, lm = layer_models(w, tokens)
-                t = best_of_sessions({"dense": dm, "gblr": lm}, x[n_in], a.repeats, a.threads)
+                t = best_of_sessions({"dense": dm, "gblr": lm}, x[n_in], a.repeats, a.threads, a.sessions)
+                ratio = t["gblr"] / t["dense"]
                 (ffn if ("intermediate" in name or name.endswith("output.dense") and "attention" not in name) else att
-                 ).append(t["gblr"] / t["dense"])
+                 ).append(ratio)
+                table.append((name, m.flops() / m.dense_flops(), unit.layer(m) / unit.dense(m), unit.strategy(m), ratio))
             if a.verbose:
-                print("  FFN:", " ".join(f"{v:.2f}" for v in ffn), "| attention:", " ".join(f"{v:.2f}" for v in att))
+                print(f"  {'layer':<42}{'FLOP':>7}{'est.':>7}{'lowering':>11}{'time':>7}{'time-FLOP':>11}  bar")
+                for name, f, e, how, r in table:
+                    ok = r <= f + 0.1 and r <= 1.05
+                    print(f"  {name:<42}{f:>7.3f}{e:>7.3f}{how:>11}{r:>7.3f}{r - f:>+11.3f}  {'ok' if ok else 'OVER'}")
+                gaps = [r - f for _, f, _, _, r in table]
+                held = sum(r <= f + 0.1 and r <= 1.05 for _, f, _, _, r in table)
+                print(f"  lowering bar held on {held}/{len(table)} layers; time - FLOP: max {max(gaps):+.3f}, "
+                      f"median {np.median(gaps):+.3f}; max time {max(r for *_, r in table):.3f}")
             fmt = lambda v: f"{max(v):.2f}, {np.median(v):.2f}" if v else "-"
             print(f"| {os.path.basename(path)} | {cos:.4f} | {flop:.3f} | {whole['gblr'] / whole['dense']:.3f} | "
                   f"{fmt(ffn)} | {fmt(att)} | {kinds} |", flush=True)

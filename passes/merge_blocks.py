@@ -4,7 +4,7 @@ from __future__ import annotations
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node
 from .build import write_gblr_node
 from .cost_model import CostModelPass
-from .merge import merge_blocks
+from gblrc.ir.merge import merge_blocks
 
 
 class MergeBlocks(CostModelPass, Pass):

@@ -6,7 +6,7 @@ from _onnx_builders import assert_matches, fixed_weights, gblr_model, op_counts,
 from gblrc.passes import PASSES, run_pipeline
 from gblrc.passes.base import gblr_nodes, import_graph, read_gblr_node, run_passes
 from gblrc.passes.cost_model import CostModel
-from gblrc.passes.merge import merge_blocks, merge_pair, union_spans
+from gblrc.ir.merge import merge_blocks, merge_pair, union_spans
 from gblrc.passes.merge_blocks import MergeBlocks
 from gblrc.ir.structure import Block, Span
 

@@ -116,22 +116,32 @@ def _summary(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"GBLR compression: budget {report['budget']:.3f}, achieved {report['achieved_ratio']:.4f}")
-    for col, just in (("layer", "left"), ("shape (out x in)", "right"), ("dense cost", "right"),
-                      ("GBLR cost", "right"), ("ratio", "right"), ("blocks", "right")):
+    unit = report.get("budget_unit", "flops")
+    timed = "time_ratio" in report
+    t = Table(title=f"GBLR compression: budget {report['budget']:.3f} ({unit}), achieved {report['achieved_ratio']:.4f}")
+    cols = [("layer", "left"), ("shape (out x in)", "right"), ("dense cost", "right"), ("GBLR cost", "right"),
+            ("FLOP ratio", "right"), ("blocks", "right")]
+    if timed:
+        cols += [("est. time ratio", "right"), ("lowering", "left")]
+    for col, just in cols:
         t.add_column(col, justify=just)
     for L in report["layers"]:
         shape = "x".join(str(s) for s in L["shape"])
-        t.add_row(L["name"], shape, f"{L['dense_cost']:,}", f"{L['gblr_cost']:,}", f"{L['ratio']:.3f}", str(L["blocks"]))
+        extra = [f"{L['time_ratio']:.3f}", L["lowering"]] if timed else []
+        t.add_row(L["name"], shape, f"{L['dense_cost']:,}", f"{L['gblr_cost']:,}", f"{L['ratio']:.3f}", str(L["blocks"]),
+                  *extra)
+    extra = [f"{report['time_ratio']:.4f}", ""] if timed else []
     t.add_row("total", "", f"{report['dense_cost']:,}", f"{report['gblr_cost']:,}",
-              f"{report['achieved_ratio']:.4f}", str(sum(L["blocks"] for L in report["layers"])), style="bold")
+              f"{report.get('flop_ratio', report['achieved_ratio']):.4f}", str(sum(L["blocks"] for L in report["layers"])),
+              *extra, style="bold")
     Console(width=110).print(t)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model", metavar="MODEL")
 @click.option("--budget", "-b", metavar="B",
-              help="Cost of the compressed layers as a fraction of their dense multiply-adds, in (0, 1]. "
+              help="Cost of the compressed layers as a fraction of their dense multiply-adds (of their dense "
+                   "time with --budget-unit time), in (0, 1]. "
                    "Required unless --target-fidelity is given (then it is the largest budget allowed).")
 @click.option("--target-fidelity", type=float, metavar="F",
               help="Choose the budget: the smallest whose held-out fidelity (mean cosine to the dense model "
@@ -181,6 +191,11 @@ def _summary(report: dict) -> None:
                    "when there is --data and every layer is linear (not Conv2d), else uniform.")
 @click.option("--tune-norms/--no-tune-norms", default=False, show_default=True,
               help="Also fine-tune the LayerNorm (and other normalisation) parameters; free at inference.")
+@click.option("--budget-unit", type=click.Choice(["flops", "time"]), default="flops", show_default=True,
+              help="What BUDGET is a fraction of: flops, the layers' dense multiply-adds; time, their dense "
+                   "time as the compiler's cost model estimates it, each layer charged as the default "
+                   "`gblrc lower` lowers it (whole components, not trimmed widths, cost time there), so the "
+                   "learned structure is the one that lowers fast. Linear layers only.")
 @click.option("--train-rest", is_flag=True,
               help="Also train every parameter outside the compressed layers (embeddings, norms, heads that "
                    "are not compressed): for training structured layers from scratch, where those start random.")
@@ -196,7 +211,7 @@ def _summary(report: dict) -> None:
                    "outside torch.nn, Hugging Face folders with custom code. Only for files you trust.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
 def compress(model, budget, target_fidelity, eval_data, general_text, hidden_loss, augment, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure,
-             allocate, tune_norms, train_rest, seed, output, checkpoint_every, resume, trust, quiet):
+             allocate, tune_norms, budget_unit, train_rest, seed, output, checkpoint_every, resume, trust, quiet):
     """Replace MODEL's nn.Linear layers by learned Generalized Block Low-Rank layers whose total cost
     is at most BUDGET x the dense cost, and write the compressed model.
 
@@ -244,6 +259,7 @@ def compress(model, budget, target_fidelity, eval_data, general_text, hidden_los
     run(mpath, out, side, ckpt, b, data, steps=steps, batch_size=batch_size, lr=lr, include=include,
         exclude=exclude, method={"rank_per_component": rank_per_component, "tile": tile, "structure": structure,
                                       "allocate": allocate, "tune_norms": tune_norms, "train_rest": train_rest,
+                                      "budget_unit": budget_unit,
                                       "hidden_loss": hidden_loss, "augment": augment},
         eval_spec=eval_data, target=target_fidelity, general_text=general_text,
         seed=seed, checkpoint_every=checkpoint_every, resume=resume, trust=trust, quiet=quiet)
@@ -349,5 +365,5 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
                    f"{100 * mv['cost_moved']:.1f}% of the cost moved between layers")
     if full["agreement_with_dense"]:
         click.echo(f"output cosine to the dense model: {full['agreement_with_dense']['cosine']:.4f}")
-    click.echo(f"wrote {out} (achieved cost ratio {report['achieved_ratio']:.4f}, budget {budget}), "
+    click.echo(f"wrote {out} (achieved {report.get('budget_unit', 'flops')} ratio {report['achieved_ratio']:.4f}, budget {budget}), "
                f"{side[0].name}, {side[1].name}")

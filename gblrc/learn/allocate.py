@@ -26,7 +26,7 @@ from gblrc.nn.fit_data import whitened_decomposition
 from gblrc.learn.objective import _mask_for, rel_mse
 from gblrc.nn.replace import get_module, is_linear
 
-__all__ = ["sensitivity_curves", "solve_allocation", "allocate_budgets", "GRID"]
+__all__ = ["sensitivity_curves", "solve_allocation", "choose_points", "allocate_budgets", "uniform_time_ratios", "GRID"]
 
 GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0: the ratios a layer may get
 MEASURE = (0.1, 0.25, 0.45, 0.7)  # the ratios whose effect on the output is measured
@@ -124,20 +124,29 @@ def solve_allocation(curves: dict, dense_costs: dict, budget: float) -> dict[str
     ``curves``: {name: [(cost, loss), ...]} (costs increasing); ``dense_costs``: {name: dense cost}.
     Each layer's chosen ratio is its chosen cost / dense cost (>= the smallest point of its curve).
     """
+    pick = choose_points(curves, dense_costs, budget)
+    return {n: min(1.0, (curves[n][i][0] + 0.5) / dense_costs[n]) for n, i in pick.items()}  # +0.5: floor() keeps it
+
+
+def choose_points(curves: dict, dense_costs: dict, budget: float) -> dict[str, int]:
+    """{name: index of the chosen point of its curve}: the solution of :func:`solve_allocation`.
+
+    ``curves``: {name: [(cost, loss), ...]} (costs non-decreasing).  Of points of equal cost the one
+    with the smallest loss is taken (with a time cost, many ratios can cost the same)."""
     cap = budget * sum(dense_costs.values())
     pts = {}
     for n, c in curves.items():
         best, mono = float("inf"), []
-        for cost, loss in c:  # non-increasing envelope: a higher cost never has a higher loss
+        for i, (cost, loss) in enumerate(c):  # non-increasing envelope: a higher cost never has a higher loss
             best = min(best, loss)
-            mono.append((cost, best))
+            mono.append((cost, best, i))
         pts[n] = mono
 
     def pick(mu):
-        return {n: min(p, key=lambda cl: (cl[1] + mu * cl[0], cl[0])) for n, p in pts.items()}
+        return {n: min(p, key=lambda cl: (cl[1] + mu * cl[0], cl[0], -cl[2])) for n, p in pts.items()}
 
     def total(choice):
-        return sum(c for c, _ in choice.values())
+        return sum(c for c, _, _ in choice.values())
 
     lo, hi = 0.0, 1.0
     while total(pick(hi)) > cap and hi < 1e30:
@@ -157,23 +166,26 @@ def solve_allocation(curves: dict, dense_costs: dict, budget: float) -> dict[str
     spent = total(choice)
     while True:
         best = None
-        for n, (c, l) in choice.items():
-            for c2, l2 in pts[n]:
+        for n, (c, l, _) in choice.items():
+            for c2, l2, i2 in pts[n]:
                 if c2 > c and spent - c + c2 <= cap and l2 < l:
                     gain = (l - l2) / (c2 - c)
                     if best is None or gain > best[0]:
-                        best = (gain, n, (c2, l2))
+                        best = (gain, n, (c2, l2, i2))
         if best is None:
             break
         _, n, new = best
         spent += new[0] - choice[n][0]
         choice[n] = new
-    return {n: min(1.0, (choice[n][0] + 0.5) / dense_costs[n]) for n in choice}  # +0.5: floor() keeps the cost
+    return {n: choice[n][2] for n in choice}
 
 
 def allocate_budgets(model, names, covs: dict, batches, budget: float, *, rank_per_component: int = 1,
-                     grid=GRID, measure=MEASURE, progress: bool = False) -> dict[str, float] | None:
-    """Per-layer cost ratios from measured sensitivities (module docstring), or None when not applicable."""
+                     grid=GRID, measure=MEASURE, progress: bool = False, unit=None) -> dict[str, float] | None:
+    """Per-layer FLOP ratios from measured sensitivities (module docstring), or None when not applicable.
+
+    ``unit``: a :class:`gblrc.learn.budget.TimeCost` to spend ``budget`` x the layers' estimated dense
+    time (each grid point costing its low-rank layer's estimated time, as lowered); None: multiply-adds."""
     mods = {n: get_module(model, n) for n in names}
     if not all(is_linear(m) for m in mods.values()) or any(n not in covs for n in names) or not batches:
         return None
@@ -183,4 +195,29 @@ def allocate_budgets(model, names, covs: dict, batches, budget: float, *, rank_p
                                 rank_per_component=rank_per_component,
                                 progress=progress)
     dense = {n: as_linear(m).weight.shape[0] * as_linear(m).weight.shape[1] for n, m in mods.items()}
-    return solve_allocation(curves, dense, budget)
+    if unit is None:
+        return solve_allocation(curves, dense, budget)
+    shapes = {n: (as_linear(m).weight.shape[1], as_linear(m).weight.shape[0], as_linear(m).bias is not None)
+              for n, m in mods.items()}
+    timed = {}
+    for n in curves:
+        n_in, n_out, bias = shapes[n]
+        timed[n] = [(unit.lowrank(n_in, n_out, c // (n_in + n_out), bias), l) for c, l in curves[n]]
+    pick = choose_points(timed, {n: unit.dense_shape(*shapes[n]) for n in curves}, budget)
+    return {n: min(1.0, (curves[n][i][0] + 0.5) / dense[n]) for n, i in pick.items()}
+
+
+def uniform_time_ratios(shapes: dict, budget: float, unit, rank_per_component: int = 1) -> dict[str, float]:
+    """{name: FLOP ratio} of the largest low rank (whole components) whose estimated time as lowered is
+    <= budget x its dense time, for {name: (in, out, bias)}: the uniform allocation of a time budget.
+    A layer that cannot get under it keeps one component (a warning is the caller's)."""
+    out = {}
+    r = rank_per_component
+    for n, (n_in, n_out, bias) in shapes.items():
+        cap, k = budget * unit.dense_shape(n_in, n_out, bias), r
+        hi = (n_in * n_out) // (r * (n_in + n_out)) * r
+        while k + r <= hi and unit.lowrank(n_in, n_out, k + r, bias) <= cap:
+            k += r
+        out[n] = min(1.0, (k * (n_in + n_out) + 0.5) / (n_in * n_out))
+    return out
+

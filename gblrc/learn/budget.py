@@ -1,8 +1,16 @@
 """The cost budget: the global lambda controller, the proximal step, and the exact final fit.
 
-Cost of a set of GBLR layers = sum of their hard multiply-adds (``GBLRLinear.flops``) divided by the
-sum of their dense multiply-adds (a convolution's count per vector times its output positions).  One global lambda drives all layers, so the allocation of the
-budget across layers is learned (DESIGN.md §1, "Training").
+Cost of a set of GBLR layers, in one of two units (``compress(budget_unit=...)``):
+
+- ``"flops"``: the sum of their hard multiply-adds (``GBLRLinear.flops``) divided by the sum of their
+  dense multiply-adds (a convolution's count per vector times its output positions);
+- ``"time"``: the compiler's estimate of each layer as the default ``gblrc lower`` lowers it
+  (:func:`gblrc.ir.cost.lowered_estimate`: merged blocks, stacked / sliced / segmented or dense) over
+  the estimate of its dense MatMul -- what a layer costs once compiled, not on paper.  A stacked
+  lowering pays for whole components whatever their widths; a layer kept dense costs its dense time.
+
+One global lambda drives all layers, so the allocation of the budget across layers is learned
+(DESIGN.md §1, "Training").
 """
 from __future__ import annotations
 
@@ -11,9 +19,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gblrc.ir.cost import DEFAULT_COST_MODEL, CostModel, lowered_estimate
+from gblrc.ir.structure import Block, Span, Structure
 from gblrc.nn.layer import GBLRLinear
 
-__all__ = ["cost_ratio", "LambdaController", "proximal_step", "fit_to_budget", "compact"]
+__all__ = ["cost_ratio", "LambdaController", "proximal_step", "fit_to_budget", "compact", "FlopCost", "TimeCost",
+           "cost_unit", "UNITS"]
+
+UNITS = ("flops", "time")
 
 
 def _weight(m) -> int:
@@ -21,9 +34,81 @@ def _weight(m) -> int:
     return int(getattr(m, "positions", 1))
 
 
-def cost_ratio(layers) -> float:
-    layers = list(layers)
-    return sum(m.flops() for m in layers) / max(1, sum(m.dense_flops() for m in layers))
+class FlopCost:
+    """Multiply-adds of the hard structure (per vector x output positions)."""
+
+    name = "flops"
+
+    def layer(self, m) -> float:
+        return float(m.flops())
+
+    def dense(self, m) -> float:
+        return float(m.dense_flops())
+
+
+class TimeCost:
+    """Estimated seconds of the layer as the default lowering compiles it (linear layers only)."""
+
+    name = "time"
+
+    def __init__(self, model: CostModel = DEFAULT_COST_MODEL):
+        self.model = model
+        self._memo: dict = {}
+
+    def _check(self, m) -> None:
+        if hasattr(m, "positions"):
+            raise ValueError("the time budget (budget_unit='time') is for linear layers; this model has "
+                             "convolutions: use budget_unit='flops'")
+
+    def layer(self, m) -> float:
+        self._check(m)
+        s = m.hard_structure()
+        key = (s, m.bias is not None)
+        t = self._memo.get(key)
+        if t is None:
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            t = self._memo[key] = lowered_estimate(s, m.bias is not None, self.model)[1]
+        return t
+
+    def dense(self, m) -> float:
+        self._check(m)
+        return self.model.dense(m.hard_structure(), m.bias is not None)
+
+    def lowrank(self, n_in: int, n_out: int, rank: int, bias: bool) -> float:
+        """Estimated seconds of a full-width rank-``rank`` layer (in -> out) as lowered."""
+        full = Structure(n_in, n_out, (Block((Span(0, n_out),), (Span(0, n_in),), int(rank)),) if rank > 0 else ())
+        return lowered_estimate(full, bias, self.model)[1]
+
+    def dense_shape(self, n_in: int, n_out: int, bias: bool) -> float:
+        """Estimated seconds of the dense layer (in -> out)."""
+        return self.model.dense(Structure(n_in, n_out, ()), bias)
+
+    def strategy(self, m) -> str:
+        """The lowering the estimate assumes for ``m`` (stacked, sliced, segmented or dense)."""
+        return lowered_estimate(m.hard_structure(), m.bias is not None, self.model)[0]
+
+
+FLOPS = FlopCost()
+
+
+def cost_unit(unit) -> FlopCost | TimeCost:
+    """A cost unit from its name ("flops", "time") or itself."""
+    if isinstance(unit, (FlopCost, TimeCost)):
+        return unit
+    if unit == "flops":
+        return FLOPS
+    if unit == "time":
+        return TimeCost()
+    raise ValueError(f"budget_unit must be 'flops' or 'time', got {unit!r}")
+
+
+def cost_ratio(layers, unit=FLOPS) -> float:
+    """Total cost of ``layers`` over their total dense cost, in ``unit``."""
+    layers, unit = list(layers), cost_unit(unit)
+    if unit is FLOPS:
+        return sum(m.flops() for m in layers) / max(1, sum(m.dense_flops() for m in layers))
+    return sum(unit.layer(m) for m in layers) / max(1e-30, sum(unit.dense(m) for m in layers))
 
 
 class LambdaController:
@@ -91,15 +176,17 @@ def _components(layers):
 
 
 @torch.no_grad()
-def fit_to_budget(layers, budget: float) -> float:
+def fit_to_budget(layers, budget: float, unit=FLOPS) -> float:
     """Make the total hard cost <= floor(budget x dense) and close to it; returns the new cost ratio.
 
     Over budget: remove the least useful components (smallest usefulness, see ``_components``); the
     last one is narrowed instead when removing it would undershoot.  Far under budget (more than one
     percent): widen the most useful components (their masked-out factor entries come back).
-    Layers must be in eval mode (hard structure).
+    Layers must be in eval mode (hard structure).  ``unit="time"``: see :func:`_fit_time`.
     """
-    layers = list(layers)
+    layers, unit = list(layers), cost_unit(unit)
+    if unit is not FLOPS:
+        return _fit_time(layers, budget, unit)
     dense = sum(m.dense_flops() for m in layers)
     limit = math.floor(budget * dense + 1e-9)
     cost = sum(m.flops() for m in layers)
@@ -136,6 +223,64 @@ def fit_to_budget(layers, budget: float) -> float:
             if cost >= limit - smallest:
                 break
     return cost_ratio(layers)
+
+
+@torch.no_grad()
+def _fit_time(layers, budget: float, unit: TimeCost) -> float:
+    """Make the total estimated time <= budget x the dense time, removing whole components.
+
+    A move removes a layer's weakest live components (smallest energy share) -- as few as make its
+    estimate drop; more than one where the layer is kept dense until it crosses the lowering's margin --
+    and the move with the least energy removed per second saved is made first.  Then removed
+    components come back, most useful first, while the total stays within the budget.  Widths are left
+    as trained: under a stacked lowering narrowing a component saves no time.
+    """
+    limit = budget * sum(unit.dense(m) for m in layers)
+    share: dict[tuple[int, int], float] = {}
+    for li, k, use, c, _, _ in _components(layers):
+        share[(li, k)] = use * c
+    times = [unit.layer(m) for m in layers]
+    removed: list[tuple[int, int, torch.Tensor]] = []  # (layer, component, its widths), in removal order
+
+    def weakest(li):
+        return sorted((k for (l, k) in share if l == li and float(layers[li].widths[:, k].min()) > 0),
+                      key=lambda k: share[(li, k)])
+
+    def move(li):
+        """(energy removed per second saved, components, new time) of the layer's cheapest drop, or None."""
+        m, order = layers[li], weakest(li)
+        saved = m.widths.clone()
+        try:
+            for j in range(1, len(order) + 1):
+                m.widths[:, order[j - 1]] = 0.0
+                t = unit.layer(m)
+                if t < times[li] - 1e-15:
+                    e = sum(share[(li, k)] for k in order[:j])
+                    return e / (times[li] - t), order[:j], t
+            return None
+        finally:
+            m.widths.copy_(saved)
+
+    moves = {li: move(li) for li in range(len(layers))}
+    while sum(times) > limit * (1 + 1e-9):
+        cands = [(mv[0], li) for li, mv in moves.items() if mv is not None]
+        if not cands:
+            break
+        _, li = min(cands)
+        _, ks, t = moves[li]
+        for k in ks:
+            removed.append((li, k, layers[li].widths[:, k].clone()))
+            layers[li].widths[:, k] = 0.0
+        times[li] = t
+        moves[li] = move(li)
+    for li, k, w in sorted(removed, key=lambda r: -share[(r[0], r[1])]):  # give back what still fits
+        layers[li].widths[:, k] = w
+        t = unit.layer(layers[li])
+        if sum(times) - times[li] + t <= limit:
+            times[li] = t
+        else:
+            layers[li].widths[:, k] = 0.0
+    return cost_ratio(layers, unit)
 
 
 @torch.no_grad()

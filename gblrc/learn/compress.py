@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from gblrc.learn import dist
-from gblrc.learn.allocate import GRID, allocate_budgets
-from gblrc.learn.budget import compact, fit_to_budget
+from gblrc.learn.allocate import GRID, allocate_budgets, uniform_time_ratios
+from gblrc.learn.budget import FLOPS, TimeCost, compact, cost_ratio, cost_unit, fit_to_budget
 from gblrc.learn.data import batch_stream, replayable, call_model, model_output, to_device
 from gblrc.learn.fidelity import Fidelity, eval_batches
 from gblrc.learn.objective import Objective, task_loss
@@ -26,7 +26,7 @@ from gblrc.nn.fit import check_budget
 from gblrc.nn.layer import svd_layer
 from gblrc.learn.calib import input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
-from gblrc.nn.replace import as_linear, find_linears, replace_linears, set_module
+from gblrc.nn.replace import as_linear, find_linears, is_linear, replace_linears, set_module
 from gblrc.learn.report import structure_movement
 from gblrc.learn.train import TrainConfig, Trainer
 
@@ -89,7 +89,7 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
              hard_forward: bool = True, tile: int = 1, lr_min: float = 0.1,
              allocate: str = "auto", sensitivity_batches: int = 1, allocate_cap: float | None = None,
              tune_norms: bool = False, eval_data=None, hidden_loss: float = 0.0,
-             augment: float = 0.0, train_rest: bool = False) -> tuple[nn.Module, dict]:
+             augment: float = 0.0, train_rest: bool = False, budget_unit: str = "flops") -> tuple[nn.Module, dict]:
     """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= ``budget``.
 
     ``data``: None (initialisation only), a Tensor of inputs, {"inputs", "targets"}, or an iterable /
@@ -116,6 +116,10 @@ def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, ba
     ``eval_data``: examples to judge fidelity on (same forms as ``data``; best from another source than
     ``data``): the report's ``fidelity`` gives the cosine to the dense model (and the task metric with
     class targets) after the initialisation and at the end (:mod:`gblrc.learn.fidelity`).
+    ``budget_unit``: what ``budget`` is a fraction of: "flops" (the layers' dense multiply-adds) or
+    "time" (their dense time as the compiler estimates it, :mod:`gblrc.learn.budget`: each layer charged
+    as the default ``gblrc lower`` would lower it, so the learned structure is the one that lowers fast;
+    linear layers only).  The report gives both ratios either way.
     Returns (model in eval mode, report dict).  Raises ValueError on bad input.
     """
     opt = check_options(budget, **{k: v for k, v in locals().items() if k not in ("model", "budget")})
@@ -163,6 +167,7 @@ class Options:
     hidden_loss: float = 0.0
     augment: float = 0.0
     train_rest: bool = False
+    budget_unit: str = "flops"
 
 
 def check_options(budget, **kw) -> Options:
@@ -176,6 +181,7 @@ def check_options(budget, **kw) -> Options:
         raise ValueError(f"allocate must be 'auto', 'uniform' or 'sensitivity', got {o.allocate!r}")
     if o.loss not in ("auto", "task", "distill"):
         raise ValueError(f"loss must be 'auto', 'task' or 'distill', got {o.loss!r}")
+    cost_unit(o.budget_unit)  # ValueError on an unknown unit
     if int(o.steps) < 0 or int(o.batch_size) < 1 or int(o.rank_per_component) < 1 or int(o.tile) < 1:
         raise ValueError("steps must be >= 0, batch_size, rank_per_component and tile >= 1")
     return o
@@ -209,6 +215,7 @@ class Run:
     initial: dict = field(default_factory=dict)  # name -> Structure after initialise (before training)
     curve: list = field(default_factory=list)
     train_seconds: float = 0.0
+    unit: object = FLOPS  # the budget's cost unit (gblrc.learn.budget)
 
     def warn(self, msg: str) -> None:
         """A warning for the user: in the report and as a Python warning."""
@@ -227,12 +234,16 @@ def start(model: nn.Module, opt: Options) -> Run:
         raise ValueError("the model has no compressible linear layer (nn.Linear / Conv1D / Conv2d)"
                          + (" matching include/exclude" if opt.include or opt.exclude else "")
                          + "; nothing to compress")
+    if opt.budget_unit == "time" and any(not is_linear(m) for _, m in pairs):
+        raise ValueError("budget_unit='time' is for linear layers (the cost model times MatMuls); this model has "
+                         "convolutions: use budget_unit='flops' or exclude them")
     dev = next(model.parameters()).device
     rank, world = dist.setup(dev)
     torch.manual_seed(opt.seed)
     random.seed(opt.seed)
     np.random.seed(opt.seed)
-    return Run(model, opt, [n for n, _ in pairs], pairs, dev, rank, world, steps=int(opt.steps), judge=judge)
+    return Run(model, opt, [n for n, _ in pairs], pairs, dev, rank, world, steps=int(opt.steps), judge=judge,
+               unit=cost_unit(opt.budget_unit))
 
 
 def read_data(run: Run) -> None:
@@ -276,6 +287,9 @@ def allocate(run: Run) -> None:
     """Stage 4: each layer's cost ratio, from its measured effect on the output (sensitivity) or uniform."""
     o = run.opt
     run.budgets = {n: o.budget for n in run.names}
+    if o.budget_unit == "time":  # uniform in time: each layer the largest low rank within budget x its time
+        run.budgets = uniform_time_ratios({n: (*_io(m), as_linear(m).bias is not None) for n, m in run.pairs},
+                                          o.budget, run.unit, o.rank_per_component)
     if o.allocate not in ("auto", "sensitivity"):
         return
     alloc = None
@@ -283,7 +297,7 @@ def allocate(run: Run) -> None:
         grid = [g for g in GRID if o.allocate_cap is None or g <= o.allocate_cap * o.budget + 1e-9] or [min(GRID)]
         alloc = allocate_budgets(run.model, run.names, run.covs, run.xs[:max(1, o.sensitivity_batches)], o.budget,
                                  grid=grid, rank_per_component=o.rank_per_component,
-                                 progress=o.progress and run.rank == 0)
+                                 progress=o.progress and run.rank == 0, unit=run.unit if o.budget_unit == "time" else None)
         alloc = dist.broadcast_object(alloc, run.world) if alloc is not None else None
     if alloc is None and o.allocate == "sensitivity" and run.data is not None:
         run.warn("sensitivity allocation needs data, a data-aware init and linear layers only; kept uniform")
@@ -329,12 +343,18 @@ def train(run: Run) -> None:
     if run.steps <= 0:
         return
     learn = o.structure == "gblr"
-    cfg = TrainConfig(steps=run.steps, budget=o.budget, batch_size=o.batch_size, lr=o.lr,
+    budget, fit_budget = o.budget, None
+    if o.budget_unit == "time":  # steer the multiply-adds to the time allocation's; the final fit lands on the time
+        dense = {n: m.dense_flops() for n, m in run.layers.items()}
+        budget = sum(min(1.0, run.budgets[n]) * d for n, d in dense.items()) / sum(dense.values())
+        fit_budget = o.budget
+    cfg = TrainConfig(steps=run.steps, budget=budget, fit_budget=fit_budget, batch_size=o.batch_size, lr=o.lr,
                       lr_struct=o.lr_struct if o.lr_struct is not None else 5 * o.lr, seed=o.seed,
                       learn_structure=learn, hard_forward=o.hard_forward, lr_min=o.lr_min, warmup=o.warmup,
                       cooldown=o.cooldown, sigma_max=o.sigma_max,
                       checkpoint_dir=str(o.checkpoint_dir) if o.checkpoint_dir else None,
-                      checkpoint_every=o.checkpoint_every, resume=o.resume, progress=o.progress)
+                      checkpoint_every=o.checkpoint_every, resume=o.resume, progress=o.progress,
+                      budget_unit=o.budget_unit)
     obj = Objective(run.model, run.teacher, run.names, o.layer_loss, hidden_weight=o.hidden_loss, augment=o.augment,
                     seed=o.seed)
     for msg in obj.inapplicable(run.x):
@@ -359,7 +379,7 @@ def harden(run: Run) -> None:
         m.eval()
         m.hard_forward = False
     if run.opt.structure == "gblr":
-        fit_to_budget(list(run.layers.values()), run.opt.budget)
+        fit_to_budget(list(run.layers.values()), run.opt.budget, run.unit)
     for name in run.names:
         run.layers[name] = compact(run.layers[name])
         set_module(run.model, name, run.layers[name])
@@ -370,6 +390,17 @@ def make_report(run: Run) -> dict:
     """Stage 8: the report dict (per-layer costs, loss curve, allocation, fidelity, warnings)."""
     budget = run.opt.budget
     report = _report(budget, run.layers, run.curve, run.steps, run.warnings)
+    report["budget_unit"] = run.opt.budget_unit
+    report["flop_ratio"] = report["achieved_ratio"]
+    timed = run.unit if isinstance(run.unit, TimeCost) else TimeCost()
+    if not any(hasattr(m, "positions") for m in run.layers.values()):  # the compiler's estimate (linear layers)
+        report["time_ratio"] = round(cost_ratio(run.layers.values(), timed), 6)
+        for row in report["layers"]:
+            m = run.layers[row["name"]]
+            row["time_ratio"] = round(timed.layer(m) / timed.dense(m), 6)
+            row["lowering"] = timed.strategy(m)
+    if run.opt.budget_unit == "time":
+        report["achieved_ratio"] = report["time_ratio"]
     report["train_seconds"] = round(run.train_seconds, 3)
     report["allocate"] = run.allocated  # how the budget was split across layers before training
     report["allocated_ratios"] = {n: round(float(b), 4) for n, b in run.budgets.items()}
@@ -379,6 +410,9 @@ def make_report(run: Run) -> dict:
     if run.judge is not None:
         run.fidelity["final"] = run.judge(run.model)
         report["fidelity"] = run.fidelity
+    if run.opt.budget_unit == "time" and report["achieved_ratio"] > budget + 1e-6:
+        raise ValueError(f"budget {budget} (time) is below the estimated time of the smallest structure "
+                         f"({report['achieved_ratio']:.3f} of dense); raise the budget")
     if report["achieved_ratio"] > budget + 1e-12:  # cannot happen after fit_to_budget; lowrank is floor()ed
         raise RuntimeError(f"internal error: cost ratio {report['achieved_ratio']} over budget {budget}")
     return report

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from gblrc.learn import dist
-from gblrc.learn.budget import LambdaController, cost_ratio, fit_to_budget, proximal_step
+from gblrc.learn.budget import LambdaController, cost_ratio, cost_unit, fit_to_budget, proximal_step
 from gblrc.learn.data import batch_stream, split_batch, to_device
 
 __all__ = ["TrainConfig", "Trainer"]
@@ -51,6 +51,12 @@ class TrainConfig:
     checkpoint_every: int = 50
     resume: bool = False
     progress: bool = True
+    # The lambda controller steers the multiply-adds toward ``budget`` (a FLOP ratio); the cool-down's exact
+    # fit lands on ``fit_budget`` (None: ``budget``) in ``budget_unit`` ("flops" or "time", gblrc.learn.budget).
+    # A time budget is not steered directly: a layer's estimated time is flat in the widths (a stacked
+    # lowering pays for whole components), so lambda would grow until every width collapses at once.
+    budget_unit: str = "flops"
+    fit_budget: float | None = None
 
     @property
     def warm_end(self) -> int:
@@ -72,7 +78,8 @@ class TrainConfig:
 
     def signature(self) -> dict:
         return {k: getattr(self, k) for k in ("steps", "budget", "batch_size", "lr", "lr_struct", "seed", "lr_min",
-                                              "learn_structure", "hard_forward", "warmup", "cooldown", "sigma_max")}
+                                              "learn_structure", "hard_forward", "warmup", "cooldown", "sigma_max",
+                                              "budget_unit", "fit_budget")}
 
 
 class Trainer:
@@ -98,6 +105,7 @@ class Trainer:
         self.struct, self.content = struct, content
         self.opt = torch.optim.AdamW(groups)
         reach = cfg.warm_end + int(0.75 * max(1, cfg.cool_start - cfg.warm_end))
+        self.unit = cost_unit(cfg.budget_unit)
         self.ctrl = LambdaController(cfg.budget, cost_ratio(self.mods), reach, cfg.lam_step / cfg.lr_struct)
         self.step, self.curve, self.cooled = 0, [], False
         self.signature = dict(cfg.signature(), layers=list(layers), **(extra_signature or {}))
@@ -108,7 +116,7 @@ class Trainer:
         for m in self.mods:
             m.eval()
         if trim:
-            fit_to_budget(self.mods, self.cfg.budget)
+            fit_to_budget(self.mods, self.cfg.budget if self.cfg.fit_budget is None else self.cfg.fit_budget, self.unit)
         for p in self.struct:
             p.requires_grad_(False)
             p.grad = None

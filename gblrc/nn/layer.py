@@ -9,7 +9,7 @@ from torch import nn
 
 from gblrc.nn.fit import Fitted, fit_weight, weight_and_bias
 from gblrc.nn.masks import boxcar_mask, gaudi_mask, hard_locations, hard_widths, quantize_ste
-from gblrc.ir.structure import GBLRWeights, Structure, cyclic_spans, merge_same_intervals
+from gblrc.ir.structure import Block, GBLRWeights, Structure, cyclic_spans, merge_same_intervals
 
 __all__ = ["GBLRLinear", "fit_dense", "svd_layer"]
 
@@ -143,6 +143,20 @@ class GBLRLinear(nn.Module):
         self.locations[0].copy_(torch.remainder(t(col_starts), n_in) / n_in)
         self.locations[1].copy_(torch.remainder(t(row_starts), n_out) / n_out)
         return self
+
+    @torch.no_grad()
+    def hard_structure(self) -> Structure:
+        """The hard structure alone (no factors), as :meth:`structure` gives it: components sharing both
+        intervals are one block of their summed rank.  Cheap: the time budget estimates it every step."""
+        wc, lc, wr, lr = (t.cpu().tolist() for t in self.hard_intervals())
+        ranks: dict[tuple, int] = {}
+        for k in range(self.num_components):
+            if wc[k] == 0 or wr[k] == 0:
+                continue
+            key = (cyclic_spans(lr[k], wr[k], self.out_features), cyclic_spans(lc[k], wc[k], self.in_features))
+            ranks[key] = ranks.get(key, 0) + self.rank_per_component
+        return Structure(self.in_features, self.out_features,
+                         tuple(Block(rows, cols, r) for (rows, cols), r in ranks.items()))
 
     @torch.no_grad()
     def structure(self) -> GBLRWeights:

@@ -14,7 +14,7 @@ import numpy as np
 
 from gblrc.ir.structure import Block, GBLRWeights, Span, Structure
 
-__all__ = ["union_spans", "merge_pair", "merge_blocks"]
+__all__ = ["union_spans", "merge_pair", "plan_merges", "merge_structure", "merge_blocks"]
 
 
 def union_spans(a: tuple[Span, ...], b: tuple[Span, ...]) -> tuple[Span, ...]:
@@ -57,16 +57,18 @@ def _union_block(a: Block, b: Block) -> Block:
     return Block(union_spans(a.rows, b.rows), union_spans(a.cols, b.cols), a.rank + b.rank)
 
 
-def merge_blocks(w: GBLRWeights, block_cost: Callable[[Block], float], *, max_blocks: int = 4096) -> GBLRWeights:
-    """Greedily merge the pair of blocks whose union saves the most estimated cost, until none saves.
+def plan_merges(s: Structure, block_cost: Callable[[Block], float], *, max_blocks: int = 4096) -> list[tuple[int, int]]:
+    """The merges that :func:`merge_blocks` makes, as (i, j) block positions in the order applied (each
+    position in the structure as it is after the merges before it).
 
-    ``block_cost(block)`` estimates the time of one block's share of the lowered layer.
-    Deterministic; the dense matrix is preserved exactly.  A heap of the saving pairs with lazy
-    deletion (a merged block gets a new id) makes it O(B^2 log B) for B blocks.
+    Greedily the pair of blocks whose union saves the most estimated cost, until none saves.
+    ``block_cost(block)`` estimates the time of one block's share of the lowered layer.  Deterministic.
+    A heap of the saving pairs with lazy deletion (a merged block gets a new id) makes it O(B^2 log B)
+    for B blocks.  Structure only: the cost model on the learning side uses it without factors.
     """
-    blocks = list(w.structure.blocks)
+    blocks = list(s.blocks)
     if len(blocks) < 2 or len(blocks) > max_blocks:
-        return w
+        return []
     order = list(range(len(blocks)))  # ids of the live blocks, in block order
     blk = dict(enumerate(blocks))
     cost = {i: block_cost(b) for i, b in blk.items()}
@@ -79,22 +81,41 @@ def merge_blocks(w: GBLRWeights, block_cost: Callable[[Block], float], *, max_bl
 
     for a, b in itertools.combinations(order, 2):
         push(a, b)
+    plan = []
     next_id = len(blocks)
     while heap:
         _, a, b = heapq.heappop(heap)
         if a not in blk or b not in blk:
             continue  # stale: one of them was merged already
         i, j = order.index(a), order.index(b)
-        w = merge_pair(w, i, j)
+        plan.append((i, j))
         lo, hi = min(i, j), max(i, j)
+        union = _union_block(blk[a], blk[b])
         for gone in (a, b):
             del blk[gone], cost[gone]
         new, next_id = next_id, next_id + 1
         order[lo] = new
         del order[hi]
-        blk[new] = w.structure.blocks[lo]
-        cost[new] = block_cost(blk[new])
+        blk[new] = union
+        cost[new] = block_cost(union)
         for k in order:
             if k != new:
                 push(k, new)
+    return plan
+
+
+def merge_structure(s: Structure, block_cost: Callable[[Block], float], *, max_blocks: int = 4096) -> Structure:
+    """The structure :func:`merge_blocks` would give (no factors needed)."""
+    blocks = list(s.blocks)
+    for i, j in plan_merges(s, block_cost, max_blocks=max_blocks):
+        lo, hi = min(i, j), max(i, j)
+        blocks[lo] = _union_block(blocks[i], blocks[j])
+        del blocks[hi]
+    return Structure(s.in_features, s.out_features, tuple(blocks))
+
+
+def merge_blocks(w: GBLRWeights, block_cost: Callable[[Block], float], *, max_blocks: int = 4096) -> GBLRWeights:
+    """Merge blocks as :func:`plan_merges` plans (zero-padded factors): the dense matrix is preserved exactly."""
+    for i, j in plan_merges(w.structure, block_cost, max_blocks=max_blocks):
+        w = merge_pair(w, i, j)
     return w
