@@ -200,7 +200,8 @@ def compress_variant(task: Task, dense, method, budget, a):
             f", {len(skipped)} convs left dense" if skipped else "")
     else:
         model, rep = gblrc.compress(model, budget, data=task.train_data, steps=a.steps, batch_size=task.batch_size,
-                                    lr=a.lr, structure=method, progress=False, seed=0, allocate=a.allocate)
+                                    lr=a.lr, structure=method, progress=False, seed=0, allocate=a.allocate,
+                                    **(a.gblr_options if method == "gblr" else {}))
         note = f"{len(rep['layers'])} layers, {sum(r['blocks'] for r in rep['layers'])} blocks"
     return {"model": model, "ratio": rep["achieved_ratio"], "seconds": time.perf_counter() - t0, "note": note}, None
 
@@ -298,6 +299,16 @@ def plot(rows, tasks, path):
     plt.close(fig)
 
 
+def _option(text: str):
+    """A --gblr-options value: int, float, true/false or the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="vit,mixer,cnn,gpt2", help="comma-separated subset of vit,mixer,cnn,gpt2")
@@ -307,6 +318,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (all methods)")
     ap.add_argument("--allocate", default="uniform", choices=["auto", "sensitivity", "uniform"],
                     help="budget split across layers for GBLR and low rank (the published table: uniform)")
+    ap.add_argument("--gblr-options", default="", metavar="K=V,...",
+                    help="extra gblrc.compress arguments for the GBLR method, e.g. lr_struct=0.001,init_factor=1.2")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved latency runs (default 21; --quick 5)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime intra-op threads (latency)")
     ap.add_argument("--torch-threads", type=int, default=1,
@@ -315,6 +328,7 @@ def main(argv=None):
     ap.add_argument("--plot", metavar="PNG", help="write the plot here")
     a = ap.parse_args(argv)
     a.budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
+    a.gblr_options = {k.strip(): _option(v) for k, _, v in (o.partition("=") for o in a.gblr_options.split(",") if o.strip())}
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
