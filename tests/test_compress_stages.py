@@ -184,3 +184,18 @@ def test_train_rest_trains_what_lies_outside_the_compressed_layers():
     with pytest.warns(UserWarning, match="train_rest"):
         _gblrc.compress(_copy.deepcopy(net), 0.5, data={"inputs": x, "targets": y}, steps=0, progress=False,
                         train_rest=True)
+
+
+def test_gblr_init_margin_is_one_component_of_each_layer():
+    # layers of very different sizes: one component is 12.5% of the small one, 1.6% of the big one; the
+    # big one must not start at the budget plus the small one's component (it did: 0.4 -> 0.525)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 128), nn.GELU(), nn.Linear(128, 128),
+                          nn.GELU(), nn.Linear(128, 4)).eval()
+    run = run_for(model, data=torch.randn(128, 16), steps=3, allocate="uniform", init="svd", structure="gblr",
+                  batch_size=16)
+    for stage in (C.read_data, C.calibrate, C.allocate, C.initialise):
+        stage(run)
+    assert set(run.layers) == {"0", "2", "4"}
+    for m in run.layers.values():
+        assert 0.4 * m.dense_flops() < m.flops() <= 0.4 * m.dense_flops() + m.in_features + m.out_features
