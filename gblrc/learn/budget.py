@@ -24,9 +24,7 @@ from gblrc.ir.structure import Block, Span, Structure
 from gblrc.nn.layer import GBLRLinear
 
 __all__ = ["cost_ratio", "LambdaController", "proximal_step", "fit_to_budget", "compact", "FlopCost", "TimeCost",
-           "cost_unit", "UNITS"]
-
-UNITS = ("flops", "time")
+           "cost_unit"]
 
 
 def _weight(m) -> int:
@@ -106,8 +104,6 @@ def cost_unit(unit) -> FlopCost | TimeCost:
 def cost_ratio(layers, unit=FLOPS) -> float:
     """Total cost of ``layers`` over their total dense cost, in ``unit``."""
     layers, unit = list(layers), cost_unit(unit)
-    if unit is FLOPS:
-        return sum(m.flops() for m in layers) / max(1, sum(m.dense_flops() for m in layers))
     return sum(unit.layer(m) for m in layers) / max(1e-30, sum(unit.dense(m) for m in layers))
 
 
