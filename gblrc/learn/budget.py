@@ -58,20 +58,23 @@ class TimeCost:
             raise ValueError("the time budget (budget_unit='time') is for linear layers; this model has "
                              "convolutions: use budget_unit='flops'")
 
-    def layer(self, m) -> float:
+    def _estimate(self, m) -> tuple[str, float]:
+        """(lowering, estimated seconds) of ``m``'s hard structure, remembered per structure."""
         self._check(m)
-        s = m.hard_structure()
-        key = (s, m.bias is not None)
-        t = self._memo.get(key)
-        if t is None:
+        key = (m.hard_structure(), m.bias is not None)
+        est = self._memo.get(key)
+        if est is None:
             if len(self._memo) > 4096:
                 self._memo.clear()
-            t = self._memo[key] = lowered_estimate(s, m.bias is not None, self.model)[1]
-        return t
+            est = self._memo[key] = lowered_estimate(key[0], key[1], self.model)
+        return est
+
+    def layer(self, m) -> float:
+        return self._estimate(m)[1]
 
     def dense(self, m) -> float:
         self._check(m)
-        return self.model.dense(m.hard_structure(), m.bias is not None)
+        return self.dense_shape(m.in_features, m.out_features, m.bias is not None)
 
     def lowrank(self, n_in: int, n_out: int, rank: int, bias: bool) -> float:
         """Estimated seconds of a full-width rank-``rank`` layer (in -> out) as lowered."""
@@ -84,7 +87,7 @@ class TimeCost:
 
     def strategy(self, m) -> str:
         """The lowering the estimate assumes for ``m`` (stacked, sliced, segmented or dense)."""
-        return lowered_estimate(m.hard_structure(), m.bias is not None, self.model)[0]
+        return self._estimate(m)[0]
 
 
 FLOPS = FlopCost()
