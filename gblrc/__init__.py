@@ -30,6 +30,11 @@ _LAZY = {
     "Structure": "gblrc.ir.structure",
     "GBLRWeights": "gblrc.ir.structure",
     "StructureError": "gblrc.ir.structure",
+    "CompressConfig": "gblrc.learn.config",
+    "TrainingConfig": "gblrc.learn.config",
+    "Controller": "gblrc.learn.controller",
+    "GBLRCallback": "gblrc.learn.hf",
+    "DistillationLoss": "gblrc.learn.distill",
 }
 _SUBPACKAGES = ("ir", "nn", "io", "learn", "export", "passes", "runtime", "cli")
 
@@ -58,11 +63,28 @@ def load(path, *, trust_pickle: bool = False):
     return _load(path, trust_pickle=trust_pickle)
 
 
-def compress(model, budget, **kwargs):
-    """Compress ``model``'s linear layers into GBLR layers under ``budget`` (see gblrc.learn.compress.compress)."""
+def compress(model, config, **kwargs):
+    """Compress ``model``'s linear layers into GBLR layers under a budget and train them with gblrc's own
+    loop; ``config`` is a :class:`CompressConfig` or the budget (see gblrc.learn.compress.compress)."""
     from gblrc.learn.compress import compress as _compress
 
-    return _compress(model, budget, **kwargs)
+    return _compress(model, config, **kwargs)
+
+
+def prepare(model, config, **kwargs):
+    """Replace and initialise ``model``'s linear layers for training in your own loop; returns
+    (model, Controller) (see gblrc.learn.compress.prepare)."""
+    from gblrc.learn.compress import prepare as _prepare
+
+    return _prepare(model, config, **kwargs)
+
+
+def finalize(model):
+    """Harden and trim a prepared model to its budget after your loop; returns the report
+    (see gblrc.learn.compress.finalize)."""
+    from gblrc.learn.compress import finalize as _finalize
+
+    return _finalize(model)
 
 
 def save(model, path, *, example_inputs=None, meta=None, auto_class=None):
@@ -90,8 +112,15 @@ __all__ = [
     "Structure",
     "GBLRWeights",
     "StructureError",
+    "CompressConfig",
+    "TrainingConfig",
+    "Controller",
+    "GBLRCallback",
+    "DistillationLoss",
     "load",
     "compress",
+    "prepare",
+    "finalize",
     "save",
     "lower",
 ]

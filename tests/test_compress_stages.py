@@ -26,9 +26,9 @@ def data(n=256, seed=1):
     return torch.randn(n, 6, generator=g) @ MIX + 0.05 * torch.randn(n, 16, generator=g)  # correlated inputs
 
 
-def run_for(model=None, budget=0.4, **kw):
+def run_for(model=None, budget=0.4, data=None, eval_data=None, **kw):
     kw.setdefault("progress", False)
-    return C.start(model or mlp(), C.check_options(budget, **kw))
+    return C.start(model or mlp(), C.check_options(budget, **kw), data=data, eval_data=eval_data)
 
 
 def test_check_options_rejects_bad_values_and_freezes_good_ones():

@@ -1,15 +1,25 @@
-"""``gblrc.compress``: learn GBLR layers for a model's linear layers under a cost budget.
+"""``gblrc.compress``, ``gblrc.prepare`` and ``gblrc.finalize``: GBLR layers for a model's linear layers
+under a cost budget, trained by gblrc's own loop or by yours.
 
-:func:`compress` is a sequence of named stages over one :class:`Run` (the model and what each stage
-found): :func:`check_options`, :func:`start`, :func:`read_data`, :func:`calibrate`, :func:`allocate`,
-:func:`initialise`, :func:`train`, :func:`harden`, :func:`make_report`.
+Both are a sequence of named stages over one :class:`Run` (the model and what each stage found):
+:func:`start`, :func:`read_data`, :func:`calibrate`, :func:`allocate`, :func:`initialise`, then
+
+- ``compress``: :func:`train` (gblrc's loop over a :class:`~gblrc.learn.controller.Controller`),
+  :func:`harden`, :func:`make_report`;
+- ``prepare``: the Controller is handed to your loop; ``finalize`` runs :func:`harden` and
+  :func:`make_report`.
+
+Settings come as one :class:`~gblrc.learn.config.CompressConfig` (:func:`check_options` makes one from the
+keyword form).
 """
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,21 +27,22 @@ import torch
 from torch import nn
 
 from gblrc.learn import dist
+from gblrc.learn.config import CompressConfig, TrainingConfig, as_config, from_kwargs
+from gblrc.learn.controller import Controller
 from gblrc.learn.allocate import GRID, allocate_budgets, uniform_time_ratios
 from gblrc.learn.budget import FLOPS, TimeCost, compact, cost_ratio, cost_unit, fit_to_budget
 from gblrc.learn.data import batch_stream, replayable, call_model, model_output, to_device
 from gblrc.learn.fidelity import Fidelity, eval_batches
 from gblrc.learn.objective import Objective, task_loss
-from gblrc.nn.fit import check_budget
 from gblrc.nn.layer import svd_layer
 from gblrc.learn.calib import input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import as_linear, find_linears, is_linear, replace_linears, set_module
 from gblrc.learn.report import structure_movement
-from gblrc.learn.train import TrainConfig, Trainer
+from gblrc.learn.train import Trainer
 
-__all__ = ["compress", "Options", "Run", "check_options", "start", "read_data", "calibrate", "allocate",
-           "initialise", "train", "harden", "make_report"]
+__all__ = ["compress", "prepare", "finalize", "CompressConfig", "TrainingConfig", "Options", "Run", "check_options",
+           "start", "read_data", "calibrate", "allocate", "initialise", "train", "harden", "make_report"]
 
 NO_DATA_WARNING = ("no data given: the GBLR layers are only initialised from the dense weights (no training); "
                    "give data for better accuracy")
@@ -80,111 +91,110 @@ def _report(budget, layers: dict, curve, steps: int, warn: list) -> dict:
             "steps": steps, "layers": rows, "loss_curve": curve, "warnings": warn}
 
 
-def compress(model: nn.Module, budget: float, *, data=None, steps: int = 200, batch_size: int = 32,
-             lr: float = 1e-3, include=None, exclude=None, seed: int = 0, loss="auto",
-             rank_per_component: int = 1, checkpoint_dir=None, checkpoint_every: int = 50, resume: bool = False,
-             progress: bool = True, structure: str = "gblr", lr_struct: float | None = None,
-             init_factor: float = 1.0, layer_loss: float = 1.0, warmup: float = 0.1, cooldown: float = 0.2,
-             sigma_max: float = 100.0, init: str = "sequential", calib_batches: int = 16,
-             hard_forward: bool = True, tile: int = 1, lr_min: float = 0.1,
-             allocate: str = "auto", sensitivity_batches: int = 1, allocate_cap: float | None = None,
-             tune_norms: bool = False, eval_data=None, hidden_loss: float = 0.0,
-             augment: float = 0.0, train_rest: bool = False, budget_unit: str = "flops") -> tuple[nn.Module, dict]:
-    """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= ``budget``.
+def compress(model: nn.Module, config: CompressConfig | float, *, data=None, eval_data=None,
+             **options) -> tuple[nn.Module, dict]:
+    """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= the budget, and
+    train them with gblrc's own loop.
+
+    ``config``: a :class:`CompressConfig` (``gblrc.CompressConfig(budget=0.4, steps=300)``), or the budget
+    as a number with the settings as keywords (the older form: ``compress(model, 0.4, steps=300,
+    warmup=0.2)``; every field of CompressConfig and of its ``training`` TrainingConfig by its own name;
+    an unknown keyword is a TypeError naming the fields).  Keywords given beside a CompressConfig
+    override its fields.
 
     ``data``: None (initialisation only), a Tensor of inputs, {"inputs", "targets"}, or an iterable /
-    callable of batches (see :mod:`gblrc.learn.data`).  With targets the task loss is trained (``loss="auto"``
-    or ``"task"``), otherwise (or with ``loss="distill"``) the model imitates its dense self.
-    ``init``: "data" (truncated SVD in the metric of each layer's inputs on ``calib_batches`` batches,
-    :mod:`gblrc.learn.calib`), "sequential" (then each layer refitted in call order to the teacher's output from
-    the compressed model's own inputs, :func:`gblrc.learn.calib.sequential_refit`) or "svd" (plain truncated
-    SVD, :func:`gblrc.nn.layer.fit_dense`).
-    ``structure``: "gblr" (learned widths/locations from an initialisation at ``init_factor`` x budget)
-    or "lowrank" (truncated SVD at the budget, full widths, content fine-tuned only).
-    ``rank_per_component`` and ``tile`` (widths and starts multiples of ``tile`` elements) make the learned
-    structure coarser and easier for the lowering passes to turn into speed (README, "Structure options").
-    ``allocate``: "uniform" (every layer starts at the same cost ratio), "sensitivity" (per-layer
-    ratios from each layer's measured effect on the output on ``sensitivity_batches`` batches,
-    :mod:`gblrc.learn.allocate`; needs data and a data-aware ``init``; linear layers only; a warning and
-    uniform otherwise) or "auto" (sensitivity where it applies, else uniform, silently); no layer gets more
-    than ``allocate_cap`` x budget (None: up to its dense cost).
-    ``tune_norms``: also fine-tune the model's normalisation layers (LayerNorm, RMSNorm, BatchNorm
-    affine parameters) with the content; they cost nothing at inference.
-    ``train_rest``: also train every parameter outside the compressed layers (embeddings, heads that are
-    not compressed, norms, other modules' biases) with the content: for structured layers trained from
-    scratch, where those start random too (``benchmarks/scratch_structures.py``).
+    callable of batches (see :mod:`gblrc.learn.data`).  With targets the task loss is trained
+    (``loss="auto"`` or ``"task"``), otherwise (or with ``loss="distill"``) the model imitates its dense self.
     ``eval_data``: examples to judge fidelity on (same forms as ``data``; best from another source than
     ``data``): the report's ``fidelity`` gives the cosine to the dense model (and the task metric with
     class targets) after the initialisation and at the end (:mod:`gblrc.learn.fidelity`).
-    ``budget_unit``: what ``budget`` is a fraction of: "flops" (the layers' dense multiply-adds) or
-    "time" (their dense time as the compiler estimates it, :mod:`gblrc.learn.budget`: each layer charged
-    as the default ``gblrc lower`` would lower it, so the learned structure is the one that lowers fast;
-    linear layers only).  The report gives both ratios either way.
+
+    The settings (:class:`CompressConfig`, :class:`TrainingConfig`): ``init`` "data" (truncated SVD in the
+    metric of each layer's inputs, :mod:`gblrc.learn.calib`), "sequential" (then each layer refitted in
+    call order to the teacher's output from the compressed model's own inputs) or "svd" (plain truncated
+    SVD); ``structure`` "gblr" (learned widths/locations from an initialisation at init_factor x budget)
+    or "lowrank" (truncated SVD at the budget, full widths, content fine-tuned only);
+    ``rank_per_component`` and ``tile`` make the structure coarser and easier to lower fast;
+    ``allocate`` "uniform", "sensitivity" (per-layer ratios from each layer's measured effect on the
+    output; needs data and a data-aware init; linear layers only; a warning and uniform otherwise) or
+    "auto" (sensitivity where it applies, else uniform, silently); ``budget_unit`` "flops" or "time" (the
+    layers' dense time as the compiler estimates it, :mod:`gblrc.learn.budget`; linear layers only);
+    ``device`` and ``mixed_precision`` (see CompressConfig).  The report gives both cost ratios either way.
+
     Returns (model in eval mode, report dict).  Raises ValueError on bad input.
     """
-    opt = check_options(budget, **{k: v for k, v in locals().items() if k not in ("model", "budget")})
-    run = start(model, opt)
-    for stage in STAGES:  # (a module constant: the parameter ``allocate`` shadows the stage's name here)
+    run = start(model, as_config(config, options), data=data, eval_data=eval_data)
+    for stage in STAGES:
         stage(run)
     return run.model, make_report(run)
 
 
-@dataclass(frozen=True)
-class Options:
-    """The arguments of :func:`compress`, checked (see its docstring)."""
+def prepare(model: nn.Module, config: CompressConfig | float, *, data=None, eval_data=None,
+            **options) -> tuple[nn.Module, Controller]:
+    """Replace ``model``'s linear layers (in place) by GBLR layers initialised from the dense weights,
+    for training in your own loop; returns (model, controller).
 
-    budget: float
-    data: object = None
-    steps: int = 200
-    batch_size: int = 32
-    lr: float = 1e-3
-    include: object = None
-    exclude: object = None
-    seed: int = 0
-    loss: str = "auto"
-    rank_per_component: int = 1
-    checkpoint_dir: object = None
-    checkpoint_every: int = 50
-    resume: bool = False
-    progress: bool = True
-    structure: str = "gblr"
-    lr_struct: float | None = None
-    init_factor: float = 1.0
-    layer_loss: float = 1.0
-    warmup: float = 0.1
-    cooldown: float = 0.2
-    sigma_max: float = 100.0
-    init: str = "sequential"
-    calib_batches: int = 16
-    hard_forward: bool = True
-    tile: int = 1
-    lr_min: float = 0.1
-    allocate: str = "auto"
-    sensitivity_batches: int = 1
-    allocate_cap: float | None = None
-    tune_norms: bool = False
-    eval_data: object = None
-    hidden_loss: float = 0.0
-    augment: float = 0.0
-    train_rest: bool = False
-    budget_unit: str = "flops"
+    ``config`` as for :func:`compress`; its ``steps`` is the number of optimiser steps your loop will
+    take (it sets the sigma homotopy and the cool-down).  ``data`` here is calibration data only (for
+    the data-aware initialisation and the allocation; None: plain SVD init).  Then::
+
+        opt = torch.optim.AdamW(ctrl.param_groups())
+        for step in range(config.steps):
+            loss = ...; loss.backward(); opt.step(); ctrl.step(opt); opt.zero_grad()
+        report = gblrc.finalize(model)
+
+    The model comes back in train mode; what else trains is up to your loop (``param_groups`` holds the
+    layers' content and structure, plus the norms / the rest with ``tune_norms`` / ``train_rest``).
+    """
+    run = start(model, as_config(config, options), data=data, eval_data=eval_data, own_loop=True)
+    for stage in PREPARE_STAGES:
+        stage(run)
+    run.controller = _controller(run)
+    model.train()
+    run.controller.run = run
+    _PREPARED[model] = run  # for gblrc.finalize(model); removed there
+    return model, run.controller
 
 
-def check_options(budget, **kw) -> Options:
-    """Stage 0: :class:`Options` from compress()'s arguments; ValueError on a bad value."""
-    o = Options(budget=check_budget(budget), **kw)
-    if o.structure not in ("gblr", "lowrank"):
-        raise ValueError(f"structure must be 'gblr' or 'lowrank', got {o.structure!r}")
-    if o.init not in ("data", "sequential", "svd"):
-        raise ValueError(f"init must be 'data', 'sequential' or 'svd', got {o.init!r}")
-    if o.allocate not in ("auto", "uniform", "sensitivity"):
-        raise ValueError(f"allocate must be 'auto', 'uniform' or 'sensitivity', got {o.allocate!r}")
-    if o.loss not in ("auto", "task", "distill"):
-        raise ValueError(f"loss must be 'auto', 'task' or 'distill', got {o.loss!r}")
-    cost_unit(o.budget_unit)  # ValueError on an unknown unit
-    if int(o.steps) < 0 or int(o.batch_size) < 1 or int(o.rank_per_component) < 1 or int(o.tile) < 1:
-        raise ValueError("steps must be >= 0, batch_size, rank_per_component and tile >= 1")
-    return o
+def finalize(model) -> dict:
+    """After your loop: harden the structure, trim it to the budget exactly, drop unused components;
+    returns the report (as ``compress``'s).  ``model``: the prepared model (or a DistributedDataParallel /
+    accelerate wrapper of it), or its Controller.  The model is in eval mode and saves, loads and lowers
+    as a compressed one."""
+    run = _prepared_run(model)
+    if run.controller.schedule.learn_structure and not run.controller.cooled:
+        run.controller.cool(trim=True)
+    run.steps = run.controller.step_count
+    run.curve = [[r["step"], r["loss"], r["cost"], r["sigma"], r["lambda"]] for r in run.controller.history]
+    harden(run)
+    report = make_report(run)
+    _PREPARED.pop(run.model, None)
+    run.controller.run = None
+    return report
+
+
+_PREPARED: "weakref.WeakKeyDictionary[nn.Module, Run]" = weakref.WeakKeyDictionary()  # prepared, not finalized
+
+
+def _prepared_run(obj) -> "Run":
+    if isinstance(obj, Controller):
+        run = getattr(obj, "run", None)
+    else:
+        while obj not in _PREPARED and isinstance(getattr(obj, "module", None), nn.Module):
+            obj = obj.module  # DistributedDataParallel, accelerate wrappers
+        run = _PREPARED.get(obj)
+    if run is None:
+        raise ValueError("finalize() needs a model returned by gblrc.prepare (or its controller) that was not "
+                         "finalized yet")
+    return run
+
+
+Options = CompressConfig  # the checked settings (the name of gblrc 0.1's option record)
+
+
+def check_options(budget, **kw) -> CompressConfig:
+    """The settings from compress()'s keyword form; ValueError on a bad value, TypeError on an unknown name."""
+    return from_kwargs(budget, **kw)
 
 
 @dataclass
@@ -192,13 +202,16 @@ class Run:
     """What the stages share: the model being compressed (in place) and what each stage found."""
 
     model: nn.Module
-    opt: Options
+    opt: CompressConfig
     names: list[str]
     pairs: list
     device: torch.device
     rank: int = 0
     world: int = 1
-    steps: int = 0  # training steps still to run (0 without data)
+    steps: int = 0  # training steps still to run (0 without data in compress's own loop)
+    own_loop: bool = False  # prepare(): the user's loop trains (data, if any, only calibrates)
+    given_data: object = None  # the data and eval_data arguments as given
+    given_eval: object = None
     warnings: list[str] = field(default_factory=list)
     judge: Fidelity | None = None  # fidelity on eval_data
     data: object = None  # replayable training data
@@ -216,6 +229,7 @@ class Run:
     curve: list = field(default_factory=list)
     train_seconds: float = 0.0
     unit: object = FLOPS  # the budget's cost unit (gblrc.learn.budget)
+    controller: Controller | None = None
 
     def warn(self, msg: str) -> None:
         """A warning for the user: in the report and as a Python warning."""
@@ -223,12 +237,29 @@ class Run:
         warnings.warn(msg, stacklevel=4)  # Run.warn <- stage <- compress <- the caller
 
 
-def start(model: nn.Module, opt: Options) -> Run:
-    """Stage 1: check the model, find its compressible layers, set up ranks and seeds."""
+def resolve_device(model: nn.Module, device: str | None) -> torch.device:
+    """Where to train: the model's device (None), CUDA when available ("auto"), or "cpu" / "cuda" (a
+    ValueError when this torch has no CUDA device).  Under a multi-process launch, CUDA is this rank's
+    LOCAL_RANK device."""
+    if device is None:
+        return next(model.parameters()).device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for but torch sees no CUDA device here (torch "
+                         f"{torch.__version__}); use device 'cpu' or 'auto'")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                        else torch.cuda.current_device())
+
+
+def start(model: nn.Module, opt: CompressConfig, *, data=None, eval_data=None, own_loop: bool = False) -> Run:
+    """Stage 1: check the model, find its compressible layers, move it to its device, set up ranks and seeds."""
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ValueError(f"the model has NaN or Inf values in {name!r}; fix the model before compressing")
-    judge = Fidelity(model, eval_batches(opt.eval_data)) if opt.eval_data is not None else None
+    dev = resolve_device(model, opt.device)
+    model.to(dev)
+    judge = Fidelity(model, eval_batches(eval_data)) if eval_data is not None else None
     pairs = find_linears(model, opt.include, opt.exclude)
     if not pairs:
         raise ValueError("the model has no compressible linear layer (nn.Linear / Conv1D / Conv2d)"
@@ -237,24 +268,25 @@ def start(model: nn.Module, opt: Options) -> Run:
     if opt.budget_unit == "time" and any(not is_linear(m) for _, m in pairs):
         raise ValueError("budget_unit='time' is for linear layers (the cost model times MatMuls); this model has "
                          "convolutions: use budget_unit='flops' or exclude them")
-    dev = next(model.parameters()).device
     rank, world = dist.setup(dev)
     torch.manual_seed(opt.seed)
     random.seed(opt.seed)
     np.random.seed(opt.seed)
     return Run(model, opt, [n for n, _ in pairs], pairs, dev, rank, world, steps=int(opt.steps), judge=judge,
-               unit=cost_unit(opt.budget_unit))
+               unit=cost_unit(opt.budget_unit), own_loop=own_loop, given_data=data, given_eval=eval_data)
 
 
 def read_data(run: Run) -> None:
     """Stage 2: the first batch must fit the model; the teacher for distillation.  Without data only
-    the initialisation runs (a warning); with ``steps=0`` it is post-training compression."""
+    the initialisation runs (a warning); with ``steps=0`` it is post-training compression.  For
+    ``prepare`` the data only calibrates (no teacher: the user's loop has its own loss)."""
     o = run.opt
-    if o.data is None:
-        run.warn(NO_DATA_WARNING)
-        run.steps = 0
+    if run.given_data is None:
+        if not run.own_loop:
+            run.warn(NO_DATA_WARNING)
+            run.steps = 0
     else:
-        run.data = replayable(o.data)  # a generator is read once and replayed
+        run.data = replayable(run.given_data)  # a generator is read once and replayed
         x, y = next(batch_stream(run.data, o.batch_size, o.seed))
         distill = o.loss == "distill" or (o.loss == "auto" and y is None)
         if o.loss == "task" and y is None:
@@ -262,9 +294,10 @@ def read_data(run: Run) -> None:
         run.model.eval()
         _check_fits(run.model, to_device(x, run.device), to_device(y, run.device), distill)
         run.x = x
-        if distill and run.steps > 0:
+        if distill and run.steps > 0 and not run.own_loop:
             run.teacher = copy.deepcopy(run.model).eval().requires_grad_(False)
-    if run.steps == 0 and (o.hidden_loss > 0 or o.augment > 0 or o.train_rest):
+    t = o.training
+    if run.steps == 0 and (t.hidden_loss > 0 or t.augment > 0 or t.train_rest):
         run.warn("hidden-state loss, token augmentation and train_rest are training options; with no training steps "
                  "they do nothing")
 
@@ -279,7 +312,7 @@ def calibrate(run: Run) -> None:
     if o.init == "sequential":
         run.dense_ref = run.teacher or copy.deepcopy(run.model).eval()
     it = batch_stream(run.data, o.batch_size, o.seed)
-    run.xs = [to_device(next(it)[0], run.device) for _ in range(o.calib_batches)]
+    run.xs = [to_device(next(it)[0], run.device) for _ in range(o.training.calib_batches)]
     run.covs = input_covariances(run.model, run.names, run.xs)
 
 
@@ -294,8 +327,9 @@ def allocate(run: Run) -> None:
         return
     alloc = None
     if run.covs is not None:
-        grid = [g for g in GRID if o.allocate_cap is None or g <= o.allocate_cap * o.budget + 1e-9] or [min(GRID)]
-        alloc = allocate_budgets(run.model, run.names, run.covs, run.xs[:max(1, o.sensitivity_batches)], o.budget,
+        cap = o.training.allocate_cap
+        grid = [g for g in GRID if cap is None or g <= cap * o.budget + 1e-9] or [min(GRID)]
+        alloc = allocate_budgets(run.model, run.names, run.covs, run.xs[:max(1, o.training.sensitivity_batches)], o.budget,
                                  grid=grid, rank_per_component=o.rank_per_component,
                                  progress=o.progress and run.rank == 0, unit=run.unit if o.budget_unit == "time" else None)
         alloc = dist.broadcast_object(alloc, run.world) if alloc is not None else None
@@ -317,7 +351,7 @@ def initialise(run: Run) -> None:
         # smallest layer for every layer, as before, started small budgets far above: +0.07-0.08 on every layer
         # of the families' ViT and Mixer, budget 0.15 from about 0.22)
         one = {n: o.rank_per_component * sum(_io(m)) / (_io(m)[0] * _io(m)[1]) for n, m in run.pairs}
-        init_budgets = {n: min(1.0, b * (o.init_factor if learn else 1.0) + one[n]) for n, b in run.budgets.items()}
+        init_budgets = {n: min(1.0, b * (o.training.init_factor if learn else 1.0) + one[n]) for n, b in run.budgets.items()}
     # full-width truncated SVD for low rank and as the base of the data-aware init; else gblrc.nn.layer.fit_dense
     fit = svd_layer if (o.structure == "lowrank" or run.covs is not None) else None
     run.layers = replace_linears(model, run.names, init_budgets, fit=fit, rank_per_component=o.rank_per_component)
@@ -339,37 +373,42 @@ def initialise(run: Run) -> None:
     run.initial = {n: m.structure().structure for n, m in run.layers.items()}
 
 
-def train(run: Run) -> None:
-    """Stage 6: the Gaudi/proximal trainer (content only for low rank); nothing without steps."""
+def _controller(run: Run) -> Controller:
+    """The method's controller for the layers: lambda steers the multiply-adds (under a time budget, to
+    the time allocation's; the cool-down's exact fit then lands on the time), plus what else trains."""
     o = run.opt
-    if run.steps <= 0:
-        return
-    learn = o.structure == "gblr"
     budget, fit_budget = o.budget, None
-    if o.budget_unit == "time":  # steer the multiply-adds to the time allocation's; the final fit lands on the time
+    if o.budget_unit == "time":
         dense = {n: m.dense_flops() for n, m in run.layers.items()}
         budget = sum(min(1.0, run.budgets[n]) * d for n, d in dense.items()) / sum(dense.values())
         fit_budget = o.budget
-    cfg = TrainConfig(steps=run.steps, budget=budget, fit_budget=fit_budget, batch_size=o.batch_size, lr=o.lr,
-                      lr_struct=o.lr_struct if o.lr_struct is not None else 5 * o.lr, seed=o.seed,
-                      learn_structure=learn, hard_forward=o.hard_forward, lr_min=o.lr_min, warmup=o.warmup,
-                      cooldown=o.cooldown, sigma_max=o.sigma_max,
-                      checkpoint_dir=str(o.checkpoint_dir) if o.checkpoint_dir else None,
-                      checkpoint_every=o.checkpoint_every, resume=o.resume, progress=o.progress,
-                      budget_unit=o.budget_unit)
-    obj = Objective(run.model, run.teacher, run.names, o.layer_loss, hidden_weight=o.hidden_loss, augment=o.augment,
+    t = o.training
+    extra = _rest_params(run.model, run.layers.values()) if t.train_rest else _norm_params(run.model) if t.tune_norms \
+        else ()
+    return Controller(run.layers, o, steps=run.steps, budget=budget, fit_budget=fit_budget, extra_params=extra)
+
+
+def train(run: Run) -> None:
+    """Stage 6: gblrc's own loop over the method's controller (content only for low rank); nothing without steps."""
+    o, t = run.opt, run.opt.training
+    if run.steps <= 0:
+        return
+    run.controller = _controller(run)
+    obj = Objective(run.model, run.teacher, run.names, t.layer_loss, hidden_weight=t.hidden_loss, augment=t.augment,
                     seed=o.seed)
     for msg in obj.inapplicable(run.x):
         run.warn(msg)
-    sig = {"structure": o.structure, "init_factor": o.init_factor, "allocate": o.allocate,
-           "allocate_cap": o.allocate_cap, "tune_norms": o.tune_norms, "train_rest": o.train_rest, "layer_loss": o.layer_loss, "init": o.init,
-           "hidden_loss": o.hidden_loss, "augment": o.augment, "rank_per_component": o.rank_per_component,
-           "world": run.world, "tile": int(o.tile)}
+    sig = {"structure": o.structure, "init_factor": t.init_factor, "allocate": o.allocate, "loss": o.loss,
+           "allocate_cap": t.allocate_cap, "tune_norms": t.tune_norms, "train_rest": t.train_rest,
+           "layer_loss": t.layer_loss, "init": o.init, "hidden_loss": t.hidden_loss, "augment": t.augment,
+           "rank_per_component": o.rank_per_component, "world": run.world, "tile": int(o.tile)}
     t0 = time.perf_counter()
     try:
-        run.curve = Trainer(run.model, run.layers, obj, run.data, cfg, rank=run.rank, world=run.world,
-                            extra_signature=sig, extra_params=_rest_params(run.model, run.layers.values()) if o.train_rest
-                            else _norm_params(run.model) if o.tune_norms else ()).run()
+        run.curve = Trainer(run.model, run.controller, obj, run.data, batch_size=o.batch_size, seed=o.seed,
+                            mixed_precision=o.mixed_precision,
+                            checkpoint_dir=str(t.checkpoint_dir) if t.checkpoint_dir else None,
+                            checkpoint_every=t.checkpoint_every, resume=t.resume, progress=o.progress,
+                            rank=run.rank, world=run.world, extra_signature=sig).run()
     finally:
         obj.close()
     run.train_seconds = time.perf_counter() - t0
@@ -420,4 +459,5 @@ def make_report(run: Run) -> dict:
     return report
 
 
-STAGES = (read_data, calibrate, allocate, initialise, train, harden)  # after start(), before make_report()
+PREPARE_STAGES = (read_data, calibrate, allocate, initialise)  # after start(): gblrc.prepare
+STAGES = PREPARE_STAGES + (train, harden)  # after start(), before make_report(): gblrc.compress

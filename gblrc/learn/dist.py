@@ -1,6 +1,6 @@
-"""Data parallelism for compression under ``torchrun`` (WORLD_SIZE > 1): gradients are all-reduced by
-hand (one flat buffer), parameters broadcast from rank 0, so every rank takes identical steps and ends
-with the identical structure."""
+"""Data parallelism for compression under ``torchrun`` or ``accelerate launch`` (WORLD_SIZE > 1): the
+process group from the launcher's environment, torch's DistributedDataParallel for the gradients, and
+parameters broadcast from rank 0 at the end, so every rank ends with the identical structure."""
 from __future__ import annotations
 
 import os
@@ -8,11 +8,12 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["setup", "rank_world", "allreduce_grads", "broadcast_module", "allreduce_mean", "barrier"]
+__all__ = ["setup", "rank_world", "data_parallel", "broadcast_module", "allreduce_mean", "barrier", "broadcast_object"]
 
 
 def setup(device: torch.device) -> tuple[int, int]:
-    """Initialise the process group when launched by torchrun with WORLD_SIZE > 1; (rank, world)."""
+    """Initialise the process group when launched with WORLD_SIZE > 1 (torchrun, accelerate launch), unless
+    the launcher's code already did; (rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -32,23 +33,15 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def allreduce_grads(params, world: int) -> None:
-    """Average the gradients of ``params`` over ranks (missing gradients count as zero)."""
-    if world <= 1:
-        return
-    params = list(params)
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= world
-    i = 0
-    for p in params:
-        n = p.numel()
-        g = flat[i:i + n].view_as(p)
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
-        i += n
+def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` wrapped in torch's DistributedDataParallel (gradients averaged over the ranks in the
+    backward pass), on this rank's device.  Parameters that get no gradient in a step (e.g. a frozen
+    structure) are allowed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(model.parameters()).device
+    ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from gblrc.learn.data import _rows, batch_rows, call_model, model_output, normalize_batch
+from gblrc.learn.data import _rows, batch_rows, call_model, model_output, normalize_batch, to_device
 
 __all__ = ["Fidelity", "eval_batches", "split_holdout"]
 
@@ -83,7 +83,9 @@ class Fidelity:
         was = model.training
         model.eval()
         try:
-            outs = [_pooled(model_output(call_model(model, x)), x) for x, _ in self.batches]
+            p = next(model.parameters(), None)
+            dev = p.device if p is not None else torch.device("cpu")  # judged where the model is; scored on the CPU
+            outs = [_pooled(model_output(call_model(model, to_device(x, dev))).float().cpu(), x) for x, _ in self.batches]
         finally:
             model.train(was)
         return torch.cat(outs)

@@ -80,6 +80,7 @@ class Objective:
     def __init__(self, student, teacher=None, layer_names=(), layer_weight: float = 1.0, *,
                  hidden_weight: float = 0.0, augment: float = 0.0, seed: int = 0):
         self.student, self.teacher, self.layer_weight = student, teacher, float(layer_weight)
+        self.runner = None  # what the student's forward goes through (a DistributedDataParallel wrapper); None: itself
         self.hidden_weight, self.augment = float(hidden_weight), float(augment)
         self._gen = torch.Generator().manual_seed(int(seed) + 7919)
         self._vocab = _vocab_size(student) if self.augment > 0 else None
@@ -115,14 +116,14 @@ class Objective:
         if self.teacher is None:
             if y is None:
                 raise ValueError("a batch has no targets; give targets for every batch or none at all")
-            return task_loss(model_output(call_model(self.student, x)), y)
+            return task_loss(model_output(call_model(self.runner or self.student, x)), y)
         if self.augment > 0 and isinstance(x, dict) and "input_ids" in x and self._vocab:
             x = augment_tokens(x, self.augment, self._vocab, self._gen)
         hidden = self._hidden_ok and isinstance(x, dict)
         kw = dict(x, output_hidden_states=True) if hidden else x
         with torch.no_grad():
             tout = call_model(self.teacher, kw)
-        sout = call_model(self.student, kw)
+        sout = call_model(self.runner or self.student, kw)
         t, s = model_output(tout), model_output(sout)
         mask = _mask_for(x, t)
         loss = rel_mse(s, t, mask)

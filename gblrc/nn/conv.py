@@ -185,7 +185,7 @@ class GBLRConv2d(GBLRLinear):
             getattr(new, name).copy_(getattr(layer, name))
         if isinstance(layer, GBLRConv2d):
             new.positions.copy_(layer.positions)
-        for attr in ("tile", "hard_forward"):  # instance overrides of the class defaults
+        for attr in ("tile", "hard_forward", "frozen_structure"):  # instance overrides of the class defaults
             if attr in layer.__dict__:
                 setattr(new, attr, layer.__dict__[attr])
         return new.train(layer.training)

@@ -29,10 +29,12 @@ class GBLRLinear(nn.Module):
     (column) side, row 1 the output (row) side.  ``sigma`` is a buffer that
     the trainer sets (σ homotopy).  Train mode uses Gaudi masks with widths
     and locations rounded to the 1/n grid by a straight-through estimator;
-    eval mode uses hard boxcar masks, widths under 1/n being zero.
+    eval mode uses hard boxcar masks, widths under 1/n being zero (so does train mode once the
+    trainer has frozen the structure, ``frozen_structure``).
     """
 
     hard_forward = False  # train mode: boxcar values with Gaudi-mask gradients (set by the trainer)
+    frozen_structure = False  # hardened by the cool-down: boxcar masks in train mode too (content still trains)
     tile = 1  # widths and starts are multiples of ``tile`` elements (compiler-friendly structure)
 
     def __init__(
@@ -69,7 +71,7 @@ class GBLRLinear(nn.Module):
         """(column masks (K, in), row masks (K, out)) for the current mode."""
         n_in, n_out = self.in_features, self.out_features
         dt = self.V.dtype
-        if self.training:
+        if self.training and not self.frozen_structure:
             s = float(self.sigma)
             t = self.tile
             wc = quantize_ste(self.widths[0], n_in, min_one=True, step=t)
