@@ -4,9 +4,13 @@ benchmarks/families.py compresses a trained dense model; here every structured m
 random initialisation.  For ViT and MLP-Mixer on scikit-learn's digits (16x16, samples/families.py "bench"
 sizes, fixed 80/20 split), at each budget and seed, from the untrained model (built with ``seed``):
 
-* GBLR     -- ``gblrc.compress(model, budget, data=train, structure="gblr", init="svd", allocate="uniform",
-  loss="task", steps=STEPS, seed=seed, lr=LR, batch_size=64)``: widths/locations learned while training;
-* low rank -- the same call with ``structure="lowrank"`` (truncated SVD of the random weights, content trained);
+* GBLR     -- ``--api loop`` (default): the user-loop API in a plain PyTorch loop,
+  ``samples/scratch_loop.py`` ``train_structured`` (``gblrc.prepare(model, CompressConfig(budget, steps=STEPS,
+  init="svd", allocate="uniform", training=TrainingConfig(train_rest=True)))``, AdamW on the controller's
+  groups, DataLoader batches, ``ctrl.step(opt)`` after each step, ``gblrc.finalize``); ``--api compress``:
+  ``gblrc.compress(model, budget, data=train, structure="gblr", init="svd", allocate="uniform", loss="task",
+  steps=STEPS, seed=seed, lr=LR, batch_size=64)`` (gblrc's own loop): widths/locations learned while training;
+* low rank -- the same with ``structure="lowrank"`` (truncated SVD of the random weights, content trained);
 * dense    -- benchmarks/families.py ``train_dense`` (AdamW wd 0.01, 5% warm-up, cosine, all parameters) for
   STEPS steps: the usual from-scratch reference;
 * dense/cr -- (``--methods`` with dense/cr) dense with the compress recipe: the same parameters compress trains (``--rest``), AdamW wd 0, the
@@ -45,6 +49,9 @@ _spec = importlib.util.spec_from_file_location("bench_families", HERE / "familie
 bf = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bf)  # benchmarks/families.py (puts samples/ on sys.path: ``families`` = samples')
 fam = bf.fam
+_spec = importlib.util.spec_from_file_location("scratch_loop", HERE.parent / "samples" / "scratch_loop.py")
+sl = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sl)  # samples/scratch_loop.py: the plain-loop training with gblrc.prepare / finalize
 
 import gblrc  # noqa: E402
 import gblrc.learn.compress as gc  # noqa: E402
@@ -67,6 +74,13 @@ def rest_params(model, rest):
 
 
 def structured(model, budget, data, method, a, seed, lr):
+    if a.api == "loop":
+        if a.rest != "all":
+            raise SystemExit("--api loop trains the whole model (rest=all); use --api compress for --rest frozen/norms")
+        model, rep = sl.train_structured(model, budget, data, structure=method, steps=a.steps, lr=lr,
+                                         lr_struct=a.lr_struct, batch_size=a.batch_size, seed=seed)
+        note = f"{sum(r['blocks'] for r in rep['layers'])} blocks, {rep['structure_moved']['blocks_changed']:.2f} moved"
+        return model, rep["achieved_ratio"], note
     kw = dict(data=data, structure=method, init="svd", allocate="uniform", loss="task", steps=a.steps,
               progress=False, seed=seed, lr=lr, batch_size=a.batch_size, lr_struct=a.lr_struct,
               tune_norms=a.rest == "norms", train_rest=a.rest == "all")
@@ -134,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--rest", default="all", choices=["frozen", "norms", "all"],
                     help="non-compressed parameters trained with the structured layers (module doc)")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--api", default="loop", choices=["loop", "compress"],
+                    help="loop: gblrc.prepare + a plain PyTorch loop + gblrc.finalize; compress: gblrc.compress")
     ap.add_argument("--quick", action="store_true", help="tiny models on 8x8 digits, few steps, 1 seed")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -160,7 +176,7 @@ def main(argv=None):
     print()
     print(f"scratch_structures{' (--quick)' if a.quick else ''}: {','.join(a.models)} ({'tiny, 8x8' if a.quick else 'bench, 16x16'} "
           f"digits), {a.steps} steps from random init, batch {a.batch_size}, lr {a.lr or LR}, lr_struct "
-          f"{a.lr_struct if a.lr_struct is not None else '5 x lr (default)'}, rest={a.rest}, seeds {a.seeds}; "
+          f"{a.lr_struct if a.lr_struct is not None else '5 x lr (default)'}, rest={a.rest}, api={a.api}, seeds {a.seeds}; "
           f"torch {torch.__version__}, 1 thread; total {time.perf_counter() - t_all:.0f} s")
     print(table(res, a))
     return res

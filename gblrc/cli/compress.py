@@ -199,6 +199,12 @@ def _summary(report: dict) -> None:
 @click.option("--train-rest", is_flag=True,
               help="Also train every parameter outside the compressed layers (embeddings, norms, heads that "
                    "are not compressed): for training structured layers from scratch, where those start random.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to train: auto is CUDA when torch sees a GPU, else the CPU; cuda without one is an "
+                   "error. Under torchrun / accelerate launch each process takes its LOCAL_RANK GPU.")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16"]), default="no", show_default=True,
+              help="bf16: the matrix products run in bfloat16 (torch.autocast); the Gaudi masks, widths, "
+                   "locations, the proximal step, optimizer state and losses stay fp32. For GPUs with bf16.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", "output", metavar="OUT",
               help="Output file [default: <model stem>.gblr.pt beside the model]. Also written: "
@@ -211,7 +217,8 @@ def _summary(report: dict) -> None:
                    "outside torch.nn, Hugging Face folders with custom code. Only for files you trust.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
 def compress(model, budget, target_fidelity, eval_data, general_text, hidden_loss, augment, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure,
-             allocate, tune_norms, budget_unit, train_rest, seed, output, checkpoint_every, resume, trust, quiet):
+             allocate, tune_norms, budget_unit, train_rest, device, mixed_precision, seed, output, checkpoint_every, resume,
+             trust, quiet):
     """Replace MODEL's nn.Linear layers by learned Generalized Block Low-Rank layers whose total cost
     is at most BUDGET x the dense cost, and write the compressed model.
 
@@ -259,7 +266,8 @@ def compress(model, budget, target_fidelity, eval_data, general_text, hidden_los
     run(mpath, out, side, ckpt, b, data, steps=steps, batch_size=batch_size, lr=lr, include=include,
         exclude=exclude, method={"rank_per_component": rank_per_component, "tile": tile, "structure": structure,
                                       "allocate": allocate, "tune_norms": tune_norms, "train_rest": train_rest,
-                                      "budget_unit": budget_unit,
+                                      "budget_unit": budget_unit, "device": device,
+                                      "mixed_precision": mixed_precision,
                                       "hidden_loss": hidden_loss, "augment": augment},
         eval_spec=eval_data, target=target_fidelity, general_text=general_text,
         seed=seed, checkpoint_every=checkpoint_every, resume=resume, trust=trust, quiet=quiet)
@@ -332,7 +340,11 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
     except KeyboardInterrupt:
         hint = f"; rerun with --resume to continue from {ckpt}" if ckpt.is_dir() else ""
         raise GblrcError(f"interrupted{hint}") from None
-    cmodel.eval()
+    cmodel.cpu().eval()  # saved and judged on the CPU, wherever it trained
+    from gblrc.learn.dist import rank_world
+
+    if rank_world()[0] != 0:  # under torchrun / accelerate launch: every rank holds the same model, rank 0 writes
+        return
 
     agreement = judge(cmodel) if judge is not None else None
     acc_after = agreement.get("accuracy") if agreement is not None else None

@@ -443,6 +443,8 @@ def make_report(run: Run) -> dict:
     if run.opt.budget_unit == "time":
         report["achieved_ratio"] = report["time_ratio"]
     report["train_seconds"] = round(run.train_seconds, 3)
+    report["device"] = str(run.device)
+    report["mixed_precision"] = run.opt.mixed_precision
     report["allocate"] = run.allocated  # how the budget was split across layers before training
     report["allocated_ratios"] = {n: round(float(b), 4) for n, b in run.budgets.items()}
     # how far training and the final fit moved the structure from the initialisation
