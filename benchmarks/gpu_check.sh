@@ -77,3 +77,20 @@ if [ -f out/gpu/minilm_lowered.onnx ]; then
   run "MiniLM fp32" out/gpu/minilm_dense.onnx out/gpu/minilm_lowered.onnx 1e-3
   run "MiniLM fp16" out/gpu/minilm_dense16.onnx out/gpu/minilm_lowered16.onnx 1e-2
 fi
+# 3. Training on the GPU: `gblrc compress --device` on the built-in digits MLP (300 steps), fp32 and bf16
+#    autocast, against the same run on the CPU; prints each run's wall time, cost ratio and held-out accuracy.
+TRAIN=${TRAIN:-1}
+if [ "$TRAIN" = 1 ]; then
+  devs="cpu"
+  [ "$PROVIDER" = cuda ] && devs="cpu cuda"
+  for dev in $devs; do
+    for mp in no bf16; do
+      [ "$dev" = cpu ] && [ "$mp" = bf16 ] && continue
+      echo "== compress --device $dev --mixed-precision $mp"
+      TIMEFORMAT="   wall %R s"
+      time "$PY" -c "from gblrc.cli import main; main()" compress samples/digits_mlp.pt --budget 0.4 \
+        --data samples/digits_data.pt --steps 300 --device "$dev" --mixed-precision "$mp" -q \
+        -o "out/gpu/digits_${dev}_${mp}.gblr.pt" | tail -n 3
+    done
+  done
+fi

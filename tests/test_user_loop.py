@@ -5,23 +5,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import gblrc
 from gblrc.learn.data import batch_stream
 from gblrc.learn.objective import task_loss
 from gblrc.nn.layer import GBLRLinear
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 5))
-
-
-def mlp_data(n=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 48, generator=g)
-    return x, (x[:, :5] + 0.3 * x[:, 5:10]).argmax(1)
+from test_compress_api import mlp, mlp_data  # the same tiny MLP and learnable labelling
 
 
 def own_loop(model, ctrl, data, steps, batch_size=32, seed=0, content_schedule=True):
