@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -158,3 +159,24 @@ def test_bf16_mixed_precision_trains_within_budget():
     assert m[0].U.dtype == torch.float32  # parameters stay fp32; only the products ran in bfloat16
     curve = rep["loss_curve"]
     assert all(torch.isfinite(torch.tensor(r[1])) for r in curve)
+
+
+def test_cli_device_cpu_auto_and_cuda_without_one(tmp_path):
+    from click.testing import CliRunner
+
+    from gblrc.cli import main
+
+    torch.save(mlp(), tmp_path / "m.pt")
+    x, y = mlp_data(64)
+    torch.save({"inputs": x, "targets": y}, tmp_path / "d.pt")
+    base = ["compress", str(tmp_path / "m.pt"), "--budget", "0.4", "--data", str(tmp_path / "d.pt"), "--steps", "3",
+            "-q"]
+    for dev in ("cpu", "auto"):
+        r = CliRunner().invoke(main, base + ["--device", dev, "-o", str(tmp_path / f"{dev}.gblr.pt")])
+        assert r.exit_code == 0, r.output
+        rep = json.loads((tmp_path / f"{dev}.gblr.pt.report.json").read_text())
+        assert rep["settings"]["device"] == dev and rep["device"] == ("cpu" if not torch.cuda.is_available() else rep["device"])
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, base + ["--device", "cuda", "-o", str(tmp_path / "cuda.gblr.pt")])
+        assert r.exit_code != 0 and "no CUDA device" in r.output and r.output.strip().count("\n") == 0, r.output
+        assert not list(tmp_path.glob("cuda.gblr.pt*"))  # no partial files
