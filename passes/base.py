@@ -86,23 +86,31 @@ def _has_gblr_nodes(graph: gs.Graph) -> bool:
     return bool(gblr_nodes(graph)) or bool(gblr_conv_nodes(graph))
 
 
-def _gblr_nodes_valid(graph: gs.Graph) -> bool:
-    for n in gblr_nodes(graph):
-        read_gblr_node(n)  # raises with the reason
-    for n in gblr_conv_nodes(graph):
-        read_gblr_conv_node(n)
-    return True
+def _gblr_nodes_invalid(graph: gs.Graph) -> str | None:
+    """Why a GBLR node of ``graph`` is malformed, or None when all are valid."""
+    try:
+        for n in gblr_nodes(graph):
+            read_gblr_node(n)
+        for n in gblr_conv_nodes(graph):
+            read_gblr_conv_node(n)
+    except (StructureError, ValueError) as e:
+        return str(e)
+    return None
 
 
-def _standard_ops_only(graph: gs.Graph) -> bool:
-    return all((n.domain or "") in ("", "ai.onnx") for n in graph.nodes)
+def _nonstandard_ops(graph: gs.Graph) -> str | None:
+    """Which ops of ``graph`` are outside the default ONNX domain, or None when there are none."""
+    bad = sorted({f"{n.domain}::{n.op}" for n in graph.nodes if (n.domain or "") not in ("", "ai.onnx")})
+    return f"ops outside the default domain remain: {', '.join(bad)}" if bad else None
 
 
-# Properties a pass may require or ensure: name -> checker(graph) -> bool (may raise with a reason).
-PROPERTIES: dict[str, Callable[[gs.Graph], bool]] = {
-    "gblr-nodes-valid": _gblr_nodes_valid,
-    "standard-ops-only": _standard_ops_only,
+# Properties a pass may require or ensure: name -> violation(graph) -> the reason it does not hold, or None.
+VIOLATIONS: dict[str, Callable[[gs.Graph], str | None]] = {
+    "gblr-nodes-valid": _gblr_nodes_invalid,
+    "standard-ops-only": _nonstandard_ops,
 }
+# name -> checker(graph) -> whether it holds
+PROPERTIES: dict[str, Callable[[gs.Graph], bool]] = {name: (lambda g, f=f: f(g) is None) for name, f in VIOLATIONS.items()}
 
 
 class Pass:
@@ -119,12 +127,9 @@ class Pass:
 
     def check_requires(self, graph: gs.Graph) -> None:
         for prop in sorted(self.requires):
-            try:
-                ok = PROPERTIES[prop](graph)
-            except (StructureError, ValueError) as e:
-                raise PassError(self.name, f"precondition '{prop}' does not hold: {e}") from None
-            if not ok:
-                raise PassError(self.name, f"precondition '{prop}' does not hold")
+            reason = VIOLATIONS[prop](graph)
+            if reason is not None:
+                raise PassError(self.name, f"precondition '{prop}' does not hold: {reason}")
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         self.check_requires(graph)
@@ -137,12 +142,9 @@ class Pass:
         except Exception as e:  # e.g. onnx shape inference or graph-surgeon errors: still name the pass
             raise PassError(self.name, f"{type(e).__name__}: {e}") from e
         for prop in sorted(self.ensures):
-            try:
-                ok = PROPERTIES[prop](result.graph)
-            except (StructureError, ValueError) as e:
-                raise PassError(self.name, f"postcondition '{prop}' does not hold: {e}") from None
-            if not ok:
-                raise PassError(self.name, f"postcondition '{prop}' does not hold")
+            reason = VIOLATIONS[prop](result.graph)
+            if reason is not None:
+                raise PassError(self.name, f"postcondition '{prop}' does not hold: {reason}")
         result.name = self.name
         return result
 
@@ -171,15 +173,12 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 def established_properties(graph: gs.Graph) -> tuple[set[str], dict[str, str]]:
     """Properties that hold on `graph`, and for the others the reason they do not."""
     held, why = set(), {}
-    for prop, check in PROPERTIES.items():
-        try:
-            ok = check(graph)
-        except (StructureError, ValueError) as e:
-            ok, why[prop] = False, str(e)
-        if ok:
+    for prop, violation in VIOLATIONS.items():
+        reason = violation(graph)
+        if reason is None:
             held.add(prop)
         else:
-            why.setdefault(prop, "it does not hold on the input graph")
+            why[prop] = reason
     return held, why
 
 

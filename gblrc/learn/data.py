@@ -22,7 +22,8 @@ import torch
 
 from gblrc.io.datafiles import call_model  # re-exported: the stages call models through it
 
-__all__ = ["Batch", "Replay", "replayable", "batch_stream", "split_batch", "to_device", "batch_rows", "call_model", "model_output"]
+__all__ = ["Batch", "Replay", "replayable", "batch_stream", "split_batch", "to_device", "batch_rows", "call_model",
+           "model_output", "check_finite"]
 
 Batch = tuple[Any, Any]  # (inputs: Tensor | dict[str, Tensor], targets: Tensor | None)
 
@@ -72,6 +73,20 @@ def split_batch(batch: Batch, rank: int, world: int) -> Batch:
     x, y = batch
     idx = torch.arange(rank, batch_rows(x), world)
     return _rows(x, idx), (None if y is None else y[idx])
+
+
+def check_finite(x, what: str = "the data") -> None:
+    """ValueError (one line) when a floating-point tensor in ``x`` (a Tensor, a dict or tuple of them)
+    holds NaN or Inf: such values reach the calibration's Cholesky factorisation or the loss."""
+    if torch.is_tensor(x):
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"{what} holds NaN or Inf values; remove or replace them before compressing")
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            check_finite(v, f"{what} ({k!r})")
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            check_finite(v, what)
 
 
 def to_device(x, device):
