@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -14,25 +14,6 @@ import click
 from gblrc.errors import GblrcError
 
 __all__ = ["compress"]
-
-
-def parse_budget(text: str) -> float:
-    try:
-        b = float(text)
-    except (TypeError, ValueError):
-        raise GblrcError(f"--budget must be a number in (0, 1], got {text!r}") from None
-    if not (0.0 < b <= 1.0):  # also rejects NaN
-        raise GblrcError(f"--budget must be in (0, 1] (a fraction of the dense cost), got {text}")
-    return b
-
-
-def _regex(text: str | None, flag: str) -> str | None:
-    if text is not None:
-        try:
-            re.compile(text)
-        except re.error as e:
-            raise GblrcError(f"{flag} {text!r} is not a valid regular expression: {e}") from None
-    return text
 
 
 def default_output(model_path: Path) -> Path:
@@ -52,14 +33,6 @@ def check_output(out: Path, model_path: Path) -> None:
     check_output_path(out)
     if out.exists() and model_path.exists() and out.resolve() == model_path.resolve():
         raise GblrcError(f"-o {str(out)!r} would overwrite the input model; choose another output path")
-
-
-def _check_weights(model) -> None:
-    import torch
-
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise GblrcError(f"the model's weights contain NaN or Inf (parameter {name!r}); fix the model first")
 
 
 @contextlib.contextmanager
@@ -93,23 +66,6 @@ def _fidelity_lines(report: dict, eval_spec) -> None:
         if acc is not None:
             parts.append(f"accuracy {acc:.4f} (dense {fid['dense'].get('accuracy', float('nan')):.4f})")
         click.echo(f"fidelity on {where} ({fid['examples']} examples), cosine to the dense model: " + ", ".join(parts))
-
-
-def _agreement_judge(model, probe, targets):
-    """A Fidelity on the first 512 examples of ``probe`` (with ``targets`` when they match it), or None
-    when there is no probe or the model's output tensor cannot be found."""
-    from gblrc.learn.data import batch_rows
-    from gblrc.learn.fidelity import Fidelity, eval_batches
-
-    if probe is None:
-        return None
-    data = {"inputs": probe}
-    if targets is not None and len(targets) == batch_rows(probe):
-        data["targets"] = targets
-    try:
-        return Fidelity(model, eval_batches(data, limit=512))
-    except ValueError:
-        return None
 
 
 def _summary(report: dict) -> None:
@@ -235,19 +191,20 @@ def compress(model, budget, target_fidelity, eval_data, general_text, hidden_los
       gblrc compress path/to/hf_folder --budget 0.5 --data sentences.txt --include '^encoder\\.'
     Then: gblrc lower <OUT> -o model.onnx
     """
-    if target_fidelity is not None:
-        if not (0.0 < target_fidelity < 1.0):
-            raise GblrcError(f"--target-fidelity must be a cosine in (0, 1), e.g. 0.98; got {target_fidelity}")
-        if data is None:
-            raise GblrcError("--target-fidelity needs --data (to initialise and to measure fidelity on)")
-        if resume:
-            raise GblrcError("--resume does not apply with --target-fidelity (its runs keep no checkpoints)")
-        b = parse_budget(budget) if budget is not None else 1.0
-    elif budget is None:
+    from gblrc.learn.compress import CompressConfig
+    from gblrc.learn.target import check_target
+
+    if budget is None and target_fidelity is None:
         raise GblrcError("give --budget B (a fraction of the dense cost), or --target-fidelity F to choose it")
-    else:
-        b = parse_budget(budget)
-    include, exclude = _regex(include, "--include"), _regex(exclude, "--exclude")
+    settings = dict(steps=steps, batch_size=batch_size, lr=lr, include=include, exclude=exclude, seed=seed,
+                    rank_per_component=rank_per_component, tile=tile, structure=structure, allocate=allocate,
+                    tune_norms=tune_norms, train_rest=train_rest, budget_unit=budget_unit, device=device,
+                    mixed_precision=mixed_precision, hidden_loss=hidden_loss, augment=augment)
+    with api_errors():  # every value is checked once, by the API; its errors name the flags here
+        if target_fidelity is not None:
+            check_target(target_fidelity, data is not None, resume)
+        cfg = CompressConfig(budget=1.0 if budget is None else budget).replace(
+            checkpoint_every=max(checkpoint_every, 1), progress=not quiet, **settings)
     mpath = Path(model)
     if not mpath.exists():
         raise GblrcError(f"model {model!r} does not exist; give a .pt file saved with torch.save(model) or a Hugging Face folder")
@@ -263,46 +220,69 @@ def compress(model, budget, target_fidelity, eval_data, general_text, hidden_los
     if not resume and ckpt.exists():
         raise GblrcError(f"a checkpoint of an interrupted run exists in {str(ckpt)!r}; rerun with --resume to "
                          f"continue it, or delete that folder to start over")
-    run(mpath, out, side, ckpt, b, data, steps=steps, batch_size=batch_size, lr=lr, include=include,
-        exclude=exclude, method={"rank_per_component": rank_per_component, "tile": tile, "structure": structure,
-                                      "allocate": allocate, "tune_norms": tune_norms, "train_rest": train_rest,
-                                      "budget_unit": budget_unit, "device": device,
-                                      "mixed_precision": mixed_precision,
-                                      "hidden_loss": hidden_loss, "augment": augment},
-        eval_spec=eval_data, target=target_fidelity, general_text=general_text,
-        seed=seed, checkpoint_every=checkpoint_every, resume=resume, trust=trust, quiet=quiet)
+    if checkpoint_every > 0:
+        cfg = cfg.replace(checkpoint_dir=str(ckpt), resume=resume)
+    inputs = read_inputs(mpath, data, eval_data, general_text, trust=trust, quiet=quiet, cfg=cfg)
+    t0 = time.perf_counter()
+    cmodel, report = train(inputs, cfg, target_fidelity, ckpt, quiet)
+    full = full_report(report, inputs, cfg, seconds=time.perf_counter() - t0 + inputs.seconds, resumed=resume,
+                       target=target_fidelity)
+    if write_outputs(cmodel, full, inputs, out, side):
+        if ckpt.is_dir():
+            shutil.rmtree(ckpt, ignore_errors=True)
+        print_summary(full, report, inputs, out, side, quiet)
 
 
-def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, include, exclude,
-        method, seed, checkpoint_every, resume, trust, quiet, eval_spec=None, target=None, general_text=0):
+@contextlib.contextmanager
+def api_errors():
+    """The API's ValueErrors as one-line user errors; a setting's error names its flag."""
+    from gblrc.errors import OptionError
+
+    try:
+        yield
+    except OptionError as e:
+        raise GblrcError(e.for_flags()) from None
+    except ValueError as e:
+        raise GblrcError(" ".join(str(e).split()) or "compression failed") from None
+
+
+@dataclass
+class Inputs:
+    """What `gblrc compress` read: the model, its data, the example inputs for `lower`, a judge."""
+
+    path: Path
+    loaded: object
+    data: object
+    data_spec: str | None
+    eval_spec: str | None
+    evald: object
+    example: object
+    judge: object
+    general_text: int
+    seconds: float
+
+
+def read_inputs(mpath, data_spec, eval_spec, general_text, *, trust, quiet, cfg) -> Inputs:
+    """Load the model and the data (text mixed with built-in English unless --general-text 0)."""
     import torch
 
-    from gblrc.learn.compress import compress as train
-    from gblrc.learn.target import compress_to_fidelity
     from gblrc.io.datafiles import GENERAL_TEXT, check_fits, example_inputs, guess_example_inputs, is_text_data, load_data
     from gblrc.io.loading import load_model
-    from gblrc.io.modelio import save
-    from gblrc.nn.replace import find_linears
-    from gblrc.learn.report import draw_structure, write_json
+    from gblrc.learn.fidelity import probe_judge
 
     t0 = time.perf_counter()
     loaded = load_model(mpath, trust=trust)
-    _check_weights(loaded.model)
-    if not find_linears(loaded.model, include, exclude):
-        what = "" if include is None and exclude is None else " matching --include/--exclude"
-        raise GblrcError(f"{str(mpath)!r} has no compressible layer (nn.Linear / Conv2d){what}; nothing to compress")
-    if general_text and data_spec is None:
-        raise GblrcError("--general-text needs --data (a text file to mix it into)")
     if general_text is None:
         general_text = GENERAL_TEXT if is_text_data(data_spec) else 0
         if general_text and not quiet:
             click.echo(f"mixing {general_text} sentences of built-in English into the text data "
                        f"(--general-text 0 turns it off)", err=True)
-    data = load_data(data_spec, loaded, trust=trust, batch_size=batch_size, seed=seed, general_text=general_text)
-    evald = load_data(eval_spec, loaded, trust=trust, batch_size=batch_size, seed=seed) if eval_spec else None
+    kw = dict(trust=trust, batch_size=cfg.batch_size, seed=cfg.seed)
+    data = load_data(data_spec, loaded, general_text=general_text, **kw)
+    evald = load_data(eval_spec, loaded, **kw) if eval_spec else None
     if evald is not None:
         check_fits(loaded.model, evald.sample)
-    if data is None:  # the trainer reports the "initialisation only" warning
+    if data is None:  # the API reports the "initialisation only" warning
         sample = guess_example_inputs(loaded)
     else:
         check_fits(loaded.model, data.sample)
@@ -313,69 +293,90 @@ def run(mpath, out, side, ckpt, budget, data_spec, *, steps, batch_size, lr, inc
     probe = None if data is None else (data.eval_inputs if data.eval_inputs is not None else
                                        data.train["inputs"] if isinstance(data.train, dict) else
                                        data.train if isinstance(data.train, torch.Tensor) else data.sample)
-    probe = probe if probe is not None else sample
-    judge = _agreement_judge(loaded.model, probe, None if data is None else data.eval_targets)
-    acc_before = judge.dense.get("accuracy") if judge is not None else None
+    judge = probe_judge(loaded.model, probe if probe is not None else sample,
+                        None if data is None else data.eval_targets)
+    return Inputs(mpath, loaded, data, data_spec, eval_spec, evald, ex, judge, general_text,
+                  time.perf_counter() - t0)
 
-    ckpt_dir = str(ckpt) if checkpoint_every > 0 else None
+
+def train(inputs: Inputs, cfg, target, ckpt, quiet):
+    """gblrc.compress (or the search for the budget with --target-fidelity) on the loaded model."""
+    from gblrc.learn.compress import compress as compress_model
+    from gblrc.learn.target import compress_to_fidelity
+
+    data = None if inputs.data is None else inputs.data.train
+    evs = None if inputs.evald is None else inputs.evald.train
     try:
-        with warnings.catch_warnings():  # they come back in report["warnings"], printed below
+        with api_errors(), warnings.catch_warnings():  # they come back in report["warnings"], printed after
             warnings.simplefilter("ignore")
-            kw = dict(batch_size=batch_size, lr=lr, include=include, exclude=exclude, seed=seed, **method)
-            evs = None if evald is None else evald.train
-            if target is not None:
-                if not quiet:
-                    click.echo(f"searching the smallest budget <= {budget:g} with held-out fidelity >= {target}",
-                               err=True)
-                cmodel, report = compress_to_fidelity(loaded.model, target, data=data.train, eval_data=evs,
-                                                      max_budget=budget, steps=steps, progress=False,
-                                                      log=None if quiet else (lambda s: click.echo(s, err=True)), **kw)
-                budget = report["budget"]
-            else:
-                cmodel, report = train(loaded.model, budget, data=None if data is None else data.train, steps=steps,
-                                       checkpoint_dir=ckpt_dir, eval_data=evs, **kw,
-                                       checkpoint_every=max(checkpoint_every, 1), resume=resume, progress=not quiet)
-    except ValueError as e:
-        raise GblrcError(" ".join(str(e).split()) or "compression failed") from None
+            if target is None:
+                return compress_model(inputs.loaded.model, cfg, data=data, eval_data=evs)
+            if not quiet:
+                click.echo(f"searching the smallest budget <= {cfg.budget:g} with held-out fidelity >= {target}",
+                           err=True)
+            return compress_to_fidelity(inputs.loaded.model, target, data=data, eval_data=evs, config=cfg.replace(
+                progress=False, checkpoint_dir=None), log=None if quiet else (lambda s: click.echo(s, err=True)))
     except KeyboardInterrupt:
         hint = f"; rerun with --resume to continue from {ckpt}" if ckpt.is_dir() else ""
         raise GblrcError(f"interrupted{hint}") from None
-    cmodel.cpu().eval()  # saved and judged on the CPU, wherever it trained
-    from gblrc.learn.dist import rank_world
 
-    if rank_world()[0] != 0:  # under torchrun / accelerate launch: every rank holds the same model, rank 0 writes
-        return
 
-    agreement = judge(cmodel) if judge is not None else None
-    acc_after = agreement.get("accuracy") if agreement is not None else None
+def full_report(report, inputs: Inputs, cfg, *, seconds, resumed, target) -> dict:
+    """The report written beside the model: compress's, plus the settings and the agreement on the probe."""
     full = dict(report)
-    full.update(model=str(mpath), data=data_spec, output=str(out), seconds=round(time.perf_counter() - t0, 2),
-                settings={"steps": steps, "batch_size": batch_size, "lr": lr, "include": include,
-                          "exclude": exclude, "seed": seed, **method, "general_text": general_text, "eval_data": eval_spec,
-                          "resumed": resume},
-                agreement_with_dense=agreement)
-    if acc_before is not None:
-        full.update(accuracy_before=acc_before, accuracy_after=acc_after,
+    t = cfg.training
+    full.update(model=str(inputs.path), data=inputs.data_spec, seconds=round(seconds, 2),
+                settings={"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "include": cfg.include,
+                          "exclude": cfg.exclude, "seed": cfg.seed, "rank_per_component": cfg.rank_per_component,
+                          "tile": cfg.tile, "structure": cfg.structure, "allocate": cfg.allocate,
+                          "tune_norms": t.tune_norms, "train_rest": t.train_rest, "budget_unit": cfg.budget_unit,
+                          "device": cfg.device, "mixed_precision": cfg.mixed_precision, "hidden_loss": t.hidden_loss,
+                          "augment": t.augment, "general_text": inputs.general_text, "eval_data": inputs.eval_spec,
+                          "resumed": resumed, "target_fidelity": target},
+                agreement_with_dense=None)
+    return full
+
+
+def write_outputs(cmodel, full, inputs: Inputs, out, side) -> bool:
+    """Write MODEL.gblr.pt, its report and picture, all or none (rank 0 only under torchrun); False on
+    the other ranks."""
+    from gblrc.io.modelio import save
+    from gblrc.learn.dist import rank_world
+    from gblrc.learn.report import draw_structure, write_json
+
+    cmodel.cpu().eval()  # saved and judged on the CPU, wherever it trained
+    if rank_world()[0] != 0:  # under torchrun / accelerate launch: every rank holds the same model, rank 0 writes
+        return False
+    judge, data = inputs.judge, inputs.data
+    full["agreement_with_dense"] = judge(cmodel) if judge is not None else None
+    before = judge.dense.get("accuracy") if judge is not None else None
+    if before is not None:
+        full.update(accuracy_before=before, accuracy_after=full["agreement_with_dense"].get("accuracy"),
                     accuracy_set=f"{data.eval_name} set, {min(len(data.eval_targets), 512)} examples")
-    meta = {"budget": budget, "achieved_ratio": report.get("achieved_ratio"), "source": str(mpath)}
+    full["output"] = str(out)
+    budget = full["budget"]
+    meta = {"budget": budget, "achieved_ratio": full.get("achieved_ratio"), "source": str(inputs.path)}
     with atomic_outputs(out, *side) as (t_out, t_json, t_png):
-        save(cmodel, t_out, example_inputs=ex, meta=meta, auto_class=loaded.auto_class)
+        save(cmodel, t_out, example_inputs=inputs.example, meta=meta, auto_class=inputs.loaded.auto_class)
         write_json(full, t_json)
-        draw_structure(cmodel, t_png, title=f"{mpath.name}: budget {budget}, achieved {report['achieved_ratio']:.3f}")
-    if ckpt.is_dir():
-        shutil.rmtree(ckpt, ignore_errors=True)
+        draw_structure(cmodel, t_png, title=f"{inputs.path.name}: budget {budget}, achieved {full['achieved_ratio']:.3f}")
+    return True
+
+
+def print_summary(full, report, inputs: Inputs, out, side, quiet) -> None:
     for w in report.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     if not quiet:
         _summary(report)
-    if acc_before is not None:
-        click.echo(f"accuracy ({full['accuracy_set']}): dense {acc_before:.4f} -> compressed {acc_after:.4f}")
-    _fidelity_lines(report, eval_spec)
+    if "accuracy_before" in full:
+        click.echo(f"accuracy ({full['accuracy_set']}): dense {full['accuracy_before']:.4f} -> compressed "
+                   f"{full['accuracy_after']:.4f}")
+    _fidelity_lines(report, inputs.eval_spec)
     mv = report.get("structure_moved")
     if mv and report.get("steps", 0) > 0:
         click.echo(f"structure moved by training: {100 * mv['blocks_changed']:.1f}% of the initial blocks changed, "
                    f"{100 * mv['cost_moved']:.1f}% of the cost moved between layers")
     if full["agreement_with_dense"]:
         click.echo(f"output cosine to the dense model: {full['agreement_with_dense']['cosine']:.4f}")
-    click.echo(f"wrote {out} (achieved {report.get('budget_unit', 'flops')} ratio {report['achieved_ratio']:.4f}, budget {budget}), "
-               f"{side[0].name}, {side[1].name}")
+    click.echo(f"wrote {out} (achieved {report.get('budget_unit', 'flops')} ratio {report['achieved_ratio']:.4f}, "
+               f"budget {full['budget']}), {side[0].name}, {side[1].name}")

@@ -201,6 +201,8 @@ def load_data(spec: str | None, loaded, *, trust: bool = False, batch_size: int 
     ``general_text``: add that many sentences of the built-in general text to a text file's lines
     (:func:`gblrc.io.zoo.mix_text`); an error for other kinds of data."""
     if spec is None:
+        if general_text:
+            raise GblrcError("--general-text needs --data (a text file to mix it into)")
         return None
     text = is_text_data(spec)
     if general_text and not text:

@@ -262,7 +262,7 @@ def start(model: nn.Module, opt: CompressConfig, *, data=None, eval_data=None, o
     judge = Fidelity(model, eval_batches(eval_data)) if eval_data is not None else None
     pairs = find_linears(model, opt.include, opt.exclude)
     if not pairs:
-        raise ValueError("the model has no compressible linear layer (nn.Linear / Conv1D / Conv2d)"
+        raise ValueError("no compressible layer: the model has no compressible linear layer (nn.Linear / Conv1D / Conv2d)"
                          + (" matching include/exclude" if opt.include or opt.exclude else "")
                          + "; nothing to compress")
     if opt.budget_unit == "time" and any(not is_linear(m) for _, m in pairs):

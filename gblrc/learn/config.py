@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
+
+from gblrc.errors import OptionError
 
 __all__ = ["CompressConfig", "TrainingConfig", "from_kwargs", "as_config"]
 
@@ -26,14 +29,14 @@ PRECISIONS = ("no", "bf16")
 
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+        raise OptionError(name, f"must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
 
 
 def _fraction(name: str, value, *, low: float = 0.0, high: float = 1.0, open_low: bool = False) -> None:
     ok = isinstance(value, (int, float)) and math.isfinite(value) and value <= high and (
         value > low if open_low else value >= low)
     if not ok:
-        raise ValueError(f"{name} must be a number in {'(' if open_low else '['}{low:g}, {high:g}]; got {value!r}")
+        raise OptionError(name, f"must be a number in {'(' if open_low else '['}{low:g}, {high:g}]; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,13 @@ class CompressConfig:
         if int(self.steps) < 0 or int(self.batch_size) < 1 or int(self.rank_per_component) < 1 or int(self.tile) < 1:
             raise ValueError("steps must be >= 0, batch_size, rank_per_component and tile >= 1")
         _fraction("lr", self.lr, high=math.inf, open_low=True)
+        for name in ("include", "exclude"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as e:
+                    raise OptionError(name, f"{pattern!r} is not a valid regular expression: {e}") from None
         if not isinstance(self.training, TrainingConfig):
             raise ValueError(f"training must be a gblrc.TrainingConfig, got {type(self.training).__name__}")
 

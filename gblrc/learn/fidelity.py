@@ -101,3 +101,18 @@ class Fidelity:
 
     def __call__(self, model) -> dict:
         return self._score(self._outputs(model), self.ref)
+
+
+def probe_judge(model, probe, targets=None, limit: int = 512):
+    """A :class:`Fidelity` of ``model`` on the first ``limit`` examples of ``probe`` (inputs; with
+    ``targets`` when they match it), or None when there is no probe or the model's output tensor cannot
+    be found (the CLI's agreement_with_dense)."""
+    if probe is None:
+        return None
+    data = {"inputs": probe}
+    if targets is not None and len(targets) == batch_rows(probe):
+        data["targets"] = targets
+    try:
+        return Fidelity(model, eval_batches(data, limit=limit))
+    except ValueError:
+        return None

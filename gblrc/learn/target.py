@@ -21,10 +21,11 @@ import math
 
 import torch
 
+from gblrc.errors import OptionError
 from gblrc.learn.data import _rows, batch_rows
 from gblrc.learn.fidelity import Fidelity, eval_batches, split_holdout
 
-__all__ = ["compress_to_fidelity", "holdout"]
+__all__ = ["compress_to_fidelity", "check_target", "holdout"]
 
 MIN_BUDGET = 0.02
 
@@ -57,31 +58,50 @@ def _log_gap(f: float) -> float:
     return math.log(max(1e-6, 1.0 - f))
 
 
-def compress_to_fidelity(model, target: float, *, data, eval_data=None, max_budget: float = 1.0,
-                         steps: int = 200, tolerance: float = 0.005, max_evals: int = 10, log=None, **kw):
+def check_target(target, has_data: bool, resume: bool = False) -> float:
+    """The target fidelity as a float; OptionError when it is not a cosine in (0, 1), when there is no
+    data to measure it on, or with ``resume`` (the search keeps no checkpoints)."""
+    try:
+        t = float(target)
+    except (TypeError, ValueError):
+        raise OptionError("target_fidelity", f"must be a cosine in (0, 1), e.g. 0.98; got {target!r}") from None
+    if not (0.0 < t < 1.0):
+        raise OptionError("target_fidelity", f"must be a cosine in (0, 1), e.g. 0.98; got {target}")
+    if not has_data:
+        raise OptionError("target_fidelity", "needs --data (to initialise and to measure fidelity on)")
+    if resume:
+        raise OptionError("resume", "does not apply with a target fidelity (its runs keep no checkpoints)")
+    return t
+
+
+def compress_to_fidelity(model, target: float, *, data, eval_data=None, max_budget: float | None = None,
+                         steps: int | None = None, tolerance: float = 0.005, max_evals: int = 10, log=None,
+                         config=None, **kw):
     """Compress a copy of ``model`` at the smallest budget whose held-out fidelity is >= ``target``.
 
-    ``kw`` are :func:`gblrc.compress` arguments.  Returns (model, report); report["fidelity_search"]
+    The settings of every run: ``config`` (a CompressConfig: its budget is the largest allowed, its steps
+    the training at the chosen budget) or :func:`gblrc.compress` keywords ``kw``; ``max_budget`` (default
+    1.0) and ``steps`` (default 200) override them.  Returns (model, report); report["fidelity_search"]
     holds the measured curve [{"budget", "cosine", "trained"}], the chosen budget and the held-out set.
     """
     from gblrc.learn.compress import compress
 
-    target = float(target)
-    if not (0.0 < target < 1.0):
-        raise ValueError(f"the target fidelity must be a cosine in (0, 1), got {target}")
-    if data is None:
-        raise ValueError("choosing the budget by fidelity needs data; give --data")
-    held = "given"
+    from gblrc.learn.config import as_config
+
+    base = as_config(config if config is not None else 1.0, kw).replace(
+        **{k: v for k, v in (("budget", max_budget), ("steps", steps)) if v is not None})
+    max_budget, steps = base.budget, base.steps
+    target = check_target(target, data is not None, base.training.resume)
+    held = "given" if eval_data is not None else "held out from the data"
     if eval_data is None:
         data, eval_data = holdout(data)
-        held = "held out from the data"
     judge = Fidelity(model, eval_batches(eval_data))  # ``model`` stays dense: every run compresses a copy
     say = log or (lambda s: None)
     curve: list[dict] = []
     kept: dict[float, tuple] = {}
 
     def run(b: float, n_steps: int):
-        m, rep = compress(copy.deepcopy(model), b, data=data, steps=n_steps, **kw)
+        m, rep = compress(copy.deepcopy(model), base.replace(budget=b, steps=n_steps), data=data)
         f = judge(m)
         curve.append({"budget": round(b, 4), "achieved_ratio": rep["achieved_ratio"], "cosine": f["cosine"],
                       "cosine_min": f["cosine_min"], "trained": n_steps > 0})

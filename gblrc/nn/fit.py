@@ -27,13 +27,15 @@ __all__ = ["Fitted", "fit_weight", "svd_fit", "svd_rank_for_budget", "relative_e
 
 
 def check_budget(budget) -> float:
-    """``budget`` as a float in (0, 1]; ValueError otherwise (NaN included)."""
+    """``budget`` as a float in (0, 1]; OptionError (a ValueError) otherwise, NaN included."""
+    from gblrc.errors import OptionError
+
     try:
         b = float(budget)
     except (TypeError, ValueError):
-        raise ValueError(f"budget must be a number in (0, 1], got {budget!r}") from None
+        raise OptionError("budget", f"must be a number in (0, 1], got {budget!r}") from None
     if not (0.0 < b <= 1.0):
-        raise ValueError(f"budget must be in (0, 1] (a fraction of the dense cost), got {budget}")
+        raise OptionError("budget", f"must be in (0, 1] (a fraction of the dense cost), got {budget}")
     return b
 
 
