@@ -16,6 +16,7 @@ whitened SVD lowered by the default `gblrc lower` pipeline, timed against the de
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import random
 import statistics as st
@@ -66,6 +67,22 @@ def capture(model, tok, layers, sets: dict) -> dict:
     return out
 
 
+def fit_options(text: str) -> dict:
+    """``--opts`` as keyword options of fit_inputs; SystemExit with a one-line message otherwise."""
+    known = [p.name for p in inspect.signature(fit_inputs).parameters.values()
+             if p.kind is p.KEYWORD_ONLY and p.name != "return_info"]
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--opts: not JSON ({e})") from None
+    if not isinstance(opts, dict):
+        raise SystemExit(f"--opts: expected a JSON object of fit_inputs options {known}, got {text!r}")
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise SystemExit(f"--opts: unknown fit_inputs option(s) {unknown}; known: {known}")
+    return opts
+
+
 def lowered_time(W: torch.Tensor, fits: dict, threads: int) -> dict:
     """Time ratio to dense of each fit's layer lowered by the default pipeline (one run, interleaved)."""
     import gblrc
@@ -91,11 +108,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     ap.add_argument("--limit", type=int, default=None, help="only the first N layers")
-    ap.add_argument("--opts", default="{}", help="fit_inputs options as JSON")
+    ap.add_argument("--opts", default="{}", help="fit_inputs options as JSON: tile, seed_frac, refit_rounds")
     ap.add_argument("--time", type=float, default=None, metavar="B", help="also time the lowered fits at budget B")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the per-layer rows here")
     args = ap.parse_args(argv)
+    opts = fit_options(args.opts)
     torch.set_num_threads(args.threads)
     model, tok = zoo.load_minilm()
     layers = zoo.minilm_linears(model)[: args.limit]
@@ -106,7 +124,6 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     C = capture(model, tok, layers, {"cal": doc[:1024], "hold": doc[1024:1280], "holdB": eng[:256]})
     print(f"captured input statistics of {len(layers)} layers in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    opts = json.loads(args.opts)
     rows = []
     for name, lin in layers:
         W = lin.weight.detach().double()
@@ -145,7 +162,8 @@ def main(argv=None) -> int:
         print(f"| {kd} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
     timed = [r for r in rows if "time_gblr" in r]
     if timed:
-        print(f"\nDefault `gblrc lower`, time / dense MatMul at budget {args.time} (1024 tokens, {args.threads} thread(s))\n")
+        print(f"\nDefault `gblrc lower`, time / dense MatMul at budget {args.time} "
+              f"(1024 tokens, {args.threads} thread(s))\n")
         print("| | median | max | layers within FLOP ratio + 0.1 |")
         print("|---|---|---|---|")
         for k in ("gblr", "svd"):

@@ -207,7 +207,8 @@ class GBLRLinear(nn.Module):
         Without ``inputs``: in Frobenius norm, never worse than truncated SVD (options:
         :func:`gblrc.nn.fit.fit_weight`).  With ``inputs`` (rows of the layer's inputs, (n, in)): in the
         metric of those inputs, ||X (W - W^)^T||, never worse than whitened (data-aware) SVD on them
-        (options: :func:`gblrc.nn.fit_data.fit_inputs`).
+        (options: :func:`gblrc.nn.fit_data.fit_inputs`).  The ``inputs`` search is experimental: its
+        options and speed (seconds to minutes per layer) may change.
         """
         W, b = weight_and_bias(linear)
         if inputs is not None:
