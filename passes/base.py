@@ -1,18 +1,22 @@
 """Pass infrastructure: a pass maps an onnx-graphsurgeon graph to a PassResult.
 
-Ordering lives in what each pass requires and ensures (graph properties),
-checked by `run_pipeline`; errors name the pass that failed.
+A Pipeline (alias PassManager, as onnx_ir's ``PassManager([...])``) holds configured Pass instances and
+runs them in order.  Ordering lives in what each pass requires and ensures (graph properties), checked
+by `run_passes`; errors name the pass that failed.  A pass that takes configuration (cost model,
+timing settings) gets it in its constructor; ``Pass.from_config(PassConfig)`` builds one from the
+configuration a pipeline shares (gblrc.passes.pipeline builds the pipelines and the passes by name).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from gblrc.ir.conv import ONNX_CONV_OP, ConvGeometry, conv_from_onnx_attributes
+from gblrc.ir.cost import DEFAULT_COST_MODEL, CostModel
 from gblrc.ir.structure import (
     ONNX_DOMAIN,
     ONNX_OP,
@@ -22,10 +26,16 @@ from gblrc.ir.structure import (
     unpack_factors,
 )
 
+from .timing import DEFAULT_TIMING, TimingConfig
+
 __all__ = [
     "PassResult",
     "PassError",
+    "UnknownPassError",
+    "PassConfig",
     "Pass",
+    "Pipeline",
+    "PassManager",
     "gblr_nodes",
     "read_gblr_node",
     "gblr_conv_nodes",
@@ -42,6 +52,25 @@ class PassError(RuntimeError):
     def __init__(self, pass_name: str, message: str):
         self.pass_name = pass_name
         super().__init__(f"pass '{pass_name}': {message}")
+
+
+class UnknownPassError(PassError, ValueError):
+    """A pass name that is not registered (gblrc.passes.pipeline.passes_from_names raises it)."""
+
+    def __init__(self, pass_name: str, known: Sequence[str]):
+        self.pass_name, self.known = pass_name, tuple(known)
+        RuntimeError.__init__(self, f"unknown pass {pass_name!r}; choose from: {', '.join(self.known)} "
+                                    "(see: gblrc passes)")
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """What configured passes share: the cost model of the decision and lowering passes, and how
+    lower-timed times (``measure`` replaces its timing: tests)."""
+
+    cost_model: CostModel = DEFAULT_COST_MODEL
+    timing: TimingConfig = DEFAULT_TIMING
+    measure: Callable | None = None
 
 
 @dataclass
@@ -110,7 +139,8 @@ VIOLATIONS: dict[str, Callable[[gs.Graph], str | None]] = {
     "standard-ops-only": _nonstandard_ops,
 }
 # name -> checker(graph) -> whether it holds
-PROPERTIES: dict[str, Callable[[gs.Graph], bool]] = {name: (lambda g, f=f: f(g) is None) for name, f in VIOLATIONS.items()}
+PROPERTIES: dict[str, Callable[[gs.Graph], bool]] = {
+    name: (lambda g, f=f: f(g) is None) for name, f in VIOLATIONS.items()}
 
 
 class Pass:
@@ -121,6 +151,11 @@ class Pass:
     requires: frozenset[str] = frozenset()
     ensures: frozenset[str] = frozenset()
     invalidates: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: PassConfig) -> "Pass":
+        """This pass configured by ``config`` (a pass without settings ignores it)."""
+        return cls()
 
     def run(self, graph: gs.Graph) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -203,3 +238,40 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[Pass]) -> tuple[onnx.Mod
         held = (held - p.invalidates) | p.ensures
         results.append(res)
     return export_graph(graph, model), results
+
+
+class Pipeline:
+    """Configured passes run in order (as onnx_ir's ``PassManager([...])``)::
+
+        out_model, results = Pipeline([MergeBlocks(model), LowerGBLR(model), Cleanup()])(onnx_model)
+
+    Calling it runs :func:`run_passes`: the requires/ensures of each pass are tracked, a violation
+    raises PassError naming the pass, and every pass returns its PassResult (one per pass, in order).
+    """
+
+    def __init__(self, passes: Iterable[Pass]):
+        self.passes: tuple[Pass, ...] = tuple(passes)
+        bad = [p for p in self.passes if not isinstance(p, Pass)]
+        if bad:
+            raise TypeError(f"a Pipeline holds Pass instances, got {type(bad[0]).__name__}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.passes)
+
+    def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassResult]]:
+        return run_passes(model, self.passes)
+
+    run = __call__
+
+    def __iter__(self) -> Iterator[Pass]:
+        return iter(self.passes)
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __repr__(self) -> str:
+        return f"Pipeline([{', '.join(self.names)}])"
+
+
+PassManager = Pipeline  # onnx_ir's name for it

@@ -7,14 +7,19 @@ from gblrc.ir.structure import Block, GBLRWeights, Structure
 
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node
 from .build import write_gblr_node
-from .cost_model import CostModelPass
+from .cost_model import CostModelPass, lowering_decision
 
-__all__ = ["ChooseProducts", "is_tile", "as_tile"]
+__all__ = ["ChooseProducts", "is_tile", "tile_indices", "as_tile"]
 
 
 def is_tile(v: np.ndarray) -> bool:
     """A block is a dense tile when its V factor is the identity (codes are the input columns)."""
     return v.shape[0] == v.shape[1] and np.array_equal(v, np.eye(v.shape[0], dtype=v.dtype))
+
+
+def tile_indices(w: GBLRWeights) -> frozenset[int]:
+    """The blocks of ``w`` that are dense tiles."""
+    return frozenset(i for i, v in enumerate(w.V) if is_tile(v))
 
 
 def as_tile(w: GBLRWeights, i: int) -> GBLRWeights:
@@ -31,6 +36,7 @@ def as_tile(w: GBLRWeights, i: int) -> GBLRWeights:
 class ChooseProducts(CostModelPass, Pass):
     name = "choose-products"
     description = "per block, keep two thin products or switch to one dense tile, whichever the cost model prefers"
+
     def run(self, graph):
         tiles = 0
         for node in gblr_nodes(graph):
@@ -41,16 +47,13 @@ class ChooseProducts(CostModelPass, Pass):
                     continue
                 cand = as_tile(w, i)
                 bias = w.bias is not None
-                # judged on the whole layer: a tile raises the total rank, which a stacked lowering pays for
-                old = self.model.best(w.structure, bias, self._tiles(w))[1]
-                new = self.model.best(cand.structure, bias, self._tiles(cand))[1]
+                # judged on the whole layer's estimate: a tile raises the total rank, which a stacked lowering
+                # pays for (the FLOP rule is dense-fallback's and lower-gblr's, after this pass)
+                old = lowering_decision(w.structure, bias, tile_indices(w), self.model, flops=False)[1]
+                new = lowering_decision(cand.structure, bias, tile_indices(cand), self.model, flops=False)[1]
                 if new < old:
                     w, changed = cand, True
                     tiles += 1
             if changed:
                 write_gblr_node(graph, node, w)
         return PassResult(graph, tiles > 0, {"tiles": tiles})
-
-    @staticmethod
-    def _tiles(w: GBLRWeights) -> frozenset[int]:
-        return frozenset(i for i, v in enumerate(w.V) if is_tile(v))

@@ -17,8 +17,8 @@ from gblrc.ir.structure import GBLRWeights
 
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node
 from .build import Builder, detach, unique_prefix
-from .choose_products import is_tile
-from .cost_model import DEFAULT_COST_MODEL, CostModel
+from .choose_products import is_tile, tile_indices
+from .cost_model import DEFAULT_COST_MODEL, CostModel, is_full_width, lowering_decision
 from .lower_segmented import lower_segmented
 
 __all__ = ["LowerGBLR", "lower_node", "stacked_factors"]
@@ -49,7 +49,7 @@ def _lower_stacked(bld: Builder, x, w: GBLRWeights, out) -> None:
 
 def _lower_sliced(bld: Builder, x, w: GBLRWeights, out) -> None:
     s = w.structure
-    full = [i for i, b in enumerate(s.blocks) if b.n_cols == s.in_features and len(b.cols) == 1]
+    full = [i for i, b in enumerate(s.blocks) if is_full_width(b, s.in_features)]
     part = [i for i in range(len(s.blocks)) if i not in full]
     order = full + part  # code order == row order of U_stacked
     codes = []
@@ -99,16 +99,17 @@ class LowerGBLR(Pass):
             raise ValueError(f"unknown lowering strategy {force!r}; choose one of {sorted(LOWERINGS)}")
         self.model, self.force = model, force
 
+    @classmethod
+    def from_config(cls, config):
+        """The pass with ``config.cost_model`` (a gblrc.passes.base.PassConfig), no forced strategy."""
+        return cls(config.cost_model)
+
     def run(self, graph):
         counts = {k: 0 for k in LOWERINGS}
         for node in gblr_nodes(graph):
             w = read_gblr_node(node)
-            tiles = frozenset(i for i, v in enumerate(w.V) if is_tile(v))
-            strategy, _ = self.model.best(w.structure, w.bias is not None, tiles)
-            if w.structure.cost() >= w.structure.dense_cost:
-                strategy = "dense"
-            if self.force is not None:
-                strategy = self.force
+            strategy = self.force if self.force is not None else lowering_decision(
+                w.structure, w.bias is not None, tile_indices(w), self.model)[0]
             lower_node(graph, node, w, strategy, self.model)
             counts[strategy] += 1
         changed = sum(counts.values()) > 0

@@ -95,6 +95,11 @@ class LowerGBLRConv(Pass):
             raise ValueError(f"unknown conv lowering strategy {force!r}; choose one of {list(CONV_STRATEGIES)}")
         self.model, self.force, self.flop_ratio = model, force, float(flop_ratio)
 
+    @classmethod
+    def from_config(cls, config):
+        """The pass with ``config.cost_model`` (a gblrc.passes.base.PassConfig), no forced strategy."""
+        return cls(config.cost_model)
+
     def run(self, graph):
         counts = {k: 0 for k in CONV_STRATEGIES}
         for node in gblr_conv_nodes(graph):

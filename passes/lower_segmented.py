@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from gblrc.ir.structure import GBLRWeights, Structure
+from gblrc.ir.structure import GBLRWeights
 
 from .build import Builder
 from .choose_products import is_tile
-from .cost_model import DEFAULT_COST_MODEL, CostModel, plan_segments
+from .cost_model import DEFAULT_COST_MODEL, CostModel, is_full_width, plan_segments
 
 __all__ = ["lower_segmented"]
 
@@ -30,7 +30,7 @@ def lower_segmented(bld: Builder, x, w: GBLRWeights, out, model: CostModel | Non
 
     s = w.structure
     segs = plan_segments(s, model or DEFAULT_COST_MODEL)
-    full = [i for i, b in enumerate(s.blocks) if b.n_cols == s.in_features and len(b.cols) == 1]
+    full = [i for i, b in enumerate(s.blocks) if is_full_width(b, s.in_features)]
     codes: dict[int, object] = {}
     if full:
         Vf = np.concatenate([w.V[i][:, np.argsort(s.blocks[i].col_index())] for i in full], axis=0)

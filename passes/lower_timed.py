@@ -11,7 +11,10 @@ Dense is always a candidate, and a structured lowering is kept only when it meas
 With a TuneCache the times are stored per (layer shape, structure, tokens, provider, threads,
 ONNX Runtime version, CPU): lowering the same model again measures nothing.  Timing is slower than
 the static passes and noisy on a loaded machine, so it is not part of DEFAULT_PIPELINE; see
-TIMED_PIPELINE and `gblrc lower --tune` (tune.py).
+TIMED_PIPELINE and `gblrc lower --tune` (tune.py).  Reached by name (``--passes lower-timed``,
+TIMED_PIPELINE) or through --tune, the pass times as the one default timing config says
+(timing.DEFAULT_TIMING: 1,024 tokens, 9 repeats, margin 0.97, cached); the structured-or-dense
+decision on the measured times is :func:`gblrc.ir.cost.lowering_decision`'s.
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ import onnx_graphsurgeon as gs
 
 from gblrc.ir.structure import GBLRWeights
 
-from .base import Pass, PassResult, gblr_nodes, read_gblr_node
-from .choose_products import is_tile
-from .cost_model import DEFAULT_COST_MODEL, CostModel, plan_segments
+from .base import Pass, PassConfig, PassResult, gblr_nodes, read_gblr_node
+from .choose_products import tile_indices
+from .cost_model import DEFAULT_COST_MODEL, CostModel, dense_by_flops, lowering_decision, plan_segments
 from .lower_gblr import LOWERINGS, lower_node
-from .timing import Runner, environment, key_hash, make_session, read_json, resolve_provider, time_interleaved, write_json
+from .timing import (DEFAULT_TIMING, Runner, cache_dir, environment, key_hash, make_session, read_json,
+                     resolve_provider, time_interleaved, write_json)
 
 __all__ = ["TimedLowering", "TuneCache", "candidate_model", "candidate_strategies", "layer_key", "time_strategies"]
 
@@ -62,9 +66,11 @@ def candidate_strategies(w: GBLRWeights, model: CostModel | None = None) -> tupl
     return out
 
 
-def time_strategies(w: GBLRWeights, tokens: int = 256, repeats: int = 7, threads: int = 0,
-                    strategies: Sequence[str] = ("dense", "stacked", "sliced"), *, provider: str = "cpu",
-                    model: CostModel | None = None, sessions: int = 2) -> dict[str, float]:
+def time_strategies(w: GBLRWeights, tokens: int = DEFAULT_TIMING.tokens, repeats: int = DEFAULT_TIMING.repeats,
+                    threads: int = DEFAULT_TIMING.threads,
+                    strategies: Sequence[str] = ("dense", "stacked", "sliced"), *,
+                    provider: str = DEFAULT_TIMING.provider, model: CostModel | None = None,
+                    sessions: int = 2) -> dict[str, float]:
     """Median seconds per run of each strategy (interleaved runs, graph optimisations on) on
     ``provider`` (auto/cpu/cuda) with ``threads`` intra-op threads (0: one per core); the best median
     of ``sessions`` fresh sessions per strategy (a session's speed on a shared CPU is bimodal, fixed
@@ -102,17 +108,22 @@ def layer_key(w: GBLRWeights, strategies: Sequence[str], env: dict, model: CostM
            "bias": w.bias is not None, "strategies": sorted(strategies),
            "blocks": [[[[sp.start, sp.stop] for sp in b.rows], [[sp.start, sp.stop] for sp in b.cols], b.rank]
                       for b in s.blocks],
-           "tiles": [i for i, v in enumerate(w.V) if is_tile(v)]}
+           "tiles": sorted(tile_indices(w))}
     if "segmented" in strategies:
         key["segments"] = [[g.start, g.stop, list(g.blocks)] for g in plan_segments(s, model or DEFAULT_COST_MODEL)]
     return key
 
 
 class TuneCache:
-    """Measured times per layer key, one JSON file each under ``<folder>/lowering/``."""
+    """Measured times per layer key, one JSON file each under ``<folder>/lowering/`` (folder None: the
+    cache folder, timing.cache_dir(), looked up when the cache is used)."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder) / "lowering"
+    def __init__(self, folder: str | Path | None = None):
+        self._root = folder
+
+    @property
+    def folder(self) -> Path:
+        return cache_dir(self._root) / "lowering"
 
     def path(self, key: dict) -> Path:
         return self.folder / f"{key_hash(key)}.json"
@@ -160,11 +171,15 @@ class TimedLowering(Pass):
     requires = frozenset({"gblr-nodes-valid"})
     ensures = frozenset({"standard-ops-only"})
 
-    def __init__(self, tokens: int = 256, repeats: int = 7, threads: int = 0, measure: Measure | None = None, *,
-                 provider: str = "cpu", cache: TuneCache | None = None, model: CostModel | None = None,
-                 margin: float = 1.0, strategies: Sequence[str] | None = None, recheck_above: float = 1.0):
-        """measure(w[, strategies]) -> {strategy: seconds} replaces the timing (tests); cache: a
-        TuneCache (None: always measure); model: plans the segmented lowering; margin: a structured
+    def __init__(self, tokens: int = DEFAULT_TIMING.tokens, repeats: int = DEFAULT_TIMING.repeats,
+                 threads: int = DEFAULT_TIMING.threads, measure: Measure | None = None, *,
+                 provider: str = DEFAULT_TIMING.provider, cache: TuneCache | None = None,
+                 model: CostModel | None = None, margin: float = DEFAULT_TIMING.margin,
+                 strategies: Sequence[str] | None = None, recheck_above: float = DEFAULT_TIMING.recheck_above):
+        """The defaults are timing.DEFAULT_TIMING's.  measure(w[, strategies]) -> {strategy: seconds}
+        replaces the timing (tests); cache: a TuneCache (None: always measure; by name and through
+        --tune the pass is built by :meth:`from_config`, which caches as the timing config says);
+        model: plans the segmented lowering; margin: a structured
         lowering is chosen only when it measured below margin x dense; strategies: the candidates
         (default: candidate_strategies, dense always among them); recheck_above: a structured winner
         that measured at or above this x dense is timed again against dense alone (twice the runs)
@@ -185,38 +200,46 @@ class TimedLowering(Pass):
         self.recheck_measure = measure or (lambda w, st: time_strategies(
             w, self.tokens, 2 * self.repeats, self.threads, st, provider=self.provider, model=self.model))
 
+    @classmethod
+    def from_config(cls, config: PassConfig) -> "TimedLowering":
+        """The pass as ``config.timing`` says (cached in its folder when use_cache), with its cost model
+        and measure."""
+        t = config.timing
+        return cls(t.tokens, t.repeats, t.threads, config.measure, provider=t.provider,
+                   cache=TuneCache(t.cache) if t.use_cache else None, model=config.cost_model, margin=t.margin,
+                   recheck_above=t.recheck_above)
+
     def candidates(self, w: GBLRWeights) -> tuple[str, ...]:
         """What to time; only dense (nothing to time) when the structure has no block or costs at least
-        as many multiply-adds as dense."""
+        as many multiply-adds as dense (gblrc.ir.cost.dense_by_flops, the decision's first rule)."""
         s = w.structure
-        if not s.blocks or s.cost() >= s.dense_cost:
+        if dense_by_flops(s):
             return ("dense",)
         cands = self.strategies or candidate_strategies(w, self.model)
         # a lowering that multiplies more than dense cannot be faster; a timing that says so is noise
         return tuple(st for st in cands if st == "dense" or realised_macs(w, st) < s.dense_cost)
 
-    def choose(self, times: dict[str, float]) -> str:
-        """The fastest strategy; dense unless the fastest measured below margin x dense."""
+    def choose(self, times: dict[str, float], w: GBLRWeights) -> str:
+        """The fastest strategy; dense unless the fastest measured below margin x dense
+        (gblrc.ir.cost.lowering_decision on the measured times)."""
         unknown = sorted(set(times) - set(LOWERINGS))
         if unknown or not times:
             raise ValueError(f"timing returned unknown or no strategies: {unknown or 'none'}")
         bad = sorted(k for k, t in times.items() if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0))
         if bad:
             raise ValueError(f"timing returned no positive time for {', '.join(bad)}")
-        best = min(sorted(times), key=times.get)
-        if best != "dense" and "dense" in times and times[best] >= self.margin * times["dense"]:
-            best = "dense"
-        return best
+        return lowering_decision(w.structure, w.bias is not None, tile_indices(w), self.model or DEFAULT_COST_MODEL,
+                                 measured=times, margin=self.margin)[0]
 
     def decide(self, w: GBLRWeights, cands: tuple[str, ...]) -> tuple[str, dict, dict | None]:
         """(strategy, times of the candidates, times of the recheck or None), measured."""
         times = dict(_call_measure(self.measure, w, cands))
-        strategy = self.choose(times)
+        strategy = self.choose(times, w)
         recheck = None
         if strategy != "dense" and "dense" in times and times[strategy] >= self.recheck_above * times["dense"]:
             recheck = dict(_call_measure(self.recheck_measure, w, ("dense", strategy)))
             recheck = {k: v for k, v in recheck.items() if k in ("dense", strategy)}
-            if set(recheck) != {"dense", strategy} or self.choose(recheck) == "dense":
+            if set(recheck) != {"dense", strategy} or self.choose(recheck, w) == "dense":
                 strategy = "dense"
         return strategy, times, recheck
 
@@ -232,7 +255,8 @@ class TimedLowering(Pass):
                 entry = {"times": {}, "recheck": None, "choice": "dense"}  # nothing to choose: not timed
             elif self.cache is not None:
                 env = env or environment(resolve_provider(self.provider), self.threads, self.tokens)
-                key = {**layer_key(w, cands, env, self.model), "margin": self.margin, "recheck_above": self.recheck_above}
+                key = {**layer_key(w, cands, env, self.model), "margin": self.margin,
+                       "recheck_above": self.recheck_above}
                 entry = self.cache.get(key)
             cached = entry is not None and key is not None
             if entry is None:

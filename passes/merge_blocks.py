@@ -10,6 +10,7 @@ from gblrc.ir.merge import merge_blocks
 class MergeBlocks(CostModelPass, Pass):
     name = "merge-blocks"
     description = "merge blocks into their zero-padded union where fewer, larger products are faster"
+
     def run(self, graph):
         merged = 0
         for node in gblr_nodes(graph):

@@ -14,6 +14,10 @@ Cache: JSON files under ``GBLRC_CACHE_DIR`` (default ``~/.cache/gblrc``), keyed 
 numbers depend on (provider, threads, tokens, ONNX Runtime version, CPU model).  A missing,
 unreadable or malformed file is a cache miss, never an error; a cache that cannot be written is a
 warning.  Only onnxruntime and numpy are needed (no torch).
+
+How lower-timed times (tokens, repeats, threads, provider, margins, cache) is one TimingConfig,
+DEFAULT_TIMING by default: the pass reached by name and through ``gblrc lower --tune`` (whose
+TuneConfig takes its defaults from it) time alike.
 """
 from __future__ import annotations
 
@@ -23,10 +27,12 @@ import os
 import platform
 import tempfile
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from gblrc.ir.cost import TOKENS
 from gblrc.runtime.timing import (  # the one timing harness
     CPU, CUDA, Runner, _cores, effective_threads, resolve_provider, time_interleaved, time_runs, timing_session,
 )
@@ -34,9 +40,34 @@ from gblrc.runtime.timing import (  # the one timing harness
 __all__ = [
     "CPU", "CUDA", "CACHE_ENV", "cache_dir", "cpu_model", "effective_threads", "resolve_provider", "environment",
     "key_hash", "read_json", "write_json", "make_session", "Runner", "time_interleaved", "time_runs",
+    "TimingConfig", "DEFAULT_TIMING", "TUNE_MARGIN", "RECHECK_ABOVE",
 ]
 
 CACHE_ENV = "GBLRC_CACHE_DIR"
+
+TUNE_MARGIN = 0.97  # a structured lowering must measure below this x dense (timing noise on a busy machine)
+RECHECK_ABOVE = 0.6  # a structured winner measured at or above this x dense is timed again against dense
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How lower-timed times the candidate lowerings of a layer.  tokens: rows of X (batch x sequence);
+    repeats: timed runs per candidate (median); threads: intra-op threads (0: one per core); provider:
+    auto (CUDA when available), cpu or cuda; margin: a structured lowering must measure below margin x
+    dense; recheck_above: a structured winner at or above this x dense is timed again against dense;
+    use_cache / cache: keep the times in the cache folder (None: $GBLRC_CACHE_DIR or ~/.cache/gblrc)."""
+
+    tokens: int = TOKENS
+    repeats: int = 9
+    threads: int = 0
+    provider: str = "auto"
+    margin: float = TUNE_MARGIN
+    recheck_above: float = RECHECK_ABOVE
+    use_cache: bool = True
+    cache: str | os.PathLike | None = None
+
+
+DEFAULT_TIMING = TimingConfig()  # the one default: lower-timed by name, TIMED_PIPELINE and --tune
 
 
 # ----------------------------------------------------------------- where and what

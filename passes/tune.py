@@ -3,11 +3,13 @@
     out, results, setup = run_tuned_pipeline(model, TuneConfig(tokens=1024, threads=2))
 
 1. The cost model is calibrated on the provider the model will run on (calibrate.py; cached).
-2. The pipeline is the default one with its cost-model passes (merge-blocks, choose-products, ...)
-   given the calibrated model, dense-fallback dropped and lower-gblr replaced by lower-timed:
-   every layer's candidate lowerings (dense among them) are timed and the fastest kept, the times
-   cached per layer (lower_timed.TuneCache), so tuning the same model again measures nothing.
+2. The pipeline is pipeline.timed_pipeline (TIMED_PIPELINE): the default one with its cost-model
+   passes (merge-blocks, choose-products, ...) given the calibrated model, dense-fallback dropped and
+   lower-gblr replaced by lower-timed: every layer's candidate lowerings (dense among them) are timed
+   and the fastest kept, the times cached per layer (lower_timed.TuneCache), so tuning the same model
+   again measures nothing.  Given pass names, pipeline.passes_from_names configures them alike.
 
+TuneConfig's timing defaults are timing.DEFAULT_TIMING's, which lower-timed reached by name uses too.
 The static default pipeline stays as it is: no timing, no onnxruntime.
 """
 from __future__ import annotations
@@ -19,19 +21,16 @@ from typing import Callable, Sequence
 
 import onnx
 
-from .base import Pass, PassError, PassResult, run_passes
+from .base import PassConfig, PassResult, Pipeline
 from .calibrate import Calibration, calibrated_cost_model
-from .cost_model import TOKENS, CostModel, CostModelPass
-from .lower_gblr import LowerGBLR
-from .lower_timed import Measure, TimedLowering, TuneCache
-from .pipeline import DEFAULT_PIPELINE, PASSES
-from .timing import cache_dir, effective_threads, resolve_provider
+from .cost_model import CostModel
+from .lower_timed import Measure
+from .pipeline import TIMED_PIPELINE, passes_from_names, timed_pipeline
+from .timing import (DEFAULT_TIMING, RECHECK_ABOVE, TUNE_MARGIN, TimingConfig, cache_dir, effective_threads,
+                     resolve_provider)
 
-__all__ = ["TuneConfig", "TuneSetup", "TUNE_MARGIN", "RECHECK_ABOVE", "prepare_tuning", "tuned_pipeline", "tuned_passes",
+__all__ = ["TuneConfig", "TuneSetup", "TUNE_MARGIN", "RECHECK_ABOVE", "prepare_tuning", "tuned_pipeline",
            "run_tuned_pipeline", "format_tuning"]
-
-TUNE_MARGIN = 0.97  # a structured lowering must measure below this x dense (timing noise on a busy machine)
-RECHECK_ABOVE = 0.6  # a structured winner measured at or above this x dense is timed again against dense
 
 
 @dataclass
@@ -43,14 +42,14 @@ class TuneConfig:
     calibration, measure replaces the timing of the candidates, calibration_measure that of the
     calibration."""
 
-    tokens: int | None = None  # None: gblrc.lower takes it from the example inputs; else TOKENS
-    threads: int = 0
-    provider: str = "auto"
-    cache: str | os.PathLike | None = None
-    use_cache: bool = True
-    repeats: int = 9
-    margin: float = TUNE_MARGIN
-    recheck_above: float = RECHECK_ABOVE
+    tokens: int | None = None  # None: gblrc.lower takes it from the example inputs; else DEFAULT_TIMING.tokens
+    threads: int = DEFAULT_TIMING.threads
+    provider: str = DEFAULT_TIMING.provider
+    cache: str | os.PathLike | None = DEFAULT_TIMING.cache
+    use_cache: bool = DEFAULT_TIMING.use_cache
+    repeats: int = DEFAULT_TIMING.repeats
+    margin: float = DEFAULT_TIMING.margin
+    recheck_above: float = DEFAULT_TIMING.recheck_above
     cost_model: CostModel | None = None
     measure: Measure | None = None
     calibration_measure: Callable | None = None
@@ -68,11 +67,23 @@ class TuneSetup:
     cache_folder: Path | None = None
     passes: list[str] = field(default_factory=list)
 
+    @property
+    def timing(self) -> TimingConfig:
+        """How lower-timed times, as the config and the resolved provider, threads and cache say."""
+        c = self.config
+        return TimingConfig(tokens=c.tokens, repeats=c.repeats, threads=self.threads, provider=self.provider,
+                            margin=c.margin, recheck_above=c.recheck_above, use_cache=self.cache_folder is not None,
+                            cache=self.cache_folder)
+
+    def pass_config(self) -> PassConfig:
+        """The configuration of the tuned passes: the calibrated cost model, the timing, the config's measure."""
+        return PassConfig(cost_model=self.cost_model, timing=self.timing, measure=self.config.measure)
+
 
 def prepare_tuning(config: TuneConfig) -> TuneSetup:
     """Resolve the provider and threads and get the calibrated cost model (cached)."""
     if config.tokens is None:
-        config = replace(config, tokens=TOKENS)
+        config = replace(config, tokens=DEFAULT_TIMING.tokens)
     if config.tokens < 1 or config.repeats < 1:
         raise ValueError(f"tokens and repeats must be positive, got {config.tokens}, {config.repeats}")
     provider = resolve_provider(config.provider)
@@ -87,47 +98,25 @@ def prepare_tuning(config: TuneConfig) -> TuneSetup:
     return TuneSetup(config, provider, threads, model, cal, folder)
 
 
-def tuned_pipeline(default: Sequence[str] | None = None) -> list[str]:
-    """The default pipeline with dense-fallback dropped (timing decides) and lower-gblr -> lower-timed."""
-    if default is None:
-        default = DEFAULT_PIPELINE
-    out = []
-    for n in default:
-        if n == "dense-fallback":
-            continue
-        out.append("lower-timed" if n == "lower-gblr" else n)
-    return out
-
-
-def tuned_passes(names: Sequence[str], setup: TuneSetup) -> list[Pass]:
-    """Pass instances for ``names``: cost-model passes get the calibrated model, lower-timed the timing setup."""
-    c = setup.config
-    out: list[Pass] = []
-    for n in names:
-        p = PASSES[n]
-        if isinstance(p, TimedLowering):
-            p = TimedLowering(c.tokens, c.repeats, setup.threads, c.measure, provider=setup.provider,
-                              cache=TuneCache(setup.cache_folder) if setup.cache_folder is not None else None,
-                              model=setup.cost_model, margin=c.margin, recheck_above=c.recheck_above)
-        elif isinstance(p, (CostModelPass, LowerGBLR)) or isinstance(getattr(p, "model", None), CostModel):
-            try:
-                p = type(p)(setup.cost_model)
-            except TypeError:  # a pass with its own constructor: keep the registered instance
-                pass
-        out.append(p)
-    return out
+def tuned_pipeline() -> list[str]:
+    """The names of the tuned pipeline (TIMED_PIPELINE, built by pipeline.timed_pipeline)."""
+    return list(TIMED_PIPELINE)
 
 
 def run_tuned_pipeline(model: onnx.ModelProto, config: TuneConfig | None = None,
                        names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[PassResult], TuneSetup]:
-    """Run ``names`` (default: tuned_pipeline()) configured by ``config``; unknown names raise PassError."""
-    names = list(tuned_pipeline() if names is None else names)
-    unknown = [n for n in names if n not in PASSES]
-    if unknown:
-        raise PassError(unknown[0], f"unknown pass; known passes: {', '.join(PASSES)}")
+    """Run the tuned pipeline (or the passes ``names``) configured by ``config``; an unknown name raises
+    UnknownPassError before the calibration."""
+    if names is not None:
+        passes_from_names(names)  # the unknown-pass check, before the (slow) calibration
     setup = prepare_tuning(config or TuneConfig())
-    setup.passes = names
-    out, results = run_passes(model, tuned_passes(names, setup))
+    pc = setup.pass_config()
+    if names is None:
+        pipeline = timed_pipeline(pc.cost_model, pc.timing, measure=pc.measure)
+    else:
+        pipeline = Pipeline(passes_from_names(names, pc))
+    setup.passes = list(pipeline.names)
+    out, results = pipeline(model)
     return out, results, setup
 
 
@@ -144,8 +133,8 @@ def format_tuning(details: Sequence[dict]) -> list[str]:
                          + ", ".join(f"{k} {1e3 * v:.3g} ms" for k, v in sorted(d["times"].items())) + ")")
             continue
         rc = d.get("recheck")
-        again = ("; rechecked: " + ", ".join(f"{k} {v / rc['dense']:.2f}" for k, v in sorted(rc.items()) if k != "dense")
-                 if rc and "dense" in rc else "")
+        again = ("; rechecked: " + ", ".join(f"{k} {v / rc['dense']:.2f}" for k, v in sorted(rc.items())
+                                             if k != "dense") if rc and "dense" in rc else "")
         lines.append(f"{head} {d['ratio']:.2f}x dense (dense {1e3 * d['times']['dense']:.3g} ms"
                      f"{'; ' + others if others else ''}{again}){' [cached]' if d['cached'] else ''}")
     if details:

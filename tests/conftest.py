@@ -22,3 +22,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Timings cached by lowering passes go to a folder of this test session, never the user's ~/.cache."""
+    if "GBLRC_CACHE_DIR" not in os.environ:
+        os.environ["GBLRC_CACHE_DIR"] = str(tmp_path_factory.mktemp("gblrc-cache"))
+    yield

@@ -126,12 +126,13 @@ def load_passes():
 
 
 def check_pass_names(names: Sequence[str]) -> list[str]:
-    """Stripped names; GblrcError naming the first unknown one."""
-    PASSES = load_passes().PASSES
+    """Stripped names; GblrcError naming the first unknown one (gblrc.passes.passes_from_names's check)."""
+    P = load_passes()
     names = [n.strip() for n in names if n.strip()]
-    unknown = [n for n in names if n not in PASSES]
-    if unknown:
-        raise GblrcError(f"unknown pass {unknown[0]!r}; choose from: {', '.join(PASSES)} (see: gblrc passes)")
+    try:
+        P.passes_from_names(names)
+    except P.PassError as e:
+        raise GblrcError(str(e)) from None
     return names
 
 

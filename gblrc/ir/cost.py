@@ -20,21 +20,48 @@ The stacked lowering (two MatMuls, no copies) is predicted well -- measured
 time / dense within about 0.05 of the estimate on MiniLM's shapes at FLOP
 ratios 0.4-0.9 (benchmarks/lowrank_margin.py) -- so it has its own, looser
 STACKED_MARGIN.
+
+The lowering decision itself -- structured or dense -- is made in one place,
+:func:`lowering_decision`: dense when the structure multiplies at least as much
+as dense (:func:`dense_by_flops`), else the fastest lowering below its margin x
+dense, by the estimates or by measured times.  The passes (choose-products,
+dense-fallback, lower-gblr, lower-timed) and the time budget
+(:func:`lowered_estimate`) ask it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
 from gblrc.ir.structure import Block, Structure
 
-__all__ = ["CostModel", "DEFAULT_COST_MODEL", "TOKENS", "DENSE_MARGIN", "STACKED_MARGIN", "Segment", "plan_segments", "segmented_cost",
-           "lowered_estimate"]
+__all__ = ["CostModel", "DEFAULT_COST_MODEL", "TOKENS", "DENSE_MARGIN", "STACKED_MARGIN", "Segment", "plan_segments",
+           "segmented_cost", "is_full_width", "dense_by_flops", "lowering_decision", "lowered_estimate"]
 
 TOKENS = 1024  # rows of X the estimates assume (batch x sequence)
 DENSE_MARGIN = 0.6  # a sliced / segmented lowering must be estimated below this fraction of dense to be chosen
 # (0.9 let estimates of 0.66-0.84 through that measured 1.02-1.34 x dense in benchmarks/lowering_sweep.py)
 STACKED_MARGIN = 0.9  # the stacked lowering: estimates 0.82 measured 0.80-0.93 x dense, 0.91 measured 0.91-0.98
 # (benchmarks/lowrank_margin.py; with 0.6, low rank at FLOP ratios 0.6-0.8 stayed dense, 0.61-0.85 x lost)
+
+
+def is_full_width(b: Block, n_in: int) -> bool:
+    """Whether block ``b`` reads all ``n_in`` input columns as one span: its codes need no Slice or
+    Concat, and the full-width blocks of a layer share one MatMul (X @ V_full^T)."""
+    return b.n_cols == n_in and len(b.cols) == 1
+
+
+def dense_by_flops(s: Structure) -> bool:
+    """"Cost >= dense means dense": no blocks, or at least as many multiply-adds as the dense layer,
+    so no structured lowering can be faster (nothing to estimate or time)."""
+    return not s.blocks or s.cost() >= s.dense_cost
+
+
+def _fastest_below_margin(seconds: Mapping[str, float], dense: float | None, margin: Callable[[str], float]) -> str:
+    """The fastest structured lowering in ``seconds`` whose time is below ``margin(strategy)`` x ``dense``
+    (every one when ``dense`` is None), the first in ``seconds``' order on a tie; "dense" when none is."""
+    ok = {k: v for k, v in seconds.items() if k != "dense" and (dense is None or v < margin(k) * dense)}
+    return min(ok, key=ok.get) if ok else "dense"
 
 
 @dataclass(frozen=True)
@@ -74,8 +101,7 @@ class CostModel:
     def block_codes(self, b: Block, n_in: int, tile: bool = False) -> float:
         """Codes of one block from X: slice its columns (unless full), then X_cols @ V_b^T."""
         t = 0.0
-        full = b.n_cols == n_in and len(b.cols) == 1
-        if not full:
+        if not is_full_width(b, n_in):
             t += sum(self.copy(len(sp)) for sp in b.cols)
             if len(b.cols) > 1:
                 t += self.copy(b.n_cols)  # concat of the pieces
@@ -85,8 +111,8 @@ class CostModel:
 
     def sliced(self, s: Structure, bias: bool, tiles: frozenset[int] = frozenset()) -> float:
         """Per block Slice -> MatMul (full-width blocks share one MatMul), Concat, one stacked U MatMul."""
-        full = [b for b in s.blocks if b.n_cols == s.in_features and len(b.cols) == 1]
-        part = [(i, b) for i, b in enumerate(s.blocks) if not (b.n_cols == s.in_features and len(b.cols) == 1)]
+        full = [b for b in s.blocks if is_full_width(b, s.in_features)]
+        part = [(i, b) for i, b in enumerate(s.blocks) if not is_full_width(b, s.in_features)]
         t = self.matmul(s.in_features, sum(b.rank for b in full)) if full else 0.0
         t += sum(self.block_codes(b, s.in_features, i in tiles) for i, b in part)
         pieces = (1 if full else 0) + len(part)
@@ -106,12 +132,9 @@ class CostModel:
             "sliced": self.sliced(s, bias, tiles),
             "segmented": segmented_cost(self, s, bias, tiles),
         }
-        ok = {k: v for k, v in options.items()
-              if v < (self.stacked_margin if k == "stacked" else self.dense_margin) * dense}
-        if ok:
-            name = min(ok, key=ok.get)
-            return name, ok[name]
-        return "dense", dense
+        name = _fastest_below_margin(options, dense,
+                                     lambda k: self.stacked_margin if k == "stacked" else self.dense_margin)
+        return name, options.get(name, dense)
 
 
 # -- the segmented lowering's plan and cost (lower_segmented.py builds it) --------------------
@@ -176,10 +199,10 @@ def plan_segments(s: Structure, model: CostModel) -> list[Segment]:
 
 
 def _codes_cost(model: CostModel, s: Structure, tiles: frozenset[int]) -> float:
-    full = [b for b in s.blocks if b.n_cols == s.in_features and len(b.cols) == 1]
+    full = [b for b in s.blocks if is_full_width(b, s.in_features)]
     t = model.matmul(s.in_features, sum(b.rank for b in full)) if full else 0.0
     for i, b in enumerate(s.blocks):
-        if not (b.n_cols == s.in_features and len(b.cols) == 1):
+        if not is_full_width(b, s.in_features):
             t += model.block_codes(b, s.in_features, i in tiles)
     return t
 
@@ -196,17 +219,36 @@ def segmented_cost(model: CostModel, s: Structure, bias: bool, tiles: frozenset[
 DEFAULT_COST_MODEL = CostModel()
 
 
+def lowering_decision(s: Structure, bias: bool, tiles: frozenset[int] = frozenset(),
+                      model: CostModel = DEFAULT_COST_MODEL, *, measured: Mapping[str, float] | None = None,
+                      margin: float = 1.0, flops: bool = True) -> tuple[str, float]:
+    """(strategy, seconds): how one GBLR layer is lowered, structured or dense -- the one place that decides.
+
+    1. Dense when no structured lowering can be faster: no blocks, or (``flops``) at least as many
+       multiply-adds as dense (:func:`dense_by_flops`).
+    2. Else the fastest structured lowering whose seconds are below its margin x the dense seconds,
+       else dense.  The seconds are ``model``'s estimates with its margins (``model.best``: stacked_margin
+       for stacked, dense_margin for the others), or with ``measured`` ({strategy: seconds}, timed by
+       lower-timed) the measured times with the one ``margin`` (ties: the first strategy by name).
+
+    ``flops=False`` skips the FLOP rule: choose-products compares the estimates of a layer before and
+    after a tile switch (:meth:`gblrc.ir.structure.Structure.cost` counts a tile as rank |C|), and the
+    decision after it (dense-fallback, lower-gblr) applies the rule.
+    """
+    if not s.blocks or (flops and dense_by_flops(s)):
+        return "dense", (model.dense(s, bias) if measured is None else measured.get("dense", float("nan")))
+    if measured is None:
+        return model.best(s, bias, tiles)
+    name = _fastest_below_margin({k: measured[k] for k in sorted(measured)}, measured.get("dense"), lambda k: margin)
+    return name, measured.get(name, float("nan"))
+
+
 def lowered_estimate(s: Structure, bias: bool, model: CostModel = DEFAULT_COST_MODEL) -> tuple[str, float]:
     """(strategy, estimated seconds) of the layer as the default pipeline lowers it: blocks merged where
-    the model says it pays (merge-blocks), then the best lowering or dense (dense-fallback).  The
-    per-block tile switch of choose-products is left out (it only lowers the estimate further).
+    the model says it pays (merge-blocks), then :func:`lowering_decision` (dense-fallback, lower-gblr).
+    The per-block tile switch of choose-products is left out (it only lowers the estimate further).
     The learning side's time budget (``compress --budget-unit time``) charges this."""
     from gblrc.ir.merge import merge_structure
 
-    if not s.blocks:
-        return "dense", model.dense(s, bias)
     merged = merge_structure(s, lambda b: model.block_codes(b, s.in_features))
-    name, t = model.best(merged, bias)
-    if name != "dense" and merged.cost() >= merged.dense_cost:
-        return "dense", model.dense(s, bias)
-    return name, t
+    return lowering_decision(merged, bias, model=model)
