@@ -65,12 +65,12 @@ class FusionReport:
                f"hidden {self.hidden_size}): fused {fused}"]
         base = self.seconds.get("lowered")
         if base and "all dense" in self.seconds:
-            out.append(f"optimize: Q/K/V dense in every block (all attention fused): {self.seconds['all dense'] / base:.3f}x "
+            out.append(f"optimize: Q/K/V/O dense in every block (all attention fused): {self.seconds['all dense'] / base:.3f}x "
                        f"the lowered model on {self.provider}, {self.threads} threads")
         for b in self.blocks:
             r = b.get("time_ratio")
-            out.append(f"optimize: {b['block']}: Q/K/V {b['qkv']}" + ("" if r is None else
-                                                                     f" (dense Q/K/V + fused Attention: {r:.3f}x)"))
+            out.append(f"optimize: {b['block']}: Q/K/V/O {b['qkv']}" + ("" if r is None else
+                                                                     f" (dense Q/K/V/O + fused Attention: {r:.3f}x)"))
         if self.note:
             out.append(f"optimize: {self.note}")
         return out
