@@ -119,7 +119,9 @@ def test_optimize_keeps_the_fusions_and_the_parity(tiny_bert, tmp_path):
     assert f.fused["SkipLayerNormalization"] == 4 and f.fused["BiasGelu"] == 2
     # every attention block was timed both ways and its choice follows its measured ratio
     assert [b["block"] for b in f.blocks] == ["encoder.layer.0.attention", "encoder.layer.1.attention"]
-    assert set(f.seconds) == {"lowered", "all dense", *[b["block"] for b in f.blocks]}
+    assert set(f.seconds) == {"unfused", "lowered", "all dense", "final", *[b["block"] for b in f.blocks]}
+    r = f.seconds["final"] / f.seconds["unfused"]  # measured against the unfused lowered graph, warned when slower
+    assert bool(f.warning) == (r > 1.02) and any("the optimized graph runs" in x for x in f.lines())
     for b in f.blocks:
         assert b["qkv"] == ("dense (Attention fused)" if b["time_ratio"] < 0.98 else "lowered")
     n_dense = sum(b["qkv"].startswith("dense") for b in f.blocks)

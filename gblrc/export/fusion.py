@@ -58,6 +58,7 @@ class FusionReport:
     threads: int = 0
     seconds: dict = field(default_factory=dict)  # variant -> best median seconds
     note: str = ""
+    warning: str = ""  # set when the fused graph is slower than the unfused one on the provider
 
     def lines(self) -> list[str]:
         fused = ", ".join(f"{k} {v}" for k, v in self.fused.items()) or "nothing"
@@ -73,6 +74,11 @@ class FusionReport:
                                                                      f" (dense Q/K/V/O + fused Attention: {r:.3f}x)"))
         if self.note:
             out.append(f"optimize: {self.note}")
+        if "final" in self.seconds and "unfused" in self.seconds:
+            out.append(f"optimize: the optimized graph runs {self.seconds['final'] / self.seconds['unfused']:.3f}x the "
+                       f"unfused lowered graph on {self.provider}, {self.threads} threads (timed on the example inputs)")
+        if self.warning:
+            out.append(f"warning: {self.warning}")
         return out
 
     def as_dict(self) -> dict:
@@ -141,22 +147,22 @@ def optimize_lowered(exported: onnx.ModelProto, module, lower: Callable[[onnx.Mo
     dense Q/K/V (fused Attention) time faster get them.  Returns the graph and what was done."""
     model_type, heads, hidden = ort_model_type(module)
     rep = FusionReport(model_type=model_type, num_heads=heads, hidden_size=hidden)
-    base = ort_optimize(lower(exported), model_type, heads, hidden)
+    unfused = lower(exported)
+    base = ort_optimize(unfused, model_type, heads, hidden)
     blocks = attention_blocks(exported)
+    variants = {"unfused": unfused, "lowered": base}
     if not blocks:
-        rep.fused, rep.note = fused_counts(base), "no attention block has compressed Q/K/V"
-        return base, rep
-    variants = {"lowered": base,
-                "all dense": ort_optimize(lower(_densify(exported, {x for v in blocks.values() for x in v})),
-                                          model_type, heads, hidden)}
-    n_base = fused_counts(base).get("Attention", 0)
-    if fused_counts(variants["all dense"]).get("Attention", 0) <= n_base:
-        rep.fused = fused_counts(base)
-        rep.note = "attention does not fuse in this graph even with dense Q/K/V: kept lowered"
-        rep.blocks = [{"block": b, "qkv": "lowered", "time_ratio": None} for b in blocks]
-        return base, rep
-    for b, layers in blocks.items():
-        variants[b] = ort_optimize(lower(_densify(exported, set(layers))), model_type, heads, hidden)
+        rep.note = "no attention block has compressed Q/K/V/O"
+    else:
+        variants["all dense"] = ort_optimize(lower(_densify(exported, {x for v in blocks.values() for x in v})),
+                                             model_type, heads, hidden)
+        if fused_counts(variants["all dense"]).get("Attention", 0) <= fused_counts(base).get("Attention", 0):
+            rep.note = "attention does not fuse in this graph even with dense Q/K/V/O: kept lowered"
+            rep.blocks = [{"block": b, "qkv": "lowered", "time_ratio": None} for b in blocks]
+            del variants["all dense"]
+            blocks = {}
+        for b, layers in blocks.items():
+            variants[b] = ort_optimize(lower(_densify(exported, set(layers))), model_type, heads, hidden)
     from gblrc.runtime.timing import best_of_sessions, effective_threads, resolve_provider
 
     try:
@@ -167,7 +173,7 @@ def optimize_lowered(exported: onnx.ModelProto, module, lower: Callable[[onnx.Mo
         raise GblrcError(f"timing the fused forms failed: {' '.join(str(e).split())[:200]}") from None
     rep.provider, rep.threads, rep.seconds = prov, effective_threads(threads), dict(t.best)
     dense_blocks = []
-    for b in blocks:
+    for b in blocks:  # (empty when attention cannot fuse)
         r = t.best[b] / t.best["lowered"]
         faster = r < 1 - TIE
         rep.blocks.append({"block": b, "qkv": "dense (Attention fused)" if faster else "lowered", "time_ratio": r})
@@ -181,6 +187,16 @@ def optimize_lowered(exported: onnx.ModelProto, module, lower: Callable[[onnx.Mo
         final = ort_optimize(lower(_densify(exported, {x for b in dense_blocks for x in blocks[b]})),
                              model_type, heads, hidden)
     rep.fused = fused_counts(final)
+    if final is not base and final is not variants.get("all dense"):  # a mix: time it against the unfused graph
+        t2 = best_of_sessions({"unfused": unfused, "final": final}, feeds, provider=prov, threads=threads,
+                              repeats=repeats, sessions=sessions, warmup=2)
+        rep.seconds["final"] = t2.best["final"] * t.best["unfused"] / t2.best["unfused"]
+    else:
+        rep.seconds["final"] = t.best["all dense" if final is not base else "lowered"]
+    r = rep.seconds["final"] / t.best["unfused"]
+    if r > 1 + TIE:
+        rep.warning = (f"the fused graph runs {r:.3f}x the unfused lowered graph on {prov}: ONNX Runtime's fused "
+                       "kernels are slower here; without --optimize the lowered graph is faster on this provider")
     return final, rep
 
 
