@@ -59,6 +59,12 @@ def commit() -> str:
         return "unknown"
 
 
+def max_len(folder: Path) -> int:
+    """The folder's sentence-transformers max_seq_length (what SentenceTransformer truncates at)."""
+    cfg = folder / "sentence_bert_config.json"
+    return int(json.loads(cfg.read_text()).get("max_seq_length", 512)) if cfg.is_file() else 512
+
+
 def folder_embeddings(folder: Path, sentences, bs=32) -> np.ndarray:
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
     from transformers import AutoTokenizer
@@ -68,7 +74,7 @@ def folder_embeddings(folder: Path, sentences, bs=32) -> np.ndarray:
     pool, norm = Pooling.load(str(folder), subfolder="1_Pooling"), Normalize()
     out = []
     for i in range(0, len(sentences), bs):
-        enc = tok(sentences[i:i + bs], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        enc = tok(sentences[i:i + bs], padding=True, truncation=True, max_length=max_len(folder), return_tensors="pt")
         (h,) = sess.run(["last_hidden_state"], {x.name: enc[x.name].numpy() for x in sess.get_inputs()})
         f = norm(pool({"token_embeddings": torch.from_numpy(h), "attention_mask": enc["attention_mask"]}))
         out.append(f["sentence_embedding"].numpy())
@@ -84,7 +90,7 @@ def model_embeddings(model, folder: Path, sentences, bs=32) -> np.ndarray:
     pool, norm = Pooling.load(str(folder), subfolder="1_Pooling"), Normalize()
     out = []
     for i in range(0, len(sentences), bs):
-        enc = tok(sentences[i:i + bs], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        enc = tok(sentences[i:i + bs], padding=True, truncation=True, max_length=max_len(folder), return_tensors="pt")
         h = model(**enc).last_hidden_state
         out.append(norm(pool({"token_embeddings": h, "attention_mask": enc["attention_mask"]}))["sentence_embedding"].numpy())
     return np.concatenate(out)
