@@ -197,3 +197,16 @@ def test_cli_lower_attention_and_optimize(tiny_bert, tmp_path):
     r = CliRunner().invoke(main, ["lower", str(tmp_path / "m.gblr.pt"), "-o", str(tmp_path / "x.onnx"), "--optimize",
                                   "--keep-gblr-ops"])
     assert r.exit_code != 0 and "exclude each other" in r.output and not (tmp_path / "x.onnx").exists()
+
+
+def test_optimize_then_fp16_with_fused_attention(tiny_bert, tmp_path):
+    """fp16 of an optimized graph whose attention is fused (the dense reference: every block fuses)."""
+    model, ex = tiny_bert
+    rep = gblrc.lower(model, ex, tmp_path / "m16.onnx", optimize=True, precision="fp16", with_dense=tmp_path / "d16.onnx")
+    assert rep.precision == "fp16" and rep.fp16["max_rel"] <= rep.rtol
+    assert "SkipLayerNormalization" not in rep.fp16["fp32_ops"]
+    d = op_counts(onnx.load(str(tmp_path / "d16.onnx")))
+    assert d["com.microsoft.Attention"] == 2 and d["com.microsoft.SkipLayerNormalization"] == 4
+    keep = ex["attention_mask"].numpy().astype(bool)
+    y, ref = _run(tmp_path / "d16.onnx", ex), _torch(model, ex)
+    assert np.abs(y.astype(np.float64) - ref)[keep].max() <= 1e-3 + 1e-2 * np.abs(ref[keep]).max()

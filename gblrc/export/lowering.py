@@ -408,7 +408,12 @@ def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport,
     from gblrc.export.precision import FP32_OPS, quantize_checked, to_fp16
 
     if precision == "fp16":
-        m16 = to_fp16(model)
+        keep = FP32_OPS
+        if any(n.domain == "com.microsoft" for n in model.graph.node):
+            # an optimized graph (optimize=True): ORT's fused SkipLayerNormalization accumulates in fp32 itself, and
+            # kept in fp32 behind Casts beside a fused Attention it gets mixed input types (ORT rejects the graph)
+            keep = tuple(o for o in FP32_OPS if o not in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"))
+        m16 = to_fp16(model, keep_fp32=keep)
         try:
             onnx.checker.check_model(m16, full_check=True)
         except Exception as e:
@@ -417,7 +422,7 @@ def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport,
         present = {n.op_type for n in model.graph.node}
         report.precision, report.rtol, report.atol = "fp16", rtol, atol
         report.fp16 = {"max_abs": rep.max_abs, "max_rel": rep.max_rel, "provider": rep.provider, "rtol": rtol,
-                       "atol": atol, "fp32_ops": [o for o in FP32_OPS if o in present]}
+                       "atol": atol, "fp32_ops": [o for o in keep if o in present]}
         return m16
     if quantize != "int8":
         return model
