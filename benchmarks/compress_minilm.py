@@ -31,6 +31,23 @@ def batches(tok, sents, bs, max_len=64):
     return out
 
 
+def export_dense_fastest(dense, ex, path, feeds, threads=2, repeats=15, sessions=3):
+    """Write the dense ONNX export of ``dense`` to ``path`` in its fastest attention form (eager or SDPA, both
+    timed on ``feeds`` with ``threads`` threads: gblrc.export.attention, as `gblrc lower` chooses); print and
+    return the choice.  Every benchmark's dense baseline is this one (issue 22: the honest baseline)."""
+    import onnx
+
+    from gblrc.export.attention import export_in_fastest_form, record_choice
+    from gblrc.export.graph import export_onnx
+
+    model, choice = export_in_fastest_form(dense, lambda: export_onnx(dense, ex), feeds=feeds, threads=threads,
+                                           repeats=repeats, sessions=sessions)
+    record_choice(model, choice)
+    onnx.save(model, path)
+    print(f"dense baseline: {choice.line()}", flush=True)
+    return choice
+
+
 @torch.no_grad()
 def embed(model, bl):
     embs = []

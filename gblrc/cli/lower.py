@@ -155,10 +155,26 @@ def _check_runs(model, inputs, shapes) -> None:
 @click.option("--with-dense", "with_dense", metavar="DENSE.onnx",
               help="Also write the dense reference of the same model (every GBLR layer as its dense MatMul, same "
                    "precision and quantisation, checked the same way): the baseline for `gblrc bench`.")
+@click.option("--attention", type=click.Choice(["auto", "eager", "sdpa"]), default="auto", show_default=True,
+              help="Attention form of models that have several (Hugging Face eager / SDPA): auto exports both and "
+                   "keeps the one the provider runs faster (timed on the example inputs; the dense reference is "
+                   "exported the same way); recorded in the metadata (gblrc.attention).")
+@click.option("--optimize", is_flag=True,
+              help="Run ONNX Runtime's transformer optimizer on the lowered graph (BERT-like encoders) and keep "
+                   "its fusions (SkipLayerNormalization, BiasGelu; Attention where dense Q/K/V time faster, per "
+                   "block); the result has com.microsoft ops.")
+@click.option("--hf-folder", "hf_folder", metavar="OUT/",
+              help="Write a folder that sentence-transformers (backend='onnx') and Optimum load: config.json, the "
+                   "source's tokenizer and sentence-transformers files, onnx/model.onnx (inputs input_ids, "
+                   "attention_mask[, token_type_ids], output last_hidden_state). Instead of -o.")
+@click.option("--hf-source", "hf_source", metavar="DIR",
+              help="With --hf-folder: the Hugging Face folder to take the tokenizer and module files from "
+                   "[default: the folder the model was compressed from, as recorded in it].")
 @_tune_options
 @_TRUST
 def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol, precision, quantize, quant_mode,
-          per_channel, data_spec, calib_batches, with_dense, tune, tokens, threads, provider, trust):
+          per_channel, data_spec, calib_batches, with_dense, attention, optimize, hf_folder, hf_source, tune, tokens,
+          threads, provider, trust):
     """Compile a compressed model (IN, from `gblrc compress`) to an ONNX file of standard ops,
     checked against PyTorch on the example inputs (batch and sequence axes stay dynamic).
 
@@ -177,8 +193,22 @@ def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol,
     src = Path(model)
     if not src.exists():
         raise GblrcError(f"input {model!r} does not exist; give the .gblr.pt file written by gblrc compress")
-    out = Path(output) if output else src.with_name(src.name.removesuffix(".pt").removesuffix(".gblr") + ".onnx")
-    check_output_path(out)
+    if hf_folder is not None:
+        from gblrc.export.hf_folder import check_hf_folder_target
+
+        if output:
+            raise GblrcError("give -o OUT.onnx or --hf-folder OUT/, not both (the folder holds onnx/model.onnx)")
+        if keep_gblr_ops:
+            raise GblrcError("--hf-folder and --keep-gblr-ops exclude each other (the loaders need a lowered graph)")
+        check_hf_folder_target(hf_folder)
+        out = Path(hf_folder) / "onnx" / "model.onnx"
+    else:
+        if hf_source is not None:
+            raise GblrcError("--hf-source only applies with --hf-folder")
+        out = Path(output) if output else src.with_name(src.name.removesuffix(".pt").removesuffix(".gblr") + ".onnx")
+        check_output_path(out)
+    if optimize and keep_gblr_ops:
+        raise GblrcError("--optimize and --keep-gblr-ops exclude each other (--keep-gblr-ops does not lower)")
     quant = _quant_options(quantize, precision, quant_mode, per_channel, data_spec, calib_batches, keep_gblr_ops)
     if with_dense is not None:
         if keep_gblr_ops:
@@ -202,11 +232,27 @@ def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol,
     calibration = None
     if quant["data"] is not None:
         calibration = _calibration_feeds(quant["data"], m, inputs, quant["batches"], trust=trust)
-    rep = lower_api(m, inputs, out, passes=names, opset=opset, keep_gblr_ops=keep_gblr_ops, rtol=rtol, atol=atol,
-                    tune=config if config is not None else False, precision=precision, quantize=quantize,
-                    quant_mode=quant["mode"], per_channel=quant["per_channel"], calib_feeds=calibration,
-                    with_dense=with_dense)
+    kw = dict(passes=names, opset=opset, keep_gblr_ops=keep_gblr_ops, rtol=rtol, atol=atol,
+              tune=config if config is not None else False, precision=precision, quantize=quantize,
+              quant_mode=quant["mode"], per_channel=quant["per_channel"], calib_feeds=calibration,
+              with_dense=with_dense, attention=attention, optimize=optimize,
+              attention_provider=config.provider if config is not None else "auto",
+              attention_threads=(config.threads or None) if config is not None else None)
+    if hf_folder is not None:
+        from gblrc.export.hf_folder import write_hf_folder
+
+        source = hf_source if hf_source is not None else (getattr(m, "gblrc_meta", None) or {}).get("source")
+        if hf_source is None and source and not Path(source).is_dir():
+            raise GblrcError(f"the folder the model was compressed from ({source!r}) is not here; give the tokenizer's "
+                             "folder with --hf-source DIR")
+        rep = write_hf_folder(m, inputs, hf_folder, source, **kw)
+    else:
+        rep = lower_api(m, inputs, out, **kw)
+    if rep.attention is not None:
+        click.echo(rep.attention.line())
     for line in rep.tune_lines():
+        click.echo(line)
+    for line in (rep.fusion.lines() if rep.fusion is not None else []):
         click.echo(line)
     click.echo(rep.parity_line())
     for line in rep.precision_lines():
@@ -217,6 +263,9 @@ def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol,
         click.echo(f"pass {r['name']}: {'changed' if r['changed'] else 'no change'}{f' ({counts})' if counts else ''}")
     form = {"fp32": "", "fp16": ", fp16"}.get(rep.precision, f", {rep.precision}")
     click.echo(f"wrote {out} ({rep.gblr_layers} GBLRLinear nodes {'kept' if keep_gblr_ops else 'lowered'}{form})")
+    if hf_folder is not None:
+        click.echo(f"wrote {hf_folder} (config, tokenizer and module files; load with "
+                   f"sentence_transformers.SentenceTransformer({str(hf_folder)!r}, backend='onnx'))")
     if rep.dense_path:
         click.echo(f"wrote {rep.dense_path} (dense reference: every GBLR layer as its dense MatMul{form}; "
                    f"fp32 parity vs PyTorch: max rel error {rep.dense_max_rel_err:.3g})")

@@ -15,7 +15,7 @@ import onnx
 
 from gblrc.errors import GblrcError
 
-__all__ = ["InputSpec", "graph_inputs", "make_feeds", "BenchResult", "bench"]
+__all__ = ["InputSpec", "graph_inputs", "make_feeds", "BenchResult", "bench", "recorded_shapes"]
 
 
 @dataclass
@@ -121,6 +121,7 @@ class BenchResult:
     medians: dict  # label -> every session's median
     batch: int | None
     agreement: dict = field(default_factory=dict)  # with two models: fidelity of the first to the second
+    shapes_from: str = ""  # where the shapes came from when not given ("" = given or fixed in the graph)
 
     def ratio(self) -> float | None:
         return self.best[self.labels[0]] / self.best[self.labels[1]] if len(self.labels) == 2 else None
@@ -133,6 +134,8 @@ class BenchResult:
                f"thread{'s' if self.threads != 1 else ''}; inputs {fed}",
                f"I/O binding{', CUDA graph' if self.cuda_graph else ''}; medians of {self.repeats} interleaved runs "
                f"after {self.warmup} warm-up rounds, best of {self.sessions} fresh sessions"]
+        if self.shapes_from:
+            out.insert(1, f"no --shape given: inputs shaped as {self.shapes_from} ({fed}); --shape NAME=DIMS sets others")
         w = max(12, *(len(k) for k in self.labels))
         out.append(f"{'model':<{w}}  {'time/run':>11}  {'runs/s':>9}" + (f"  {'samples/s':>10}" if self.batch else ""))
         for k in self.labels:
@@ -164,7 +167,7 @@ class BenchResult:
         return {"onnxruntime": ort.__version__, "provider": self.provider, "threads": self.threads,
                 "repeats": self.repeats, "sessions": self.sessions, "warmup": self.warmup, "cuda_graph": self.cuda_graph,
                 "inputs": {n: list(s) for n, s in self.shapes.items()}, "batch": self.batch, "models": models,
-                "time_ratio": self.ratio(), "outputs": self.agreement or None}
+                "time_ratio": self.ratio(), "outputs": self.agreement or None, "shapes_from": self.shapes_from or None}
 
 
 def _labels(paths: Sequence[str]) -> list[str]:
@@ -185,6 +188,11 @@ def bench(paths: Sequence[str], shapes: Mapping[str, Sequence[int]], *, provider
     if cuda_graph and prov != CUDA:
         raise GblrcError("--cuda-graph needs the CUDA provider (--provider cuda)")
     models = [load_onnx(p) for p in paths]
+    shapes_from = ""
+    if not shapes and any(not isinstance(d, int) or d < 1 for sp in graph_inputs(models[0]) for d in sp.dims):
+        recorded = recorded_shapes(models[0])
+        if recorded:
+            shapes, shapes_from = recorded, f"the example shapes `gblrc lower` recorded in {paths[0]!r}"
     feeds = make_feeds(models[0], shapes)
     per_model = [feeds]
     for p, m in zip(paths[1:], models[1:]):
@@ -229,4 +237,20 @@ def bench(paths: Sequence[str], shapes: Mapping[str, Sequence[int]], *, provider
     return BenchResult(provider=prov, threads=effective_threads(threads), repeats=repeats, sessions=sessions,
                        warmup=warmup, cuda_graph=cuda_graph, inputs=graph_inputs(models[0]),
                        shapes={k: tuple(v.shape) for k, v in feeds.items()}, labels=labels, paths=[str(p) for p in paths],
-                       best=t.best, medians=t.medians, batch=batch, agreement=agreement)
+                       best=t.best, medians=t.medians, batch=batch, agreement=agreement, shapes_from=shapes_from)
+
+
+def recorded_shapes(model: onnx.ModelProto) -> dict | None:
+    """The example input shapes `gblrc lower` recorded in the model's metadata (None when there are none)."""
+    import json
+
+    from gblrc.export.inspection import EXAMPLE_SHAPES_KEY
+
+    for p in model.metadata_props:
+        if p.key == EXAMPLE_SHAPES_KEY:
+            try:
+                d = json.loads(p.value)
+                return {str(k): tuple(int(x) for x in v) for k, v in d.items()}
+            except (ValueError, TypeError, AttributeError):
+                raise GblrcError(f"the model's {EXAMPLE_SHAPES_KEY} metadata is not valid; give --shape") from None
+    return None

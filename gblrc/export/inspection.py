@@ -13,9 +13,10 @@ from gblrc.ir.conv import ONNX_CONV_OP
 from gblrc.ir.structure import ONNX_DOMAIN, ONNX_OP, Structure, StructureError, from_onnx_attributes, to_onnx_attributes
 
 __all__ = ["gblr_nodes", "layer_name", "structures_from_onnx", "structures_from_compressed", "attach_metadata",
-           "load_onnx", "format_structures", "METADATA_KEY"]
+           "load_onnx", "format_structures", "METADATA_KEY", "EXAMPLE_SHAPES_KEY"]
 
 METADATA_KEY = "gblrc.structures"
+EXAMPLE_SHAPES_KEY = "gblrc.example_shapes"  # the example inputs' shapes `gblrc lower` checked with (JSON)
 
 
 def gblr_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -31,13 +31,13 @@ import torch
 from gblrc.errors import GblrcError
 from gblrc.export.graph import export_onnx, normalize_inputs, wrap_for_export
 from gblrc.io.fileio import atomic_path, check_output_path
-from gblrc.export.inspection import attach_metadata, structures_from_onnx
+from gblrc.export.inspection import EXAMPLE_SHAPES_KEY, attach_metadata, structures_from_onnx
 from gblrc.export.reference import REFERENCE_NOTE, dense_reference_model, reference_run
 from gblrc.ir.conv import ONNX_CONV_OP
 from gblrc.ir.structure import ONNX_DOMAIN, ONNX_OP
 
 __all__ = ["LowerReport", "lower", "op_counts", "op_table", "run_passes", "run_tuned", "tokens_from_inputs", "load_passes",
-           "check_pass_names", "reference_check", "reference_run"]
+           "check_pass_names", "reference_check", "reference_run", "record_example_shapes", "EXAMPLE_SHAPES_KEY"]
 
 
 @dataclass
@@ -59,6 +59,8 @@ class LowerReport:
     quantization: dict = field(default_factory=dict)  # int8: {"mode", "per_channel", "fidelity", "rows", "candidates"}
     dense_path: str = ""  # with_dense: the dense reference written beside
     dense_max_rel_err: float = float("nan")  # with_dense: its parity (fp32 graph) against PyTorch
+    attention: object = None  # the attention form exported (gblrc.export.attention.AttentionChoice)
+    fusion: object = None  # with optimize: what ONNX Runtime's optimizer fused (gblrc.export.fusion.FusionReport)
 
     def precision_lines(self) -> list[str]:
         """What the precision step did (nothing for plain fp32)."""
@@ -224,7 +226,9 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
           opset: int = 17, keep_gblr_ops: bool = False, rtol: float | None = None, atol: float | None = None,
           input_names: Sequence[str] | None = None, dynamic_axes=None, tune=False, precision: str = "fp32",
           quantize: str | None = None, quant_mode: str = "dynamic", per_channel: bool | str = "auto",
-          calib_feeds: Sequence[dict] | None = None, with_dense: str | os.PathLike | None = None) -> LowerReport:
+          calib_feeds: Sequence[dict] | None = None, with_dense: str | os.PathLike | None = None,
+          attention: str = "auto", attention_provider: str = "auto", attention_threads: int | None = None,
+          output_names: Sequence[str] | None = None, optimize: bool = False) -> LowerReport:
     """Export ``module`` to ONNX at ``path`` with its GBLR layers lowered to standard ops.
 
     example_inputs: a tensor, a tuple of tensors or an ordered dict name -> tensor.  passes:
@@ -243,6 +247,14 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
     to the fp32 lowered graph, on the example inputs and the calibration feeds, is measured and recorded
     in the file's metadata (``gblrc.quantization``).  with_dense: also write there the dense reference:
     the exported graph with every GBLR layer as its dense MatMul, checked, at the same precision.
+
+    attention: the attention form of models that have several ("auto": the faster on
+    ``attention_provider`` with ``attention_threads``, timed on the example inputs; "eager"; "sdpa";
+    :mod:`gblrc.export.attention`), recorded in the metadata (``gblrc.attention``) of the file and of the
+    dense reference, which is exported in the same form.  The example inputs' shapes are recorded too
+    (``gblrc.example_shapes``: what `gblrc bench` feeds when given no shapes).  output_names: the graph's
+    output names (default ``output``).  optimize: run ONNX Runtime's transformer optimizer on the lowered
+    graph (:mod:`gblrc.export.fusion`; Hugging Face BERT-like encoders), keep what it fuses, gate it.
     """
     check_output_path(path)
     if precision not in PRECISIONS:
@@ -270,7 +282,21 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
         rtol, atol = rtol32, atol32
     inputs = normalize_inputs(example_inputs)
     names = list(input_names) if input_names is not None else list(inputs)
-    model = export_onnx(module, inputs, opset=opset, input_names=names, dynamic_axes=dynamic_axes)
+    from gblrc.export.attention import attention_forms, export_in_fastest_form, record_choice
+
+    if optimize and keep_gblr_ops:
+        raise GblrcError("optimize runs ONNX Runtime's optimizer on the lowered graph; keep_gblr_ops does not lower")
+    example_feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs.values())}
+    named = dict(zip(names, inputs.values()))
+    model, attn = export_in_fastest_form(
+        module, lambda: export_onnx(module, inputs, opset=opset, input_names=names, output_names=output_names,
+                                    dynamic_axes=dynamic_axes),
+        attention="eager" if optimize and attention == "auto" and "eager" in attention_forms(module) else attention,
+        feeds=example_feeds, provider=attention_provider, threads=attention_threads)
+    if optimize and attention == "auto" and attn.form == "eager":
+        attn.chosen_by = "rule: optimize (ONNX Runtime fuses Attention in the eager form only)"
+    record_choice(model, attn)
+    record_example_shapes(model, named)
     exported = model
     before = op_counts(model)
     structures = structures_from_onnx(model)
@@ -285,9 +311,21 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
         if config.tokens is None:
             config = dataclasses.replace(config, tokens=tokens_from_inputs(inputs))
         model, results, calibration = run_tuned(model, config, passes)
+        relower = lambda g: run_tuned(g, config, passes)[0]  # noqa: E731  (the timings are cached)
     elif not keep_gblr_ops:
         model, results = run_passes(model, passes)
+        relower = lambda g: run_passes(g, passes)[0]  # noqa: E731
+    fusion = None
+    if optimize:
+        from gblrc.export.fusion import optimize_lowered, record_fusion
+
+        graph_feeds = {k: v for k, v in example_feeds.items() if k in {i.name for i in model.graph.input}}
+        model, fusion = optimize_lowered(exported, module, relower, graph_feeds, provider=attention_provider,
+                                         threads=attention_threads)
+        record_fusion(model, fusion)
     attach_metadata(model, structures)
+    record_choice(model, attn)
+    record_example_shapes(model, named)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
@@ -301,7 +339,7 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
                          max_abs_err=rep.max_abs, max_rel_err=rep.max_rel, provider=rep.provider,
                          gblr_layers=before.get(f"{ONNX_DOMAIN}.{ONNX_OP}", 0) + before.get(f"{ONNX_DOMAIN}.{ONNX_CONV_OP}", 0),
                          tuning=[d for r in results for d in r.get("details", [])], calibration=calibration,
-                         rtol=rtol32, atol=atol32)
+                         rtol=rtol32, atol=atol32, attention=attn, fusion=fusion)
     out = _deploy(model, feeds, ref, report, precision=precision, quantize=quantize, quant_mode=quant_mode,
                   per_channel=per_channel, calibration=calib_feeds, rtol=rtol, atol=atol)
     dense = None
@@ -309,11 +347,21 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
         dense = dense_reference_model(exported)
         onnx.helper.set_model_props(dense, {**{p.key: p.value for p in dense.metadata_props},
                                             "gblrc.reference": "dense: every GBLR layer as its dense MatMul"})
+        if optimize:  # like for like: the dense reference through the same optimizer
+            from gblrc.export.fusion import ort_model_type, ort_optimize
+
+            dense = ort_optimize(dense, *ort_model_type(module))
         drep = _gate(dense, feeds, ref, rtol=rtol32, atol=atol32, what="the dense reference")
         report.dense_path, report.dense_max_rel_err = os.fspath(with_dense), drep.max_rel
         dense = _deploy(dense, feeds, ref, LowerReport(path="", ops_before={}, ops_after={}), precision=precision,
                         quantize=quantize, quant_mode=quant_mode, per_channel=per_channel, calibration=calib_feeds,
                         rtol=rtol, atol=atol)
+    for m in (out, dense):
+        if m is not None:  # the precision step rebuilt the graph: the facts again
+            record_choice(m, attn)
+            record_example_shapes(m, named)
+    if fusion is not None:
+        record_fusion(out, fusion)
     with atomic_path(path) as tmp:
         if dense is not None:
             with atomic_path(with_dense) as dtmp:
@@ -321,6 +369,17 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
         onnx.save(out, os.fspath(tmp))
     report.ops_after = op_counts(out)
     return report
+
+
+def record_example_shapes(model: onnx.ModelProto, inputs) -> None:
+    """Record the example inputs' shapes (graph inputs only) in the metadata: `gblrc bench`'s default shapes."""
+    import json
+
+    used = {i.name for i in model.graph.input}
+    shapes = {k: list(t.shape) for k, t in inputs.items() if k in used}
+    props = {p.key: p.value for p in model.metadata_props}
+    props[EXAMPLE_SHAPES_KEY] = json.dumps(shapes, separators=(",", ":"))
+    onnx.helper.set_model_props(model, props)
 
 
 def _gate(model: onnx.ModelProto, feeds: dict, ref: list, *, rtol: float, atol: float, what: str):
@@ -350,7 +409,12 @@ def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport,
     from gblrc.export.precision import FP32_OPS, quantize_checked, to_fp16
 
     if precision == "fp16":
-        m16 = to_fp16(model)
+        keep = FP32_OPS
+        if any(n.domain == "com.microsoft" for n in model.graph.node):
+            # an optimized graph (optimize=True): ORT's fused SkipLayerNormalization accumulates in fp32 itself, and
+            # kept in fp32 behind Casts beside a fused Attention it gets mixed input types (ORT rejects the graph)
+            keep = tuple(o for o in FP32_OPS if o not in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"))
+        m16 = to_fp16(model, keep_fp32=keep)
         try:
             onnx.checker.check_model(m16, full_check=True)
         except Exception as e:
@@ -359,7 +423,7 @@ def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport,
         present = {n.op_type for n in model.graph.node}
         report.precision, report.rtol, report.atol = "fp16", rtol, atol
         report.fp16 = {"max_abs": rep.max_abs, "max_rel": rep.max_rel, "provider": rep.provider, "rtol": rtol,
-                       "atol": atol, "fp32_ops": [o for o in FP32_OPS if o in present]}
+                       "atol": atol, "fp32_ops": [o for o in keep if o in present]}
         return m16
     if quantize != "int8":
         return model

@@ -127,6 +127,11 @@ def quantize_int8(model: onnx.ModelProto, *, mode: str = "dynamic", per_channel:
                          "weight (int8 quantisation changes only those)")
     if mode == "static" and not calibration:
         raise GblrcError("static int8 quantisation needs calibration batches (--data); or use dynamic quantisation")
+    extra = {"MatMulConstBOnly": True}
+    if any(n.domain == "com.microsoft" for n in model.graph.node):
+        # a graph fused by ONNX Runtime's transformer optimizer: the quantiser cannot infer the types of its
+        # contrib ops' outputs (Attention, SkipLayerNormalization, ...); they are float32 here
+        extra["DefaultTensorType"] = onnx.TensorProto.FLOAT
     # the quantiser works on files; ORT's pre-processing (shape inference) is part of its recommended flow
     with tempfile.TemporaryDirectory(prefix="gblrc-quant-") as d:
         src, dst = Path(d, "fp32.onnx"), Path(d, "int8.onnx")
@@ -143,12 +148,12 @@ def quantize_int8(model: onnx.ModelProto, *, mode: str = "dynamic", per_channel:
                 warnings.simplefilter("ignore")
                 if mode == "dynamic":
                     quantize_dynamic(src, dst, per_channel=per_channel, weight_type=QuantType.QInt8,
-                                     op_types_to_quantize=list(op_types), extra_options={"MatMulConstBOnly": True})
+                                     op_types_to_quantize=list(op_types), extra_options=dict(extra))
                 else:
                     quantize_static(src, dst, _Batches([dict(f) for f in calibration]), quant_format=QuantFormat.QDQ,
                                     per_channel=per_channel, activation_type=QuantType.QUInt8,
                                     weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types),
-                                    extra_options={"MatMulConstBOnly": True})
+                                    extra_options=dict(extra))
         except GblrcError:
             raise
         except Exception as e:

@@ -21,18 +21,21 @@ __all__ = ["dense_reference_model", "reference_run", "REFERENCE_NOTE"]
 REFERENCE_NOTE = "GBLRLinear evaluated as dense MatMul"
 
 
-def dense_reference_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every GBLRLinear node replaced by its dense MatMul (+ Add)."""
+def dense_reference_model(model: onnx.ModelProto, only=None) -> onnx.ModelProto:
+    """A copy of ``model`` with every GBLRLinear node replaced by its dense MatMul (+ Add).
+
+    only: a predicate on the node; when given, only the nodes it accepts are replaced (and the gblrc
+    opset import is kept when others remain)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     inits = {i.name: i for i in g.initializer}
     nodes = []
     for n in g.node:
-        if n.domain == ONNX_DOMAIN and n.op_type == ONNX_CONV_OP:
+        if n.domain == ONNX_DOMAIN and n.op_type == ONNX_CONV_OP and (only is None or only(n)):
             nodes.append(_dense_conv(n, g, inits))
             continue
-        if not (n.domain == ONNX_DOMAIN and n.op_type == ONNX_OP):
+        if not (n.domain == ONNX_DOMAIN and n.op_type == ONNX_OP) or (only is not None and not only(n)):
             nodes.append(n)
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
@@ -53,6 +56,8 @@ def dense_reference_model(model: onnx.ModelProto) -> onnx.ModelProto:
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
+    if any(n.domain == ONNX_DOMAIN for n in g.node):
+        return out
     ops = [o for o in out.opset_import if o.domain != ONNX_DOMAIN]
     del out.opset_import[:]
     out.opset_import.extend(ops)
