@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 import gblrc  # noqa: E402
 from gblrc.io.zoo import english_passages, english_sentences, load_minilm  # noqa: E402
+from benchmarks.common import provenance  # noqa: E402
 
 
 def batches(tok, sents, bs, max_len=64):
@@ -98,6 +99,7 @@ def main():
     ap.add_argument("--train-eval", type=int, default=0, metavar="N",
                     help="also print the cosine on N training sentences (to see over-fitting)")
     args = ap.parse_args()
+    print(provenance(getattr(args, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

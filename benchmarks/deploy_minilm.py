@@ -15,14 +15,13 @@ Latency: ONNX Runtime CPU provider, --threads threads, --batch x --seq tokens, a
 process, runs interleaved, medians of --repeats runs, best of --sessions fresh sessions
 (gblrc.runtime.timing, as `gblrc bench`); time ratios to dense fp32 measured in the same run.
 
-    python benchmarks/deploy_minilm.py --threads 2 [--model m.gblr.pt] [--steps 0] [--repeats 15]
+    python -m benchmarks.deploy_minilm --threads 2 [--model m.gblr.pt] [--steps 0] [--repeats 15]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
-import sys
 import tempfile
 import time
 import warnings
@@ -41,8 +40,8 @@ from gblrc.runtime import make_session  # noqa: E402
 from gblrc.runtime.timing import best_of_sessions  # noqa: E402
 from gblrc.io.zoo import docstring_sentences, english_sentences, load_minilm  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from compress_minilm import batches, export_dense_fastest  # noqa: E402
+from benchmarks.compress_minilm import batches, export_dense_fastest  # noqa: E402
+from benchmarks.common import provenance  # noqa: E402
 
 
 def embeddings(path, feeds_list) -> np.ndarray:
@@ -76,6 +75,7 @@ def main():
     ap.add_argument("--rows", default="all", help="comma-separated row keys (default all): dense, dense16, dense8, "
                                                   "dense8s, gblr, gblr16, gblr8, gblr8s")
     a = ap.parse_args()
+    print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     dense, tok = load_minilm()

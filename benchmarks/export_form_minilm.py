@@ -15,7 +15,7 @@ tokenizer, ONNX Runtime on onnx/model.onnx, sentence-transformers' Pooling and N
 against gblrc.load's model, on --heldout pydoc sentences; with --st-python PY also through
 ``SentenceTransformer(OUT, backend="onnx")`` in that Python (one with sentence-transformers + optimum-onnx).
 
-    python benchmarks/export_form_minilm.py out/minilm/default.gblr.pt out/minilm/lowrank.gblr.pt --threads 2
+    python -m benchmarks.export_form_minilm out/minilm/default.gblr.pt out/minilm/lowrank.gblr.pt --threads 2
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import os
 import platform
 import random
 import subprocess
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -35,7 +34,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 import gblrc  # noqa: E402
@@ -46,17 +44,7 @@ from gblrc.export.precision import quantize_checked  # noqa: E402
 from gblrc.io.zoo import english_sentences, load_minilm, minilm_path  # noqa: E402
 from gblrc.runtime import make_session  # noqa: E402
 from gblrc.runtime.timing import best_of_sessions  # noqa: E402
-
-
-def commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        c = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return c.strip() + (" (+ uncommitted changes)" if dirty else "")
-    except OSError:
-        return "unknown"
+from benchmarks.common import provenance  # noqa: E402
 
 
 def max_len(folder: Path) -> int:
@@ -121,6 +109,7 @@ def main():
     ap.add_argument("--no-optimize", action="store_true", help="skip the --optimize rows")
     ap.add_argument("--st-python", help="a Python with sentence-transformers + optimum-onnx for the real loader")
     a = ap.parse_args()
+    print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     dense, tok = load_minilm()
@@ -195,13 +184,11 @@ def main():
                     line += f"; SentenceTransformer(backend='onnx') failed: {r.stderr.strip().splitlines()[-1][:200]}"
             hf_lines.append(line)
             print(line, flush=True)
-    import transformers
 
     base = min(t["dense_sdpa"], t["dense_eager"])
     fastest = "eager" if t["dense_eager"] <= t["dense_sdpa"] else "sdpa"
     print()
-    print(f"commit {commit()}; torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime "
-          f"{ort.__version__}, onnx {onnx.__version__}, Python {platform.python_version()}; {os.cpu_count()} cores; "
+    print(f"{provenance(a.threads)[2:]}, Python {platform.python_version()}; "
           f"CPU provider, {a.threads} threads, {a.batch}x{a.seq} tokens, medians of {a.repeats} interleaved runs, "
           f"best of {a.sessions} fresh sessions; {time.perf_counter() - t0:.0f} s")
     print(f"fastest dense fp32 export in this run: {fastest} (dense eager / dense sdpa "

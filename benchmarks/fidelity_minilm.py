@@ -31,7 +31,8 @@ import torch  # noqa: E402
 import gblrc  # noqa: E402
 from gblrc.io.zoo import docstring_sentences, english_sentences, load_minilm, package_sentences  # noqa: E402
 
-from compress_minilm import batches, embed  # noqa: E402  (this folder: the same tokenising and pooling)
+from benchmarks.compress_minilm import batches, embed  # noqa: E402  (the same tokenising and pooling)
+from benchmarks.common import provenance  # noqa: E402
 
 
 def source(name: str, n: int | None = None, seed: int = 0) -> list[str]:
@@ -96,6 +97,7 @@ def main():
     ap.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     ap.add_argument("--save", metavar="DIR", help="also save each compressed model as DIR/<variant>.gblr.pt")
     args = ap.parse_args()
+    print(provenance(getattr(args, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -81,9 +81,9 @@ if os.environ.get("MINILM") == "1":
 PY
 run() {  # name dense lowered rtol
   echo "== $1"
-  "$PY" benchmarks/gpu_latency.py "$2" "$3" --provider "$PROVIDER" --repeats "$REPEATS" --rtol "$4"
+  "$PY" -m benchmarks.gpu_latency "$2" "$3" --provider "$PROVIDER" --repeats "$REPEATS" --rtol "$4"
   if [ "$PROVIDER" = cuda ]; then
-    "$PY" benchmarks/gpu_latency.py "$2" "$3" --provider cuda --repeats "$REPEATS" --rtol "$4" --cuda-graph
+    "$PY" -m benchmarks.gpu_latency "$2" "$3" --provider cuda --repeats "$REPEATS" --rtol "$4" --cuda-graph
   fi
 }
 run "FFN stack fp32" out/gpu/ffn_dense.onnx out/gpu/ffn_lowered.onnx 1e-3

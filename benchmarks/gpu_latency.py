@@ -1,7 +1,7 @@
 """Parity and latency of a lowered ONNX model against its dense ONNX export on the CUDA provider.
 
-    python benchmarks/gpu_latency.py DENSE.onnx LOWERED.onnx [--repeats 50] [--cuda-graph]
-    python benchmarks/gpu_latency.py DENSE.onnx LOWERED.onnx --provider cpu     # the same checks on CPU
+    python -m benchmarks.gpu_latency DENSE.onnx LOWERED.onnx [--repeats 50] [--cuda-graph]
+    python -m benchmarks.gpu_latency DENSE.onnx LOWERED.onnx --provider cpu     # the same checks on CPU
 
 Feeds: `gblrc bench`'s (gblrc.export.bench.make_feeds) at the models' static shapes (symbolic dims: --dim N).
 Parity: the lowered model's outputs from the timed session on the chosen provider against the same
@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from gblrc.export.bench import graph_inputs, make_feeds
 from gblrc.runtime.timing import CPU, CUDA, best_of_sessions, timing_session
+from benchmarks.common import provenance  # noqa: E402
 
 
 def main() -> int:
@@ -36,6 +37,7 @@ def main() -> int:
     ap.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph (static shapes only)")
     ap.add_argument("--rtol", type=float, default=1e-3)
     a = ap.parse_args()
+    print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     print(f"onnxruntime {ort.__version__}; available providers: {ort.get_available_providers()}")
     if a.provider == "cuda" and CUDA not in ort.get_available_providers():
         print("error: the CUDA provider is not available; install onnxruntime-gpu on a machine with a GPU")

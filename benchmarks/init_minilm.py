@@ -19,6 +19,7 @@ import torch
 from gblrc.nn.fit import relative_error
 from gblrc.nn.layer import fit_dense, svd_layer
 from gblrc.io.zoo import minilm_linears
+from benchmarks.common import provenance  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
                     help="torch intra-op threads, also passed to fit_dense (default 1, fit_dense's default)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N layers (quick check)")
     args = ap.parse_args(argv)
+    print(provenance(getattr(args, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     torch.set_num_threads(args.threads)
     layers = minilm_linears()[: args.limit]
     rows = []

@@ -3,19 +3,19 @@
 x: TOKENS x 384, W: 1536 x 384 (a MiniLM FFN layer).  For each structure it prints the FLOP
 ratio and the time ratio to dense (median of interleaved runs; the last column: ratio of minimum
 times, less sensitive to other load) of every strategy (each after merge-blocks and choose-products)
-and of the default pipeline's choice.  Every variant is checked against a float64 reference first.  Usage: python benchmarks/lowering_micro.py [--tokens 1024] [--repeats 15]
+and of the default pipeline's choice.  Every variant is checked against a float64 reference first.  Usage: python -m benchmarks.lowering_micro [--tokens 1024] [--repeats 15]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from _onnx_builders import gblr_model  # noqa: E402
+from benchmarks.common import test_helper  # noqa: E402
+
+gblr_model = test_helper("_onnx_builders").gblr_model  # tests/_onnx_builders.py: a GBLRLinear node model from the IR
 
 from gblrc.passes import PASSES, TIMED_PIPELINE, run_pipeline  # noqa: E402
 from gblrc.passes.base import import_graph, read_gblr_node, run_passes  # noqa: E402
@@ -24,6 +24,7 @@ from gblrc.passes.cost_model import DEFAULT_COST_MODEL  # noqa: E402
 from gblrc.passes.lower_gblr import LowerGBLR  # noqa: E402
 from gblrc.runtime import timing  # noqa: E402
 from gblrc.ir.structure import Block, GBLRWeights, Span, Structure, cyclic_spans  # noqa: E402
+from benchmarks.common import provenance  # noqa: E402
 
 N_IN, N_OUT = 384, 1536
 
@@ -63,6 +64,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     a = ap.parse_args()
+    print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     x = np.random.default_rng(0).standard_normal((a.tokens, N_IN)).astype(np.float32)
     print(f"ORT {ort.__version__} CPU, {a.threads} threads, x {a.tokens}x{N_IN}, W {N_OUT}x{N_IN}; "
           f"time ratio = median(variant) / median(dense), {a.repeats} interleaved runs")

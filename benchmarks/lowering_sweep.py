@@ -13,23 +13,22 @@ worst-case and the median time ratio of the default and of the tuned lowering.
 Timings on a loaded machine are noise: run it on a quiet one.  --quick: 6 structures, 5 repeats
 (checks that it runs).
 
-Usage: python benchmarks/lowering_sweep.py [--n 48] [--seed 0] [--tokens 1024] [--threads N]
+Usage: python -m benchmarks.lowering_sweep [--n 48] [--seed 0] [--tokens 1024] [--threads N]
        [--repeats 15] [--quick] [--plain-run] [--cache-dir DIR]
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from _onnx_builders import gblr_model  # noqa: E402
+from benchmarks.common import test_helper  # noqa: E402
+
+gblr_model = test_helper("_onnx_builders").gblr_model  # tests/_onnx_builders.py: a GBLRLinear node model from the IR
 
 from gblrc.passes import PASSES, TuneConfig, run_pipeline, run_tuned_pipeline  # noqa: E402
 from gblrc.passes.base import import_graph, read_gblr_node, run_passes  # noqa: E402
@@ -38,6 +37,7 @@ from gblrc.passes.cost_model import DEFAULT_COST_MODEL  # noqa: E402
 from gblrc.passes.lower_gblr import LowerGBLR  # noqa: E402
 from gblrc.passes.timing import CPU, Runner, effective_threads, make_session, time_runs  # noqa: E402
 from gblrc.ir.structure import Block, GBLRWeights, Structure, cyclic_spans  # noqa: E402
+from benchmarks.common import provenance  # noqa: E402
 
 SHAPES = ((384, 384), (384, 1536), (1536, 384))  # (n_in, n_out)
 MODES = ("overlap", "grid", "bands")
@@ -133,6 +133,7 @@ def main(argv=None):
     ap.add_argument("--plain-run", action="store_true", help="time session.run (copies the output) instead of IO binding")
     ap.add_argument("--cache-dir", help="tuning cache folder (default: a fresh temporary one, removed at the end)")
     a = ap.parse_args(argv)
+    print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     if a.cache_dir:
         return sweep(a, a.cache_dir)
     with tempfile.TemporaryDirectory(prefix="gblrc-sweep-") as cache:

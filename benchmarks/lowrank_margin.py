@@ -11,12 +11,12 @@ import argparse
 import sys
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from gblrc.ir.structure import Block, Span, Structure
 from gblrc.passes.cost_model import DEFAULT_COST_MODEL
 from gblrc.runtime.timing import best_of_sessions
+from benchmarks.common import provenance  # noqa: E402
 
 SHAPES = ((384, 384), (384, 1536), (1536, 384))  # (n_in, n_out): MiniLM's layers
 
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     args = ap.parse_args(argv)
+    print(provenance(getattr(args, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.tokens, max(s[0] for s in SHAPES))).astype(np.float32)
     cm = DEFAULT_COST_MODEL

@@ -4,13 +4,12 @@ All 36 encoder Linear layers become GBLR layers at --budget, initialised from th
 (--init svd: truncated SVD, i.e. full-width blocks; --init gblr: block pursuit, gblrc.nn.layer.fit_dense).
 Both models run in ONNX Runtime (CPU provider, --threads threads) on the same --batch x --seq tokens,
 interleaved, --repeats runs each; prints medians' ratio and the FLOP ratio of the compressed layers.
-Usage: python benchmarks/minilm_latency.py [--budget 0.4] [--init svd|gblr] [--repeats 15]
+Usage: python -m benchmarks.minilm_latency [--budget 0.4] [--init svd|gblr] [--repeats 15]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -21,11 +20,11 @@ import torch
 
 from gblrc import GBLRLinear, lower
 
-sys.path.insert(0, os.path.dirname(__file__))
-from compress_minilm import export_dense_fastest  # noqa: E402
+from benchmarks.compress_minilm import export_dense_fastest  # noqa: E402
 from gblrc.nn.layer import fit_dense, svd_layer
 from gblrc.runtime import timing
 from gblrc.io.zoo import english_sentences, load_minilm, minilm_linears
+from benchmarks.common import provenance  # noqa: E402
 
 
 def _set(root, name, new):
@@ -42,6 +41,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     a = ap.parse_args()
+    print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
 
     dense, tok = load_minilm()
     sents = english_sentences()[: a.batch]

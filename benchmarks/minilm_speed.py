@@ -8,14 +8,13 @@ of the lowered layer to its dense MatMul (+bias) on --batch x --seq token rows; 
 --threads threads, sessions interleaved, medians of --repeats runs, best of 3 fresh sessions per model
 (a session's speed here is bimodal, fixed when it is created).
 
-    python benchmarks/minilm_speed.py out/minilm/*.gblr.pt [--threads 2] [--repeats 15]
+    python -m benchmarks.minilm_speed out/minilm/*.gblr.pt [--threads 2] [--repeats 15]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
-import sys
 import tempfile
 from collections import OrderedDict
 
@@ -27,7 +26,6 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 import gblrc  # noqa: E402
-from gblrc.export.graph import export_onnx  # noqa: E402
 from gblrc.learn.budget import TimeCost  # noqa: E402
 from gblrc.nn.layer import GBLRLinear  # noqa: E402
 from gblrc.runtime import timing  # noqa: E402
@@ -36,8 +34,8 @@ from gblrc.passes.build import write_gblr_node  # noqa: E402
 from gblrc.ir.structure import ONNX_DOMAIN, ONNX_OP  # noqa: E402
 from gblrc.io.zoo import english_sentences, load_minilm  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from compress_minilm import batches, embed, export_dense_fastest  # noqa: E402
+from benchmarks.compress_minilm import batches, embed, export_dense_fastest  # noqa: E402
+from benchmarks.common import provenance  # noqa: E402
 
 
 def best_of_sessions(models: dict, feeds: dict, repeats: int, threads: int, sessions: int = 3) -> dict:
@@ -88,6 +86,7 @@ def main():
                          "(gblrc.ir.cost.lowered_estimate), the measured time ratio, and whether it is within "
                          "the lowering bar (time <= FLOP + 0.1 and <= 1.05 x dense)")
     a = ap.parse_args()
+    print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     torch.set_num_threads(1)
     dense, tok = load_minilm()
     sents = english_sentences()

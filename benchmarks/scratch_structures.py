@@ -1,6 +1,6 @@
 """GBLR vs low rank at equal cost when the structured layers are trained FROM SCRATCH (the paper's setting).
 
-benchmarks/families.py compresses a trained dense model; here every structured model starts from the model's
+benchmarks/model_families.py compresses a trained dense model; here every structured model starts from the model's
 random initialisation.  For ViT and MLP-Mixer on scikit-learn's digits (16x16, samples/families.py "bench"
 sizes, fixed 80/20 split), at each budget and seed, from the untrained model (built with ``seed``):
 
@@ -11,7 +11,7 @@ sizes, fixed 80/20 split), at each budget and seed, from the untrained model (bu
   ``gblrc.compress(model, budget, data=train, structure="gblr", init="svd", allocate="uniform", loss="task",
   steps=STEPS, seed=seed, lr=LR, batch_size=64)`` (gblrc's own loop): widths/locations learned while training;
 * low rank -- the same with ``structure="lowrank"`` (truncated SVD of the random weights, content trained);
-* dense    -- benchmarks/families.py ``train_dense`` (AdamW wd 0.01, 5% warm-up, cosine, all parameters) for
+* dense    -- benchmarks/model_families.py ``train_dense`` (AdamW wd 0.01, 5% warm-up, cosine, all parameters) for
   STEPS steps: the usual from-scratch reference;
 * dense/cr -- (``--methods`` with dense/cr) dense with the compress recipe: the same parameters compress trains (``--rest``), AdamW wd 0, the
   content-lr schedule of gblrc's trainer (cosine lr -> 0.1 lr), same batches: isolates the cost of the structure
@@ -26,17 +26,15 @@ before ``train_rest`` existed).
 Scores: held-out accuracy, mean +- sd (ddof 1) over seeds; the achieved cost ratio (compressed layers'
 multiply-adds / dense); GBLR - low rank per seed (same init, same batches), mean +- sd.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/scratch_structures.py              # full run (~40 min, 1 thread)
-    PYTHONPATH=. .venv/bin/python benchmarks/scratch_structures.py --quick      # smoke run (~1 min)
+    .venv/bin/python -m benchmarks.scratch_structures              # full run (~40 min, 1 thread)
+    .venv/bin/python -m benchmarks.scratch_structures --quick      # smoke run (~1 min)
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 import warnings
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
@@ -44,19 +42,17 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("bench_families", HERE / "families.py")
-bf = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bf)  # benchmarks/families.py (puts samples/ on sys.path: ``families`` = samples')
+from benchmarks import model_families as bf  # noqa: E402
+from benchmarks.common import sample  # noqa: E402
+
 fam = bf.fam
-_spec = importlib.util.spec_from_file_location("scratch_loop", HERE.parent / "samples" / "scratch_loop.py")
-sl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sl)  # samples/scratch_loop.py: the plain-loop training with gblrc.prepare / finalize
+sl = sample("scratch_loop")  # samples/scratch_loop.py: the plain-loop training with gblrc.prepare / finalize
 
 import gblrc  # noqa: E402
 import gblrc.learn.compress as gc  # noqa: E402
 from gblrc.nn.layer import GBLRLinear  # noqa: E402
 from gblrc.nn.replace import as_linear, find_linears  # noqa: E402
+from benchmarks.common import provenance  # noqa: E402
 
 LR = {"vit": 1e-3, "mixer": 2e-3}  # families.py's dense learning rates
 METHODS = ("dense", "dense/cr", "lowrank", "gblr")
@@ -152,6 +148,7 @@ def main(argv=None):
                     help="loop: gblrc.prepare + a plain PyTorch loop + gblrc.finalize; compress: gblrc.compress")
     ap.add_argument("--quick", action="store_true", help="tiny models on 8x8 digits, few steps, 1 seed")
     a = ap.parse_args(argv)
+    print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     torch.set_num_threads(1)
     a.models = [m.strip() for m in a.models.split(",") if m.strip()]
     a.budgets = [float(b) for b in a.budgets.split(",") if b.strip()]

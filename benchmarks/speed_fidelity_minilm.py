@@ -9,14 +9,13 @@ of the training source (pydoc, the same 256 sentences `fidelity_minilm.py` holds
 other sources (stdlib-b, stdlib-a docstrings): mean (min) cosine of mean-pooled ONNX embeddings to the
 dense fp32 model.  It ends by naming the cheapest model that is at least as fast as dense int8.
 
-    python benchmarks/fidelity_minilm.py --budget 0.6 --save out/b06 ...   # make the models
-    python benchmarks/speed_fidelity_minilm.py out/b06/*.gblr.pt out/b07/*.gblr.pt --threads 2
+    python -m benchmarks.fidelity_minilm --budget 0.6 --save out/b06 ...   # make the models
+    python -m benchmarks.speed_fidelity_minilm out/b06/*.gblr.pt out/b07/*.gblr.pt --threads 2
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -32,10 +31,10 @@ from gblrc.export.precision import quantize_checked  # noqa: E402
 from gblrc.io.zoo import load_minilm  # noqa: E402
 from gblrc.runtime.timing import best_of_sessions  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from compress_minilm import batches, export_dense_fastest  # noqa: E402
-from deploy_minilm import cosines, embeddings  # noqa: E402
-from fidelity_minilm import source  # noqa: E402
+from benchmarks.compress_minilm import batches, export_dense_fastest  # noqa: E402
+from benchmarks.deploy_minilm import cosines, embeddings  # noqa: E402
+from benchmarks.fidelity_minilm import source  # noqa: E402
+from benchmarks.common import provenance  # noqa: E402
 
 
 def achieved_ratio(model) -> float:
@@ -54,6 +53,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--sessions", type=int, default=3)
     a = ap.parse_args()
+    print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     for p in a.models:
         if not os.path.isfile(p):
             raise SystemExit(f"no such model file: {p}")

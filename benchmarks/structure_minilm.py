@@ -30,6 +30,7 @@ import torch
 from gblrc.io import zoo
 from gblrc.nn.fit_data import fit_inputs, output_error, whitened_svd_fit
 from gblrc.nn.layer import GBLRLinear
+from benchmarks.common import provenance  # noqa: E402
 
 KINDS = [("attention.self.query", "query"), ("attention.self.key", "key"), ("attention.self.value", "value"),
          ("attention.output.dense", "attn out"), ("intermediate.dense", "FFN up"), ("output.dense", "FFN down")]
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the per-layer rows here")
     args = ap.parse_args(argv)
+    print(provenance(getattr(args, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     opts = fit_options(args.opts)
     torch.set_num_threads(args.threads)
     model, tok = zoo.load_minilm()

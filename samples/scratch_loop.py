@@ -21,9 +21,9 @@ AdamW, a learning-rate scheduler -- with one gblrc call after each optimizer ste
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 import gblrc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import families as fam  # noqa: E402  (samples/families.py)
+_spec = importlib.util.spec_from_file_location("gblrc_samples_families", Path(__file__).resolve().parent / "families.py")
+fam = importlib.util.module_from_spec(_spec)  # samples/families.py (samples/ is a folder of scripts)
+_spec.loader.exec_module(fam)
 
 __all__ = ["train_structured", "accuracy"]
 

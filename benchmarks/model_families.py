@@ -21,8 +21,8 @@ same loop; the time ratio is the ratio of medians.  The achieved ratio is the co
 over their dense multiply-adds (gblrc's report for GBLR/low rank; Monarch's cost is quantised by its block
 count, so it lands under the budget, sometimes well under).
 
-    .venv/bin/python benchmarks/families.py --plot out/families.png            # full run (~10 min, 2 shared cores)
-    .venv/bin/python benchmarks/families.py --quick --plot /tmp/families.png   # smoke run (~20 s)
+    .venv/bin/python benchmarks/model_families.py --plot out/families.png            # full run (~10 min, 2 shared cores)
+    .venv/bin/python benchmarks/model_families.py --quick --plot /tmp/families.png   # smoke run (~20 s)
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ import argparse
 import copy
 import math
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -41,14 +40,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "samples"))
+from benchmarks.common import display_path, sample  # noqa: E402
 
-import families as fam  # noqa: E402  (samples/families.py)
+fam = sample("families")  # samples/families.py
 
 import gblrc  # noqa: E402
 from gblrc.runtime import timing  # noqa: E402
@@ -56,6 +52,7 @@ from gblrc.learn.data import batch_stream, call_model, model_output  # noqa: E40
 from gblrc.nn.monarch import MonarchLinear, replace_with_monarch  # noqa: E402
 from gblrc.learn.objective import task_loss  # noqa: E402
 from gblrc.learn.train import TrainConfig  # noqa: E402
+from benchmarks.common import provenance  # noqa: E402
 
 METHODS = ("gblr", "lowrank", "monarch")
 LABEL = {"dense": "dense", "gblr": "GBLR", "lowrank": "low rank", "monarch": "Monarch"}
@@ -327,6 +324,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke run")
     ap.add_argument("--plot", metavar="PNG", help="write the plot here")
     a = ap.parse_args(argv)
+    print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     a.budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
     a.gblr_options = {k.strip(): _option(v) for k, _, v in (o.partition("=") for o in a.gblr_options.split(",") if o.strip())}
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -364,7 +362,7 @@ def main(argv=None):
     print(fmt_table(rows, tasks))
     if a.plot:
         plot(rows, tasks, a.plot)
-        print(f"plot: {a.plot}")
+        print(f"plot: {display_path(a.plot)}")
     return rows
 
 
