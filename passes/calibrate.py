@@ -1,4 +1,4 @@
-"""Calibrate the cost model by timing the provider it is meant for (DESIGN.md §3: "a cost model
+"""Calibrate the cost model by timing the provider it is meant for (docs/design.md §3: "a cost model
 calibrated by timing the real provider").
 
     cal = calibrated_cost_model("cpu", threads=2, tokens=1024)   # a few seconds once, then cached

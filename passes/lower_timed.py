@@ -1,6 +1,6 @@
 """lower-timed: lower each GBLRLinear node with the strategy that is fastest when timed on ONNX Runtime.
 
-The static cost model (cost_model.py) estimates; this pass measures (autotuning, DESIGN.md §3:
+The static cost model (cost_model.py) estimates; this pass measures (autotuning, docs/design.md §3:
 "pick per layer by timing").  For every node it builds one small model per candidate lowering
 (dense, stacked, sliced, and segmented when it differs from sliced: the same subgraphs lower-gblr
 emits), runs them interleaved on random input of `tokens` rows on the provider the model will

@@ -1,4 +1,4 @@
-"""Gaudi masks (DESIGN.md §1): exact boxcar without the Gaussian, mean = width, useful gradients."""
+"""Gaudi masks (docs/design.md §1): exact boxcar without the Gaussian, mean = width, useful gradients."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The cost model reproduces the orderings measured in DESIGN.md §3 (x 1024 x 384, W 1536 x 384)."""
+"""The cost model reproduces the orderings measured in docs/design.md §3 (x 1024 x 384, W 1536 x 384)."""
 import numpy as np
 
 from gblrc.passes.cost_model import DEFAULT_COST_MODEL as M, CostModel

@@ -1,4 +1,4 @@
-"""The structure IR against GBLRLinear (DESIGN.md §2): dense rebuild, cost, apply, validation, ONNX."""
+"""The structure IR against GBLRLinear (docs/design.md §2): dense rebuild, cost, apply, validation, ONNX."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""ONNX export: every GBLRLinear becomes ONE ``gblrc::GBLRLinear`` node (DESIGN.md §2), every
+"""ONNX export: every GBLRLinear becomes ONE ``gblrc::GBLRLinear`` node (docs/design.md §2), every
 GBLRConv2d ONE ``gblrc::GBLRConv`` node (the same inputs and structure attributes plus the Conv
 attributes kernel_shape, strides, pads, dilations; :mod:`gblrc.ir.conv`).
 

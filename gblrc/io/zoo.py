@@ -1,4 +1,4 @@
-"""Real models and text that install from the package index (offline; DESIGN.md §4)."""
+"""Real models and text that install from the package index (offline; docs/design.md §4)."""
 from __future__ import annotations
 
 import os

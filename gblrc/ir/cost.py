@@ -1,6 +1,6 @@
 """Cost model for lowering decisions: estimated seconds, not FLOPs.
 
-DESIGN.md §3 measured that multiply-adds do not predict time: op count,
+docs/design.md §3 measured that multiply-adds do not predict time: op count,
 thin matrix products and copies dominate.  The model charges
 
     MatMul (T x k) @ (k x n):  T k n / (PEAK * eff(k, n)) + OP
@@ -66,7 +66,7 @@ def _fastest_below_margin(seconds: Mapping[str, float], dense: float | None, mar
 
 @dataclass(frozen=True)
 class CostModel:
-    # Fitted by hand to the DESIGN.md §3 measurements (2 cores, ORT 1.32 CPU, x 1024 x 384,
+    # Fitted by hand to the docs/design.md §3 measurements (2 cores, ORT 1.32 CPU, x 1024 x 384,
     # W 1536 x 384): dense ≈ 5.5 ms, stacked R=192 ≈ 0.4-0.6 x dense, sliced 4/8/32/96 blocks
     # ≈ 0.4/0.6/1.1/2.1 x dense (model: 0.66/0.71/1.27/2.91).  Replace by timing the provider.
     peak_macs: float = 110e9     # multiply-adds per second of a large MatMul (2 cores)

@@ -10,7 +10,7 @@ Cost of a set of GBLR layers, in one of two units (``compress(budget_unit=...)``
   lowering pays for whole components whatever their widths; a layer kept dense costs its dense time.
 
 One global lambda drives all layers, so the allocation of the budget across layers is learned
-(DESIGN.md §1, "Training").
+(docs/design.md §1, "Training").
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The Gaudi-GBLR method for a training loop that is not gblrc's: :class:`Controller`.
 
 ``gblrc.prepare(model, config)`` returns one; in the loop, after every ``optimizer.step()``, one call
-``ctrl.step(optimizer)`` does everything the method needs (DESIGN.md §1, "Training"):
+``ctrl.step(optimizer)`` does everything the method needs (docs/design.md §1, "Training"):
 
 1. lambda toward the budget (:class:`gblrc.learn.budget.LambdaController`: rises while the cost is above a
    reference that descends from the initial cost to the budget, 0 below it);

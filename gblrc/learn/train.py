@@ -1,5 +1,5 @@
 """compress's own training loop: batches, the objective, AdamW and checkpoints around a
-:class:`gblrc.learn.controller.Controller`, which does the method itself (DESIGN.md §1) -- the same
+:class:`gblrc.learn.controller.Controller`, which does the method itself (docs/design.md §1) -- the same
 controller ``gblrc.prepare`` gives a user's own loop.
 
 Phases over ``steps`` optimiser steps:

@@ -1,4 +1,4 @@
-"""Fitting a dense weight to a GBLR structure (DESIGN.md §1, "Initialisation"): pure tensor math.
+"""Fitting a dense weight to a GBLR structure (docs/design.md §1, "Initialisation"): pure tensor math.
 
 :func:`fit_weight` runs a greedy block pursuit (:mod:`gblrc.nn.pursuit`) over tiled candidate blocks
 at several scales (wrap-around included), twice: from scratch, and seeded with the truncated-SVD rank

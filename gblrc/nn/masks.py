@@ -1,4 +1,4 @@
-"""Gaudi masks (DESIGN.md §1): frequency-domain masks differentiable in width and location."""
+"""Gaudi masks (docs/design.md §1): frequency-domain masks differentiable in width and location."""
 from __future__ import annotations
 
 import math
