@@ -63,7 +63,7 @@ def load(path, *, trust_pickle: bool = False):
     return _load(path, trust_pickle=trust_pickle)
 
 
-def compress(model, config, **kwargs):
+def compress(model, config=None, **kwargs):
     """Compress ``model``'s linear layers into GBLR layers under a budget and train them with gblrc's own
     loop; ``config`` is a :class:`CompressConfig` or the budget (see gblrc.learn.compress.compress)."""
     from gblrc.learn.compress import compress as _compress
@@ -71,7 +71,7 @@ def compress(model, config, **kwargs):
     return _compress(model, config, **kwargs)
 
 
-def prepare(model, config, **kwargs):
+def prepare(model, config=None, **kwargs):
     """Replace and initialise ``model``'s linear layers for training in your own loop; returns
     (model, Controller) (see gblrc.learn.compress.prepare)."""
     from gblrc.learn.compress import prepare as _prepare

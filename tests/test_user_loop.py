@@ -180,3 +180,11 @@ def test_cli_device_cpu_auto_and_cuda_without_one(tmp_path):
         r = CliRunner().invoke(main, base + ["--device", "cuda", "-o", str(tmp_path / "cuda.gblr.pt")])
         assert r.exit_code != 0 and "no CUDA device" in r.output and r.output.strip().count("\n") == 0, r.output
         assert not list(tmp_path.glob("cuda.gblr.pt*"))  # no partial files
+
+
+def test_budget_as_a_keyword_still_works():
+    x, y = mlp_data(64)
+    m, rep = gblrc.compress(mlp(), budget=0.4, data={"inputs": x, "targets": y}, steps=2, progress=False)
+    assert rep["achieved_ratio"] <= 0.4
+    _, ctrl = gblrc.prepare(mlp(), budget=0.4, steps=5)
+    assert ctrl.schedule.steps == 5

@@ -91,7 +91,7 @@ def _report(budget, layers: dict, curve, steps: int, warn: list) -> dict:
             "steps": steps, "layers": rows, "loss_curve": curve, "warnings": warn}
 
 
-def compress(model: nn.Module, config: CompressConfig | float, *, data=None, eval_data=None,
+def compress(model: nn.Module, config: CompressConfig | float | None = None, *, data=None, eval_data=None,
              **options) -> tuple[nn.Module, dict]:
     """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= the budget, and
     train them with gblrc's own loop.
@@ -129,7 +129,7 @@ def compress(model: nn.Module, config: CompressConfig | float, *, data=None, eva
     return run.model, make_report(run)
 
 
-def prepare(model: nn.Module, config: CompressConfig | float, *, data=None, eval_data=None,
+def prepare(model: nn.Module, config: CompressConfig | float | None = None, *, data=None, eval_data=None,
             **options) -> tuple[nn.Module, Controller]:
     """Replace ``model``'s linear layers (in place) by GBLR layers initialised from the dense weights,
     for training in your own loop; returns (model, controller).

@@ -207,4 +207,8 @@ def as_config(config, kw: dict) -> CompressConfig:
         return config.replace(**kw) if kw else config
     if isinstance(config, TrainingConfig):
         raise TypeError("give a CompressConfig (with training=TrainingConfig(...)), not a TrainingConfig")
+    if config is None:  # compress(model, budget=0.4, ...): the budget among the keywords
+        return from_kwargs(**kw)
+    if "budget" in kw:
+        raise TypeError("the budget is given twice: as the second argument and as budget=")
     return from_kwargs(config, **kw)
