@@ -2,7 +2,8 @@
 under a cost budget, trained by gblrc's own loop or by yours.
 
 Both are a sequence of named stages over one :class:`Run` (the model and what each stage found):
-:func:`start`, :func:`read_data`, :func:`calibrate`, :func:`allocate`, :func:`initialise`, then
+:func:`start`, :func:`read_data`, :func:`calibrate`, :func:`allocate`, :func:`initialise` (which ends with
+:func:`refine` when asked), then
 
 - ``compress``: :func:`train` (gblrc's loop over a :class:`~gblrc.learn.controller.Controller`),
   :func:`harden`, :func:`make_report`;
@@ -38,11 +39,12 @@ from gblrc.nn.layer import svd_layer
 from gblrc.learn.calib import input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import as_linear, find_linears, is_linear, replace_linears, set_module
+from gblrc.learn.refine import refine_blocks
 from gblrc.learn.report import structure_movement
 from gblrc.learn.train import Trainer
 
 __all__ = ["compress", "prepare", "finalize", "CompressConfig", "TrainingConfig", "Options", "Run", "check_options",
-           "start", "read_data", "calibrate", "allocate", "initialise", "train", "harden", "make_report"]
+           "start", "read_data", "calibrate", "allocate", "initialise", "refine", "train", "harden", "make_report"]
 
 NO_DATA_WARNING = ("no data given: the GBLR layers are only initialised from the dense weights (no training); "
                    "give data for better accuracy")
@@ -230,6 +232,7 @@ class Run:
     train_seconds: float = 0.0
     unit: object = FLOPS  # the budget's cost unit (gblrc.learn.budget)
     controller: Controller | None = None
+    refined: dict | None = None  # what refine() did, per block
 
     def warn(self, msg: str) -> None:
         """A warning for the user: in the report and as a Python warning."""
@@ -312,7 +315,7 @@ def calibrate(run: Run) -> None:
     if o.init == "svd" or run.data is None:
         return
     run.dense_w = {n: as_linear(m).weight.detach().clone() for n, m in run.pairs}
-    if o.init == "sequential":
+    if o.init == "sequential" or o.training.refine_steps > 0:  # the sequential refit and refine() use it
         run.dense_ref = run.teacher or copy.deepcopy(run.model).eval()
     it = batch_stream(run.data, o.batch_size, o.seed)
     run.xs = [to_device(next(it)[0], run.device) for _ in range(o.training.calib_batches)]
@@ -368,13 +371,34 @@ def initialise(run: Run) -> None:
         for n, m in run.layers.items():
             if n in run.covs and not whiten_layer(m, run.dense_w[n], run.covs[n]):
                 run.warn(f"layer {n}: data-aware initialisation not applicable, kept plain SVD")
-    if run.dense_ref is not None:
+    if run.dense_ref is not None and o.init == "sequential":
         for n in sequential_refit(model, run.dense_ref, run.layers, run.dense_w, run.xs):
             run.warn(f"layer {n}: sequential refit not applicable, kept the data-aware initialisation")
-        run.dense_ref = None
     if run.judge is not None:
         run.fidelity = {"examples": run.judge.examples, "dense": run.judge.dense, "init": run.judge(model)}
+    refine(run)
     run.initial = {n: m.structure().structure for n, m in run.layers.items()}
+
+
+def refine(run: Run) -> None:
+    """The end of :func:`initialise` (``refine_steps`` > 0): block-level refinement on the calibration batches, each block's
+    compressed layers trained to give the dense block's output from the compressed model's own inputs
+    (:mod:`gblrc.learn.refine`)."""
+    o, t = run.opt, run.opt.training
+    dense, run.dense_ref = run.dense_ref, None  # not needed after this stage
+    if t.refine_steps <= 0:
+        return
+    if dense is None or not run.xs:
+        run.warn("block refinement needs data and a data-aware init (init 'data' or 'sequential'); skipped")
+        return
+    if run.steps == 0 and o.structure == "gblr":  # post-training: refine the structure that is kept (the init's
+        for m in run.layers.values():           # margin component of each layer is trimmed first, not after)
+            m.eval()
+        fit_to_budget(list(run.layers.values()), o.budget, run.unit)
+    run.refined = refine_blocks(run.model, dense, run.layers, run.xs, steps=t.refine_steps, lr=t.refine_lr,
+                                progress=run.opt.progress and run.rank == 0)
+    if run.judge is not None:
+        run.fidelity["refined"] = run.judge(run.model)
 
 
 def _controller(run: Run) -> Controller:
@@ -405,7 +429,8 @@ def train(run: Run) -> None:
     sig = {"structure": o.structure, "init_factor": t.init_factor, "allocate": o.allocate, "loss": o.loss,
            "allocate_cap": t.allocate_cap, "tune_norms": t.tune_norms, "train_rest": t.train_rest,
            "layer_loss": t.layer_loss, "init": o.init, "hidden_loss": t.hidden_loss, "augment": t.augment,
-           "rank_per_component": o.rank_per_component, "world": run.world, "tile": int(o.tile)}
+           "rank_per_component": o.rank_per_component, "world": run.world, "tile": int(o.tile),
+           "refine_steps": t.refine_steps, "refine_lr": t.refine_lr}
     t0 = time.perf_counter()
     try:
         run.curve = Trainer(run.model, run.controller, obj, run.data, batch_size=o.batch_size, seed=o.seed,
@@ -448,6 +473,8 @@ def make_report(run: Run) -> dict:
         report["achieved_ratio"] = report["time_ratio"]
     report["train_seconds"] = round(run.train_seconds, 3)
     report["device"] = str(run.device)
+    if run.refined is not None:
+        report["refine"] = run.refined
     report["mixed_precision"] = run.opt.mixed_precision
     report["allocate"] = run.allocated  # how the budget was split across layers before training
     report["allocated_ratios"] = {n: round(float(b), 4) for n, b in run.budgets.items()}

@@ -56,6 +56,8 @@ class TrainingConfig:
     (fraction of tokens replaced at random).  What else trains: ``tune_norms`` (normalisation layers),
     ``train_rest`` (every parameter outside the compressed layers).
     Checkpoints of compress's own loop: ``checkpoint_dir``, ``checkpoint_every``, ``resume``.
+    Block-level refinement after the initialisation (:mod:`gblrc.learn.refine`; needs data and a data-aware
+    init): ``refine_steps`` Adam steps per block (0: off), at ``refine_lr`` (cosine to 0).
     """
 
     lr_struct: float | None = None
@@ -77,6 +79,8 @@ class TrainingConfig:
     checkpoint_dir: object = None
     checkpoint_every: int = 50
     resume: bool = False
+    refine_steps: int = 0
+    refine_lr: float = 3e-4
 
     def __post_init__(self):
         _fraction("warmup", self.warmup)
@@ -98,7 +102,10 @@ class TrainingConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if int(self.checkpoint_every) < 0:
-            raise ValueError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}")
+            raise OptionError("checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
+        if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
+            raise OptionError("refine_steps", f"must be a whole number >= 0 (0: off); got {self.refine_steps!r}")
+        _fraction("refine_lr", self.refine_lr, high=math.inf, open_low=True)
 
 
 @dataclass(frozen=True)
