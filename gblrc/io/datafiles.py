@@ -180,7 +180,7 @@ def _from_function(spec: str) -> Data:
     return Data(train=fn, sample=_head(x, 2), has_targets=has_y)
 
 
-GENERAL_TEXT = 12000  # sentences of built-in English mixed into text data by default (README: Fidelity)
+GENERAL_TEXT = 12000  # sentences of built-in English mixed into text data by default (docs/results.md: Fidelity)
 
 
 def is_text_data(spec: str | None) -> bool:

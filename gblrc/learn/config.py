@@ -41,7 +41,7 @@ def _fraction(name: str, value, *, low: float = 0.0, high: float = 1.0, open_low
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """The method's rarely changed knobs (defaults are the measured ones; README, "Python API").
+    """The method's rarely changed knobs (defaults are the measured ones; docs/results.md).
 
     Schedule: ``warmup`` / ``cooldown`` are fractions of the steps (sigma = 1 during warm-up, then rises
     linearly to ``sigma_max``; the cool-down trains the content of the hardened, budget-fitted structure);

@@ -33,7 +33,7 @@ C_d = C + 0.01 mean(diag C) I = L L^T (Cholesky; the damping ``_DAMP``).
 5. Return the best of {this, whitened SVD at the full budget} on the calibration metric.
 
 The result is a :class:`gblrc.nn.fit.Fitted`; ``GBLRLinear.from_dense(linear, budget, inputs=X)`` uses it.
-Measured on MiniLM (README, "Data-aware structure"): 2-6% below whitened SVD's held-out error per layer.
+Measured on MiniLM (docs/results.md, "Data-aware structure"): 2-6% below whitened SVD's held-out error per layer.
 """
 from __future__ import annotations
 
