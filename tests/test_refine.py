@@ -73,3 +73,25 @@ def test_refine_steps_zero_is_todays_compress_and_bad_values_are_one_line_errors
         assert "\n" not in str(e.value)
     with pytest.warns(UserWarning, match="block refinement needs data"):
         gblrc.compress(copy.deepcopy(dense), 0.4, steps=0, refine_steps=5, progress=False)
+
+
+def test_cli_refine_steps_reports_the_blocks_and_rejects_bad_values(tmp_path, one_thread):
+    import json
+
+    from click.testing import CliRunner
+
+    from gblrc.cli import main
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 8))
+    torch.save(model, tmp_path / "m.pt")
+    torch.save(torch.randn(128, 16, generator=torch.Generator().manual_seed(1)), tmp_path / "d.pt")
+    base = ["compress", str(tmp_path / "m.pt"), "--budget", "0.4", "--data", str(tmp_path / "d.pt"), "--steps", "0",
+            "-q"]
+    r = CliRunner().invoke(main, base + ["--refine-steps", "20", "-o", str(tmp_path / "r.gblr.pt")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.gblr.pt.report.json").read_text())
+    assert [b["name"] for b in rep["refine"]["blocks"]] == ["0", "2"] and rep["settings"]["refine_steps"] == 20
+    r = CliRunner().invoke(main, base + ["--refine-steps", "-3", "-o", str(tmp_path / "bad.gblr.pt")])
+    last = r.output.strip().splitlines()[-1]
+    assert r.exit_code != 0 and last.startswith("Error: --refine-steps") and not list(tmp_path.glob("bad*"))

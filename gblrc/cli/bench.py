@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import click
 
-from gblrc.errors import GblrcError
+from gblrc.cli._errors import api_errors
 
 __all__ = ["bench_cmd"]
 
@@ -48,21 +47,12 @@ def bench_cmd(model, against, provider, threads, shapes, repeats, sessions, warm
     from gblrc.cli.lower import parse_input_shapes
     from gblrc.io.fileio import atomic_path, check_output_path
 
-    for opt, v, lo in (("--repeats", repeats, 1), ("--sessions", sessions, 1), ("--warmup", warmup, 0)):
-        if v < lo:
-            raise GblrcError(f"{opt} must be at least {lo}, got {v}")
-    if threads is not None and threads < 0:
-        raise GblrcError(f"--threads must be 0 (one per core) or more, got {threads}")
-    for p in [model] + ([against] if against else []):
-        if not os.path.exists(p):
-            raise GblrcError(f"ONNX file {p!r} does not exist")
-        if os.path.isdir(p):
-            raise GblrcError(f"{p!r} is a folder; give an ONNX file")
     if json_out is not None:
         check_output_path(json_out)
     parsed = parse_input_shapes(shapes, option="--shape")
-    res = bench([model] + ([against] if against else []), parsed, provider=provider, threads=threads or None,
-                repeats=repeats, sessions=sessions, warmup=warmup, cuda_graph=cuda_graph)
+    with api_errors():
+        res = bench([model] + ([against] if against else []), parsed, provider=provider, threads=threads or None,
+                    repeats=repeats, sessions=sessions, warmup=warmup, cuda_graph=cuda_graph)
     for line in res.lines():
         click.echo(line)
     if json_out is not None:

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import click
 
+from gblrc.cli._errors import api_errors
 from gblrc.errors import GblrcError
 
 __all__ = ["compress"]
+
+_FAILED = "compression failed"  # the message of an API error that has none
 
 
 def default_output(model_path: Path) -> Path:
@@ -123,6 +126,10 @@ def _summary(report: dict) -> None:
                    "packages) to the training text, the file's lines repeated to stay half of it, so the "
                    "compressed model stays faithful on text unlike the file's (on MiniLM: +0.04 cosine on "
                    "other text, -0.003 on the file's own). [default: 12000 for text data; 0 turns it off]")
+@click.option("--refine-steps", type=int, default=0, show_default=True, metavar="N",
+              help="Block-level refinement after the initialisation (needs --data): each block (transformer layer) "
+                   "trains its compressed layers' content for N steps so that, fed the compressed model's own "
+                   "inputs, it gives the dense block's output. 0: off. Opt-in while it is measured.")
 @click.option("--hidden-loss", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Distillation: weight of matching every block's hidden state (Hugging Face models).")
 @click.option("--augment", type=click.FloatRange(min=0, max=0.9), default=0.0, show_default=True,
@@ -172,7 +179,7 @@ def _summary(report: dict) -> None:
               help="Allow MODEL (or a .pt data file) to run its own code while loading: pickles with classes "
                    "outside torch.nn, Hugging Face folders with custom code. Only for files you trust.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
-def compress(model, budget, target_fidelity, eval_data, general_text, hidden_loss, augment, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure,
+def compress(model, budget, target_fidelity, eval_data, general_text, refine_steps, hidden_loss, augment, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure,
              allocate, tune_norms, budget_unit, train_rest, device, mixed_precision, seed, output, checkpoint_every, resume,
              trust, quiet):
     """Replace MODEL's nn.Linear layers by learned Generalized Block Low-Rank layers whose total cost
@@ -199,15 +206,16 @@ def compress(model, budget, target_fidelity, eval_data, general_text, hidden_los
     settings = dict(steps=steps, batch_size=batch_size, lr=lr, include=include, exclude=exclude, seed=seed,
                     rank_per_component=rank_per_component, tile=tile, structure=structure, allocate=allocate,
                     tune_norms=tune_norms, train_rest=train_rest, budget_unit=budget_unit, device=device,
-                    mixed_precision=mixed_precision, hidden_loss=hidden_loss, augment=augment)
-    with api_errors():  # every value is checked once, by the API; its errors name the flags here
+                    mixed_precision=mixed_precision, hidden_loss=hidden_loss, augment=augment,
+                    refine_steps=refine_steps)
+    with api_errors(failed=_FAILED):  # every value is checked once, by the API; its errors name the flags here
         if target_fidelity is not None:
             check_target(target_fidelity, data is not None, resume)
         cfg = CompressConfig(budget=1.0 if budget is None else budget).replace(
             checkpoint_every=max(checkpoint_every, 1), progress=not quiet, **settings)
-    mpath = Path(model)
-    if not mpath.exists():
-        raise GblrcError(f"model {model!r} does not exist; give a .pt file saved with torch.save(model) or a Hugging Face folder")
+    from gblrc.io.loading import model_path
+
+    mpath = model_path(model)  # before the output paths derived from it
     out = Path(output) if output else default_output(mpath)
     check_output(out, mpath)
     side = [Path(f"{out}.report.json"), Path(f"{out}.structure.png")]
@@ -231,19 +239,6 @@ def compress(model, budget, target_fidelity, eval_data, general_text, hidden_los
         if ckpt.is_dir():
             shutil.rmtree(ckpt, ignore_errors=True)
         print_summary(full, report, inputs, out, side, quiet)
-
-
-@contextlib.contextmanager
-def api_errors():
-    """The API's ValueErrors as one-line user errors; a setting's error names its flag."""
-    from gblrc.errors import OptionError
-
-    try:
-        yield
-    except OptionError as e:
-        raise GblrcError(e.for_flags()) from None
-    except ValueError as e:
-        raise GblrcError(" ".join(str(e).split()) or "compression failed") from None
 
 
 @dataclass
@@ -307,7 +302,8 @@ def train(inputs: Inputs, cfg, target, ckpt, quiet):
     data = None if inputs.data is None else inputs.data.train
     evs = None if inputs.evald is None else inputs.evald.train
     try:
-        with api_errors(), warnings.catch_warnings():  # they come back in report["warnings"], printed after
+        # the warnings come back in report["warnings"], printed after
+        with api_errors(failed=_FAILED), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if target is None:
                 return compress_model(inputs.loaded.model, cfg, data=data, eval_data=evs)
@@ -331,7 +327,7 @@ def full_report(report, inputs: Inputs, cfg, *, seconds, resumed, target) -> dic
                           "tile": cfg.tile, "structure": cfg.structure, "allocate": cfg.allocate,
                           "tune_norms": t.tune_norms, "train_rest": t.train_rest, "budget_unit": cfg.budget_unit,
                           "device": cfg.device, "mixed_precision": cfg.mixed_precision, "hidden_loss": t.hidden_loss,
-                          "augment": t.augment, "general_text": inputs.general_text, "eval_data": inputs.eval_spec,
+                          "augment": t.augment, "refine_steps": t.refine_steps, "general_text": inputs.general_text, "eval_data": inputs.eval_spec,
                           "resumed": resumed, "target_fidelity": target},
                 agreement_with_dense=None)
     return full

@@ -17,12 +17,13 @@ def example(budget: float, layer: str):
     import torch
 
     from gblrc.errors import GblrcError
-    from gblrc.nn.fit import relative_error
+    from gblrc.cli._errors import api_errors
+    from gblrc.nn.fit import check_budget, relative_error
     from gblrc.nn.layer import fit_dense, svd_layer
     from gblrc.io.zoo import minilm_linears
 
-    if not (0.0 < budget <= 1.0):
-        raise GblrcError(f"--budget must be in (0, 1], got {budget}")
+    with api_errors():  # the API's check of the budget, before the weights are read
+        check_budget(budget)
     layers = dict(minilm_linears())
     if layer not in layers:
         raise GblrcError(f"no layer named {layer!r}; choose one of: {', '.join(list(layers)[:6])}, ...")

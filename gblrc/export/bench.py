@@ -181,6 +181,11 @@ def bench(paths: Sequence[str], shapes: Mapping[str, Sequence[int]], *, provider
     from gblrc.export.inspection import load_onnx
     from gblrc.runtime.timing import CUDA, best_of_sessions, effective_threads, resolve_provider, timing_session
 
+    from gblrc.export.options import at_least
+
+    for name, value, low in (("repeats", repeats, 1), ("sessions", sessions, 1), ("warmup", warmup, 0)):
+        at_least(name, value, low)
+    at_least("threads", threads, 0, "0 (one per core) or more")
     try:
         prov = resolve_provider(provider)
     except ValueError as e:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from gblrc.errors import GblrcError
 
-__all__ = ["TOKENIZER_FILES", "ST_FILES", "OUTPUT_NAME", "check_hf_folder_target", "hf_inputs", "source_files",
-           "write_hf_folder"]
+__all__ = ["TOKENIZER_FILES", "ST_FILES", "OUTPUT_NAME", "check_hf_folder_target", "hf_inputs", "source_folder",
+           "source_files", "write_hf_folder"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
@@ -35,8 +35,13 @@ OUTPUT_NAME = "last_hidden_state"
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def check_hf_folder_target(out: str | os.PathLike) -> Path:
-    """OUT must not exist, or be an empty folder; its parent must exist."""
+def check_hf_folder_target(out: str | os.PathLike, keep_gblr_ops: bool = False) -> Path:
+    """OUT must not exist, or be an empty folder; its parent must exist; the graph must be lowered."""
+    from gblrc.export.options import SettingError
+
+    if keep_gblr_ops:
+        raise SettingError("keep_gblr_ops", "{hf_folder} and {keep_gblr_ops} exclude each other (the loaders "
+                                            "need a lowered graph)")
     p = Path(out)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise GblrcError(f"--hf-folder {str(p)!r} exists and is not an empty folder; choose a new folder")
@@ -69,6 +74,18 @@ def hf_inputs(module, examples: "OrderedDict") -> "OrderedDict":
     return out
 
 
+def source_folder(module, source: str | os.PathLike | None = None) -> str | os.PathLike | None:
+    """``source``, or else the folder ``module`` was compressed from (as recorded in it; None when it is not),
+    which must still be here."""
+    if source is not None:
+        return source
+    recorded = (getattr(module, "gblrc_meta", None) or {}).get("source")
+    if recorded and not Path(recorded).is_dir():
+        raise GblrcError(f"the folder the model was compressed from ({recorded!r}) is not here; give the tokenizer's "
+                         "folder with --hf-source DIR")
+    return recorded
+
+
 def source_files(source: Path) -> list[tuple[Path, str]]:
     """(file, path in OUT) of the tokenizer and sentence-transformers files of ``source`` (a HF folder)."""
     files = [(source / n, n) for n in TOKENIZER_FILES + ST_FILES if (source / n).is_file()]
@@ -96,7 +113,7 @@ def write_hf_folder(module, examples: "OrderedDict", out: str | os.PathLike, sou
     lower_kwargs: the options of :func:`gblrc.export.lowering.lower`.  Returns the LowerReport."""
     from gblrc.export.lowering import lower
 
-    out = check_hf_folder_target(out)
+    out = check_hf_folder_target(out, lower_kwargs.get("keep_gblr_ops", False))
     if not _is_hf(module):
         raise GblrcError("--hf-folder needs a Hugging Face model (one compressed from a Hugging Face folder)")
     if source is None:

@@ -63,6 +63,8 @@ def attach_metadata(model: onnx.ModelProto, structures: list[tuple[str, Structur
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     p = Path(path)
+    if p.is_dir():
+        raise GblrcError(f"{str(p)!r} is a folder; give an ONNX file")
     if not p.is_file():
         raise GblrcError(f"ONNX file {str(p)!r} does not exist")
     try:

@@ -30,14 +30,17 @@ import torch
 
 from gblrc.errors import GblrcError
 from gblrc.export.graph import export_onnx, normalize_inputs, wrap_for_export
-from gblrc.io.fileio import atomic_path, check_output_path
+from gblrc.io.fileio import atomic_path
 from gblrc.export.inspection import EXAMPLE_SHAPES_KEY, attach_metadata, structures_from_onnx
+from gblrc.export.options import PRECISIONS, SettingError, at_least, check_lower_options  # noqa: F401
 from gblrc.export.reference import REFERENCE_NOTE, dense_reference_model, reference_run
 from gblrc.ir.conv import ONNX_CONV_OP
 from gblrc.ir.structure import ONNX_DOMAIN, ONNX_OP
 
-__all__ = ["LowerReport", "lower", "op_counts", "op_table", "run_passes", "run_tuned", "tokens_from_inputs", "load_passes",
-           "check_pass_names", "reference_check", "reference_run", "record_example_shapes", "EXAMPLE_SHAPES_KEY"]
+__all__ = ["LowerReport", "lower", "op_counts", "op_table", "run_passes", "run_tuned", "tokens_from_inputs",
+           "load_passes", "check_pass_names", "tune_config", "tokens_from_onnx", "opt_onnx", "reference_check",
+           "reference_run", "compare_models",
+           "record_example_shapes", "EXAMPLE_SHAPES_KEY"]
 
 
 @dataclass
@@ -164,6 +167,53 @@ def run_tuned(model: onnx.ModelProto, config, names: Sequence[str] | None = None
     return out, _summarise(results, setup.passes), cal
 
 
+def tune_config(tokens: int | None = None, threads: int | None = None, provider: str | None = None):
+    """A gblrc.passes.TuneConfig, its settings checked: tokens (rows of X to time with; None: from the example
+    inputs) at least 1, threads 0 (one per core) or more, provider auto (None), cpu or cuda."""
+    at_least("tokens", tokens, 1)
+    at_least("threads", threads, 0, "0 (one per core) or more")
+    return load_passes().TuneConfig(tokens=tokens, threads=threads or 0, provider=provider or "auto")
+
+
+def tokens_from_onnx(model: onnx.ModelProto) -> int | None:
+    """Rows of X for the first graph input when its shape is static (over the last dimension for
+    floating inputs); None when it has dynamic dimensions."""
+    inits = {t.name for t in model.graph.initializer}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if not dims or any(d is None or d < 1 for d in dims):
+            return None
+        floating = np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type), np.floating)
+        return int(np.prod(dims[:-1] if floating and len(dims) >= 2 else dims))
+    return None
+
+
+def opt_onnx(model: onnx.ModelProto, passes: Sequence[str] | None = None, tune=None):
+    """`gblrc opt`: the pass pipeline on an ONNX model (tuned when ``tune``, a TuneConfig, is given; its tokens
+    default to :func:`tokens_from_onnx`), its gblrc metadata kept, the result checked valid.  Returns
+    (model, pass summary, the tuning's lines: the calibration, one per tuned layer, a summary)."""
+    structures = structures_from_onnx(model)
+    lines: list[str] = []
+    if tune is not None:
+        import dataclasses
+
+        from gblrc.passes.tune import format_tuning
+
+        if tune.tokens is None:
+            tune = dataclasses.replace(tune, tokens=tokens_from_onnx(model))
+        new, results, calibration = run_tuned(model, tune, passes)
+        lines = [calibration] + format_tuning([d for r in results for d in r.get("details", [])])
+    else:
+        new, results = run_passes(model, passes)
+    if structures:
+        attach_metadata(new, structures)
+    _check_valid(new, "the optimised model")
+    return new, results, lines
+
+
 def tokens_from_inputs(inputs) -> int | None:
     """Rows of X a linear layer sees for these example inputs: the first input's elements, over its
     last dimension when it is floating point (features), else all of them (token ids)."""
@@ -199,6 +249,43 @@ def reference_check(model: onnx.ModelProto, feeds: dict, reference: list, *, rto
     return rep
 
 
+def _generated_feeds(model: onnx.ModelProto) -> dict:
+    """Inputs for every graph input: dynamic dimensions 2, integer inputs 1, floats ~ N(0, 1)."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in model.graph.input:
+        tt = i.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tt.shape.dim]
+        dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[i.name] = (np.ones(shape, dt) if np.issubdtype(dt, np.integer) else rng.standard_normal(shape).astype(dt))
+    return feeds
+
+
+def compare_models(src: onnx.ModelProto, new: onnx.ModelProto, *, rtol: float = 1e-4, atol: float = 1e-5,
+                   hint: str = ""):
+    """Parity of ``new`` with ``src`` (e.g. a pass pipeline's result with its input) on generated inputs
+    (:func:`_generated_feeds`); graphs with GBLRLinear nodes run as their dense matrices.  GblrcError when
+    they differ, or when they cannot be run (its message ends with ``hint``).  Returns the ParityReport."""
+    from gblrc.runtime import check_parity, make_session
+
+    feeds = _generated_feeds(src)
+    try:
+        ref = reference_run(src, feeds) if _has_gblr(src) else None
+        if ref is None:
+            ref = make_session(src, log=False).run(None, feeds)
+        used = {i.name for i in new.graph.input}
+        check = reference_check if _has_gblr(new) else check_parity
+        rep = check(new, {k: v for k, v in feeds.items() if k in used}, ref, rtol=rtol, atol=atol)
+    except GblrcError:
+        raise
+    except Exception as e:
+        raise GblrcError(f"cannot run the models to compare them ({' '.join(str(e).split())[:200]}){hint}") from None
+    if not rep.ok:
+        raise GblrcError(f"the optimised model differs from the input: max rel error {rep.max_rel:.3g}; "
+                         "no file written")
+    return rep
+
+
 # ----------------------------------------------------------------- the PyTorch reference
 @torch.no_grad()
 def _torch_reference(module: torch.nn.Module, inputs) -> list[np.ndarray]:
@@ -217,9 +304,6 @@ def _torch_reference(module: torch.nn.Module, inputs) -> list[np.ndarray]:
             module.train(was)
     outs = out if isinstance(out, (tuple, list)) else (out,)
     return [o.detach().cpu().double().numpy() for o in outs]
-
-
-PRECISIONS = ("fp32", "fp16")
 
 
 def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, passes: Sequence[str] | None = None,
@@ -255,54 +339,100 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
     (``gblrc.example_shapes``: what `gblrc bench` feeds when given no shapes).  output_names: the graph's
     output names (default ``output``).  optimize: run ONNX Runtime's transformer optimizer on the lowered
     graph (:mod:`gblrc.export.fusion`; Hugging Face BERT-like encoders), keep what it fuses, gate it.
-    """
-    check_output_path(path)
-    if precision not in PRECISIONS:
-        raise GblrcError(f"unknown precision {precision!r}; choose fp32 or fp16")
-    if quantize not in (None, "int8"):
-        raise GblrcError(f"unknown quantisation {quantize!r}; the one supported is int8")
-    if quantize and precision != "fp32":
-        raise GblrcError("int8 quantisation and fp16 exclude each other (ONNX Runtime quantises fp32 graphs); "
-                         "choose one")
-    if keep_gblr_ops and (quantize or precision != "fp32"):
-        raise GblrcError("keep_gblr_ops writes an un-lowered graph; it cannot be converted to fp16 or int8")
-    if quant_mode not in ("dynamic", "static"):
-        raise GblrcError(f"unknown quantisation mode {quant_mode!r}; choose dynamic or static")
-    if with_dense is not None:
-        check_output_path(with_dense)
-        if os.path.abspath(os.fspath(with_dense)) == os.path.abspath(os.fspath(path)):
-            raise GblrcError("the dense reference path is the output path; choose another")
-    from gblrc.export.precision import FP16_ATOL, FP16_RTOL
 
-    rtol32, atol32 = (1e-4, 1e-5) if precision == "fp16" else (rtol if rtol is not None else 1e-4,
-                                                               atol if atol is not None else 1e-5)
-    if precision == "fp16":
-        rtol, atol = (rtol if rtol is not None else FP16_RTOL), (atol if atol is not None else FP16_ATOL)
-    else:
-        rtol, atol = rtol32, atol32
+    The settings are checked together first (:func:`gblrc.export.options.check_lower_options`).
+    """
+    check_lower_options(path, opset=opset, keep_gblr_ops=keep_gblr_ops, precision=precision, quantize=quantize,
+                        quant_mode=quant_mode, calib_feeds=calib_feeds, with_dense=with_dense, optimize=optimize,
+                        tune=tune)
+    rtol32, atol32, rtol, atol = _tolerances(precision, rtol, atol)
     inputs = normalize_inputs(example_inputs)
     names = list(input_names) if input_names is not None else list(inputs)
+    job = _Job(module, inputs, dict(zip(names, inputs.values())), attention_provider, attention_threads)
+    exported, attn = _export(job, opset=opset, dynamic_axes=dynamic_axes, output_names=output_names,
+                             attention=attention, optimize=optimize)
+    before = op_counts(exported)
+    model, results, calibration, relower = _run_pipeline(exported, inputs, passes, tune, keep_gblr_ops)
+    fusion = None
+    if optimize:
+        model, fusion = _optimize(job, exported, model, relower)
+    _record(model, attn, job.named, structures=structures_from_onnx(exported))
+    _check_valid(model, "the lowered ONNX model")
+    ref = _torch_reference(module, inputs)
+    feeds = _graph_feeds(model, job.feeds)  # inputs the graph does not use are pruned
+    rep = _gate(model, feeds, ref, rtol=rtol32, atol=atol32, what="the ONNX model")
+    report = LowerReport(path=os.fspath(path), ops_before=before, ops_after=op_counts(model), passes=results,
+                         max_abs_err=rep.max_abs, max_rel_err=rep.max_rel, provider=rep.provider,
+                         gblr_layers=before.get(f"{ONNX_DOMAIN}.{ONNX_OP}", 0)
+                         + before.get(f"{ONNX_DOMAIN}.{ONNX_CONV_OP}", 0),
+                         tuning=[d for r in results for d in r.get("details", [])], calibration=calibration,
+                         rtol=rtol32, atol=atol32, attention=attn, fusion=fusion)
+    deploy = dict(feeds=feeds, ref=ref, precision=precision, quantize=quantize, quant_mode=quant_mode,
+                  per_channel=per_channel, calibration=calib_feeds, rtol=rtol, atol=atol)
+    out = _deploy(model, report=report, **deploy)
+    dense = None
+    if with_dense is not None:
+        dense = _dense_reference(job, exported, report, with_dense, optimize, rtol32, atol32, deploy)
+    for m in (out, dense):
+        if m is not None:  # the precision step rebuilt the graph: the facts again
+            _record(m, attn, job.named)
+    if fusion is not None:
+        from gblrc.export.fusion import record_fusion
+
+        record_fusion(out, fusion)
+    _write(path, out, with_dense, dense)
+    report.ops_after = op_counts(out)
+    return report
+
+
+@dataclass
+class _Job:
+    """What every step of one `lower()` needs: the module, its inputs (by graph input name too, and as
+    arrays) and where the attention form and the optimizer's choices are timed."""
+
+    module: torch.nn.Module
+    inputs: dict
+    named: dict
+    provider: str
+    threads: int | None
+
+    @property
+    def feeds(self) -> dict:
+        return {n: t.detach().cpu().numpy() for n, t in self.named.items()}
+
+
+def _tolerances(precision: str, rtol: float | None, atol: float | None) -> tuple[float, float, float, float]:
+    """(rtol, atol) of the fp32 graph's gate, then of the file's (the fp16 graph's with precision fp16)."""
+    from gblrc.export.precision import FP16_ATOL, FP16_RTOL
+
+    if precision == "fp16":
+        return 1e-4, 1e-5, (rtol if rtol is not None else FP16_RTOL), (atol if atol is not None else FP16_ATOL)
+    rtol32, atol32 = (rtol if rtol is not None else 1e-4), (atol if atol is not None else 1e-5)
+    return rtol32, atol32, rtol32, atol32
+
+
+def _export(job: _Job, *, opset: int, dynamic_axes, output_names, attention: str, optimize: bool):
+    """The exported graph (one GBLRLinear node per layer) in the attention form chosen, and that choice."""
     from gblrc.export.attention import attention_forms, export_in_fastest_form, record_choice
 
-    if optimize and keep_gblr_ops:
-        raise GblrcError("optimize runs ONNX Runtime's optimizer on the lowered graph; keep_gblr_ops does not lower")
-    example_feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs.values())}
-    named = dict(zip(names, inputs.values()))
+    module, names = job.module, list(job.named)
     model, attn = export_in_fastest_form(
-        module, lambda: export_onnx(module, inputs, opset=opset, input_names=names, output_names=output_names,
+        module, lambda: export_onnx(module, job.inputs, opset=opset, input_names=names, output_names=output_names,
                                     dynamic_axes=dynamic_axes),
         attention="eager" if optimize and attention == "auto" and "eager" in attention_forms(module) else attention,
-        feeds=example_feeds, provider=attention_provider, threads=attention_threads)
+        feeds=job.feeds, provider=job.provider, threads=job.threads)
     if optimize and attention == "auto" and attn.form == "eager":
         attn.chosen_by = "rule: optimize (ONNX Runtime fuses Attention in the eager form only)"
     record_choice(model, attn)
-    record_example_shapes(model, named)
-    exported = model
-    before = op_counts(model)
-    structures = structures_from_onnx(model)
-    results: list[dict] = []
-    calibration = ""
-    if not keep_gblr_ops and tune:
+    record_example_shapes(model, job.named)
+    return model, attn
+
+
+def _run_pipeline(model: onnx.ModelProto, inputs, passes, tune, keep_gblr_ops: bool):
+    """(lowered model, pass summary, calibration line, how to lower another graph the same way)."""
+    if keep_gblr_ops:
+        return model, [], "", None
+    if tune:
         import dataclasses
 
         from gblrc.passes import TuneConfig
@@ -310,65 +440,67 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
         config = tune if isinstance(tune, TuneConfig) else TuneConfig()
         if config.tokens is None:
             config = dataclasses.replace(config, tokens=tokens_from_inputs(inputs))
-        model, results, calibration = run_tuned(model, config, passes)
-        relower = lambda g: run_tuned(g, config, passes)[0]  # noqa: E731  (the timings are cached)
-    elif not keep_gblr_ops:
-        model, results = run_passes(model, passes)
-        relower = lambda g: run_passes(g, passes)[0]  # noqa: E731
-    fusion = None
-    if optimize:
-        from gblrc.export.fusion import optimize_lowered, record_fusion
+        out, results, calibration = run_tuned(model, config, passes)
+        return out, results, calibration, lambda g: run_tuned(g, config, passes)[0]  # the timings are cached
+    out, results = run_passes(model, passes)
+    return out, results, "", lambda g: run_passes(g, passes)[0]
 
-        graph_feeds = {k: v for k, v in example_feeds.items() if k in {i.name for i in model.graph.input}}
-        model, fusion = optimize_lowered(exported, module, relower, graph_feeds, provider=attention_provider,
-                                         threads=attention_threads)
-        record_fusion(model, fusion)
-    attach_metadata(model, structures)
+
+def _optimize(job: _Job, exported: onnx.ModelProto, lowered: onnx.ModelProto, relower):
+    """ONNX Runtime's transformer optimizer on the lowered graph (:mod:`gblrc.export.fusion`), recorded."""
+    from gblrc.export.fusion import optimize_lowered, record_fusion
+
+    model, fusion = optimize_lowered(exported, job.module, relower, _graph_feeds(lowered, job.feeds),
+                                     provider=job.provider, threads=job.threads)
+    record_fusion(model, fusion)
+    return model, fusion
+
+
+def _record(model: onnx.ModelProto, attn, named: dict, structures=None) -> None:
+    """The facts a file carries: its GBLR structures (when given), the attention form, the example shapes."""
+    from gblrc.export.attention import record_choice
+
+    if structures is not None:
+        attach_metadata(model, structures)
     record_choice(model, attn)
     record_example_shapes(model, named)
+
+
+def _check_valid(model: onnx.ModelProto, what: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
-        raise GblrcError(f"the lowered ONNX model is invalid: {' '.join(str(e).split())[:300]}") from None
-    ref = _torch_reference(module, inputs)
-    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs.values())}
-    graph_inputs = {i.name for i in model.graph.input}
-    feeds = {k: v for k, v in feeds.items() if k in graph_inputs}  # inputs the graph does not use are pruned
-    rep = _gate(model, feeds, ref, rtol=rtol32, atol=atol32, what="the ONNX model")
-    report = LowerReport(path=os.fspath(path), ops_before=before, ops_after=op_counts(model), passes=results,
-                         max_abs_err=rep.max_abs, max_rel_err=rep.max_rel, provider=rep.provider,
-                         gblr_layers=before.get(f"{ONNX_DOMAIN}.{ONNX_OP}", 0) + before.get(f"{ONNX_DOMAIN}.{ONNX_CONV_OP}", 0),
-                         tuning=[d for r in results for d in r.get("details", [])], calibration=calibration,
-                         rtol=rtol32, atol=atol32, attention=attn, fusion=fusion)
-    out = _deploy(model, feeds, ref, report, precision=precision, quantize=quantize, quant_mode=quant_mode,
-                  per_channel=per_channel, calibration=calib_feeds, rtol=rtol, atol=atol)
-    dense = None
-    if with_dense is not None:
-        dense = dense_reference_model(exported)
-        onnx.helper.set_model_props(dense, {**{p.key: p.value for p in dense.metadata_props},
-                                            "gblrc.reference": "dense: every GBLR layer as its dense MatMul"})
-        if optimize:  # like for like: the dense reference through the same optimizer
-            from gblrc.export.fusion import ort_model_type, ort_optimize
+        raise GblrcError(f"{what} is invalid: {' '.join(str(e).split())[:300]}") from None
 
-            dense = ort_optimize(dense, *ort_model_type(module))
-        drep = _gate(dense, feeds, ref, rtol=rtol32, atol=atol32, what="the dense reference")
-        report.dense_path, report.dense_max_rel_err = os.fspath(with_dense), drep.max_rel
-        dense = _deploy(dense, feeds, ref, LowerReport(path="", ops_before={}, ops_after={}), precision=precision,
-                        quantize=quantize, quant_mode=quant_mode, per_channel=per_channel, calibration=calib_feeds,
-                        rtol=rtol, atol=atol)
-    for m in (out, dense):
-        if m is not None:  # the precision step rebuilt the graph: the facts again
-            record_choice(m, attn)
-            record_example_shapes(m, named)
-    if fusion is not None:
-        record_fusion(out, fusion)
+
+def _graph_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
+    used = {i.name for i in model.graph.input}
+    return {k: v for k, v in feeds.items() if k in used}
+
+
+def _dense_reference(job: _Job, exported: onnx.ModelProto, report: LowerReport, path, optimize: bool,
+                     rtol32: float, atol32: float, deploy: dict) -> onnx.ModelProto:
+    """The dense reference of ``exported`` (every GBLR layer as its dense MatMul), gated like the model and
+    at its precision; its path and parity go into ``report``."""
+    dense = dense_reference_model(exported)
+    onnx.helper.set_model_props(dense, {**{p.key: p.value for p in dense.metadata_props},
+                                        "gblrc.reference": "dense: every GBLR layer as its dense MatMul"})
+    if optimize:  # like for like: the dense reference through the same optimizer
+        from gblrc.export.fusion import ort_model_type, ort_optimize
+
+        dense = ort_optimize(dense, *ort_model_type(job.module))
+    drep = _gate(dense, deploy["feeds"], deploy["ref"], rtol=rtol32, atol=atol32, what="the dense reference")
+    report.dense_path, report.dense_max_rel_err = os.fspath(path), drep.max_rel
+    return _deploy(dense, report=LowerReport(path="", ops_before={}, ops_after={}), **deploy)
+
+
+def _write(path, model: onnx.ModelProto, dense_path, dense: onnx.ModelProto | None) -> None:
+    """Both files or neither: each is written beside its path and renamed into place (the model last)."""
     with atomic_path(path) as tmp:
         if dense is not None:
-            with atomic_path(with_dense) as dtmp:
+            with atomic_path(dense_path) as dtmp:
                 onnx.save(dense, os.fspath(dtmp))
-        onnx.save(out, os.fspath(tmp))
-    report.ops_after = op_counts(out)
-    return report
+        onnx.save(model, os.fspath(tmp))
 
 
 def record_example_shapes(model: onnx.ModelProto, inputs) -> None:
@@ -415,10 +547,7 @@ def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport,
             # kept in fp32 behind Casts beside a fused Attention it gets mixed input types (ORT rejects the graph)
             keep = tuple(o for o in FP32_OPS if o not in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"))
         m16 = to_fp16(model, keep_fp32=keep)
-        try:
-            onnx.checker.check_model(m16, full_check=True)
-        except Exception as e:
-            raise GblrcError(f"the fp16 model is invalid: {' '.join(str(e).split())[:300]}") from None
+        _check_valid(m16, "the fp16 model")
         rep = _gate(m16, feeds, ref, rtol=rtol, atol=atol, what="the fp16 ONNX model")
         present = {n.op_type for n in model.graph.node}
         report.precision, report.rtol, report.atol = "fp16", rtol, atol

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from gblrc.errors import GblrcError
+from gblrc.export.options import check_quant_mode
 
 __all__ = ["FP32_OPS", "FP16_RTOL", "FP16_ATOL", "QUANT_OPS", "to_fp16", "quantize_int8", "quantize_checked",
            "quantizable_nodes", "OutputAgreement", "fidelity", "float_dtype_of"]
@@ -117,16 +118,14 @@ def quantize_int8(model: onnx.ModelProto, *, mode: str = "dynamic", per_channel:
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    if mode not in ("dynamic", "static"):
-        raise GblrcError(f"unknown quantisation mode {mode!r}; choose dynamic or static")
+    check_quant_mode(str(mode))
     if float_dtype_of(model) != "fp32":
         raise GblrcError("int8 quantisation needs a float32 model (this one is fp16); quantise the fp32 model")
     targets = quantizable_nodes(model, op_types)
     if not targets:
         raise GblrcError(f"the model has nothing to quantise: no {'/'.join(op_types)} node with a constant float32 "
                          "weight (int8 quantisation changes only those)")
-    if mode == "static" and not calibration:
-        raise GblrcError("static int8 quantisation needs calibration batches (--data); or use dynamic quantisation")
+    check_quant_mode(mode, bool(calibration))
     extra = {"MatMulConstBOnly": True}
     if any(n.domain == "com.microsoft" for n in model.graph.node):
         # a graph fused by ONNX Runtime's transformer optimizer: the quantiser cannot infer the types of its

@@ -17,7 +17,7 @@ from typing import Any
 
 from gblrc.errors import GblrcError
 
-__all__ = ["LoadedModel", "load_model", "safe_load", "allowed_globals", "hf_auto_class"]
+__all__ = ["LoadedModel", "load_model", "model_path", "safe_load", "allowed_globals", "hf_auto_class"]
 
 TRUST_FLAG = "--trust-pickle"
 _SAFE_PREFIXES = ("torch.nn.", "gblrc.")
@@ -197,13 +197,19 @@ def _load_hf(path: Path, trust: bool) -> LoadedModel:
     return LoadedModel(model.eval(), "hf", path, tokenizer=tok, auto_class=auto)
 
 
+def model_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path to an existing model file or folder; the one-line error otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise GblrcError(f"model {str(p)!r} does not exist; give a .pt file saved with torch.save(model) or a Hugging Face folder")
+    return p
+
+
 def load_model(path: str | os.PathLike, *, trust: bool = False) -> LoadedModel:
     """Load a pickled nn.Module file or a Hugging Face model folder (offline) for compression."""
     import torch
 
-    p = Path(path)
-    if not p.exists():
-        raise GblrcError(f"model {str(p)!r} does not exist; give a .pt file saved with torch.save(model) or a Hugging Face folder")
+    p = model_path(path)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise GblrcError(f"folder {str(p)!r} has no config.json; give a Hugging Face model folder or a .pt file")
