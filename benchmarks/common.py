@@ -9,6 +9,7 @@ and need no ``sys.path`` edits::
 load one of their modules by path, once.  :func:`provenance` is the header every results file starts
 with: the commit, the library versions and the cores -- never a machine folder.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -44,10 +45,16 @@ def test_helper(name: str):
 
 def _commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git)"
     return (sha or "unknown") + (" + uncommitted changes" if dirty else "")

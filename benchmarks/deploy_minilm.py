@@ -17,6 +17,7 @@ process, runs interleaved, medians of --repeats runs, best of --sessions fresh s
 
     python -m benchmarks.deploy_minilm --threads 2 [--model m.gblr.pt] [--steps 0] [--repeats 15]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,11 @@ def main():
     ap.add_argument("--sessions", type=int, default=3)
     ap.add_argument("--heldout", type=int, default=256, help="docstring sentences for the fidelity columns")
     ap.add_argument("--calib-batches", type=int, default=8)
-    ap.add_argument("--rows", default="all", help="comma-separated row keys (default all): dense, dense16, dense8, "
-                                                  "dense8s, gblr, gblr16, gblr8, gblr8s")
+    ap.add_argument(
+        "--rows",
+        default="all",
+        help="comma-separated row keys (default all): dense, dense16, dense8, dense8s, gblr, gblr16, gblr8, gblr8s",
+    )
     a = ap.parse_args()
     print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     torch.set_num_threads(1)
@@ -89,8 +93,9 @@ def main():
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cm, rep = gblrc.compress(load_minilm()[0], a.budget, data=train_b, steps=a.steps, include=r"^encoder\.",
-                                     progress=False, lr=1e-3)
+            cm, rep = gblrc.compress(
+                load_minilm()[0], a.budget, data=train_b, steps=a.steps, include=r"^encoder\.", progress=False, lr=1e-3
+            )
         how = f"compressed here: budget {a.budget}, achieved {rep['achieved_ratio']:.3f}, {a.steps} steps"
         if a.save:
             gblrc.save(cm, a.save, example_inputs=train_b[0])
@@ -116,19 +121,32 @@ def main():
             rows["dense16"] = {"name": "dense fp16 (ORT float16 converter)", "base": "dense"}
         for key, mode in (("dense8", "dynamic"), ("dense8s", "static")):
             if want is None or key in want:
-                q, pc, fid, cand = quantize_checked(d32, [{k: v.numpy() for k, v in ex.items()}] + cal, mode=mode,
-                                                    calibration=cal if mode == "static" else None)
+                q, pc, fid, cand = quantize_checked(
+                    d32,
+                    [{k: v.numpy() for k, v in ex.items()}] + cal,
+                    mode=mode,
+                    calibration=cal if mode == "static" else None,
+                )
                 onnx.save(q, P(key))
                 rows[key] = {"name": f"dense int8 {mode}", "base": "dense", "pc": pc}
-        lowered = {"gblr": ("fp32", None, "dynamic"), "gblr16": ("fp16", None, "dynamic"),
-                   "gblr8": ("fp32", "int8", "dynamic"), "gblr8s": ("fp32", "int8", "static")}
+        lowered = {
+            "gblr": ("fp32", None, "dynamic"),
+            "gblr16": ("fp16", None, "dynamic"),
+            "gblr8": ("fp32", "int8", "dynamic"),
+            "gblr8s": ("fp32", "int8", "static"),
+        }
         for key, (prec, quant, mode) in lowered.items():
             if key != "gblr" and want is not None and key not in want:
                 continue
-            r = gblrc.lower(cm, ex, P(key), precision=prec, quantize=quant, quant_mode=mode,
-                            calib_feeds=cal if quant else None)
-            label = {"gblr": "gblrc lowered fp32", "gblr16": "gblrc lowered fp16",
-                     "gblr8": "gblrc lowered int8 dynamic", "gblr8s": "gblrc lowered int8 static QDQ"}[key]
+            r = gblrc.lower(
+                cm, ex, P(key), precision=prec, quantize=quant, quant_mode=mode, calib_feeds=cal if quant else None
+            )
+            label = {
+                "gblr": "gblrc lowered fp32",
+                "gblr16": "gblrc lowered fp16",
+                "gblr8": "gblrc lowered int8 dynamic",
+                "gblr8s": "gblrc lowered int8 static QDQ",
+            }[key]
             rows[key] = {"name": label, "base": "gblr", "pc": r.quantization.get("per_channel")}
         # fidelity out of domain
         emb = {k: embeddings(P(k), held_feeds) for k in rows}
@@ -138,11 +156,14 @@ def main():
             c = cosines(emb[k], emb[row["base"]])
             row["cos_self"] = (float(c.mean()), float(c.min()))
         # latency: every row in one process, interleaved, best of fresh sessions
-        t = best_of_sessions({k: P(k) for k in rows}, time_feeds, threads=a.threads, repeats=a.repeats,
-                             sessions=a.sessions)
-    print(f"MiniLM ({how}); ONNX Runtime {ort.__version__} CPU provider, {a.threads} threads, {a.batch}x{a.seq} "
-          f"tokens, medians of {a.repeats} interleaved runs, best of {a.sessions} fresh sessions; fidelity on "
-          f"{len(held)} stdlib docstring sentences (out of domain); {time.perf_counter() - t_start:.0f} s")
+        t = best_of_sessions(
+            {k: P(k) for k in rows}, time_feeds, threads=a.threads, repeats=a.repeats, sessions=a.sessions
+        )
+    print(
+        f"MiniLM ({how}); ONNX Runtime {ort.__version__} CPU provider, {a.threads} threads, {a.batch}x{a.seq} "
+        f"tokens, medians of {a.repeats} interleaved runs, best of {a.sessions} fresh sessions; fidelity on "
+        f"{len(held)} stdlib docstring sentences (out of domain); {time.perf_counter() - t_start:.0f} s"
+    )
     print()
     print("| model | time / dense fp32 | cosine to dense fp32, mean (min) | cosine to its own fp32 form, mean (min) |")
     print("|---|---|---|---|")
@@ -150,15 +171,21 @@ def main():
         pc = row.get("pc")
         name = row["name"] + ("" if pc is None else f" (per-channel {'on' if pc else 'off'})")
         cd, cs = row["cos_dense"], row["cos_self"]
-        print(f"| {name} | {t.best[k] / t.best['dense']:.2f} | {cd[0]:.3f} ({cd[1]:.3f}) | "
-              f"{'–' if k == row['base'] else f'{cs[0]:.4f} ({cs[1]:.4f})'} |")
+        print(
+            f"| {name} | {t.best[k] / t.best['dense']:.2f} | {cd[0]:.3f} ({cd[1]:.3f}) | "
+            f"{'–' if k == row['base'] else f'{cs[0]:.4f} ({cs[1]:.4f})'} |"
+        )
     print()
     if "gblr8" in rows:
-        print(f"gblrc lowered int8 dynamic: {t.best['gblr8'] / t.best['gblr']:.2f}x lowered fp32"
-              + (f", {t.best['gblr8'] / t.best['dense8']:.2f}x dense int8 dynamic" if "dense8" in rows else ""))
+        print(
+            f"gblrc lowered int8 dynamic: {t.best['gblr8'] / t.best['gblr']:.2f}x lowered fp32"
+            + (f", {t.best['gblr8'] / t.best['dense8']:.2f}x dense int8 dynamic" if "dense8" in rows else "")
+        )
     if "gblr8s" in rows:
-        print(f"gblrc lowered int8 static: {t.best['gblr8s'] / t.best['gblr']:.2f}x lowered fp32"
-              + (f", {t.best['gblr8s'] / t.best['dense8s']:.2f}x dense int8 static" if "dense8s" in rows else ""))
+        print(
+            f"gblrc lowered int8 static: {t.best['gblr8s'] / t.best['gblr']:.2f}x lowered fp32"
+            + (f", {t.best['gblr8s'] / t.best['dense8s']:.2f}x dense int8 static" if "dense8s" in rows else "")
+        )
 
 
 if __name__ == "__main__":

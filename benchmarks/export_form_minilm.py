@@ -17,6 +17,7 @@ against gblrc.load's model, on --heldout pydoc sentences; with --st-python PY al
 
     python -m benchmarks.export_form_minilm out/minilm/default.gblr.pt out/minilm/lowrank.gblr.pt --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,7 @@ def folder_embeddings(folder: Path, sentences, bs=32) -> np.ndarray:
     pool, norm = Pooling.load(str(folder), subfolder="1_Pooling"), Normalize()
     out = []
     for i in range(0, len(sentences), bs):
-        enc = tok(sentences[i:i + bs], padding=True, truncation=True, max_length=max_len(folder), return_tensors="pt")
+        enc = tok(sentences[i : i + bs], padding=True, truncation=True, max_length=max_len(folder), return_tensors="pt")
         (h,) = sess.run(["last_hidden_state"], {x.name: enc[x.name].numpy() for x in sess.get_inputs()})
         f = norm(pool({"token_embeddings": torch.from_numpy(h), "attention_mask": enc["attention_mask"]}))
         out.append(f["sentence_embedding"].numpy())
@@ -78,9 +79,11 @@ def model_embeddings(model, folder: Path, sentences, bs=32) -> np.ndarray:
     pool, norm = Pooling.load(str(folder), subfolder="1_Pooling"), Normalize()
     out = []
     for i in range(0, len(sentences), bs):
-        enc = tok(sentences[i:i + bs], padding=True, truncation=True, max_length=max_len(folder), return_tensors="pt")
+        enc = tok(sentences[i : i + bs], padding=True, truncation=True, max_length=max_len(folder), return_tensors="pt")
         h = model(**enc).last_hidden_state
-        out.append(norm(pool({"token_embeddings": h, "attention_mask": enc["attention_mask"]}))["sentence_embedding"].numpy())
+        out.append(
+            norm(pool({"token_embeddings": h, "attention_mask": enc["attention_mask"]}))["sentence_embedding"].numpy()
+        )
     return np.concatenate(out)
 
 
@@ -115,8 +118,8 @@ def main():
     dense, tok = load_minilm()
     sents = english_sentences()
     random.Random(0).shuffle(sents)
-    held = sents[:a.heldout]
-    enc = tok(sents[:a.batch], padding="max_length", truncation=True, max_length=a.seq, return_tensors="pt")
+    held = sents[: a.heldout]
+    enc = tok(sents[: a.batch], padding="max_length", truncation=True, max_length=a.seq, return_tensors="pt")
     ex = OrderedDict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     feeds = {k: v.numpy() for k, v in ex.items()}
     rows: "OrderedDict[str, str]" = OrderedDict()
@@ -132,12 +135,16 @@ def main():
         for i, path in enumerate(a.models):
             cm = gblrc.load(path).eval()
             name = os.path.basename(path)
-            variants = [("sdpa", dict(attention="sdpa"), "lowered fp32, sdpa export (gblrc lower before issue 22)"),
-                        ("auto", dict(), "lowered fp32, `gblrc lower` now (attention auto)"),
-                        ("auto8", dict(quantize="int8"), "lowered + int8 dynamic (attention auto)")]
+            variants = [
+                ("sdpa", dict(attention="sdpa"), "lowered fp32, sdpa export (gblrc lower before issue 22)"),
+                ("auto", dict(), "lowered fp32, `gblrc lower` now (attention auto)"),
+                ("auto8", dict(quantize="int8"), "lowered + int8 dynamic (attention auto)"),
+            ]
             if not a.no_optimize:
-                variants += [("opt", dict(optimize=True), "lowered --optimize fp32"),
-                             ("opt8", dict(optimize=True, quantize="int8"), "lowered --optimize + int8 dynamic")]
+                variants += [
+                    ("opt", dict(optimize=True), "lowered --optimize fp32"),
+                    ("opt8", dict(optimize=True, quantize="int8"), "lowered --optimize + int8 dynamic"),
+                ]
             for key, kw, label in variants:
                 r = gblrc.lower(cm, ex, P(f"m{i}_{key}"), attention_threads=a.threads, **kw)
                 rows[f"m{i}_{key}"] = f"{name}: {label}"
@@ -149,37 +156,52 @@ def main():
                     notes += [f"{name} {key}: {x}" for x in r.fusion.lines()]
                 print(notes[-1], flush=True)
         # dense int8 of the faster dense form: a quick pre-timing picks it (the main run re-measures both forms)
-        pre = best_of_sessions({f: P(f"dense_{f}") for f in ("sdpa", "eager")}, feeds, threads=a.threads,
-                               repeats=a.repeats, sessions=2).best
+        pre = best_of_sessions(
+            {f: P(f"dense_{f}") for f in ("sdpa", "eager")}, feeds, threads=a.threads, repeats=a.repeats, sessions=2
+        ).best
         fast = min(pre, key=pre.get)
         q, pc, _, _ = quantize_checked(onnx.load(P(f"dense_{fast}")), [feeds], mode="dynamic")
         onnx.save(q, P("dense8"))
         rows["dense8"] = f"dense int8 dynamic ({fast} export, per-channel {'on' if pc else 'off'})"
         print("timing ...", flush=True)
-        t = best_of_sessions({k: P(k) for k in rows}, feeds, threads=a.threads, repeats=a.repeats,
-                             sessions=a.sessions).best
+        t = best_of_sessions(
+            {k: P(k) for k in rows}, feeds, threads=a.threads, repeats=a.repeats, sessions=a.sessions
+        ).best
         # --hf-folder: embeddings through the folder vs gblrc.load's model
         hf_lines = []
         for i, path in enumerate(a.models):
             out = Path(d) / f"hf{i}"
             cm = gblrc.load(path).eval()
-            write_hf_folder(cm, OrderedDict(ex), out, (cm.gblrc_meta or {}).get("source") or minilm_path(),
-                            attention_threads=a.threads)
+            write_hf_folder(
+                cm,
+                OrderedDict(ex),
+                out,
+                (cm.gblrc_meta or {}).get("source") or minilm_path(),
+                attention_threads=a.threads,
+            )
             ref = model_embeddings(cm, out, held)
             c = cosines(folder_embeddings(out, held), ref)
-            line = (f"{os.path.basename(path)} --hf-folder: folder (tokenizer + ORT + sentence-transformers Pooling/"
-                    f"Normalize) vs gblrc.load: cosine min {c.min():.7f}, 1 - min {1 - c.min():.2e} over {len(held)} "
-                    f"sentences")
+            line = (
+                f"{os.path.basename(path)} --hf-folder: folder (tokenizer + ORT + sentence-transformers Pooling/"
+                f"Normalize) vs gblrc.load: cosine min {c.min():.7f}, 1 - min {1 - c.min():.2e} over {len(held)} "
+                f"sentences"
+            )
             if a.st_python:
                 sj = Path(d) / "sents.json"
                 sj.write_text(json.dumps(held))
-                r = subprocess.run([a.st_python, "-c", ST_CHECK, str(out), str(sj)], capture_output=True, text=True,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                r = subprocess.run(
+                    [a.st_python, "-c", ST_CHECK, str(out), str(sj)],
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                )
                 if r.returncode == 0:
                     got = json.loads(r.stdout.strip().splitlines()[-1])
                     c2 = cosines(np.asarray(got["emb"]), ref)
-                    line += (f"; SentenceTransformer(OUT, backend='onnx') ({got['backend']}) vs gblrc.load: cosine "
-                             f"min {c2.min():.7f}, 1 - min {1 - c2.min():.2e}")
+                    line += (
+                        f"; SentenceTransformer(OUT, backend='onnx') ({got['backend']}) vs gblrc.load: cosine "
+                        f"min {c2.min():.7f}, 1 - min {1 - c2.min():.2e}"
+                    )
                 else:
                     line += f"; SentenceTransformer(backend='onnx') failed: {r.stderr.strip().splitlines()[-1][:200]}"
             hf_lines.append(line)
@@ -188,11 +210,15 @@ def main():
     base = min(t["dense_sdpa"], t["dense_eager"])
     fastest = "eager" if t["dense_eager"] <= t["dense_sdpa"] else "sdpa"
     print()
-    print(f"{provenance(a.threads)[2:]}, Python {platform.python_version()}; "
-          f"CPU provider, {a.threads} threads, {a.batch}x{a.seq} tokens, medians of {a.repeats} interleaved runs, "
-          f"best of {a.sessions} fresh sessions; {time.perf_counter() - t0:.0f} s")
-    print(f"fastest dense fp32 export in this run: {fastest} (dense eager / dense sdpa "
-          f"{t['dense_eager'] / t['dense_sdpa']:.3f})")
+    print(
+        f"{provenance(a.threads)[2:]}, Python {platform.python_version()}; "
+        f"CPU provider, {a.threads} threads, {a.batch}x{a.seq} tokens, medians of {a.repeats} interleaved runs, "
+        f"best of {a.sessions} fresh sessions; {time.perf_counter() - t0:.0f} s"
+    )
+    print(
+        f"fastest dense fp32 export in this run: {fastest} (dense eager / dense sdpa "
+        f"{t['dense_eager'] / t['dense_sdpa']:.3f})"
+    )
     print()
     print("| model | time / fastest dense fp32 | time / dense SDPA export |")
     print("|---|---|---|")

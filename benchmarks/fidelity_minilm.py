@@ -15,6 +15,7 @@ source (in domain) and on sentences of every other source (out of domain).  Sour
 A variant is ``NAME[:key=value...]`` where NAME is ``gblr`` or ``lowrank`` (the ``structure``) and the
 keys are other :func:`gblrc.compress` keyword arguments (numbers, ``none``, ``true``/``false`` parsed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,10 +83,19 @@ def main():
     ap.add_argument("--train", default="pydoc", help="training source (see above)")
     ap.add_argument("--train-n", type=int, default=0, help="at most N training sentences (0: all not held out)")
     ap.add_argument("--eval", default="stdlib-b,packages", help="other sources to judge on, comma-separated")
-    ap.add_argument("--mix", default="", metavar="SOURCE",
-                    help="add this source's sentences to the training text (e.g. packages:20000); judge on others")
-    ap.add_argument("--mix-share", type=float, default=0.0, metavar="F",
-                    help="with --mix: repeat the training source's sentences to about this share of the text")
+    ap.add_argument(
+        "--mix",
+        default="",
+        metavar="SOURCE",
+        help="add this source's sentences to the training text (e.g. packages:20000); judge on others",
+    )
+    ap.add_argument(
+        "--mix-share",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="with --mix: repeat the training source's sentences to about this share of the text",
+    )
     ap.add_argument("--heldout", type=int, default=256, help="held-out sentences of the training source")
     ap.add_argument("--eval-n", type=int, default=300, help="sentences of each other source")
     ap.add_argument("--budget", type=float, default=0.4)
@@ -103,9 +113,9 @@ def main():
     torch.manual_seed(0)
     dense, tok = load_minilm()
     train_all = source(args.train)
-    held, train = train_all[:args.heldout], train_all[args.heldout:]
+    held, train = train_all[: args.heldout], train_all[args.heldout :]
     if args.train_n:
-        train = train[:args.train_n]
+        train = train[: args.train_n]
     if args.mix:  # another source's sentences added to the training text (never judged on)
         extra = source(args.mix, seed=2)
         if args.mix_share:  # the training source repeated so that it is this share of the sentences
@@ -118,41 +128,63 @@ def main():
         if name == args.train or name.split(":")[0] == args.mix.split(":")[0]:
             continue
         seen = set(train)
-        sents = [s for s in source(name, seed=1) if s not in seen][:args.eval_n]
+        sents = [s for s in source(name, seed=1) if s not in seen][: args.eval_n]
         evals[name] = batches(tok, sents, 64)
     refs = {k: embed(dense, b) for k, b in evals.items()}
     train_b = batches(tok, train, args.batch_size)
     sizes = ", ".join(f"{k} ({sum(len(x['input_ids']) for x in v)})" for k, v in evals.items())
-    print(f"MiniLM, budget {args.budget}, {args.steps} steps, lr {args.lr}: training on {len(train)} sentences of "
-          f"{args.train}{' + ' + args.mix if args.mix else ''}; judged on {sizes}; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"MiniLM, budget {args.budget}, {args.steps} steps, lr {args.lr}: training on {len(train)} sentences of "
+        f"{args.train}{' + ' + args.mix if args.mix else ''}; judged on {sizes}; "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     rows = []
     for text in args.variants.split(","):
         text, kw = parse_variant(text)
         kw.setdefault("steps", args.steps)
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        cm, rep = gblrc.compress(model, args.budget, data=train_b, lr=args.lr, batch_size=args.batch_size,
-                                 include=r"^encoder\.", progress=False, **kw)
+        cm, rep = gblrc.compress(
+            model,
+            args.budget,
+            data=train_b,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            include=r"^encoder\.",
+            progress=False,
+            **kw,
+        )
         secs = time.perf_counter() - t0
-        row = {"variant": text, "achieved": rep["achieved_ratio"], "seconds": round(secs),
-               "blocks": sum(l["blocks"] for l in rep["layers"])}
+        row = {
+            "variant": text,
+            "achieved": rep["achieved_ratio"],
+            "seconds": round(secs),
+            "blocks": sum(l["blocks"] for l in rep["layers"]),
+        }
         for k, b in evals.items():
             row[k] = fidelity(cm, b, refs[k])
         rows.append(row)
-        print(f"  {text}: {secs:.0f} s, ratio {row['achieved']:.3f}, "
-              + ", ".join(f"{k} {v[0]:.4f} (min {v[1]:.3f})" for k, v in row.items() if isinstance(v, tuple)),
-              flush=True)
+        print(
+            f"  {text}: {secs:.0f} s, ratio {row['achieved']:.3f}, "
+            + ", ".join(f"{k} {v[0]:.4f} (min {v[1]:.3f})" for k, v in row.items() if isinstance(v, tuple)),
+            flush=True,
+        )
         if args.save:
             os.makedirs(args.save, exist_ok=True)
-            gblrc.save(cm, os.path.join(args.save, text.replace(":", "_").replace("=", "") + ".gblr.pt"),
-                       example_inputs=evals[next(iter(evals))][0])
+            gblrc.save(
+                cm,
+                os.path.join(args.save, text.replace(":", "_").replace("=", "") + ".gblr.pt"),
+                example_inputs=evals[next(iter(evals))][0],
+            )
     print()
     keys = list(evals)
     print(f"{'variant':<40}{'ratio':>7}{'s':>6}" + "".join(f"{k[:24]:>26}" for k in keys))
     for r in rows:
-        print(f"{r['variant']:<40}{r['achieved']:>7.3f}{r['seconds']:>6}"
-              + "".join(f"{r[k][0]:>18.4f} ({r[k][1]:.2f})" for k in keys))
+        print(
+            f"{r['variant']:<40}{r['achieved']:>7.3f}{r['seconds']:>6}"
+            + "".join(f"{r[k][0]:>18.4f} ({r[k][1]:.2f})" for k in keys)
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)

@@ -11,6 +11,7 @@ and the tuner): I/O binding with inputs and outputs on the device, optionally CU
 shapes only), medians of --repeats interleaved runs, best of --sessions fresh sessions; prints the time
 ratio lowered / dense.  Exit status 1 when parity fails or the provider is missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,24 @@ def main() -> int:
     shapes = {s.name: [d if isinstance(d, int) and d > 0 else a.dim for d in s.dims] for s in graph_inputs(low)}
     feeds = make_feeds(low, shapes)
     ref = timing_session(low, CPU, a.threads or None).run(None, dict(feeds))
-    t = best_of_sessions({"dense": a.dense, "lowered": a.lowered}, feeds, provider=provider, threads=a.threads or None,
-                         repeats=a.repeats, sessions=a.sessions, cuda_graph=a.cuda_graph, keep_outputs=True)
+    t = best_of_sessions(
+        {"dense": a.dense, "lowered": a.lowered},
+        feeds,
+        provider=provider,
+        threads=a.threads or None,
+        repeats=a.repeats,
+        sessions=a.sessions,
+        cuda_graph=a.cuda_graph,
+        keep_outputs=True,
+    )
     got = t.outputs["lowered"]
     rel = max(float(np.abs(g.astype(np.float64) - r).max() / max(np.abs(r).max(), 1e-30)) for g, r in zip(got, ref))
     print(f"parity ({a.provider} vs CPU, lowered model): max rel error {rel:.3g} (tolerance {a.rtol})")
-    print(f"latency ({a.provider}, I/O binding{', CUDA graph' if a.cuda_graph else ''}, medians of {a.repeats} "
-          f"interleaved runs, best of {a.sessions} sessions): dense {t.best['dense'] * 1e3:.3f} ms, "
-          f"lowered {t.best['lowered'] * 1e3:.3f} ms, time ratio {t.ratio('lowered', 'dense'):.3f}")
+    print(
+        f"latency ({a.provider}, I/O binding{', CUDA graph' if a.cuda_graph else ''}, medians of {a.repeats} "
+        f"interleaved runs, best of {a.sessions} sessions): dense {t.best['dense'] * 1e3:.3f} ms, "
+        f"lowered {t.best['lowered'] * 1e3:.3f} ms, time ratio {t.ratio('lowered', 'dense'):.3f}"
+    )
     return 0 if rel <= a.rtol else 1
 
 

@@ -3,8 +3,10 @@
 x: TOKENS x 384, W: 1536 x 384 (a MiniLM FFN layer).  For each structure it prints the FLOP
 ratio and the time ratio to dense (median of interleaved runs; the last column: ratio of minimum
 times, less sensitive to other load) of every strategy (each after merge-blocks and choose-products)
-and of the default pipeline's choice.  Every variant is checked against a float64 reference first.  Usage: python -m benchmarks.lowering_micro [--tokens 1024] [--repeats 15]
+and of the default pipeline's choice.  Every variant is checked against a float64 reference first.
+Usage: python -m benchmarks.lowering_micro [--tokens 1024] [--repeats 15]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +34,12 @@ N_IN, N_OUT = 384, 1536
 def weights(blocks, seed=0):
     rng = np.random.default_rng(seed)
     s = Structure(N_IN, N_OUT, tuple(blocks)).validate()
-    return GBLRWeights(s, tuple(rng.standard_normal((b.n_rows, b.rank)) for b in s.blocks),
-                       tuple(rng.standard_normal((b.rank, b.n_cols)) for b in s.blocks), rng.standard_normal(N_OUT))
+    return GBLRWeights(
+        s,
+        tuple(rng.standard_normal((b.n_rows, b.rank)) for b in s.blocks),
+        tuple(rng.standard_normal((b.rank, b.n_cols)) for b in s.blocks),
+        rng.standard_normal(N_OUT),
+    )
 
 
 def random_blocks(n_blocks, rank, frac, seed):
@@ -66,9 +72,14 @@ def main():
     a = ap.parse_args()
     print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     x = np.random.default_rng(0).standard_normal((a.tokens, N_IN)).astype(np.float32)
-    print(f"ORT {ort.__version__} CPU, {a.threads} threads, x {a.tokens}x{N_IN}, W {N_OUT}x{N_IN}; "
-          f"time ratio = median(variant) / median(dense), {a.repeats} interleaved runs")
-    print("| structure | FLOP ratio | dense ms | stacked | sliced | default (choice, ops, blocks after merge) | default, min-time ratio | model's estimate | lower-timed (choice) |")
+    print(
+        f"ORT {ort.__version__} CPU, {a.threads} threads, x {a.tokens}x{N_IN}, W {N_OUT}x{N_IN}; "
+        f"time ratio = median(variant) / median(dense), {a.repeats} interleaved runs"
+    )
+    print(
+        "| structure | FLOP ratio | dense ms | stacked | sliced | default (choice, ops, blocks after merge) "
+        "| default, min-time ratio | model's estimate | lower-timed (choice) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for name, blocks in STRUCTURES.items():
@@ -76,15 +87,18 @@ def main():
         base = gblr_model(w)
         variants = {"dense": run_passes(base, [LowerGBLR(force="dense"), PASSES["cleanup"]])[0]}
         for s in ("stacked", "sliced"):
-            variants[s] = run_passes(base, [PASSES["merge-blocks"], PASSES["choose-products"],
-                                            LowerGBLR(force=s), PASSES["cleanup"]])[0]
+            variants[s] = run_passes(
+                base, [PASSES["merge-blocks"], PASSES["choose-products"], LowerGBLR(force=s), PASSES["cleanup"]]
+            )[0]
         decided = run_passes(base, [PASSES["merge-blocks"], PASSES["choose-products"]])[0]
         dw = read_gblr_node(import_graph(decided).nodes[0])
         tiles = frozenset(i for i, v in enumerate(dw.V) if is_tile(v))
         est = DEFAULT_COST_MODEL.best(dw.structure, True, tiles)[1] / DEFAULT_COST_MODEL.dense(dw.structure, True)
         default, res = run_pipeline(base)
         variants["timed"], tres = run_pipeline(base, list(TIMED_PIPELINE))
-        tchoice = [k.replace("lowered_", "") for r in tres for k, v in r.counts.items() if k.startswith("lowered_") and v]
+        tchoice = [
+            k.replace("lowered_", "") for r in tres for k, v in r.counts.items() if k.startswith("lowered_") and v
+        ]
         tchoice = tchoice[0] if tchoice else "dense"
         variants["default"] = default
         choice = [k.replace("lowered_", "") for r in res for k, v in r.counts.items() if k.startswith("lowered_") and v]
@@ -101,9 +115,11 @@ def main():
         rmin = {k: best[k] / best["dense"] for k in best}
         worst = max(worst, r["default"])
         ops = sum(1 for _ in default.graph.node)
-        print(f"| {name} | {w.structure.cost_ratio():.3f} | {1e3 * med['dense']:.2f} | {r['stacked']:.2f} | "
-              f"{r['sliced']:.2f} | {r['default']:.2f} ({choice[0]}, {ops} ops, {len(dw.structure.blocks)} blocks) | "
-              f"{rmin['default']:.2f} | {min(est, 1.0):.2f} | {r['timed']:.2f} ({tchoice}) |")
+        print(
+            f"| {name} | {w.structure.cost_ratio():.3f} | {1e3 * med['dense']:.2f} | {r['stacked']:.2f} | "
+            f"{r['sliced']:.2f} | {r['default']:.2f} ({choice[0]}, {ops} ops, {len(dw.structure.blocks)} blocks) | "
+            f"{rmin['default']:.2f} | {min(est, 1.0):.2f} | {r['timed']:.2f} ({tchoice}) |"
+        )
     print(f"worst default time ratio: {worst:.2f}")
 
 

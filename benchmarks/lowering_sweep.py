@@ -16,6 +16,7 @@ Timings on a loaded machine are noise: run it on a quiet one.  --quick: 6 struct
 Usage: python -m benchmarks.lowering_sweep [--n 48] [--seed 0] [--tokens 1024] [--threads N]
        [--repeats 15] [--quick] [--plain-run] [--cache-dir DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,9 @@ def random_structure(rng: np.random.Generator, n_in: int, n_out: int) -> tuple[S
             for _ in range(nb):
                 wr = int(np.clip(round(fr * n_out * rng.uniform(0.7, 1.3)), 1, n_out))
                 wc = int(np.clip(round(fc * n_in * rng.uniform(0.7, 1.3)), 1, n_in))
-                spans.append((cyclic_spans(int(rng.integers(n_out)), wr, n_out),
-                              cyclic_spans(int(rng.integers(n_in)), wc, n_in)))
+                spans.append(
+                    (cyclic_spans(int(rng.integers(n_out)), wr, n_out), cyclic_spans(int(rng.integers(n_in)), wc, n_in))
+                )
         elif mode == "grid":
             gr = int(math.ceil(math.sqrt(nb)))
             gc = int(math.ceil(nb / gr))
@@ -78,7 +80,9 @@ def random_structure(rng: np.random.Generator, n_in: int, n_out: int) -> tuple[S
             hc = n_in // nb if nb <= n_in else 1
             for j in range(nb):
                 wr = int(np.clip(round(fr * n_out * rng.uniform(0.7, 1.3)), 1, n_out))
-                spans.append((cyclic_spans(int(rng.integers(n_out)), wr, n_out), cyclic_spans(j * hc, max(1, hc), n_in)))
+                spans.append(
+                    (cyclic_spans(int(rng.integers(n_out)), wr, n_out), cyclic_spans(j * hc, max(1, hc), n_in))
+                )
         target = _loguniform(rng, 0.05, 1.0)
         per_rank = sum(sum(len(s) for s in r) + sum(len(s) for s in c) for r, c in spans)
         r0 = target * n_in * n_out / per_rank
@@ -88,8 +92,10 @@ def random_structure(rng: np.random.Generator, n_in: int, n_out: int) -> tuple[S
             ranks = [b.rank for b in blocks]
             mr = np.mean([b.n_rows for b in blocks]) / n_out
             mc = np.mean([b.n_cols for b in blocks]) / n_in
-            desc = (f"{mode}, {nb} x r{min(ranks)}{'' if min(ranks) == max(ranks) else '-' + str(max(ranks))}, "
-                    f"mean widths {mr:.2f} rows / {mc:.2f} cols")
+            desc = (
+                f"{mode}, {nb} x r{min(ranks)}{'' if min(ranks) == max(ranks) else '-' + str(max(ranks))}, "
+                f"mean widths {mr:.2f} rows / {mc:.2f} cols"
+            )
             return s, desc
     raise RuntimeError("could not draw a structure in the FLOP-ratio range")
 
@@ -130,7 +136,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=15, help="timed runs per variant (median)")
     ap.add_argument("--sessions", type=int, default=3, help="fresh sessions per variant (best median counts)")
     ap.add_argument("--quick", action="store_true", help="6 structures, 5 repeats: checks that it runs")
-    ap.add_argument("--plain-run", action="store_true", help="time session.run (copies the output) instead of IO binding")
+    ap.add_argument(
+        "--plain-run", action="store_true", help="time session.run (copies the output) instead of IO binding"
+    )
     ap.add_argument("--cache-dir", help="tuning cache folder (default: a fresh temporary one, removed at the end)")
     a = ap.parse_args(argv)
     print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
@@ -147,11 +155,15 @@ def sweep(a, cache: str) -> None:
     rng = np.random.default_rng(a.seed)
     config = TuneConfig(tokens=a.tokens, threads=threads, provider="cpu", cache=cache)
     x = np.random.default_rng(a.seed + 1).standard_normal((a.tokens, max(n for n, _ in SHAPES))).astype(np.float32)
-    print(f"ONNX Runtime {ort.__version__} CPU, {threads} threads, X {a.tokens} rows; {a.n} structures, seed {a.seed}; "
-          f"time ratio = median(variant) / median(dense) over {a.repeats} interleaved runs, best of {a.sessions} sessions"
-          f"{' (session.run)' if a.plain_run else ' (IO binding)'}; tuning cache {cache}")
-    print("| # | layer (out x in) | structure | FLOP ratio | dense ms | default (choice) | default's estimate | "
-          "tuned (choice) | tuner's times vs dense | tune s |")
+    print(
+        f"ONNX Runtime {ort.__version__} CPU, {threads} threads, X {a.tokens} rows; {a.n} structures, seed {a.seed}; "
+        f"time ratio = median(variant) / median(dense) over {a.repeats} interleaved runs, best of {a.sessions} sessions"
+        f"{' (session.run)' if a.plain_run else ' (IO binding)'}; tuning cache {cache}"
+    )
+    print(
+        "| # | layer (out x in) | structure | FLOP ratio | dense ms | default (choice) | default's estimate | "
+        "tuned (choice) | tuner's times vs dense | tune s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     t_start = time.perf_counter()
@@ -183,24 +195,36 @@ def sweep(a, cache: str) -> None:
             sessions = {}
             for k, m in variants.items():
                 sess = make_session(m, CPU, threads)
-                sessions[k] = (lambda sess=sess: sess.run(None, {"X": xi})) if a.plain_run else Runner(sess, {"X": xi}, CPU)
+                sessions[k] = (
+                    (lambda sess=sess: sess.run(None, {"X": xi})) if a.plain_run else Runner(sess, {"X": xi}, CPU)
+                )
             runs = time_runs(sessions, repeats=a.repeats, warmup=2)
             med = {k: min(float(np.median(v)), med.get(k, np.inf)) for k, v in runs.items()}
             low = {k: min(float(np.min(v)), low.get(k, np.inf)) for k, v in runs.items()}
         r_def, r_tun = med["default"] / med["dense"], med["tuned"] / med["dense"]
         rows.append((s.cost_ratio(), r_def, r_tun, low["default"] / low["dense"], low["tuned"] / low["dense"]))
         tt = [d for r in tres for d in r.details]
-        cand = ", ".join(f"{k} {v / tt[0]['times']['dense']:.2f}" for k, v in sorted(tt[0]["times"].items())
-                         if k != "dense") if tt and "dense" in tt[0]["times"] else "not timed"
-        print(f"| {i} | {n_out}x{n_in} | {desc} | {s.cost_ratio():.3f} | {1e3 * med['dense']:.2f} | "
-              f"{r_def:.2f} ({choice_of(dres)}) | {est:.2f} ({est_name}) | {r_tun:.2f} ({choice_of(tres)}) | {cand} | "
-              f"{tune_s:.1f} |", flush=True)
+        cand = (
+            ", ".join(
+                f"{k} {v / tt[0]['times']['dense']:.2f}" for k, v in sorted(tt[0]["times"].items()) if k != "dense"
+            )
+            if tt and "dense" in tt[0]["times"]
+            else "not timed"
+        )
+        print(
+            f"| {i} | {n_out}x{n_in} | {desc} | {s.cost_ratio():.3f} | {1e3 * med['dense']:.2f} | "
+            f"{r_def:.2f} ({choice_of(dres)}) | {est:.2f} ({est_name}) | {r_tun:.2f} ({choice_of(tres)}) | {cand} | "
+            f"{tune_s:.1f} |",
+            flush=True,
+        )
     for name, col, mcol in (("default:", 1, 3), ("tuned:  ", 2, 4)):
         r = np.array([row[col] for row in rows])
         m = np.array([row[mcol] for row in rows])
-        print(f"{name} worst time ratio {r.max():.2f}, median {np.median(r):.2f}, {int(np.sum(r > 1.05))} of {len(r)} "
-              f"above 1.05 x dense (ratio of minimum times, less sensitive to other load: worst {m.max():.2f}, "
-              f"median {np.median(m):.2f})")
+        print(
+            f"{name} worst time ratio {r.max():.2f}, median {np.median(r):.2f}, {int(np.sum(r > 1.05))} of {len(r)} "
+            f"above 1.05 x dense (ratio of minimum times, less sensitive to other load: worst {m.max():.2f}, "
+            f"median {np.median(m):.2f})"
+        )
     print(f"({time.perf_counter() - t_start:.0f} s)")
 
 

@@ -5,6 +5,7 @@ lowering the default pipeline picks (DENSE_MARGIN).
 
     .venv/bin/python benchmarks/lowrank_margin.py [--threads 1 2] [--tokens 1024] [--ratios 0.4 ... 0.9]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,13 @@ def _model(mats: list[np.ndarray], n_in: int, n_out: int) -> bytes:
         cur = f"h{i}"
     inits.append(numpy_helper.from_array(np.zeros(n_out, np.float32), "b"))
     nodes.append(helper.make_node("Add", [cur, "b"], ["y"]))
-    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", n_in])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", n_out])], inits)
+    g = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", n_out])],
+        inits,
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
@@ -45,10 +51,15 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.tokens, max(s[0] for s in SHAPES))).astype(np.float32)
     cm = DEFAULT_COST_MODEL
-    print(f"stacked low rank vs dense MatMul, {args.tokens} tokens, ORT CPU; model = static cost model "
-          f"estimate / dense; picked = default lowering (stacked only below {cm.stacked_margin} x dense)\n")
-    print("| shape in x out | FLOP ratio | rank | " + " | ".join(f"time/dense ({t} thr)" for t in args.threads)
-          + " | model | picked |")
+    print(
+        f"stacked low rank vs dense MatMul, {args.tokens} tokens, ORT CPU; model = static cost model "
+        f"estimate / dense; picked = default lowering (stacked only below {cm.stacked_margin} x dense)\n"
+    )
+    print(
+        "| shape in x out | FLOP ratio | rank | "
+        + " | ".join(f"time/dense ({t} thr)" for t in args.threads)
+        + " | model | picked |"
+    )
     print("|---|---|---|" + "---|" * len(args.threads) + "---|---|")
     for n_in, n_out in SHAPES:
         dense = _model([rng.standard_normal((n_in, n_out))], n_in, n_out)
@@ -57,14 +68,14 @@ def main(argv=None) -> int:
             low = _model([rng.standard_normal((n_in, R)), rng.standard_normal((R, n_out))], n_in, n_out)
             cells = []
             for t in args.threads:
-                tm = best_of_sessions({"dense": dense, "low": low}, {"x": x[:, :n_in]}, threads=t, repeats=15,
-                                      sessions=3)
+                tm = best_of_sessions(
+                    {"dense": dense, "low": low}, {"x": x[:, :n_in]}, threads=t, repeats=15, sessions=3
+                )
                 cells.append(f"{tm.ratio('low', 'dense'):.3f}")
             s = Structure(n_in, n_out, (Block((Span(0, n_out),), (Span(0, n_in),), R),))
             est = cm.stacked(s, True) / cm.dense(s, True)
             picked = cm.best(s, True)[0]
-            print(f"| {n_in}x{n_out} | {f:.2f} | {R} | " + " | ".join(cells) + f" | {est:.3f} | {picked} |",
-                  flush=True)
+            print(f"| {n_in}x{n_out} | {f:.2f} | {R} | " + " | ".join(cells) + f" | {est:.3f} | {picked} |", flush=True)
     return 0
 
 

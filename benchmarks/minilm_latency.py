@@ -6,6 +6,7 @@ Both models run in ONNX Runtime (CPU provider, --threads threads) on the same --
 interleaved, --repeats runs each; prints medians' ratio and the FLOP ratio of the compressed layers.
 Usage: python -m benchmarks.minilm_latency [--budget 0.4] [--init svd|gblr] [--repeats 15]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,10 @@ def main():
         p_dense, p_gblr = os.path.join(d, "dense.onnx"), os.path.join(d, "gblr.onnx")
         export_dense_fastest(dense, ex, p_dense, feeds, threads=a.threads)  # the fastest dense export
         rep = lower(model, ex, p_gblr)
-        runners = {k: timing.Runner(timing.timing_session(p, timing.CPU, a.threads), feeds)
-                   for k, p in (("dense", p_dense), ("gblr", p_gblr))}
+        runners = {
+            k: timing.Runner(timing.timing_session(p, timing.CPU, a.threads), feeds)
+            for k, p in (("dense", p_dense), ("gblr", p_gblr))
+        }
         times = timing.time_runs(runners, repeats=a.repeats, warmup=1)  # gblrc.runtime.timing, as `gblrc bench`
     med = {k: float(np.median(v)) for k, v in times.items()}
     strategies = {}
@@ -73,13 +76,17 @@ def main():
         for k, v in (r.get("counts", {}) if isinstance(r, dict) else getattr(r, "counts", {})).items():
             if k.startswith("lowered_") or k == "dense_layers":
                 strategies[k] = strategies.get(k, 0) + v
-    print(f"MiniLM, 36 encoder Linear layers as GBLR (init {a.init}, fit {fit_s:.0f} s), budget {a.budget}; "
-          f"{a.batch}x{a.seq} tokens; ORT {ort.__version__} CPU, {a.threads} threads, {a.repeats} interleaved runs")
+    print(
+        f"MiniLM, 36 encoder Linear layers as GBLR (init {a.init}, fit {fit_s:.0f} s), budget {a.budget}; "
+        f"{a.batch}x{a.seq} tokens; ORT {ort.__version__} CPU, {a.threads} threads, {a.repeats} interleaved runs"
+    )
     print(f"lowering: {strategies}; parity: {rep.parity_line()}")
     print("| model | FLOP ratio (GBLR layers) | time ratio (median) | time ratio (min) |")
     print("|---|---|---|---|")
-    print(f"| whole model | {flop_ratio:.3f} | {med['gblr'] / med['dense']:.3f} | "
-          f"{min(times['gblr']) / min(times['dense']):.3f} |")
+    print(
+        f"| whole model | {flop_ratio:.3f} | {med['gblr'] / med['dense']:.3f} | "
+        f"{min(times['gblr']) / min(times['dense']):.3f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ of the lowered layer to its dense MatMul (+bias) on --batch x --seq token rows; 
 
     python -m benchmarks.minilm_speed out/minilm/*.gblr.pt [--threads 2] [--repeats 15]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,9 @@ def layer_models(w, tokens):
             mid = gs.Variable("XW", dtype=np.float32)
             nodes = [gs.Node("MatMul", inputs=[x, W], outputs=[mid if w.bias is not None else y])]
             if w.bias is not None:
-                nodes.append(gs.Node("Add", inputs=[mid, gs.Constant("b", np.asarray(w.bias, np.float32))], outputs=[y]))
+                nodes.append(
+                    gs.Node("Add", inputs=[mid, gs.Constant("b", np.asarray(w.bias, np.float32))], outputs=[y])
+                )
             model = gs.export_onnx(gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=17))
         out.append(model)
     return out
@@ -81,27 +84,34 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--heldout", type=int, default=256)
     ap.add_argument("--sessions", type=int, default=3, help="fresh ORT sessions per layer pair (the best counts)")
-    ap.add_argument("--verbose", action="store_true",
-                    help="print every layer: FLOP ratio, the cost model's estimated time ratio and lowering "
-                         "(gblrc.ir.cost.lowered_estimate), the measured time ratio, and whether it is within "
-                         "the lowering bar (time <= FLOP + 0.1 and <= 1.05 x dense)")
+    ap.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every layer: FLOP ratio, the cost model's estimated time ratio and lowering "
+        "(gblrc.ir.cost.lowered_estimate), the measured time ratio, and whether it is within "
+        "the lowering bar (time <= FLOP + 0.1 and <= 1.05 x dense)",
+    )
     a = ap.parse_args()
     print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
     torch.set_num_threads(1)
     dense, tok = load_minilm()
     sents = english_sentences()
     random.Random(0).shuffle(sents)
-    held_b = batches(tok, sents[:a.heldout], 64)
+    held_b = batches(tok, sents[: a.heldout], 64)
     ref = embed(dense, held_b)
-    enc = tok(sents[:a.batch], padding="max_length", truncation=True, max_length=a.seq, return_tensors="pt")
+    enc = tok(sents[: a.batch], padding="max_length", truncation=True, max_length=a.seq, return_tensors="pt")
     ex = OrderedDict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     feeds = {k: v.numpy() for k, v in ex.items()}
     tokens = a.batch * a.seq
-    print(f"MiniLM, {a.batch}x{a.seq} tokens; ORT {ort.__version__} CPU, {a.threads} threads, "
-          f"medians of {a.repeats} interleaved runs, best of {a.sessions} sessions (whole model: 3); per-layer rows: "
-          f"{tokens} x in")
-    print("| model | cosine | FLOP ratio | whole model time ratio | FFN layers time ratio (max, median) | "
-          "attention layers (max, median) | lowerings |")
+    print(
+        f"MiniLM, {a.batch}x{a.seq} tokens; ORT {ort.__version__} CPU, {a.threads} threads, "
+        f"medians of {a.repeats} interleaved runs, best of {a.sessions} sessions (whole model: 3); per-layer rows: "
+        f"{tokens} x in"
+    )
+    print(
+        "| model | cosine | FLOP ratio | whole model time ratio | FFN layers time ratio (max, median) | "
+        "attention layers (max, median) | lowerings |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as d:
         p_dense = os.path.join(d, "dense.onnx")
@@ -129,9 +139,14 @@ def main():
                 dm, lm = layer_models(w, tokens)
                 t = best_of_sessions({"dense": dm, "gblr": lm}, x[n_in], a.repeats, a.threads, a.sessions)
                 ratio = t["gblr"] / t["dense"]
-                (ffn if ("intermediate" in name or name.endswith("output.dense") and "attention" not in name) else att
-                 ).append(ratio)
-                table.append((name, m.flops() / m.dense_flops(), unit.layer(m) / unit.dense(m), unit.strategy(m), ratio))
+                (
+                    ffn
+                    if ("intermediate" in name or name.endswith("output.dense") and "attention" not in name)
+                    else att
+                ).append(ratio)
+                table.append(
+                    (name, m.flops() / m.dense_flops(), unit.layer(m) / unit.dense(m), unit.strategy(m), ratio)
+                )
             if a.verbose:
                 print(f"  {'layer':<42}{'FLOP':>7}{'est.':>7}{'lowering':>11}{'time':>7}{'time-FLOP':>11}  bar")
                 for name, f, e, how, r in table:
@@ -139,11 +154,16 @@ def main():
                     print(f"  {name:<42}{f:>7.3f}{e:>7.3f}{how:>11}{r:>7.3f}{r - f:>+11.3f}  {'ok' if ok else 'OVER'}")
                 gaps = [r - f for _, f, _, _, r in table]
                 held = sum(r <= f + 0.1 and r <= 1.05 for _, f, _, _, r in table)
-                print(f"  lowering bar held on {held}/{len(table)} layers; time - FLOP: max {max(gaps):+.3f}, "
-                      f"median {np.median(gaps):+.3f}; max time {max(r for *_, r in table):.3f}")
+                print(
+                    f"  lowering bar held on {held}/{len(table)} layers; time - FLOP: max {max(gaps):+.3f}, "
+                    f"median {np.median(gaps):+.3f}; max time {max(r for *_, r in table):.3f}"
+                )
             fmt = lambda v: f"{max(v):.2f}, {np.median(v):.2f}" if v else "-"
-            print(f"| {os.path.basename(path)} | {cos:.4f} | {flop:.3f} | {whole['gblr'] / whole['dense']:.3f} | "
-                  f"{fmt(ffn)} | {fmt(att)} | {kinds} |", flush=True)
+            print(
+                f"| {os.path.basename(path)} | {cos:.4f} | {flop:.3f} | {whole['gblr'] / whole['dense']:.3f} | "
+                f"{fmt(ffn)} | {fmt(att)} | {kinds} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ sizes, fixed 80/20 split), at each budget and seed, from the untrained model (bu
 * low rank -- the same with ``structure="lowrank"`` (truncated SVD of the random weights, content trained);
 * dense    -- benchmarks/model_families.py ``train_dense`` (AdamW wd 0.01, 5% warm-up, cosine, all parameters) for
   STEPS steps: the usual from-scratch reference;
-* dense/cr -- (``--methods`` with dense/cr) dense with the compress recipe: the same parameters compress trains (``--rest``), AdamW wd 0, the
+* dense/cr -- (``--methods`` with dense/cr) dense with the compress recipe: the same parameters compress trains
+  (``--rest``), AdamW wd 0, the
   content-lr schedule of gblrc's trainer (cosine lr -> 0.1 lr), same batches: isolates the cost of the structure
   from the cost of the recipe.
 
@@ -29,6 +30,7 @@ multiply-adds / dense); GBLR - low rank per seed (same init, same batches), mean
     .venv/bin/python -m benchmarks.scratch_structures              # full run (~40 min, 1 thread)
     .venv/bin/python -m benchmarks.scratch_structures --quick      # smoke run (~1 min)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,13 +75,34 @@ def structured(model, budget, data, method, a, seed, lr):
     if a.api == "loop":
         if a.rest != "all":
             raise SystemExit("--api loop trains the whole model (rest=all); use --api compress for --rest frozen/norms")
-        model, rep = sl.train_structured(model, budget, data, structure=method, steps=a.steps, lr=lr,
-                                         lr_struct=a.lr_struct, batch_size=a.batch_size, seed=seed)
+        model, rep = sl.train_structured(
+            model,
+            budget,
+            data,
+            structure=method,
+            steps=a.steps,
+            lr=lr,
+            lr_struct=a.lr_struct,
+            batch_size=a.batch_size,
+            seed=seed,
+        )
         note = f"{sum(r['blocks'] for r in rep['layers'])} blocks, {rep['structure_moved']['blocks_changed']:.2f} moved"
         return model, rep["achieved_ratio"], note
-    kw = dict(data=data, structure=method, init="svd", allocate="uniform", loss="task", steps=a.steps,
-              progress=False, seed=seed, lr=lr, batch_size=a.batch_size, lr_struct=a.lr_struct,
-              tune_norms=a.rest == "norms", train_rest=a.rest == "all")
+    kw = dict(
+        data=data,
+        structure=method,
+        init="svd",
+        allocate="uniform",
+        loss="task",
+        steps=a.steps,
+        progress=False,
+        seed=seed,
+        lr=lr,
+        batch_size=a.batch_size,
+        lr_struct=a.lr_struct,
+        tune_norms=a.rest == "norms",
+        train_rest=a.rest == "all",
+    )
     model, rep = gblrc.compress(model, budget, **kw)
     note = f"{sum(r['blocks'] for r in rep['layers'])} blocks, {rep['structure_moved']['blocks_changed']:.2f} moved"
     return model, rep["achieved_ratio"], note
@@ -113,22 +136,35 @@ def ms(v):
 
 
 def table(res, a) -> str:
-    out = ["| model | budget | method | achieved ratio | accuracy (mean ± sd) | per seed |", "|---|---|---|---|---|---|"]
+    out = [
+        "| model | budget | method | achieved ratio | accuracy (mean ± sd) | per seed |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in a.models:
         for key in [("dense", None), ("dense/cr", None)] + [(m, b) for b in a.budgets for m in ("lowrank", "gblr")]:
             if key[0] not in a.methods:
                 continue
             accs = [res[(name, key[0], key[1], s)][0] for s in a.seeds]
             ratio = np.mean([res[(name, key[0], key[1], s)][1] for s in a.seeds])
-            label = {"dense": "dense (train_dense, all params)", "dense/cr": f"dense (compress recipe, rest={a.rest})",
-                     "lowrank": "low rank", "gblr": "GBLR"}[key[0]]
-            out.append(f"| {name} | {'—' if key[1] is None else key[1]} | {label} | {ratio:.3f} | {ms(accs)} | "
-                       + " ".join(f"{x:.4f}" for x in accs) + " |")
+            label = {
+                "dense": "dense (train_dense, all params)",
+                "dense/cr": f"dense (compress recipe, rest={a.rest})",
+                "lowrank": "low rank",
+                "gblr": "GBLR",
+            }[key[0]]
+            out.append(
+                f"| {name} | {'—' if key[1] is None else key[1]} | {label} | {ratio:.3f} | {ms(accs)} | "
+                + " ".join(f"{x:.4f}" for x in accs)
+                + " |"
+            )
         if {"lowrank", "gblr"} <= set(a.methods):
             for b in a.budgets:
                 d = [res[(name, "gblr", b, s)][0] - res[(name, "lowrank", b, s)][0] for s in a.seeds]
-                out.append(f"| {name} | {b} | **GBLR − low rank** (paired by seed) | — | {ms(d).replace('± ', '± ')} | "
-                           + " ".join(f"{x:+.4f}" for x in d) + " |")
+                out.append(
+                    f"| {name} | {b} | **GBLR − low rank** (paired by seed) | — | {ms(d).replace('± ', '± ')} | "
+                    + " ".join(f"{x:+.4f}" for x in d)
+                    + " |"
+                )
     return "\n".join(out)
 
 
@@ -139,13 +175,23 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default="dense,lowrank,gblr", help="subset of dense,dense/cr,lowrank,gblr")
     ap.add_argument("--steps", type=int, default=None, help="training steps of every model (default 1000; --quick 60)")
-    ap.add_argument("--lr", type=float, default=None, help="learning rate (default families.py's: vit 1e-3, mixer 2e-3)")
+    ap.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default families.py's: vit 1e-3, mixer 2e-3)"
+    )
     ap.add_argument("--lr-struct", type=float, default=None, help="GBLR structure lr (default: compress's, 5 x lr)")
-    ap.add_argument("--rest", default="all", choices=["frozen", "norms", "all"],
-                    help="non-compressed parameters trained with the structured layers (module doc)")
+    ap.add_argument(
+        "--rest",
+        default="all",
+        choices=["frozen", "norms", "all"],
+        help="non-compressed parameters trained with the structured layers (module doc)",
+    )
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--api", default="loop", choices=["loop", "compress"],
-                    help="loop: gblrc.prepare + a plain PyTorch loop + gblrc.finalize; compress: gblrc.compress")
+    ap.add_argument(
+        "--api",
+        default="loop",
+        choices=["loop", "compress"],
+        help="loop: gblrc.prepare + a plain PyTorch loop + gblrc.finalize; compress: gblrc.compress",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny models on 8x8 digits, few steps, 1 seed")
     a = ap.parse_args(argv)
     print(provenance(getattr(a, "threads", None)), flush=True)  # results files name the commit, libraries and cores
@@ -168,13 +214,20 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 res[(name, method, budget, seed)] = one_run(name, method, budget, seed, a, task)
                 acc, ratio, note = res[(name, method, budget, seed)]
-                print(f"[{name} seed {seed}] {method}{'' if budget is None else f' @ {budget}'}: ratio {ratio:.3f}, "
-                      f"accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s{'; ' + note if note else ''})", flush=True)
+                print(
+                    f"[{name} seed {seed}] {method}{'' if budget is None else f' @ {budget}'}: ratio {ratio:.3f}, "
+                    f"accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s{'; ' + note if note else ''})",
+                    flush=True,
+                )
     print()
-    print(f"scratch_structures{' (--quick)' if a.quick else ''}: {','.join(a.models)} ({'tiny, 8x8' if a.quick else 'bench, 16x16'} "
-          f"digits), {a.steps} steps from random init, batch {a.batch_size}, lr {a.lr or LR}, lr_struct "
-          f"{a.lr_struct if a.lr_struct is not None else '5 x lr (default)'}, rest={a.rest}, api={a.api}, seeds {a.seeds}; "
-          f"torch {torch.__version__}, 1 thread; total {time.perf_counter() - t_all:.0f} s")
+    print(
+        f"scratch_structures{' (--quick)' if a.quick else ''}: {','.join(a.models)} "
+        f"({'tiny, 8x8' if a.quick else 'bench, 16x16'} "
+        f"digits), {a.steps} steps from random init, batch {a.batch_size}, lr {a.lr or LR}, lr_struct "
+        f"{a.lr_struct if a.lr_struct is not None else '5 x lr (default)'}, rest={a.rest}, api={a.api}, "
+        f"seeds {a.seeds}; "
+        f"torch {torch.__version__}, 1 thread; total {time.perf_counter() - t_all:.0f} s"
+    )
     print(table(res, a))
     return res
 

@@ -12,6 +12,7 @@ dense fp32 model.  It ends by naming the cheapest model that is at least as fast
     python -m benchmarks.fidelity_minilm --budget 0.6 --save out/b06 ...   # make the models
     python -m benchmarks.speed_fidelity_minilm out/b06/*.gblr.pt out/b07/*.gblr.pt --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,21 +64,23 @@ def main():
     pydoc = source("pydoc")
     sets = OrderedDict([("pydoc (in domain)", pydoc[:256])])
     for name in filter(None, a.eval.split(",")):
-        sets[name] = source(name, seed=1)[:a.eval_n]
-    feeds = {k: [{n: v.numpy() for n, v in b.items()} for b in batches(tok, s, 32, max_len=128)]
-             for k, s in sets.items()}
+        sets[name] = source(name, seed=1)[: a.eval_n]
+    feeds = {
+        k: [{n: v.numpy() for n, v in b.items()} for b in batches(tok, s, 32, max_len=128)] for k, s in sets.items()
+    }
     cal = [{n: v.numpy() for n, v in b.items()} for b in batches(tok, pydoc[256:512], 32)]
     enc = tok(pydoc[:2], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
     ex = OrderedDict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    enc = tok(pydoc[:a.batch], padding="max_length", truncation=True, max_length=a.seq, return_tensors="np")
+    enc = tok(pydoc[: a.batch], padding="max_length", truncation=True, max_length=a.seq, return_tensors="np")
     time_feeds = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     rows: "OrderedDict[str, dict]" = OrderedDict()
     with tempfile.TemporaryDirectory() as d:
         P = lambda k: os.path.join(d, f"{k}.onnx")  # noqa: E731
         export_dense_fastest(dense, ex, P("dense"), time_feeds, threads=a.threads)  # the fastest dense export
         rows["dense"] = {"name": "dense fp32", "ratio": 1.0}
-        q, pc, _, _ = quantize_checked(onnx.load(P("dense")), [{k: v.numpy() for k, v in ex.items()}] + cal,
-                                       mode="dynamic")
+        q, pc, _, _ = quantize_checked(
+            onnx.load(P("dense")), [{k: v.numpy() for k, v in ex.items()}] + cal, mode="dynamic"
+        )
         onnx.save(q, P("dense8"))
         rows["dense8"] = {"name": f"dense int8 dynamic (per-channel {'on' if pc else 'off'})", "ratio": 1.0}
         for i, path in enumerate(a.models):
@@ -90,25 +93,33 @@ def main():
             for s in sets:
                 c = cosines(emb[k][s], emb["dense"][s])
                 row[s] = (float(c.mean()), float(c.min()))
-        t = best_of_sessions({k: P(k) for k in rows}, time_feeds, threads=a.threads, repeats=a.repeats,
-                             sessions=a.sessions)
-    print(f"MiniLM; ONNX Runtime {ort.__version__} CPU provider, {a.threads} threads, {a.batch}x{a.seq} tokens, "
-          f"medians of {a.repeats} interleaved runs, best of {a.sessions} fresh sessions; "
-          f"{time.perf_counter() - t0:.0f} s")
+        t = best_of_sessions(
+            {k: P(k) for k in rows}, time_feeds, threads=a.threads, repeats=a.repeats, sessions=a.sessions
+        )
+    print(
+        f"MiniLM; ONNX Runtime {ort.__version__} CPU provider, {a.threads} threads, {a.batch}x{a.seq} tokens, "
+        f"medians of {a.repeats} interleaved runs, best of {a.sessions} fresh sessions; "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     print()
     print("| model | FLOP ratio (linears) | time / dense fp32 | " + " | ".join(sets) + " |")
     print("|---|---|---|" + "---|" * len(sets))
     for k, row in rows.items():
         row["time"] = t.best[k] / t.best["dense"]
-        print(f"| {row['name']} | {row['ratio']:.3f} | {row['time']:.2f} | "
-              + " | ".join(f"{row[s][0]:.3f} ({row[s][1]:.2f})" for s in sets) + " |")
+        print(
+            f"| {row['name']} | {row['ratio']:.3f} | {row['time']:.2f} | "
+            + " | ".join(f"{row[s][0]:.3f} ({row[s][1]:.2f})" for s in sets)
+            + " |"
+        )
     fast = [k for k in rows if k.startswith("m") and rows[k]["time"] <= rows["dense8"]["time"]]
     print()
     if fast:
         other = [s for s in sets if s != next(iter(sets))]
         best = max(fast, key=lambda k: min(rows[k][s][0] for s in other) if other else rows[k][next(iter(sets))][0])
-        print(f"as fast as dense int8 ({rows['dense8']['time']:.2f}x): {len(fast)} of {len(a.models)}; the most "
-              f"faithful out of domain is {rows[best]['name']} at {rows[best]['time']:.2f}x")
+        print(
+            f"as fast as dense int8 ({rows['dense8']['time']:.2f}x): {len(fast)} of {len(a.models)}; the most "
+            f"faithful out of domain is {rows[best]['name']} at {rows[best]['time']:.2f}x"
+        )
     else:
         print(f"no compressed model is as fast as dense int8 ({rows['dense8']['time']:.2f}x dense fp32)")
 

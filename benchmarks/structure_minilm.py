@@ -13,6 +13,7 @@ whitened SVD lowered by the default `gblrc lower` pipeline, timed against the de
     .venv/bin/python benchmarks/structure_minilm.py [--budgets 0.2 0.4 0.6] [--limit N] [--time 0.4]
         [--opts '{"seed_frac": 0.5, "refit_rounds": 25}']
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,14 @@ from gblrc.nn.fit_data import fit_inputs, output_error, whitened_svd_fit
 from gblrc.nn.layer import GBLRLinear
 from benchmarks.common import provenance  # noqa: E402
 
-KINDS = [("attention.self.query", "query"), ("attention.self.key", "key"), ("attention.self.value", "value"),
-         ("attention.output.dense", "attn out"), ("intermediate.dense", "FFN up"), ("output.dense", "FFN down")]
+KINDS = [
+    ("attention.self.query", "query"),
+    ("attention.self.key", "key"),
+    ("attention.self.value", "value"),
+    ("attention.output.dense", "attn out"),
+    ("intermediate.dense", "FFN up"),
+    ("output.dense", "FFN down"),
+]
 
 
 def kind(name: str) -> str:
@@ -50,6 +57,7 @@ def capture(model, tok, layers, sets: dict) -> dict:
             x = inp[0].detach()[state["mask"]].double()
             s, n = acc.get(name, (0, 0))
             acc[name] = (s + x.t() @ x, n + x.shape[0])
+
         return f
 
     hs = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
@@ -58,7 +66,7 @@ def capture(model, tok, layers, sets: dict) -> dict:
         for key, sents in sets.items():
             acc.clear()
             for i in range(0, len(sents), 32):
-                b = tok(sents[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                b = tok(sents[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
                 state["mask"] = b["attention_mask"].bool()
                 model(**b)
             out[key] = {n: s / c for n, (s, c) in acc.items()}
@@ -70,8 +78,11 @@ def capture(model, tok, layers, sets: dict) -> dict:
 
 def fit_options(text: str) -> dict:
     """``--opts`` as keyword options of fit_inputs; SystemExit with a one-line message otherwise."""
-    known = [p.name for p in inspect.signature(fit_inputs).parameters.values()
-             if p.kind is p.KEYWORD_ONLY and p.name != "return_info"]
+    known = [
+        p.name
+        for p in inspect.signature(fit_inputs).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name != "return_info"
+    ]
     try:
         opts = json.loads(text)
     except json.JSONDecodeError as e:
@@ -134,17 +145,26 @@ def main(argv=None) -> int:
             f = fit_inputs(W, C["cal"][name], b, **opts)
             sec = time.perf_counter() - t0
             s = whitened_svd_fit(W, C["cal"][name], b)
-            row = {"name": name, "kind": kind(name), "budget": b, "seconds": sec, "blocks": f.num_components,
-                   "over_budget": f.flops() > b * W.numel()}
+            row = {
+                "name": name,
+                "kind": kind(name),
+                "budget": b,
+                "seconds": sec,
+                "blocks": f.num_components,
+                "over_budget": f.flops() > b * W.numel(),
+            }
             for key in ("cal", "hold", "holdB"):
                 row[key] = output_error(W, f.dense(), C[key][name]) / output_error(W, s.dense(), C[key][name])
             if args.time is not None and abs(b - args.time) < 1e-9:
                 row.update({f"time_{k}": v for k, v in lowered_time(W, {"gblr": f, "svd": s}, args.threads).items()})
                 row["flop_ratio"] = f.flops() / W.numel()
             rows.append(row)
-            print(f"{name:45s} b={b} held-out A {row['hold']:.4f} B {row['holdB']:.4f} {sec:.1f}s"
-                  + (f" time gblr {row['time_gblr']:.3f} svd {row['time_svd']:.3f}" if "time_gblr" in row else ""),
-                  file=sys.stderr, flush=True)
+            print(
+                f"{name:45s} b={b} held-out A {row['hold']:.4f} B {row['holdB']:.4f} {sec:.1f}s"
+                + (f" time gblr {row['time_gblr']:.3f} svd {row['time_svd']:.3f}" if "time_gblr" in row else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"\nGBLR / whitened-SVD held-out output error, {len(layers)} MiniLM layers, options {opts or 'default'}\n")
@@ -153,26 +173,36 @@ def main(argv=None) -> int:
     for b in args.budgets:
         rs = [r for r in rows if r["budget"] == b]
         a = [r["hold"] for r in rs]
-        print(f"| {b:.1f} | {st.median(a):.4f} ({min(a):.3f}, {max(a):.3f}) | {st.median(r['holdB'] for r in rs):.4f} "
-              f"| {sum(x < 1 for x in a)}/{len(a)} | {sum(r['over_budget'] for r in rs)} "
-              f"| {st.median(r['seconds'] for r in rs):.1f} |")
+        print(
+            f"| {b:.1f} | {st.median(a):.4f} ({min(a):.3f}, {max(a):.3f}) | {st.median(r['holdB'] for r in rs):.4f} "
+            f"| {sum(x < 1 for x in a)}/{len(a)} | {sum(r['over_budget'] for r in rs)} "
+            f"| {st.median(r['seconds'] for r in rs):.1f} |"
+        )
     print("\n| type | " + " | ".join(f"b={b:.1f}" for b in args.budgets) + " |")
     print("|---|" + "---|" * len(args.budgets))
     for _, kd in KINDS:
-        cells = [st.median(r["hold"] for r in rows if r["budget"] == b and r["kind"] == kd)
-                 if any(r["kind"] == kd for r in rows) else float("nan") for b in args.budgets]
+        cells = [
+            st.median(r["hold"] for r in rows if r["budget"] == b and r["kind"] == kd)
+            if any(r["kind"] == kd for r in rows)
+            else float("nan")
+            for b in args.budgets
+        ]
         print(f"| {kd} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
     timed = [r for r in rows if "time_gblr" in r]
     if timed:
-        print(f"\nDefault `gblrc lower`, time / dense MatMul at budget {args.time} "
-              f"(1024 tokens, {args.threads} thread(s))\n")
+        print(
+            f"\nDefault `gblrc lower`, time / dense MatMul at budget {args.time} "
+            f"(1024 tokens, {args.threads} thread(s))\n"
+        )
         print("| | median | max | layers within FLOP ratio + 0.1 |")
         print("|---|---|---|---|")
         for k in ("gblr", "svd"):
             v = [r[f"time_{k}"] for r in timed]
             ok = sum(r[f"time_{k}"] <= r["flop_ratio"] + 0.1 for r in timed)
-            print(f"| {'data-aware GBLR' if k == 'gblr' else 'whitened SVD'} | {st.median(v):.3f} | {max(v):.3f} "
-                  f"| {ok}/{len(timed)} |")
+            print(
+                f"| {'data-aware GBLR' if k == 'gblr' else 'whitened SVD'} | {st.median(v):.3f} | {max(v):.3f} "
+                f"| {ok}/{len(timed)} |"
+            )
     return 0
 
 

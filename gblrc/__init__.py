@@ -14,6 +14,7 @@ The package reads as the pipeline (each subpackage's docstring says what it may 
 The names below are loaded on first use, so ``import gblrc.passes`` or ``import gblrc.ir`` does not
 import torch.
 """
+
 from __future__ import annotations
 
 import importlib

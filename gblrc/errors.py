@@ -1,4 +1,5 @@
 """User-facing errors: one line saying what is wrong and what to do, non-zero exit."""
+
 from __future__ import annotations
 
 import click

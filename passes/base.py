@@ -6,6 +6,7 @@ by `run_passes`; errors name the pass that failed.  A pass that takes configurat
 timing settings) gets it in its constructor; ``Pass.from_config(PassConfig)`` builds one from the
 configuration a pipeline shares (gblrc.passes.pipeline builds the pipelines and the passes by name).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -59,8 +60,9 @@ class UnknownPassError(PassError, ValueError):
 
     def __init__(self, pass_name: str, known: Sequence[str]):
         self.pass_name, self.known = pass_name, tuple(known)
-        RuntimeError.__init__(self, f"unknown pass {pass_name!r}; choose from: {', '.join(self.known)} "
-                                    "(see: gblrc passes)")
+        RuntimeError.__init__(
+            self, f"unknown pass {pass_name!r}; choose from: {', '.join(self.known)} (see: gblrc passes)"
+        )
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,8 @@ VIOLATIONS: dict[str, Callable[[gs.Graph], str | None]] = {
 }
 # name -> checker(graph) -> whether it holds
 PROPERTIES: dict[str, Callable[[gs.Graph], bool]] = {
-    name: (lambda g, f=f: f(g) is None) for name, f in VIOLATIONS.items()}
+    name: (lambda g, f=f: f(g) is None) for name, f in VIOLATIONS.items()
+}
 
 
 class Pass:

@@ -1,4 +1,5 @@
 """Small helpers that append standard ONNX nodes to an onnx-graphsurgeon graph."""
+
 from __future__ import annotations
 
 import numpy as np

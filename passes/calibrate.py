@@ -17,6 +17,7 @@ The fitted model is cached as JSON under the cache folder (timing.cache_dir) in
 ``calibration/<hash>.json``, keyed by provider, threads, tokens, ONNX Runtime version and CPU model.
 A corrupt or mismatched file is ignored and replaced.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,13 +30,28 @@ import numpy as np
 
 from .cost_model import TOKENS, CostModel
 from .timing import (
-    Runner, cache_dir, effective_threads, environment, key_hash, make_session, read_json, resolve_provider,
-    time_interleaved, write_json,
+    Runner,
+    cache_dir,
+    effective_threads,
+    environment,
+    key_hash,
+    make_session,
+    read_json,
+    resolve_provider,
+    time_interleaved,
+    write_json,
 )
 
 __all__ = [
-    "Calibration", "MATMUL_SHAPES", "COPY_SHAPES", "calibrated_cost_model", "fit_cost_model", "measure_samples",
-    "synthetic_samples", "model_to_dict", "model_from_dict",
+    "Calibration",
+    "MATMUL_SHAPES",
+    "COPY_SHAPES",
+    "calibrated_cost_model",
+    "fit_cost_model",
+    "measure_samples",
+    "synthetic_samples",
+    "model_to_dict",
+    "model_from_dict",
 ]
 
 FORMAT = 1  # bump when what is measured or how it is fitted changes: old cache files are then ignored
@@ -43,13 +59,32 @@ FORMAT = 1  # bump when what is measured or how it is fitted changes: old cache 
 # (k, n) of the timed MatMuls: layer-sized ones, the thin code and output products of low-rank
 # blocks, and small ones.
 MATMUL_SHAPES: tuple[tuple[int, int], ...] = (
-    (384, 384), (384, 1536), (1536, 384), (384, 96), (96, 1536), (1536, 96), (96, 384),
-    (384, 24), (24, 1536), (192, 8), (8, 768), (384, 1), (1, 1536), (64, 64), (16, 16),
+    (384, 384),
+    (384, 1536),
+    (1536, 384),
+    (384, 96),
+    (96, 1536),
+    (1536, 96),
+    (96, 384),
+    (384, 24),
+    (24, 1536),
+    (192, 8),
+    (8, 768),
+    (384, 1),
+    (1, 1536),
+    (64, 64),
+    (16, 16),
 )
 # ("slice", source width, kept width) / ("concat", width of each of two pieces) / ("add", width)
 COPY_SHAPES: tuple[tuple, ...] = (
-    ("slice", 1536, 48), ("slice", 1536, 384), ("slice", 1536, 1152),
-    ("concat", 24), ("concat", 192), ("concat", 768), ("add", 384), ("add", 1536),
+    ("slice", 1536, 48),
+    ("slice", 1536, 384),
+    ("slice", 1536, 1152),
+    ("concat", 24),
+    ("concat", 192),
+    ("concat", 768),
+    ("add", 384),
+    ("add", 1536),
 )
 
 Sample = dict  # {"op": "matmul", "k", "n", "seconds"} or {"op": "slice"|"concat"|"add", "elements", "seconds"}
@@ -64,15 +99,17 @@ class Calibration:
     key: dict = field(default_factory=dict)
     path: str = ""
     from_cache: bool = False
-    fit_error: float = float("nan")   # rms of log(predicted / measured) over the samples
-    seconds: float = 0.0              # time the measurement took (0 when read from the cache)
+    fit_error: float = float("nan")  # rms of log(predicted / measured) over the samples
+    seconds: float = 0.0  # time the measurement took (0 when read from the cache)
 
     def describe(self) -> str:
         m = self.model
         src = "from cache" if self.from_cache else f"measured in {self.seconds:.1f} s"
-        return (f"cost model calibrated on {self.key.get('provider', '?')}, {self.key.get('threads', '?')} threads, "
-                f"{m.tokens} tokens ({src}): {m.peak_macs / 1e9:.3g} GMAC/s, {m.bandwidth / 1e9:.3g} GB/s copies, "
-                f"{m.op_overhead * 1e6:.3g} us per op, thin below {m.thin:.3g}; fit error {self.fit_error:.2f} (rms log)")
+        return (
+            f"cost model calibrated on {self.key.get('provider', '?')}, {self.key.get('threads', '?')} threads, "
+            f"{m.tokens} tokens ({src}): {m.peak_macs / 1e9:.3g} GMAC/s, {m.bandwidth / 1e9:.3g} GB/s copies, "
+            f"{m.op_overhead * 1e6:.3g} us per op, thin below {m.thin:.3g}; fit error {self.fit_error:.2f} (rms log)"
+        )
 
 
 def model_to_dict(m: CostModel) -> dict[str, Any]:
@@ -167,7 +204,7 @@ def fit_cost_model(samples: Sequence[Sample], tokens: int, base: CostModel | Non
         raise ValueError("the timing samples cannot be fitted by the cost model (no positive solution)")
     # golden-section refinement of log2(thin) around the best grid point
     lo, hi = math.log2(grid[max(i - 1, 0)]), math.log2(grid[min(i + 1, len(grid) - 1)])
-    f = lambda u: _solve(samples, tokens, 2.0 ** u)[1]
+    f = lambda u: _solve(samples, tokens, 2.0**u)[1]
     g = (math.sqrt(5) - 1) / 2
     c, d = hi - g * (hi - lo), lo + g * (hi - lo)
     fc, fd = f(c), f(d)
@@ -181,7 +218,7 @@ def fit_cost_model(samples: Sequence[Sample], tokens: int, base: CostModel | Non
             d = lo + g * (hi - lo)
             fd = f(d)
     u = (lo + hi) / 2
-    thin = 2.0 ** u if f(u) <= errs[i] else grid[i]
+    thin = 2.0**u if f(u) <= errs[i] else grid[i]
     coef, err = _solve(samples, tokens, thin)
     has_mm = any(s["op"] == "matmul" for s in samples)
     has_copy = any(s["op"] != "matmul" for s in samples)
@@ -249,11 +286,14 @@ def _one_node_model(op: str, dims, tokens: int, rng: np.random.Generator):
 def measure_samples(provider: str, threads: int, tokens: int, repeats: int = 9) -> list[Sample]:
     """Time the calibration set on ``provider`` (interleaved rounds, medians), per-run overhead subtracted."""
     rng = np.random.default_rng(0)
-    specs: list[tuple[str, tuple]] = [("matmul", s) for s in MATMUL_SHAPES] + [(c[0], tuple(c[1:])) for c in COPY_SHAPES]
+    specs: list[tuple[str, tuple]] = [("matmul", s) for s in MATMUL_SHAPES] + [
+        (c[0], tuple(c[1:])) for c in COPY_SHAPES
+    ]
     runners, base_key = {}, ("base", ())
     for i, (op, dims) in enumerate([base_key] + specs):
-        model, feeds = (_one_node_model("slice", (8, 1), tokens, rng) if op == "base"
-                        else _one_node_model(op, dims, tokens, rng))
+        model, feeds = (
+            _one_node_model("slice", (8, 1), tokens, rng) if op == "base" else _one_node_model(op, dims, tokens, rng)
+        )
         runners[i] = Runner(make_session(model, provider, threads), feeds, provider)
     med = time_interleaved(runners, repeats=repeats, warmup=2)
     base = med[0]
@@ -267,9 +307,16 @@ def measure_samples(provider: str, threads: int, tokens: int, repeats: int = 9) 
     return out
 
 
-def calibrated_cost_model(provider: str = "auto", threads: int = 0, tokens: int = TOKENS, *,
-                          cache: str | Path | None = None, use_cache: bool = True, measure: Measure | None = None,
-                          repeats: int = 9) -> Calibration:
+def calibrated_cost_model(
+    provider: str = "auto",
+    threads: int = 0,
+    tokens: int = TOKENS,
+    *,
+    cache: str | Path | None = None,
+    use_cache: bool = True,
+    measure: Measure | None = None,
+    repeats: int = 9,
+) -> Calibration:
     """The cost model fitted to timings of ``provider`` (auto/cpu/cuda) at ``threads`` intra-op threads
     (0: one per core) and ``tokens`` rows; read from the cache when it was fitted before on this
     machine and ONNX Runtime version, else measured (a few seconds) and cached.  ``measure``
@@ -286,12 +333,23 @@ def calibrated_cost_model(provider: str = "auto", threads: int = 0, tokens: int 
             model = model_from_dict(data.get("model"))
             if model is not None and model.tokens == tokens:
                 err = data.get("fit_error")
-                return Calibration(model, key, str(path), True, float(err) if isinstance(err, (int, float)) else math.nan)
+                return Calibration(
+                    model, key, str(path), True, float(err) if isinstance(err, (int, float)) else math.nan
+                )
     t0 = time.perf_counter()
     samples = list((measure or (lambda p, th, tk: measure_samples(p, th, tk, repeats)))(provider, threads, tokens))
     model, err = fit_cost_model(samples, tokens)
     seconds = time.perf_counter() - t0
     if use_cache:
-        write_json(path, {"key": key, "model": model_to_dict(model), "fit_error": err, "seconds": seconds,
-                          "samples": samples, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_json(
+            path,
+            {
+                "key": key,
+                "model": model_to_dict(model),
+                "fit_error": err,
+                "seconds": seconds,
+                "samples": samples,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
     return Calibration(model, key, str(path), False, err, seconds)

@@ -1,4 +1,5 @@
 """choose-products: per block, two thin products (x V^T, then U) or one dense tile (x_cols, then U V)."""
+
 from __future__ import annotations
 
 import numpy as np

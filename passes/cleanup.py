@@ -1,4 +1,5 @@
 """cleanup: remove dead nodes, fold constants, sort topologically, infer shapes."""
+
 from __future__ import annotations
 
 import onnx

@@ -1,4 +1,5 @@
 """dense-fallback: a GBLR layer whose best lowering is not faster than one dense MatMul becomes that MatMul."""
+
 from __future__ import annotations
 
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node

@@ -9,6 +9,7 @@ Strategies (the cost model picks one per layer; never the naive padded sum):
            (realises the row widths too; lower_segmented.py)
 plus Add(bias).  The original output tensor is reused, so consumers stay wired.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -108,8 +109,11 @@ class LowerGBLR(Pass):
         counts = {k: 0 for k in LOWERINGS}
         for node in gblr_nodes(graph):
             w = read_gblr_node(node)
-            strategy = self.force if self.force is not None else lowering_decision(
-                w.structure, w.bias is not None, tile_indices(w), self.model)[0]
+            strategy = (
+                self.force
+                if self.force is not None
+                else lowering_decision(w.structure, w.bias is not None, tile_indices(w), self.model)[0]
+            )
             lower_node(graph, node, w, strategy, self.model)
             counts[strategy] += 1
         changed = sum(counts.values()) > 0

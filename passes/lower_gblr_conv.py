@@ -15,6 +15,7 @@ multiply-adds (at most ``flop_ratio`` x dense, default 0.75) *and* the cost mode
 to a zero kernel (+ bias), which keeps the output's shape.  The original output tensor is reused, so
 consumers stay wired.  GBLRLinear nodes are left to lower-gblr / lower-timed.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,12 @@ CONV_STRATEGIES = ("dense", "stacked")
 
 
 def _conv_attrs(g: ConvGeometry) -> dict:
-    return {"kernel_shape": list(g.kernel_shape), "strides": list(g.strides), "pads": list(g.pads),
-            "dilations": list(g.dilations)}
+    return {
+        "kernel_shape": list(g.kernel_shape),
+        "strides": list(g.strides),
+        "pads": list(g.pads),
+        "dilations": list(g.dilations),
+    }
 
 
 def _bias_input(bld: Builder, w: GBLRWeights) -> list:
@@ -61,7 +66,7 @@ _LOWERINGS = {"dense": _lower_dense, "stacked": _lower_stacked}
 
 
 def choose_conv_strategy(w: GBLRWeights, model: CostModel = DEFAULT_COST_MODEL, flop_ratio: float = 0.75) -> str:
-    """"stacked" when clearly fewer multiply-adds and estimated faster by ``model``, else "dense"."""
+    """ "stacked" when clearly fewer multiply-adds and estimated faster by ``model``, else "dense"."""
     s = w.structure
     n_in, n_out, R = s.in_features, s.out_features, s.total_rank
     if R == 0 or R * (n_in + n_out) > flop_ratio * n_in * n_out:

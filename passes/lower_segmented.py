@@ -12,6 +12,7 @@ so the products cost sum_b T r_b (|C_b| + |R_b|) multiply-adds, the layer's FLOP
 segments mean many small MatMuls, so adjacent segments are merged (their block sets united) while
 the cost model says that is cheaper; a segment no block covers is always merged into a neighbour.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,7 +57,7 @@ def lower_segmented(bld: Builder, x, w: GBLRWeights, out, model: CostModel | Non
             b = s.blocks[i]
             rows = b.row_index()
             sel = (rows >= g.start) & (rows < g.stop)
-            Ug[off:off + b.rank, rows[sel] - g.start] = w.U[i][sel].T
+            Ug[off : off + b.rank, rows[sel] - g.start] = w.U[i][sel].T
             off += b.rank
         products.append((bld.concat_last([codes[i] for i in g.blocks]), Ug))
     if len(products) == 1:

@@ -16,6 +16,7 @@ TIMED_PIPELINE) or through --tune, the pass times as the one default timing conf
 (timing.DEFAULT_TIMING: 1,024 tokens, 9 repeats, margin 0.97, cached); the structured-or-dense
 decision on the measured times is :func:`gblrc.ir.cost.lowering_decision`'s.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,8 +33,18 @@ from .base import Pass, PassConfig, PassResult, gblr_nodes, read_gblr_node
 from .choose_products import tile_indices
 from .cost_model import DEFAULT_COST_MODEL, CostModel, dense_by_flops, lowering_decision, plan_segments
 from .lower_gblr import LOWERINGS, lower_node
-from .timing import (DEFAULT_TIMING, Runner, cache_dir, environment, key_hash, make_session, read_json,
-                     resolve_provider, time_interleaved, write_json)
+from .timing import (
+    DEFAULT_TIMING,
+    Runner,
+    cache_dir,
+    environment,
+    key_hash,
+    make_session,
+    read_json,
+    resolve_provider,
+    time_interleaved,
+    write_json,
+)
 
 __all__ = ["TimedLowering", "TuneCache", "candidate_model", "candidate_strategies", "layer_key", "time_strategies"]
 
@@ -66,11 +77,17 @@ def candidate_strategies(w: GBLRWeights, model: CostModel | None = None) -> tupl
     return out
 
 
-def time_strategies(w: GBLRWeights, tokens: int = DEFAULT_TIMING.tokens, repeats: int = DEFAULT_TIMING.repeats,
-                    threads: int = DEFAULT_TIMING.threads,
-                    strategies: Sequence[str] = ("dense", "stacked", "sliced"), *,
-                    provider: str = DEFAULT_TIMING.provider, model: CostModel | None = None,
-                    sessions: int = 2) -> dict[str, float]:
+def time_strategies(
+    w: GBLRWeights,
+    tokens: int = DEFAULT_TIMING.tokens,
+    repeats: int = DEFAULT_TIMING.repeats,
+    threads: int = DEFAULT_TIMING.threads,
+    strategies: Sequence[str] = ("dense", "stacked", "sliced"),
+    *,
+    provider: str = DEFAULT_TIMING.provider,
+    model: CostModel | None = None,
+    sessions: int = 2,
+) -> dict[str, float]:
     """Median seconds per run of each strategy (interleaved runs, graph optimisations on) on
     ``provider`` (auto/cpu/cuda) with ``threads`` intra-op threads (0: one per core); the best median
     of ``sessions`` fresh sessions per strategy (a session's speed on a shared CPU is bimodal, fixed
@@ -104,11 +121,19 @@ def layer_key(w: GBLRWeights, strategies: Sequence[str], env: dict, model: CostM
     """What a layer's times depend on: its shape and structure (spans, ranks, tiles, bias), the
     candidates, and the environment (provider, threads, tokens, ONNX Runtime version, CPU)."""
     s = w.structure
-    key = {"kind": "lowering", "format": FORMAT, **env, "in": s.in_features, "out": s.out_features,
-           "bias": w.bias is not None, "strategies": sorted(strategies),
-           "blocks": [[[[sp.start, sp.stop] for sp in b.rows], [[sp.start, sp.stop] for sp in b.cols], b.rank]
-                      for b in s.blocks],
-           "tiles": sorted(tile_indices(w))}
+    key = {
+        "kind": "lowering",
+        "format": FORMAT,
+        **env,
+        "in": s.in_features,
+        "out": s.out_features,
+        "bias": w.bias is not None,
+        "strategies": sorted(strategies),
+        "blocks": [
+            [[[sp.start, sp.stop] for sp in b.rows], [[sp.start, sp.stop] for sp in b.cols], b.rank] for b in s.blocks
+        ],
+        "tiles": sorted(tile_indices(w)),
+    }
     if "segmented" in strategies:
         key["segments"] = [[g.start, g.stop, list(g.blocks)] for g in plan_segments(s, model or DEFAULT_COST_MODEL)]
     return key
@@ -158,8 +183,10 @@ def _times(d) -> dict[str, float] | None:
 def _call_measure(fn: Measure, w: GBLRWeights, strategies: tuple[str, ...]) -> dict[str, float]:
     try:
         params = inspect.signature(fn).parameters.values()
-        two = any(p.kind is p.VAR_POSITIONAL for p in params) or sum(
-            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 2
+        two = (
+            any(p.kind is p.VAR_POSITIONAL for p in params)
+            or sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 2
+        )
     except (TypeError, ValueError):
         two = False
     return fn(w, strategies) if two else fn(w)
@@ -171,11 +198,20 @@ class TimedLowering(Pass):
     requires = frozenset({"gblr-nodes-valid"})
     ensures = frozenset({"standard-ops-only"})
 
-    def __init__(self, tokens: int = DEFAULT_TIMING.tokens, repeats: int = DEFAULT_TIMING.repeats,
-                 threads: int = DEFAULT_TIMING.threads, measure: Measure | None = None, *,
-                 provider: str = DEFAULT_TIMING.provider, cache: TuneCache | None = None,
-                 model: CostModel | None = None, margin: float = DEFAULT_TIMING.margin,
-                 strategies: Sequence[str] | None = None, recheck_above: float = DEFAULT_TIMING.recheck_above):
+    def __init__(
+        self,
+        tokens: int = DEFAULT_TIMING.tokens,
+        repeats: int = DEFAULT_TIMING.repeats,
+        threads: int = DEFAULT_TIMING.threads,
+        measure: Measure | None = None,
+        *,
+        provider: str = DEFAULT_TIMING.provider,
+        cache: TuneCache | None = None,
+        model: CostModel | None = None,
+        margin: float = DEFAULT_TIMING.margin,
+        strategies: Sequence[str] | None = None,
+        recheck_above: float = DEFAULT_TIMING.recheck_above,
+    ):
         """The defaults are timing.DEFAULT_TIMING's.  measure(w[, strategies]) -> {strategy: seconds}
         replaces the timing (tests); cache: a TuneCache (None: always measure; by name and through
         --tune the pass is built by :meth:`from_config`, which caches as the timing config says);
@@ -195,19 +231,33 @@ class TimedLowering(Pass):
         self.cache, self.model, self.margin = cache, model, margin
         self.strategies = tuple(dict.fromkeys(("dense",) + tuple(strategies))) if strategies else None
         self.recheck_above = recheck_above
-        self.measure = measure or (lambda w, st: time_strategies(w, self.tokens, self.repeats, self.threads, st,
-                                                                 provider=self.provider, model=self.model))
-        self.recheck_measure = measure or (lambda w, st: time_strategies(
-            w, self.tokens, 2 * self.repeats, self.threads, st, provider=self.provider, model=self.model))
+        self.measure = measure or (
+            lambda w, st: time_strategies(
+                w, self.tokens, self.repeats, self.threads, st, provider=self.provider, model=self.model
+            )
+        )
+        self.recheck_measure = measure or (
+            lambda w, st: time_strategies(
+                w, self.tokens, 2 * self.repeats, self.threads, st, provider=self.provider, model=self.model
+            )
+        )
 
     @classmethod
     def from_config(cls, config: PassConfig) -> "TimedLowering":
         """The pass as ``config.timing`` says (cached in its folder when use_cache), with its cost model
         and measure."""
         t = config.timing
-        return cls(t.tokens, t.repeats, t.threads, config.measure, provider=t.provider,
-                   cache=TuneCache(t.cache) if t.use_cache else None, model=config.cost_model, margin=t.margin,
-                   recheck_above=t.recheck_above)
+        return cls(
+            t.tokens,
+            t.repeats,
+            t.threads,
+            config.measure,
+            provider=t.provider,
+            cache=TuneCache(t.cache) if t.use_cache else None,
+            model=config.cost_model,
+            margin=t.margin,
+            recheck_above=t.recheck_above,
+        )
 
     def candidates(self, w: GBLRWeights) -> tuple[str, ...]:
         """What to time; only dense (nothing to time) when the structure has no block or costs at least
@@ -228,8 +278,14 @@ class TimedLowering(Pass):
         bad = sorted(k for k, t in times.items() if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0))
         if bad:
             raise ValueError(f"timing returned no positive time for {', '.join(bad)}")
-        return lowering_decision(w.structure, w.bias is not None, tile_indices(w), self.model or DEFAULT_COST_MODEL,
-                                 measured=times, margin=self.margin)[0]
+        return lowering_decision(
+            w.structure,
+            w.bias is not None,
+            tile_indices(w),
+            self.model or DEFAULT_COST_MODEL,
+            measured=times,
+            margin=self.margin,
+        )[0]
 
     def decide(self, w: GBLRWeights, cands: tuple[str, ...]) -> tuple[str, dict, dict | None]:
         """(strategy, times of the candidates, times of the recheck or None), measured."""
@@ -255,8 +311,11 @@ class TimedLowering(Pass):
                 entry = {"times": {}, "recheck": None, "choice": "dense"}  # nothing to choose: not timed
             elif self.cache is not None:
                 env = env or environment(resolve_provider(self.provider), self.threads, self.tokens)
-                key = {**layer_key(w, cands, env, self.model), "margin": self.margin,
-                       "recheck_above": self.recheck_above}
+                key = {
+                    **layer_key(w, cands, env, self.model),
+                    "margin": self.margin,
+                    "recheck_above": self.recheck_above,
+                }
                 entry = self.cache.get(key)
             cached = entry is not None and key is not None
             if entry is None:
@@ -270,9 +329,20 @@ class TimedLowering(Pass):
             s = w.structure
             last = recheck if recheck else times
             ratio = last[strategy] / last["dense"] if "dense" in last and strategy in last else 1.0
-            details.append({"node": node.name or "", "in": s.in_features, "out": s.out_features,
-                            "blocks": len(s.blocks), "flop_ratio": s.cost_ratio(), "choice": strategy,
-                            "times": dict(times), "recheck": recheck, "ratio": ratio, "cached": cached})
+            details.append(
+                {
+                    "node": node.name or "",
+                    "in": s.in_features,
+                    "out": s.out_features,
+                    "blocks": len(s.blocks),
+                    "flop_ratio": s.cost_ratio(),
+                    "choice": strategy,
+                    "times": dict(times),
+                    "recheck": recheck,
+                    "ratio": ratio,
+                    "cached": cached,
+                }
+            )
         changed = sum(counts.values()) > 0
         if changed:
             graph.cleanup().toposort()

@@ -1,4 +1,5 @@
 """merge-blocks: merge GBLR blocks into fewer, larger zero-padded blocks when the cost model says it pays."""
+
 from __future__ import annotations
 
 from .base import Pass, PassResult, gblr_nodes, read_gblr_node

@@ -10,6 +10,7 @@ PASS_TYPES are the registered passes; each builds itself from a PassConfig (``Pa
 instance per name (what ``gblrc passes`` lists), DEFAULT_PIPELINE and TIMED_PIPELINE the pipelines'
 pass names.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -27,11 +28,27 @@ from .lower_timed import Measure, TimedLowering
 from .merge_blocks import MergeBlocks
 from .timing import DEFAULT_TIMING, TimingConfig
 
-__all__ = ["PASS_TYPES", "PASSES", "DEFAULT_PIPELINE", "TIMED_PIPELINE", "DEFAULT_CONFIG", "passes_from_names",
-           "default_pipeline", "timed_pipeline", "run_pipeline"]
+__all__ = [
+    "PASS_TYPES",
+    "PASSES",
+    "DEFAULT_PIPELINE",
+    "TIMED_PIPELINE",
+    "DEFAULT_CONFIG",
+    "passes_from_names",
+    "default_pipeline",
+    "timed_pipeline",
+    "run_pipeline",
+]
 
-PASS_TYPES: tuple[type[Pass], ...] = (MergeBlocks, ChooseProducts, DenseFallback, LowerGBLRConv, LowerGBLR,
-                                      TimedLowering, Cleanup)
+PASS_TYPES: tuple[type[Pass], ...] = (
+    MergeBlocks,
+    ChooseProducts,
+    DenseFallback,
+    LowerGBLRConv,
+    LowerGBLR,
+    TimedLowering,
+    Cleanup,
+)
 _BY_NAME: dict[str, type[Pass]] = {t.name: t for t in PASS_TYPES}
 
 DEFAULT_CONFIG = PassConfig()  # the default cost model and the default timing config (timing.DEFAULT_TIMING)
@@ -51,18 +68,19 @@ def default_pipeline(cost_model: CostModel = DEFAULT_COST_MODEL) -> Pipeline:
     """The static pipeline: the decision passes, dense-fallback, lower-gblr-conv (GBLRConv nodes -> Conv)
     before lower-gblr (which ensures standard ops only), cleanup; no timing, no onnxruntime."""
     config = PassConfig(cost_model=cost_model)
-    return Pipeline(t.from_config(config) for t in (MergeBlocks, ChooseProducts, DenseFallback, LowerGBLRConv,
-                                                    LowerGBLR, Cleanup))
+    return Pipeline(
+        t.from_config(config) for t in (MergeBlocks, ChooseProducts, DenseFallback, LowerGBLRConv, LowerGBLR, Cleanup)
+    )
 
 
-def timed_pipeline(cost_model: CostModel = DEFAULT_COST_MODEL, timing: TimingConfig = DEFAULT_TIMING, *,
-                   measure: Measure | None = None) -> Pipeline:
+def timed_pipeline(
+    cost_model: CostModel = DEFAULT_COST_MODEL, timing: TimingConfig = DEFAULT_TIMING, *, measure: Measure | None = None
+) -> Pipeline:
     """The tuned pipeline (autotuning, ``gblrc lower --tune``; TIMED_PIPELINE): the default one with
     dense-fallback dropped (timing decides) and lower-gblr replaced by lower-timed, which times every
     layer's candidate lowerings on ONNX Runtime as ``timing`` says (``measure`` replaces the timing)."""
     config = PassConfig(cost_model=cost_model, timing=timing, measure=measure)
-    return Pipeline(t.from_config(config) for t in (MergeBlocks, ChooseProducts, LowerGBLRConv, TimedLowering,
-                                                    Cleanup))
+    return Pipeline(t.from_config(config) for t in (MergeBlocks, ChooseProducts, LowerGBLRConv, TimedLowering, Cleanup))
 
 
 PASSES: dict[str, Pass] = {t.name: t.from_config(DEFAULT_CONFIG) for t in PASS_TYPES}
@@ -70,8 +88,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = default_pipeline().names
 TIMED_PIPELINE: tuple[str, ...] = timed_pipeline().names
 
 
-def run_pipeline(model: onnx.ModelProto,
-                 names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[PassResult]]:
+def run_pipeline(
+    model: onnx.ModelProto, names: Sequence[str] | None = None
+) -> tuple[onnx.ModelProto, list[PassResult]]:
     """Run the named passes (default: the default pipeline) in order; unknown names raise UnknownPassError."""
     pipeline = default_pipeline() if names is None else Pipeline(passes_from_names(names))
     return pipeline(model)

@@ -19,6 +19,7 @@ How lower-timed times (tokens, repeats, threads, provider, margins, cache) is on
 DEFAULT_TIMING by default: the pass reached by name and through ``gblrc lower --tune`` (whose
 TuneConfig takes its defaults from it) time alike.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,13 +35,37 @@ from typing import Any, Mapping
 
 from gblrc.ir.cost import TOKENS
 from gblrc.runtime.timing import (  # the one timing harness
-    CPU, CUDA, Runner, _cores, effective_threads, resolve_provider, time_interleaved, time_runs, timing_session,
+    CPU,
+    CUDA,
+    Runner,
+    _cores,
+    effective_threads,
+    resolve_provider,
+    time_interleaved,
+    time_runs,
+    timing_session,
 )
 
 __all__ = [
-    "CPU", "CUDA", "CACHE_ENV", "cache_dir", "cpu_model", "effective_threads", "resolve_provider", "environment",
-    "key_hash", "read_json", "write_json", "make_session", "Runner", "time_interleaved", "time_runs",
-    "TimingConfig", "DEFAULT_TIMING", "TUNE_MARGIN", "RECHECK_ABOVE",
+    "CPU",
+    "CUDA",
+    "CACHE_ENV",
+    "cache_dir",
+    "cpu_model",
+    "effective_threads",
+    "resolve_provider",
+    "environment",
+    "key_hash",
+    "read_json",
+    "write_json",
+    "make_session",
+    "Runner",
+    "time_interleaved",
+    "time_runs",
+    "TimingConfig",
+    "DEFAULT_TIMING",
+    "TUNE_MARGIN",
+    "RECHECK_ABOVE",
 ]
 
 CACHE_ENV = "GBLRC_CACHE_DIR"
@@ -114,8 +139,14 @@ def environment(provider: str, threads: int | None, tokens: int) -> dict[str, An
     """What timings on this machine depend on: the cache key's common part."""
     import onnxruntime as ort
 
-    env = {"provider": provider, "threads": effective_threads(threads), "tokens": int(tokens),
-           "onnxruntime": ort.__version__, "cpu": cpu_model(), "cores": _cores()}
+    env = {
+        "provider": provider,
+        "threads": effective_threads(threads),
+        "tokens": int(tokens),
+        "onnxruntime": ort.__version__,
+        "cpu": cpu_model(),
+        "cores": _cores(),
+    }
     if provider == CUDA:
         env["gpu"] = gpu_model()
     return env
@@ -148,8 +179,11 @@ def write_json(path: Path, data: Mapping[str, Any]) -> bool:
         os.replace(tmp, path)
         return True
     except OSError as e:
-        warnings.warn(f"gblrc: cannot write the cache file {path} ({e}); continuing without caching it",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"gblrc: cannot write the cache file {path} ({e}); continuing without caching it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         if tmp is not None:
             try:
                 os.unlink(tmp)

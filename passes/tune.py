@@ -12,6 +12,7 @@
 TuneConfig's timing defaults are timing.DEFAULT_TIMING's, which lower-timed reached by name uses too.
 The static default pipeline stays as it is: no timing, no onnxruntime.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,11 +27,26 @@ from .calibrate import Calibration, calibrated_cost_model
 from .cost_model import CostModel
 from .lower_timed import Measure
 from .pipeline import TIMED_PIPELINE, passes_from_names, timed_pipeline
-from .timing import (DEFAULT_TIMING, RECHECK_ABOVE, TUNE_MARGIN, TimingConfig, cache_dir, effective_threads,
-                     resolve_provider)
+from .timing import (
+    DEFAULT_TIMING,
+    RECHECK_ABOVE,
+    TUNE_MARGIN,
+    TimingConfig,
+    cache_dir,
+    effective_threads,
+    resolve_provider,
+)
 
-__all__ = ["TuneConfig", "TuneSetup", "TUNE_MARGIN", "RECHECK_ABOVE", "prepare_tuning", "tuned_pipeline",
-           "run_tuned_pipeline", "format_tuning"]
+__all__ = [
+    "TuneConfig",
+    "TuneSetup",
+    "TUNE_MARGIN",
+    "RECHECK_ABOVE",
+    "prepare_tuning",
+    "tuned_pipeline",
+    "run_tuned_pipeline",
+    "format_tuning",
+]
 
 
 @dataclass
@@ -71,9 +87,16 @@ class TuneSetup:
     def timing(self) -> TimingConfig:
         """How lower-timed times, as the config and the resolved provider, threads and cache say."""
         c = self.config
-        return TimingConfig(tokens=c.tokens, repeats=c.repeats, threads=self.threads, provider=self.provider,
-                            margin=c.margin, recheck_above=c.recheck_above, use_cache=self.cache_folder is not None,
-                            cache=self.cache_folder)
+        return TimingConfig(
+            tokens=c.tokens,
+            repeats=c.repeats,
+            threads=self.threads,
+            provider=self.provider,
+            margin=c.margin,
+            recheck_above=c.recheck_above,
+            use_cache=self.cache_folder is not None,
+            cache=self.cache_folder,
+        )
 
     def pass_config(self) -> PassConfig:
         """The configuration of the tuned passes: the calibrated cost model, the timing, the config's measure."""
@@ -92,8 +115,14 @@ def prepare_tuning(config: TuneConfig) -> TuneSetup:
     cal = None
     model = config.cost_model
     if model is None:
-        cal = calibrated_cost_model(provider, threads, config.tokens, cache=config.cache, use_cache=config.use_cache,
-                                    measure=config.calibration_measure)
+        cal = calibrated_cost_model(
+            provider,
+            threads,
+            config.tokens,
+            cache=config.cache,
+            use_cache=config.use_cache,
+            measure=config.calibration_measure,
+        )
         model = cal.model
     return TuneSetup(config, provider, threads, model, cal, folder)
 
@@ -103,8 +132,9 @@ def tuned_pipeline() -> list[str]:
     return list(TIMED_PIPELINE)
 
 
-def run_tuned_pipeline(model: onnx.ModelProto, config: TuneConfig | None = None,
-                       names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[PassResult], TuneSetup]:
+def run_tuned_pipeline(
+    model: onnx.ModelProto, config: TuneConfig | None = None, names: Sequence[str] | None = None
+) -> tuple[onnx.ModelProto, list[PassResult], TuneSetup]:
     """Run the tuned pipeline (or the passes ``names``) configured by ``config``; an unknown name raises
     UnknownPassError before the calibration."""
     if names is not None:
@@ -124,19 +154,34 @@ def format_tuning(details: Sequence[dict]) -> list[str]:
     """One line per tuned layer and a summary line."""
     lines = []
     for d in details:
-        others = ", ".join(f"{k} {v / d['times']['dense']:.2f}" for k, v in sorted(d["times"].items())
-                           if k != "dense" and "dense" in d["times"])
-        head = (f"tune {d['node'] or '?'} ({d['out']}x{d['in']}, {d['blocks']} blocks, FLOP ratio "
-                f"{d['flop_ratio']:.2f}): {d['choice']}")
+        others = ", ".join(
+            f"{k} {v / d['times']['dense']:.2f}"
+            for k, v in sorted(d["times"].items())
+            if k != "dense" and "dense" in d["times"]
+        )
+        head = (
+            f"tune {d['node'] or '?'} ({d['out']}x{d['in']}, {d['blocks']} blocks, FLOP ratio "
+            f"{d['flop_ratio']:.2f}): {d['choice']}"
+        )
         if "dense" not in d["times"]:
-            lines.append(f"{head} (not timed: no cheaper structure)" if not d["times"] else f"{head} (times: "
-                         + ", ".join(f"{k} {1e3 * v:.3g} ms" for k, v in sorted(d["times"].items())) + ")")
+            lines.append(
+                f"{head} (not timed: no cheaper structure)"
+                if not d["times"]
+                else f"{head} (times: "
+                + ", ".join(f"{k} {1e3 * v:.3g} ms" for k, v in sorted(d["times"].items()))
+                + ")"
+            )
             continue
         rc = d.get("recheck")
-        again = ("; rechecked: " + ", ".join(f"{k} {v / rc['dense']:.2f}" for k, v in sorted(rc.items())
-                                             if k != "dense") if rc and "dense" in rc else "")
-        lines.append(f"{head} {d['ratio']:.2f}x dense (dense {1e3 * d['times']['dense']:.3g} ms"
-                     f"{'; ' + others if others else ''}{again}){' [cached]' if d['cached'] else ''}")
+        again = (
+            "; rechecked: " + ", ".join(f"{k} {v / rc['dense']:.2f}" for k, v in sorted(rc.items()) if k != "dense")
+            if rc and "dense" in rc
+            else ""
+        )
+        lines.append(
+            f"{head} {d['ratio']:.2f}x dense (dense {1e3 * d['times']['dense']:.3g} ms"
+            f"{'; ' + others if others else ''}{again}){' [cached]' if d['cached'] else ''}"
+        )
     if details:
         by = {}
         for d in details:
@@ -145,7 +190,9 @@ def format_tuning(details: Sequence[dict]) -> list[str]:
         tot_dense = sum(d["times"]["dense"] for d in timed)
         tot = sum(d["times"][d["choice"]] for d in timed)
         cached = sum(d["cached"] for d in details)
-        lines.append(f"tuned {len(details)} layers ({cached} from cache): "
-                     + ", ".join(f"{k} {v}" for k, v in sorted(by.items()))
-                     + (f"; timed layers together {tot / tot_dense:.2f}x dense" if tot_dense > 0 else ""))
+        lines.append(
+            f"tuned {len(details)} layers ({cached} from cache): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(by.items()))
+            + (f"; timed layers together {tot / tot_dense:.2f}x dense" if tot_dense > 0 else "")
+        )
     return lines

@@ -9,6 +9,7 @@ Errors, over all outputs together:
 and the check passes when, for every output, max|a - b| <= atol + rtol * max|b|.  Non-finite
 values anywhere, or a shape mismatch, fail the check (errors reported as inf).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,11 +32,14 @@ class ParityReport:
 
     def line(self) -> str:
         verdict = "ok" if self.ok else "FAILED"
-        return f"parity on {self.provider}: max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g} ({verdict})"
+        return (
+            f"parity on {self.provider}: max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g} ({verdict})"
+        )
 
 
-def compare_outputs(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], *, rtol: float, atol: float,
-                    provider: str = "") -> ParityReport:
+def compare_outputs(
+    outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], *, rtol: float, atol: float, provider: str = ""
+) -> ParityReport:
     """Errors of ``outputs`` against ``reference`` (see the module docstring for definitions)."""
     if len(outputs) != len(reference):
         return ParityReport(float("inf"), float("inf"), False, provider, list(outputs))
@@ -56,8 +60,17 @@ def compare_outputs(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarra
     return ParityReport(max_abs, max_rel, ok, provider, list(outputs))
 
 
-def check_parity(model, feeds: Mapping[str, np.ndarray], reference: Sequence[np.ndarray], *, rtol: float = 1e-4,
-                 atol: float = 1e-5, optimize: bool = True, providers=None, log: bool = False) -> ParityReport:
+def check_parity(
+    model,
+    feeds: Mapping[str, np.ndarray],
+    reference: Sequence[np.ndarray],
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    optimize: bool = True,
+    providers=None,
+    log: bool = False,
+) -> ParityReport:
     """Run ``model`` (ModelProto, bytes or path) on ``feeds`` in ONNX Runtime and compare every
     output with ``reference`` (same order as the graph outputs)."""
     sess = make_session(model, providers=providers, optimize=optimize, log=log, exact=True)

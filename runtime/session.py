@@ -3,6 +3,7 @@
 Imports onnxruntime and numpy only (no torch, no other part of gblrc), so that a deployed
 model needs nothing but this package and ONNX Runtime.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,15 @@ def _model_bytes(model_or_path) -> bytes | str:
     raise TypeError(f"expected an ONNX model, its bytes or a path, got {type(model_or_path).__name__}")
 
 
-def make_session(model_or_path, *, providers: Sequence[Any] | None = None, optimize: bool = True,
-                 threads: int | None = None, log: bool = True, exact: bool = False) -> ort.InferenceSession:
+def make_session(
+    model_or_path,
+    *,
+    providers: Sequence[Any] | None = None,
+    optimize: bool = True,
+    threads: int | None = None,
+    log: bool = True,
+    exact: bool = False,
+) -> ort.InferenceSession:
     """An InferenceSession for ``model_or_path`` (ModelProto, bytes or file path).
 
     providers: ONNX Runtime providers in priority order (default: :func:`default_providers`).
@@ -51,8 +59,9 @@ def make_session(model_or_path, *, providers: Sequence[Any] | None = None, optim
     exact: no TF32 on CUDA (used by the parity harness).
     """
     so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     so.log_severity_level = 3  # errors only: no provider-assignment chatter
     if threads is not None:
         so.intra_op_num_threads = int(threads)
@@ -60,7 +69,10 @@ def make_session(model_or_path, *, providers: Sequence[Any] | None = None, optim
     sess = ort.InferenceSession(_model_bytes(model_or_path), sess_options=so, providers=provs)
     if log:
         used = session_provider(sess)
-        note = "" if used == CUDA or CUDA not in [p[0] if isinstance(p, tuple) else p for p in provs] \
+        note = (
+            ""
+            if used == CUDA or CUDA not in [p[0] if isinstance(p, tuple) else p for p in provs]
             else " (CUDA provider requested but unavailable)"
+        )
         print(f"gblrc.runtime: ONNX Runtime {ort.__version__} running on {used}{note}", file=sys.stderr)
     return sess

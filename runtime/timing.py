@@ -16,6 +16,7 @@ these), and by the benchmarks.  How a model is timed:
 
 onnxruntime and numpy only (no torch, no other part of gblrc).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,18 @@ import numpy as np
 
 from .session import _model_bytes
 
-__all__ = ["CPU", "CUDA", "effective_threads", "resolve_provider", "timing_session", "Runner", "time_runs",
-           "time_interleaved", "best_of_sessions", "Timing"]
+__all__ = [
+    "CPU",
+    "CUDA",
+    "effective_threads",
+    "resolve_provider",
+    "timing_session",
+    "Runner",
+    "time_runs",
+    "time_interleaved",
+    "best_of_sessions",
+    "Timing",
+]
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -58,14 +69,17 @@ def resolve_provider(provider: str | None = "auto") -> str:
         return CPU
     if p in ("cuda", "gpu", CUDA.lower()):
         if CUDA not in avail:
-            raise ValueError(f"the CUDA provider is not available in this ONNX Runtime build "
-                             f"(available: {', '.join(avail)}); install onnxruntime-gpu on a machine with a GPU")
+            raise ValueError(
+                f"the CUDA provider is not available in this ONNX Runtime build "
+                f"(available: {', '.join(avail)}); install onnxruntime-gpu on a machine with a GPU"
+            )
         return CUDA
     raise ValueError(f"unknown provider {provider!r}; choose auto, cpu or cuda")
 
 
-def timing_session(model, provider: str = CPU, threads: int | None = None, *, cuda_graph: bool = False,
-                   optimize: bool = True):
+def timing_session(
+    model, provider: str = CPU, threads: int | None = None, *, cuda_graph: bool = False, optimize: bool = True
+):
     """An InferenceSession for timing ``model`` (ModelProto, bytes or path): ``provider`` (CUDA falls back
     to CPU for nodes it does not support, except with ``cuda_graph``, which needs every node on the GPU),
     ``threads`` intra-op threads (default: one per core), full graph optimisations, no spinning threads."""
@@ -73,8 +87,9 @@ def timing_session(model, provider: str = CPU, threads: int | None = None, *, cu
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = effective_threads(threads)
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if provider == CUDA:
@@ -125,13 +140,24 @@ class Runner:
         return [o.numpy() for o in self.binding.get_outputs()]
 
 
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-             "tensor(bool)": np.bool_}
+_NP_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
 
 
-def time_runs(runners: Mapping[str, Callable[[], None]], repeats: int = 9, warmup: int = 2,
-              clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+def time_runs(
+    runners: Mapping[str, Callable[[], None]],
+    repeats: int = 9,
+    warmup: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
     """Seconds of every timed run of each runner (interleaved round-robin, after ``warmup`` rounds)."""
     for _ in range(max(0, warmup)):
         for run in runners.values():
@@ -145,8 +171,12 @@ def time_runs(runners: Mapping[str, Callable[[], None]], repeats: int = 9, warmu
     return times
 
 
-def time_interleaved(runners: Mapping[str, Callable[[], None]], repeats: int = 9, warmup: int = 2,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+def time_interleaved(
+    runners: Mapping[str, Callable[[], None]],
+    repeats: int = 9,
+    warmup: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
     """Median seconds per run of each runner, the runners interleaved round-robin (so that load
     on a shared machine falls on all of them alike), after ``warmup`` untimed rounds."""
     return {k: float(np.median(v)) for k, v in time_runs(runners, repeats, warmup, clock).items()}
@@ -155,6 +185,7 @@ def time_interleaved(runners: Mapping[str, Callable[[], None]], repeats: int = 9
 @dataclass
 class Timing:
     """What :func:`best_of_sessions` measured: per model, the best (smallest) median and every session's."""
+
     best: dict[str, float]
     medians: dict[str, list[float]] = field(default_factory=dict)
     outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # each model's outputs (last session)
@@ -163,9 +194,18 @@ class Timing:
         return self.best[a] / self.best[b]
 
 
-def best_of_sessions(models: Mapping[str, Any], feeds, *, provider: str = CPU, threads: int | None = None,
-                     repeats: int = 15, sessions: int = 3, warmup: int = 3, cuda_graph: bool = False,
-                     keep_outputs: bool = False) -> Timing:
+def best_of_sessions(
+    models: Mapping[str, Any],
+    feeds,
+    *,
+    provider: str = CPU,
+    threads: int | None = None,
+    repeats: int = 15,
+    sessions: int = 3,
+    warmup: int = 3,
+    cuda_graph: bool = False,
+    keep_outputs: bool = False,
+) -> Timing:
     """Time every model in ``models`` (name -> ModelProto, bytes or path) on the same inputs.
 
     feeds: one mapping input name -> array for all models, or name -> feeds per model.  For each of

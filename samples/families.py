@@ -20,6 +20,7 @@ benchmarks (``benchmarks/families.py``).  Data helpers: :func:`digits` (scikit-l
 fixed split, optionally upsampled to 16x16) and :func:`pydoc_bytes` (CPython's bundled documentation
 text as byte tokens).
 """
+
 from __future__ import annotations
 
 import math
@@ -89,9 +90,19 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """Vision transformer for (N, channels, image_size, image_size) images."""
 
-    def __init__(self, image_size: int = 16, patch: int = 4, channels: int = 1, dim: int = 64, depth: int = 2,
-                 heads: int = 4, mlp_dim: int = 128, num_classes: int = 10, pool: str = "cls",
-                 fused_qkv: bool = True):
+    def __init__(
+        self,
+        image_size: int = 16,
+        patch: int = 4,
+        channels: int = 1,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_dim: int = 128,
+        num_classes: int = 10,
+        pool: str = "cls",
+        fused_qkv: bool = True,
+    ):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")
@@ -134,8 +145,17 @@ class MixerBlock(nn.Module):
 class Mixer(nn.Module):
     """MLP-Mixer for (N, channels, image_size, image_size) images."""
 
-    def __init__(self, image_size: int = 16, patch: int = 4, channels: int = 1, dim: int = 64, depth: int = 2,
-                 token_dim: int = 64, channel_dim: int = 128, num_classes: int = 10):
+    def __init__(
+        self,
+        image_size: int = 16,
+        patch: int = 4,
+        channels: int = 1,
+        dim: int = 64,
+        depth: int = 2,
+        token_dim: int = 64,
+        channel_dim: int = 128,
+        num_classes: int = 10,
+    ):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")
@@ -179,8 +199,9 @@ class ResNet(nn.Module):
 
     def __init__(self, channels: int = 1, widths: tuple = (16, 32), blocks: int = 1, num_classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(channels, widths[0], 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         layers, cin = [], widths[0]
         for i, w in enumerate(widths):
             for j in range(blocks):
@@ -194,8 +215,14 @@ class ResNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- GPT-2
-def gpt2(vocab_size: int = 256, n_embd: int = 32, n_layer: int = 1, n_head: int = 2, n_positions: int = 64,
-         seed: int | None = 0):
+def gpt2(
+    vocab_size: int = 256,
+    n_embd: int = 32,
+    n_layer: int = 1,
+    n_head: int = 2,
+    n_positions: int = 64,
+    seed: int | None = 0,
+):
     """A Hugging Face GPT2LMHeadModel with random weights (no dropout, eager attention), in eval mode.
 
     Call it with ``input_ids`` (and ``attention_mask``); its logits are ``out.logits``."""
@@ -205,9 +232,19 @@ def gpt2(vocab_size: int = 256, n_embd: int = 32, n_layer: int = 1, n_head: int 
 
     if seed is not None:
         torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-                     use_cache=False)
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_positions=n_positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
+    )
     try:
         model = GPT2LMHeadModel(cfg, attn_implementation="eager")
     except TypeError:  # older transformers: the attention implementation is a config field

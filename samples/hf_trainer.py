@@ -19,6 +19,7 @@ For distillation from a pretrained model instead of a task loss, override ``comp
 script with ``torchrun --nproc-per-node N`` or ``accelerate launch``; the Trainer wraps the model in
 DistributedDataParallel (its default ``ddp_find_unused_parameters`` lets the cool-down freeze the structure).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,15 @@ def genre_data(tok, n: int, seed: int = 0, max_len: int = 48):
     rows = [(s, 0) for s in prose[: n // 2]] + [(s, 1) for s in docs[: n // 2]]
     rng.shuffle(rows)
     enc = tok([s for s, _ in rows], padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
-             "token_type_ids": enc["token_type_ids"][i], "labels": torch.tensor(y)} for i, (_, y) in enumerate(rows)]
+    return [
+        {
+            "input_ids": enc["input_ids"][i],
+            "attention_mask": enc["attention_mask"][i],
+            "token_type_ids": enc["token_type_ids"][i],
+            "labels": torch.tensor(y),
+        }
+        for i, (_, y) in enumerate(rows)
+    ]
 
 
 @torch.no_grad()
@@ -53,7 +61,7 @@ def accuracy(model, rows, bs: int = 64) -> float:
     model.eval()
     hits = 0
     for i in range(0, len(rows), bs):
-        b = {k: torch.stack([r[k] for r in rows[i:i + bs]]) for k in rows[0]}
+        b = {k: torch.stack([r[k] for r in rows[i : i + bs]]) for k in rows[0]}
         y = b.pop("labels")
         hits += int((model(**b).logits.argmax(-1) == y).sum())
     return hits / len(rows)
@@ -72,29 +80,55 @@ def main(argv=None):
     data = genre_data(tok, a.examples + 600)
     train, test = data[:-600], data[-600:]
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=128, num_hidden_layers=2,
-                                                     num_attention_heads=4, intermediate_size=512,
-                                                     max_position_embeddings=64, num_labels=2))
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=512,
+            max_position_embeddings=64,
+            num_labels=2,
+        )
+    )
     cfg = gblrc.CompressConfig(budget=a.budget, steps=a.steps, lr=a.lr, include=r"^bert\.encoder\.", progress=False)
     model, ctrl = gblrc.prepare(model, cfg)  # no calibration data: plain SVD init of the random weights
-    opt = torch.optim.AdamW(ctrl.param_groups(lr=a.lr) + [{"params": [p for n, p in model.named_parameters()
-                                                                       if "encoder" not in n], "lr": a.lr}])
+    opt = torch.optim.AdamW(
+        ctrl.param_groups(lr=a.lr)
+        + [{"params": [p for n, p in model.named_parameters() if "encoder" not in n], "lr": a.lr}]
+    )
     cb = gblrc.GBLRCallback(ctrl)
-    args = TrainingArguments(output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=32, learning_rate=a.lr,
-                             warmup_steps=a.steps // 10, save_steps=max(1, a.steps // 3), save_total_limit=2,
-                             logging_steps=max(1, a.steps // 10), report_to=[], use_cpu=not torch.cuda.is_available(),
-                             seed=0, dataloader_num_workers=0)
+    args = TrainingArguments(
+        output_dir=a.out,
+        max_steps=a.steps,
+        per_device_train_batch_size=32,
+        learning_rate=a.lr,
+        warmup_steps=a.steps // 10,
+        save_steps=max(1, a.steps // 3),
+        save_total_limit=2,
+        logging_steps=max(1, a.steps // 10),
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+        dataloader_num_workers=0,
+    )
     Trainer(model=model, args=args, train_dataset=train, optimizers=(opt, None), callbacks=[cb]).train(
-        resume_from_checkpoint=True if a.resume else None)
+        resume_from_checkpoint=True if a.resume else None
+    )
     rep = cb.report
     if args.process_index == 0:
         acc = accuracy(model.cpu(), test)
         out = Path(a.out) / "model.gblr.pt"
-        gblrc.save(model, out, example_inputs={k: torch.stack([r[k] for r in test[:2]])
-                                               for k in ("input_ids", "attention_mask")})
-        print(f"GBLR encoder at budget {a.budget}: achieved cost ratio {rep['achieved_ratio']:.3f}, "
-              f"{sum(r['blocks'] for r in rep['layers'])} blocks ({rep['structure_moved']['blocks_changed']:.2f} of "
-              f"the initial ones moved); held-out genre accuracy {acc:.3f}; wrote {out}")
+        gblrc.save(
+            model,
+            out,
+            example_inputs={k: torch.stack([r[k] for r in test[:2]]) for k in ("input_ids", "attention_mask")},
+        )
+        print(
+            f"GBLR encoder at budget {a.budget}: achieved cost ratio {rep['achieved_ratio']:.3f}, "
+            f"{sum(r['blocks'] for r in rep['layers'])} blocks ({rep['structure_moved']['blocks_changed']:.2f} of "
+            f"the initial ones moved); held-out genre accuracy {acc:.3f}; wrote {out}"
+        )
 
 
 if __name__ == "__main__":

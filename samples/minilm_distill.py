@@ -11,6 +11,7 @@ cosine between the dense and the compressed mean-pooled sentence embeddings.
 
 Takes minutes on a laptop CPU (it is a real 22M-parameter model); use --steps to trade time for quality.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ def mean_pooled(model, tok, sentences, batch=64):
     outs = []
     with torch.no_grad():
         for i in range(0, len(sentences), batch):
-            enc = tok(sentences[i:i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            enc = tok(sentences[i : i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
             h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0]
             m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
             outs.append((h * m).sum(1) / m.sum(1))
@@ -53,14 +54,30 @@ def main(argv=None):
     from gblrc.io.zoo import english_sentences, load_minilm, minilm_path
 
     sents = english_sentences()
-    held = sents[-a.heldout_sentences:]
+    held = sents[-a.heldout_sentences :]
     train = sents[: min(a.train_sentences, len(sents) - len(held))]
     a.out.mkdir(parents=True, exist_ok=True)
     txt, out = a.out / "minilm_sentences.txt", a.out / "minilm.gblr.pt"
     txt.write_text("\n".join(train) + "\n", encoding="utf-8")
 
-    args = ["compress", str(minilm_path()), "--budget", str(a.budget), "--data", str(txt), "--include", r"^encoder\.",
-            "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr", str(a.lr), "-o", str(out)]
+    args = [
+        "compress",
+        str(minilm_path()),
+        "--budget",
+        str(a.budget),
+        "--data",
+        str(txt),
+        "--include",
+        r"^encoder\.",
+        "--steps",
+        str(a.steps),
+        "--batch-size",
+        str(a.batch_size),
+        "--lr",
+        str(a.lr),
+        "-o",
+        str(out),
+    ]
     print("$ gblrc " + " ".join(shlex.quote(x) for x in args), flush=True)
     t = time.perf_counter()
     cli(args, standalone_mode=False)
@@ -74,9 +91,11 @@ def main(argv=None):
     rep = json.loads(rep_path.read_text())
     rep["heldout_embedding_cosine"] = {"mean": float(cos.mean()), "min": float(cos.min()), "sentences": len(held)}
     rep_path.write_text(json.dumps(rep, indent=1) + "\n")
-    print(f"MiniLM, {len(train)} training sentences, {a.steps} steps, {dt:.0f} s: achieved cost ratio "
-          f"{rep['achieved_ratio']:.4f} (budget {a.budget}); held-out sentence-embedding cosine to the dense "
-          f"model: mean {cos.mean():.4f}, min {cos.min():.4f} over {len(held)} sentences")
+    print(
+        f"MiniLM, {len(train)} training sentences, {a.steps} steps, {dt:.0f} s: achieved cost ratio "
+        f"{rep['achieved_ratio']:.4f} (budget {a.budget}); held-out sentence-embedding cosine to the dense "
+        f"model: mean {cos.mean():.4f}, min {cos.min():.4f} over {len(held)} sentences"
+    )
 
 
 if __name__ == "__main__":

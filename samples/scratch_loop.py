@@ -18,6 +18,7 @@ AdamW, a learning-rate scheduler -- with one gblrc call after each optimizer ste
 
 ``benchmarks/scratch_structures.py`` runs :func:`train_structured` over seeds and budgets.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,20 +32,39 @@ import torch.nn.functional as F
 
 import gblrc
 
-_spec = importlib.util.spec_from_file_location("gblrc_samples_families", Path(__file__).resolve().parent / "families.py")
+_spec = importlib.util.spec_from_file_location(
+    "gblrc_samples_families", Path(__file__).resolve().parent / "families.py"
+)
 fam = importlib.util.module_from_spec(_spec)  # samples/families.py (samples/ is a folder of scripts)
 _spec.loader.exec_module(fam)
 
 __all__ = ["train_structured", "accuracy"]
 
 
-def train_structured(model, budget: float, data: dict, *, structure: str = "gblr", steps: int = 1000,
-                     lr: float = 1e-3, lr_struct: float | None = None, batch_size: int = 64, seed: int = 0):
+def train_structured(
+    model,
+    budget: float,
+    data: dict,
+    *,
+    structure: str = "gblr",
+    steps: int = 1000,
+    lr: float = 1e-3,
+    lr_struct: float | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+):
     """Replace ``model``'s linear layers by GBLR (or low-rank) layers at ``budget`` and train everything
     from scratch on ``data`` ({"inputs", "targets"}) in a plain loop; returns (model, report)."""
-    cfg = gblrc.CompressConfig(budget=budget, steps=steps, lr=lr, structure=structure, init="svd",
-                               allocate="uniform", seed=seed,
-                               training=gblrc.TrainingConfig(lr_struct=lr_struct, train_rest=True))
+    cfg = gblrc.CompressConfig(
+        budget=budget,
+        steps=steps,
+        lr=lr,
+        structure=structure,
+        init="svd",
+        allocate="uniform",
+        seed=seed,
+        training=gblrc.TrainingConfig(lr_struct=lr_struct, train_rest=True),
+    )
     model, ctrl = gblrc.prepare(model, cfg)
     opt = torch.optim.AdamW(ctrl.param_groups())  # content (the whole model: train_rest) | structure
     # content: cosine from lr to 0.1 lr; structure: constant (as gblrc's own loop)
@@ -72,7 +92,7 @@ def train_structured(model, budget: float, data: dict, *, structure: str = "gblr
 def accuracy(model, data, bs: int = 256) -> float:
     model.eval()
     x, y = data["inputs"], data["targets"]
-    return sum(int((model(x[i:i + bs]).argmax(-1) == y[i:i + bs]).sum()) for i in range(0, len(x), bs)) / len(x)
+    return sum(int((model(x[i : i + bs]).argmax(-1) == y[i : i + bs]).sum()) for i in range(0, len(x), bs)) / len(x)
 
 
 def main(argv=None):
@@ -92,11 +112,14 @@ def main(argv=None):
     xtr, ytr, xte, yte = fam.digits(image_size=size, seed=0)
     model = fam.build(a.model, a.size, seed=a.seed, image_size=size)  # random init
     lr = a.lr if a.lr is not None else {"vit": 1e-3, "mixer": 2e-3}[a.model]
-    model, rep = train_structured(model, a.budget, {"inputs": xtr, "targets": ytr}, structure=a.structure,
-                                  steps=a.steps, lr=lr, seed=a.seed)
-    print(f"{a.model} {a.structure} at budget {a.budget}: achieved cost ratio {rep['achieved_ratio']:.3f}, "
-          f"held-out accuracy {accuracy(model, {'inputs': xte, 'targets': yte}):.4f}, "
-          f"{sum(r['blocks'] for r in rep['layers'])} blocks, {rep['structure_moved']['blocks_changed']:.2f} moved")
+    model, rep = train_structured(
+        model, a.budget, {"inputs": xtr, "targets": ytr}, structure=a.structure, steps=a.steps, lr=lr, seed=a.seed
+    )
+    print(
+        f"{a.model} {a.structure} at budget {a.budget}: achieved cost ratio {rep['achieved_ratio']:.3f}, "
+        f"held-out accuracy {accuracy(model, {'inputs': xte, 'targets': yte}):.4f}, "
+        f"{sum(r['blocks'] for r in rep['layers'])} blocks, {rep['structure_moved']['blocks_changed']:.2f} moved"
+    )
     if a.output:
         gblrc.save(model, a.output, example_inputs=xte[:4])
         print(f"wrote {a.output}")

@@ -7,6 +7,7 @@ Writes samples/digits_mlp.pt (the whole model, torch.save(model); only torch.nn 
     python samples/tiny_mlp.py
     gblrc compress samples/digits_mlp.pt --budget 0.4 --data samples/digits_data.pt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ def train(model, x, y, *, epochs: int = 60, batch: int = 64, lr: float = 2e-3, s
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
@@ -67,8 +68,10 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     torch.save(model, a.out / "digits_mlp.pt")
     torch.save({"inputs": xtr, "targets": ytr, "eval_inputs": xte, "eval_targets": yte}, a.out / "digits_data.pt")
-    print(f"digits MLP 64-{a.hidden}-{a.hidden}-10: train accuracy {accuracy(model, xtr, ytr):.4f}, "
-          f"held-out accuracy {accuracy(model, xte, yte):.4f} ({len(xte)} images)")
+    print(
+        f"digits MLP 64-{a.hidden}-{a.hidden}-10: train accuracy {accuracy(model, xtr, ytr):.4f}, "
+        f"held-out accuracy {accuracy(model, xte, yte):.4f} ({len(xte)} images)"
+    )
     print(f"wrote {a.out / 'digits_mlp.pt'} and {a.out / 'digits_data.pt'}")
 
 

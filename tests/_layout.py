@@ -3,6 +3,7 @@
 Every ``import`` / ``from ... import`` counts, lazy ones inside functions included. Modules are named as
 they install: ``gblrc/...`` as ``gblrc...``, ``passes/`` as ``gblrc.passes``, ``runtime/`` as ``gblrc.runtime``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -25,8 +26,10 @@ ALLOWED = {
     "root": {"learn", "export", "io", "nn", "ir", "passes", "runtime", "errors"},
 }
 # third-party packages a group may not import at all (besides what it may import by ALLOWED)
-FORBIDDEN_THIRD_PARTY = {"ir": {"torch", "onnx", "onnxruntime", "onnx_graphsurgeon", "transformers"},
-                         "passes": {"torch", "transformers"}}
+FORBIDDEN_THIRD_PARTY = {
+    "ir": {"torch", "onnx", "onnxruntime", "onnx_graphsurgeon", "transformers"},
+    "passes": {"torch", "transformers"},
+}
 ONLY_THIRD_PARTY = {"runtime": {"onnxruntime", "numpy"}}
 
 

@@ -1,4 +1,5 @@
 """Test helpers: random GBLR weights and one-node ONNX models holding a GBLRLinear node."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,22 +7,40 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from gblrc.ir.structure import (
-    ONNX_DOMAIN, ONNX_OP, GBLRWeights, Structure, cyclic_spans, merge_same_intervals, pack_factors, to_onnx_attributes,
+    ONNX_DOMAIN,
+    ONNX_OP,
+    GBLRWeights,
+    Structure,
+    cyclic_spans,
+    merge_same_intervals,
+    pack_factors,
+    to_onnx_attributes,
 )
 
 
-def random_weights(rng: np.random.Generator, n_in: int, n_out: int, K: int, r: int = 1, bias: bool = True,
-                   zero_frac: float = 0.1, full_frac: float = 0.1, max_col_frac: float = 1.0) -> GBLRWeights:
+def random_weights(
+    rng: np.random.Generator,
+    n_in: int,
+    n_out: int,
+    K: int,
+    r: int = 1,
+    bias: bool = True,
+    zero_frac: float = 0.1,
+    full_frac: float = 0.1,
+    max_col_frac: float = 1.0,
+) -> GBLRWeights:
     """K random rank-r components on cyclic intervals (so they may wrap around, overlap, be empty or full);
     components on the same intervals are grouped into one block.  Column widths are at most
     max(1, max_col_frac * n_in) unless full."""
     comps = []
     for _ in range(K):
+
         def interval(n, frac=1.0):
             u = rng.random()
             hi = max(1, int(frac * n))
             w = 0 if u < zero_frac else n if u < zero_frac + full_frac else int(rng.integers(1, hi + 1))
             return cyclic_spans(int(rng.integers(0, n)), w, n)
+
         rows, cols = interval(n_out), interval(n_in, max_col_frac)
         if not rows or not cols:
             continue
@@ -50,7 +69,8 @@ def gblr_model(w: GBLRWeights, lead: int = 1, opset: int = 17) -> onnx.ModelProt
     dims = [f"d{i}" for i in range(lead)]
     node = helper.make_node(ONNX_OP, ins, ["Y"], name="layer0", domain=ONNX_DOMAIN, **to_onnx_attributes(s))
     g = helper.make_graph(
-        [node], "g",
+        [node],
+        "g",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, dims + [s.in_features])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, dims + [s.out_features])],
         inits,
@@ -119,13 +139,15 @@ def chain_model(ws: list[GBLRWeights], names: list[str]) -> onnx.ModelProto:
             inits.append(numpy_helper.from_array(np.asarray(w.bias, np.float32), f"b{i}"))
             ins.append(f"b{i}")
         out = "Y" if i == len(ws) - 1 else f"h{i}"
-        nodes.append(helper.make_node(ONNX_OP, ins, [out], name=name, domain=ONNX_DOMAIN,
-                                      **to_onnx_attributes(w.structure)))
+        nodes.append(
+            helper.make_node(ONNX_OP, ins, [out], name=name, domain=ONNX_DOMAIN, **to_onnx_attributes(w.structure))
+        )
         if out != "Y":
             nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
             cur = f"r{i}"
     g = helper.make_graph(
-        nodes, "chain",
+        nodes,
+        "chain",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["a", "b", ws[0].structure.in_features])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["a", "b", ws[-1].structure.out_features])],
         inits,

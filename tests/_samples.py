@@ -1,4 +1,5 @@
 """Test helpers: the sample model families module, and GBLR layers with random structure and factors."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,8 +24,12 @@ def randomize(layer, rng: np.random.Generator, seed: int, full: bool = False):
     if full:
         layer.set_intervals([n_in] * K, [0] * K, [n_out] * K, [0] * K)
     else:
-        layer.set_intervals(rng.integers(0, n_in + 1, K), rng.integers(0, n_in, K),
-                            rng.integers(0, n_out + 1, K), rng.integers(0, n_out, K))
+        layer.set_intervals(
+            rng.integers(0, n_in + 1, K),
+            rng.integers(0, n_in, K),
+            rng.integers(0, n_out + 1, K),
+            rng.integers(0, n_out, K),
+        )
     with torch.no_grad():
         torch.manual_seed(seed)
         layer.U.normal_()

@@ -3,6 +3,7 @@
 "ci": derandomised (the same examples on every run), no deadline, prints a reproduction blob.
 "dev": random examples, no deadline.  Select with HYPOTHESIS_PROFILE (default "dev").
 """
+
 import os
 
 import pytest

@@ -1,4 +1,5 @@
 """Sensitivity-based budget allocation across layers (gblrc.learn.allocate, compress(allocate="sensitivity"))."""
+
 from __future__ import annotations
 
 import copy
@@ -72,8 +73,7 @@ def test_sensitivity_curves_measure_the_output_error():
     assert curves["loud"][0][1] > 10 * curves["quiet"][0][1]
 
 
-@given(st.lists(st.lists(st.floats(1e-6, 1.0), min_size=3, max_size=6), min_size=1, max_size=5),
-       st.floats(0.3, 0.9))
+@given(st.lists(st.lists(st.floats(1e-6, 1.0), min_size=3, max_size=6), min_size=1, max_size=5), st.floats(0.3, 0.9))
 def test_solve_allocation_never_exceeds_the_budget(losses, budget):
     curves, dense = {}, {}
     for i, ls in enumerate(losses):
@@ -101,8 +101,17 @@ def test_compress_with_sensitivity_allocation_hits_the_budget(structure):
     model = TwoPaths().eval()
     teacher = copy.deepcopy(model)
     xs = _data(batches=4)
-    out, rep = gblrc.compress(model, 0.4, data=torch.cat(xs), steps=20, batch_size=256, include="quiet|loud",
-                              structure=structure, allocate="sensitivity", progress=False)
+    out, rep = gblrc.compress(
+        model,
+        0.4,
+        data=torch.cat(xs),
+        steps=20,
+        batch_size=256,
+        include="quiet|loud",
+        structure=structure,
+        allocate="sensitivity",
+        progress=False,
+    )
     assert rep["achieved_ratio"] <= 0.4
     if structure == "gblr":  # low rank moves in whole components of 64 multiply-adds (0.03 here)
         assert rep["achieved_ratio"] >= 0.38
@@ -111,8 +120,17 @@ def test_compress_with_sensitivity_allocation_hits_the_budget(structure):
     with torch.no_grad():
         err = ((out(xs[0]) - teacher(xs[0])) ** 2).sum() / (teacher(xs[0]) ** 2).sum()
     torch.manual_seed(0)
-    uni, rep_u = gblrc.compress(copy.deepcopy(teacher), 0.4, data=torch.cat(xs), steps=20, batch_size=256,
-                                include="quiet|loud", structure=structure, allocate="uniform", progress=False)
+    uni, rep_u = gblrc.compress(
+        copy.deepcopy(teacher),
+        0.4,
+        data=torch.cat(xs),
+        steps=20,
+        batch_size=256,
+        include="quiet|loud",
+        structure=structure,
+        allocate="uniform",
+        progress=False,
+    )
     with torch.no_grad():
         err_u = ((uni(xs[0]) - teacher(xs[0])) ** 2).sum() / (teacher(xs[0]) ** 2).sum()
     assert err < err_u
@@ -122,8 +140,18 @@ def test_sensitivity_without_a_data_aware_init_warns_and_stays_uniform():
     xs = torch.cat(_data(batches=2))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        _, rep = gblrc.compress(TwoPaths(), 0.4, data=xs, steps=2, batch_size=256, include="quiet|loud",
-                                init="svd", allocate="sensitivity", structure="lowrank", progress=False)
+        _, rep = gblrc.compress(
+            TwoPaths(),
+            0.4,
+            data=xs,
+            steps=2,
+            batch_size=256,
+            include="quiet|loud",
+            init="svd",
+            allocate="sensitivity",
+            structure="lowrank",
+            progress=False,
+        )
     assert any("kept uniform" in str(x.message) for x in w)
     assert any("kept uniform" in m for m in rep["warnings"])
     assert len({r["ratio"] for r in rep["layers"]}) == 1
@@ -144,10 +172,30 @@ def test_bad_allocate_value_is_refused():
 def test_allocate_cap_bounds_every_layer():
     torch.manual_seed(0)
     xs = torch.cat(_data(batches=2))
-    _, rep = gblrc.compress(TwoPaths(), 0.4, data=xs, steps=2, batch_size=256, include="quiet|loud",
-                            structure="lowrank", allocate="sensitivity", allocate_cap=1.25, progress=False)
+    _, rep = gblrc.compress(
+        TwoPaths(),
+        0.4,
+        data=xs,
+        steps=2,
+        batch_size=256,
+        include="quiet|loud",
+        structure="lowrank",
+        allocate="sensitivity",
+        allocate_cap=1.25,
+        progress=False,
+    )
     assert rep["allocate"] == "sensitivity"
     assert max(rep["allocated_ratios"].values()) <= 0.5 + 1e-3
-    _, free = gblrc.compress(TwoPaths(), 0.4, data=xs, steps=2, batch_size=256, include="quiet|loud",
-                             structure="lowrank", allocate="sensitivity", allocate_cap=None, progress=False)
+    _, free = gblrc.compress(
+        TwoPaths(),
+        0.4,
+        data=xs,
+        steps=2,
+        batch_size=256,
+        include="quiet|loud",
+        structure="lowrank",
+        allocate="sensitivity",
+        allocate_cap=None,
+        progress=False,
+    )
     assert max(free["allocated_ratios"].values()) > 0.5

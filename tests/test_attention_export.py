@@ -1,5 +1,6 @@
 """The export form of attention (eager / SDPA: chosen, recorded, overridable), `lower --optimize` (ONNX Runtime's
 transformer optimizer on the lowered graph) and `gblrc bench` with the example shapes `lower` recorded (issue 22)."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ def tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.set_num_threads(1)
-    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                     vocab_size=100, max_position_embeddings=64)
+    cfg = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = BertModel(cfg).eval()
     with warnings.catch_warnings():
@@ -84,7 +91,9 @@ def test_auto_times_both_forms_and_records_the_measurement(tiny_bert, tmp_path):
     model, ex = tiny_bert
     rep = gblrc.lower(model, ex, tmp_path / "m.onnx", with_dense=tmp_path / "d.onnx")  # attention="auto"
     a = rep.attention
-    assert a.form in ("eager", "sdpa") and set(a.seconds) == {"eager", "sdpa"} and all(v > 0 for v in a.seconds.values())
+    assert (
+        a.form in ("eager", "sdpa") and set(a.seconds) == {"eager", "sdpa"} and all(v > 0 for v in a.seconds.values())
+    )
     assert a.provider == "CPUExecutionProvider" and a.shapes == {"input_ids": [2, 16], "attention_mask": [2, 16]}
     fast = min(a.seconds, key=a.seconds.get)
     if a.chosen_by == "measured":
@@ -154,18 +163,49 @@ def test_optimize_refuses_what_it_cannot_optimise(tmp_path):
 def test_bench_without_shapes_uses_the_recorded_example_shapes(tiny_bert, tmp_path):
     model, ex = tiny_bert
     gblrc.lower(model, ex, tmp_path / "m.onnx", attention="eager", with_dense=tmp_path / "d.onnx")
-    assert json.loads(_props(tmp_path / "m.onnx")["gblrc.example_shapes"]) == {"input_ids": [2, 16],
-                                                                              "attention_mask": [2, 16]}
-    r = CliRunner().invoke(main, ["bench", str(tmp_path / "m.onnx"), "--against", str(tmp_path / "d.onnx"),
-                                  "--repeats", "2", "--sessions", "1", "--threads", "1", "--json",
-                                  str(tmp_path / "b.json")])
+    assert json.loads(_props(tmp_path / "m.onnx")["gblrc.example_shapes"]) == {
+        "input_ids": [2, 16],
+        "attention_mask": [2, 16],
+    }
+    r = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(tmp_path / "m.onnx"),
+            "--against",
+            str(tmp_path / "d.onnx"),
+            "--repeats",
+            "2",
+            "--sessions",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "no --shape given: inputs shaped as the example shapes `gblrc lower` recorded" in r.output
     assert "input_ids=2x16, attention_mask=2x16" in r.output and "time ratio" in r.output
     assert json.loads((tmp_path / "b.json").read_text())["shapes_from"].startswith("the example shapes")
     # given shapes still win
-    r = CliRunner().invoke(main, ["bench", str(tmp_path / "m.onnx"), "--shape", "input_ids=1x8", "--shape",
-                                  "attention_mask=1x8", "--repeats", "2", "--sessions", "1", "--threads", "1"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(tmp_path / "m.onnx"),
+            "--shape",
+            "input_ids=1x8",
+            "--shape",
+            "attention_mask=1x8",
+            "--repeats",
+            "2",
+            "--sessions",
+            "1",
+            "--threads",
+            "1",
+        ],
+    )
     assert r.exit_code == 0 and "no --shape given" not in r.output and "input_ids=1x8" in r.output
 
 
@@ -182,8 +222,9 @@ def test_bench_without_shapes_on_a_dynamic_model_lower_did_not_write(tiny_bert, 
 def test_cli_lower_attention_and_optimize(tiny_bert, tmp_path):
     model, ex = tiny_bert
     gblrc.save(model, tmp_path / "m.gblr.pt", example_inputs=ex)
-    r = CliRunner().invoke(main, ["lower", str(tmp_path / "m.gblr.pt"), "-o", str(tmp_path / "m.onnx"),
-                                  "--attention", "sdpa"])
+    r = CliRunner().invoke(
+        main, ["lower", str(tmp_path / "m.gblr.pt"), "-o", str(tmp_path / "m.onnx"), "--attention", "sdpa"]
+    )
     assert r.exit_code == 0, r.output
     assert "attention: exported sdpa (option)" in r.output
     assert read_choice(onnx.load(str(tmp_path / "m.onnx")))["form"] == "sdpa"
@@ -191,18 +232,22 @@ def test_cli_lower_attention_and_optimize(tiny_bert, tmp_path):
     assert r.exit_code == 0, r.output
     assert "optimize: ONNX Runtime transformer optimizer (model type bert, 4 heads, hidden 64): fused" in r.output
     assert "encoder.layer.1.attention: Q/K/V" in r.output
-    r = CliRunner().invoke(main, ["lower", str(tmp_path / "m.gblr.pt"), "-o", str(tmp_path / "x.onnx"),
-                                  "--attention", "flash"])
+    r = CliRunner().invoke(
+        main, ["lower", str(tmp_path / "m.gblr.pt"), "-o", str(tmp_path / "x.onnx"), "--attention", "flash"]
+    )
     assert r.exit_code != 0 and not (tmp_path / "x.onnx").exists()
-    r = CliRunner().invoke(main, ["lower", str(tmp_path / "m.gblr.pt"), "-o", str(tmp_path / "x.onnx"), "--optimize",
-                                  "--keep-gblr-ops"])
+    r = CliRunner().invoke(
+        main, ["lower", str(tmp_path / "m.gblr.pt"), "-o", str(tmp_path / "x.onnx"), "--optimize", "--keep-gblr-ops"]
+    )
     assert r.exit_code != 0 and "exclude each other" in r.output and not (tmp_path / "x.onnx").exists()
 
 
 def test_optimize_then_fp16_with_fused_attention(tiny_bert, tmp_path):
     """fp16 of an optimized graph whose attention is fused (the dense reference: every block fuses)."""
     model, ex = tiny_bert
-    rep = gblrc.lower(model, ex, tmp_path / "m16.onnx", optimize=True, precision="fp16", with_dense=tmp_path / "d16.onnx")
+    rep = gblrc.lower(
+        model, ex, tmp_path / "m16.onnx", optimize=True, precision="fp16", with_dense=tmp_path / "d16.onnx"
+    )
     assert rep.precision == "fp16" and rep.fp16["max_rel"] <= rep.rtol
     assert "SkipLayerNormalization" not in rep.fp16["fp32_ops"]
     d = op_counts(onnx.load(str(tmp_path / "d16.onnx")))

@@ -1,5 +1,6 @@
 """The time budget (issue 12, item 3): ``compress(budget_unit="time")`` charges each layer what the
 compiler's cost model estimates for it as the default ``gblrc lower`` lowers it."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ from _onnx_builders import gblr_model, random_weights
 from gblrc.cli import main as cli
 from gblrc.ir.cost import DEFAULT_COST_MODEL as M, lowered_estimate
 from gblrc.ir.merge import merge_blocks, merge_structure
-from gblrc.ir.structure import Block, Span, Structure
 from gblrc.learn import compress as C
 from gblrc.learn.allocate import choose_points, uniform_time_ratios
 from gblrc.learn.budget import TimeCost, cost_ratio, cost_unit, fit_to_budget
@@ -25,8 +25,12 @@ from gblrc.passes import run_pipeline
 
 
 @settings(max_examples=40)
-@given(seed=st.integers(0, 2**31 - 1), K=st.integers(1, 12), n_in=st.sampled_from([24, 64, 96]),
-       n_out=st.sampled_from([32, 64, 128]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    K=st.integers(1, 12),
+    n_in=st.sampled_from([24, 64, 96]),
+    n_out=st.sampled_from([32, 64, 128]),
+)
 def test_merge_structure_is_the_structure_merge_blocks_gives(seed, K, n_in, n_out):
     w = random_weights(np.random.default_rng(seed), n_in, n_out, K, r=int(seed % 3) + 1)
     cost = lambda b: M.block_codes(b, n_in)  # noqa: E731 (the merge-blocks pass's block cost)
@@ -43,8 +47,11 @@ def test_estimate_names_the_lowering_the_default_pipeline_chooses(seed, K, bias)
     # the pipeline without choose-products (its per-block tiles are not modelled by the estimate)
     _, results = run_pipeline(gblr_model(w), ["merge-blocks", "dense-fallback", "lower-gblr", "cleanup"])
     counts = {k: v for r in results for k, v in r.counts.items()}
-    chosen = "dense" if counts.get("dense_layers") else next(k[len("lowered_"):] for k, v in counts.items()
-                                                             if k.startswith("lowered_") and v)
+    chosen = (
+        "dense"
+        if counts.get("dense_layers")
+        else next(k[len("lowered_") :] for k, v in counts.items() if k.startswith("lowered_") and v)
+    )
     assert chosen == strategy
 
 
@@ -107,7 +114,7 @@ def test_fit_to_a_time_budget_removes_whole_components_and_lands_within_it(budge
     for m, w0 in zip(layers, before):
         live = (m.widths > 0).all(0)
         assert torch.equal(m.widths[:, live], w0[:, live])  # kept components keep their widths
-        assert (m.widths[:, ~live] == 0).all()              # the others are gone whole
+        assert (m.widths[:, ~live] == 0).all()  # the others are gone whole
         assert unit.strategy(m) in ("stacked", "sliced", "segmented")
     # the strongest components are kept: removal goes by energy, weakest first
     assert all((m.widths[:, :5] > 0).all() for m in layers)
@@ -147,8 +154,9 @@ def data(n=256, seed=1):
 
 @pytest.mark.parametrize("structure", ["gblr", "lowrank"])
 def test_compress_to_a_time_budget(structure, one_thread):
-    model, rep = C.compress(mlp(), 0.5, data=data(), steps=12, batch_size=32, structure=structure,
-                            budget_unit="time", progress=False)
+    model, rep = C.compress(
+        mlp(), 0.5, data=data(), steps=12, batch_size=32, structure=structure, budget_unit="time", progress=False
+    )
     assert rep["budget_unit"] == "time"
     assert rep["achieved_ratio"] == rep["time_ratio"] <= 0.5
     assert rep["flop_ratio"] == pytest.approx(sum(l["gblr_cost"] for l in rep["layers"]) / rep["dense_cost"])
@@ -173,12 +181,39 @@ def test_cli_budget_unit_time(tmp_path, one_thread):
     torch.save(mlp(), tmp_path / "m.pt")
     torch.save(data(), tmp_path / "d.pt")
     out = tmp_path / "m.gblr.pt"
-    r = CliRunner().invoke(cli, ["compress", str(tmp_path / "m.pt"), "--budget", "0.5", "--budget-unit", "time",
-                                 "--data", str(tmp_path / "d.pt"), "--steps", "6", "-q", "-o", str(out)])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "compress",
+            str(tmp_path / "m.pt"),
+            "--budget",
+            "0.5",
+            "--budget-unit",
+            "time",
+            "--data",
+            str(tmp_path / "d.pt"),
+            "--steps",
+            "6",
+            "-q",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "m.gblr.pt.report.json").read_text())
     assert rep["budget_unit"] == "time" and rep["achieved_ratio"] <= 0.5
     assert "achieved time ratio" in r.output
-    r = CliRunner().invoke(cli, ["compress", str(tmp_path / "m.pt"), "--budget", "0.5", "--budget-unit", "ms",
-                                 "-o", str(tmp_path / "x.gblr.pt")])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "compress",
+            str(tmp_path / "m.pt"),
+            "--budget",
+            "0.5",
+            "--budget-unit",
+            "ms",
+            "-o",
+            str(tmp_path / "x.gblr.pt"),
+        ],
+    )
     assert r.exit_code == 2 and "budget-unit" in r.output and not (tmp_path / "x.gblr.pt").exists()

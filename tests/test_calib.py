@@ -1,4 +1,5 @@
 """Data-aware initialisation: whitened truncated SVD and the sequential refit (gblrc.learn.calib)."""
+
 from __future__ import annotations
 
 import copy

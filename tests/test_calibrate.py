@@ -1,4 +1,5 @@
 """Cost-model calibration: the fit recovers known constants, the cache is keyed, read and repaired."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,11 @@ from gblrc.passes.calibrate import calibrated_cost_model, fit_cost_model, measur
 from gblrc.passes.cost_model import CostModel
 from gblrc.ir.structure import Block, Span, Structure
 
-KNOWN = [CostModel(peak_macs=80e9, bandwidth=20e9, op_overhead=5e-6, thin=24.0, tokens=512),
-         CostModel(peak_macs=300e9, bandwidth=6e9, op_overhead=2e-5, thin=8.0, tokens=1024),
-         CostModel(peak_macs=1.5e12, bandwidth=900e9, op_overhead=8e-6, thin=64.0, tokens=256)]  # a GPU-like one
+KNOWN = [
+    CostModel(peak_macs=80e9, bandwidth=20e9, op_overhead=5e-6, thin=24.0, tokens=512),
+    CostModel(peak_macs=300e9, bandwidth=6e9, op_overhead=2e-5, thin=8.0, tokens=1024),
+    CostModel(peak_macs=1.5e12, bandwidth=900e9, op_overhead=8e-6, thin=64.0, tokens=256),
+]  # a GPU-like one
 
 
 def _close(a: CostModel, b: CostModel, rtol: float) -> None:
@@ -105,13 +108,16 @@ def test_cache_folder_from_environment_and_no_cache(tmp_path, monkeypatch):
     assert len(fake.calls) == 3 and len(_files(tmp_path / "env-cache")) == 1
 
 
-@pytest.mark.parametrize("content", [
-    b"\x00\xff not json at all",
-    b'{"key": ',                                          # truncated
-    b"[1, 2, 3]",                                         # JSON, not an object
-    None,                                                 # right key, invalid model values (filled in below)
-    "other-key",                                          # a valid file for another key (hash collision)
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x00\xff not json at all",
+        b'{"key": ',  # truncated
+        b"[1, 2, 3]",  # JSON, not an object
+        None,  # right key, invalid model values (filled in below)
+        "other-key",  # a valid file for another key (hash collision)
+    ],
+)
 def test_corrupt_cache_file_is_ignored_and_replaced(tmp_path, content):
     fake = FakeMeasure()
     first = calibrated_cost_model("cpu", threads=1, tokens=64, cache=tmp_path, measure=fake)

@@ -1,4 +1,5 @@
 """`gblrc bench`: times, throughput and the ratio printed, JSON written, clean one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,9 @@ def test_bench_against_prints_times_throughput_ratio_and_writes_json(pair, tmp_p
     assert m and float(m.group(1)) > 0
     assert "outputs of low.onnx vs dense.onnx: max rel difference" in text  # the same function: ~1e-7
     data = json.loads(out.read_text())
-    assert data["provider"] == "CPUExecutionProvider" and data["threads"] == 1 and data["inputs"] == {"input": [4, 16, 12]}
+    assert (
+        data["provider"] == "CPUExecutionProvider" and data["threads"] == 1 and data["inputs"] == {"input": [4, 16, 12]}
+    )
     t = {d["label"]: d["seconds_per_run"] for d in data["models"]}
     assert data["time_ratio"] == pytest.approx(t["low.onnx"] / t["dense.onnx"])
     assert float(m.group(1)) == pytest.approx(data["time_ratio"], abs=6e-4)
@@ -53,9 +56,13 @@ def test_bench_against_prints_times_throughput_ratio_and_writes_json(pair, tmp_p
 
 def test_bench_one_model_static_shapes(tmp_path):
     w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], [numpy_helper.from_array(w, "w")])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [numpy_helper.from_array(w, "w")],
+    )
     p = tmp_path / "static.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), p)
     text = ok(run("bench", p, *FAST))
@@ -64,12 +71,22 @@ def test_bench_one_model_static_shapes(tmp_path):
 
 def test_feeds_for_token_models_stay_in_the_vocabulary():
     emb = numpy_helper.from_array(np.zeros((50, 4), np.float32), "emb")
-    g = helper.make_graph([helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
-                           helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT)], "g",
-                          [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
-                           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
-                          [helper.make_tensor_value_info("h", TensorProto.FLOAT, None),
-                           helper.make_tensor_value_info("m", TensorProto.FLOAT, None)], [emb])
+    g = helper.make_graph(
+        [
+            helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+            helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+        ],
+        [
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("m", TensorProto.FLOAT, None),
+        ],
+        [emb],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     f = make_feeds(model, {"input_ids": (2, 64), "attention_mask": (2, 64)})
     assert f["input_ids"].dtype == np.int64 and f["input_ids"].max() < 50 and f["input_ids"].max() > 10
@@ -78,30 +95,39 @@ def test_feeds_for_token_models_stay_in_the_vocabulary():
         make_feeds(model, {"attention_mask": (2, 3)})
 
 
-@pytest.mark.parametrize("args,match", [
-    (["{missing}"], "does not exist"),
-    (["{corrupt}"], "not a valid ONNX file"),
-    (["{low}", "--against", "{missing}"], "does not exist"),
-    (["{plain}"], "has dynamic dimensions"),  # dynamic, and no example shapes recorded by gblrc lower
-    (["{low}", "--shape", "input=4x16"], "2 dimensions given, the input has 3"),
-    (["{low}", "--shape", "input=4x16x13"], "dimension 2 is fixed at 12"),
-    (["{low}", "--shape", "input=4xx"], "--shape 'input=4xx' is not NAME=D0xD1"),
-    (["{low}", "--shape", "input=0x1x12"], "at least 1"),
-    (["{low}", "--shape", "tokens=4x16"], "unknown input 'tokens'"),
-    (["{low}", "--shape", "input=2x3x12", "--against", "{other}"], "bench compares models with the same inputs"),
-    (["{low}", "--shape", "input=2x3x12", "--json", "{nofolder}"], "does not exist"),
-    (["{low}", "--shape", "input=2x3x12", "--repeats", "0"], "--repeats must be at least 1"),
-    (["{low}", "--shape", "input=2x3x12", "--cuda-graph", "--provider", "cpu"], "--cuda-graph needs the CUDA provider"),
-    (["{custom}", "--shape", "input=2x12"], "cannot run"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["{missing}"], "does not exist"),
+        (["{corrupt}"], "not a valid ONNX file"),
+        (["{low}", "--against", "{missing}"], "does not exist"),
+        (["{plain}"], "has dynamic dimensions"),  # dynamic, and no example shapes recorded by gblrc lower
+        (["{low}", "--shape", "input=4x16"], "2 dimensions given, the input has 3"),
+        (["{low}", "--shape", "input=4x16x13"], "dimension 2 is fixed at 12"),
+        (["{low}", "--shape", "input=4xx"], "--shape 'input=4xx' is not NAME=D0xD1"),
+        (["{low}", "--shape", "input=0x1x12"], "at least 1"),
+        (["{low}", "--shape", "tokens=4x16"], "unknown input 'tokens'"),
+        (["{low}", "--shape", "input=2x3x12", "--against", "{other}"], "bench compares models with the same inputs"),
+        (["{low}", "--shape", "input=2x3x12", "--json", "{nofolder}"], "does not exist"),
+        (["{low}", "--shape", "input=2x3x12", "--repeats", "0"], "--repeats must be at least 1"),
+        (
+            ["{low}", "--shape", "input=2x3x12", "--cuda-graph", "--provider", "cpu"],
+            "--cuda-graph needs the CUDA provider",
+        ),
+        (["{custom}", "--shape", "input=2x12"], "cannot run"),
+    ],
+)
 def test_bench_bad_input_is_one_line(pair, tmp_path, args, match):
     low, _ = pair
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07\x12\xff\xff garbage")
     other = tmp_path / "other.onnx"
-    g = helper.make_graph([helper.make_node("Relu", ["z"], ["y"])], "g",
-                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["z"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), other)
     custom = tmp_path / "custom.onnx"  # an un-lowered graph: ONNX Runtime has no GBLRLinear kernel
     src = tmp_path / "m.gblr.pt"
@@ -113,8 +139,15 @@ def test_bench_bad_input_is_one_line(pair, tmp_path, args, match):
     del m.metadata_props[:]
     m.metadata_props.extend(keep)
     onnx.save(m, plain)
-    paths = {"missing": tmp_path / "missing.onnx", "corrupt": corrupt, "low": low, "other": other, "custom": custom,
-             "nofolder": tmp_path / "no" / "b.json", "plain": plain}
+    paths = {
+        "missing": tmp_path / "missing.onnx",
+        "corrupt": corrupt,
+        "low": low,
+        "other": other,
+        "custom": custom,
+        "nofolder": tmp_path / "no" / "b.json",
+        "plain": plain,
+    }
     result = run("bench", *FAST, *[a.format(**paths) for a in args])
     clean_failure(result, paths["nofolder"], match=match)
 
@@ -124,5 +157,7 @@ def test_cuda_provider_missing_is_a_clear_error(pair):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this ONNX Runtime has the CUDA provider")
-    clean_failure(run("bench", pair[0], "--provider", "cuda", "--shape", "input=2x3x12", *FAST),
-                  match="the CUDA provider is not available")
+    clean_failure(
+        run("bench", pair[0], "--provider", "cuda", "--shape", "input=2x3x12", *FAST),
+        match="the CUDA provider is not available",
+    )

@@ -1,4 +1,5 @@
 """`gblrc compress`: end to end on tiny models, and every bad input ending in a one-line error."""
+
 from __future__ import annotations
 
 import json
@@ -33,13 +34,15 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 16, generator=g)
-    y = (x[:, :4].argmax(1))  # learnable 4-class labels
+    y = x[:, :4].argmax(1)  # learnable 4-class labels
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4))
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(150):
         loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     torch.save(model.eval(), d / "mlp.pt")
     torch.save({"inputs": x, "targets": y}, d / "data.pt")
     return d
@@ -68,8 +71,21 @@ def assert_user_error(r, out, *words):
 @pytest.mark.parametrize("budget", [0.3, 0.5])
 def test_compress_meets_budget_and_writes_loadable_outputs(files, tmp_path, budget):
     out = tmp_path / "m.gblr.pt"
-    r = invoke(files / "mlp.pt", "--budget", budget, "--data", files / "data.pt", "--steps", 30,
-               "--batch-size", 64, "-o", out, "--checkpoint-every", 10)
+    r = invoke(
+        files / "mlp.pt",
+        "--budget",
+        budget,
+        "--data",
+        files / "data.pt",
+        "--steps",
+        30,
+        "--batch-size",
+        64,
+        "-o",
+        out,
+        "--checkpoint-every",
+        10,
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "m.gblr.pt.report.json").read_text())
     assert rep["achieved_ratio"] <= budget + 1e-12
@@ -84,10 +100,14 @@ def test_compress_meets_budget_and_writes_loadable_outputs(files, tmp_path, budg
     m = gblrc.load(out)
     assert not m.training and sum(isinstance(x, GBLRLinear) for x in m.modules()) == 2
     assert sum(x.flops() for x in m.modules() if isinstance(x, GBLRLinear)) == rep["gblr_cost"]
-    (name, ex), = m.gblrc_example_inputs.items()
+    ((name, ex),) = m.gblrc_example_inputs.items()
     assert name == "input" and ex.shape == (2, 16)
     assert m(*m.gblrc_example_inputs.values()).shape == (2, 4)
-    acc = float((m(torch.load(files / "data.pt")["inputs"]).argmax(1) == torch.load(files / "data.pt")["targets"]).float().mean())
+    acc = float(
+        (m(torch.load(files / "data.pt")["inputs"]).argmax(1) == torch.load(files / "data.pt")["targets"])
+        .float()
+        .mean()
+    )
     assert abs(acc - rep["accuracy_after"]) < 1e-6  # the report measures the saved model
 
 
@@ -135,9 +155,12 @@ def test_no_compressible_layer(tmp_path):
 
 def test_include_matching_nothing(files, tmp_path):
     out = tmp_path / "o.pt"
-    assert_user_error(invoke(files / "mlp.pt", "--budget", "0.5", "--include", "^nothing$", "-o", out), out,
-                      "no compressible layer")
-    assert_user_error(invoke(files / "mlp.pt", "--budget", "0.5", "--include", "([", "-o", out), out, "regular expression")
+    assert_user_error(
+        invoke(files / "mlp.pt", "--budget", "0.5", "--include", "^nothing$", "-o", out), out, "no compressible layer"
+    )
+    assert_user_error(
+        invoke(files / "mlp.pt", "--budget", "0.5", "--include", "([", "-o", out), out, "regular expression"
+    )
 
 
 def test_data_that_does_not_fit(files, tmp_path):
@@ -159,7 +182,9 @@ def test_nan_weights(files, tmp_path):
 
 
 def test_unwritable_outputs(files, tmp_path):
-    assert_user_error(invoke(files / "mlp.pt", "--budget", "0.5", "-o", tmp_path / "missing" / "o.pt"), None, "does not exist")
+    assert_user_error(
+        invoke(files / "mlp.pt", "--budget", "0.5", "-o", tmp_path / "missing" / "o.pt"), None, "does not exist"
+    )
     f = tmp_path / "a_file"
     f.write_text("x")
     assert_user_error(invoke(files / "mlp.pt", "--budget", "0.5", "-o", f / "o.pt"), None, "not a folder")
@@ -191,8 +216,18 @@ def test_stale_checkpoint_needs_resume(files, tmp_path):
 def test_help_lists_the_options():
     r = CliRunner().invoke(main, ["compress", "--help"])
     assert r.exit_code == 0
-    for opt in ("--budget", "--data", "--steps", "--include", "--exclude", "--resume", "--checkpoint-every",
-                "--trust-pickle", "--trust-remote-code", "-o, --output"):
+    for opt in (
+        "--budget",
+        "--data",
+        "--steps",
+        "--include",
+        "--exclude",
+        "--resume",
+        "--checkpoint-every",
+        "--trust-pickle",
+        "--trust-remote-code",
+        "-o, --output",
+    ):
         assert opt in r.output
 
 
@@ -204,8 +239,15 @@ def test_hugging_face_folder_with_text_data(tmp_path):
 
     from gblrc.io.zoo import english_sentences, minilm_path
 
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, architectures=["BertModel"])
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        architectures=["BertModel"],
+    )
     torch.manual_seed(0)
     d = tmp_path / "bert"
     BertModel(cfg).save_pretrained(d)
@@ -257,8 +299,20 @@ def test_gpt2_style_folder_with_token_tensors(tmp_path):
     GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt")
     torch.save({"input_ids": torch.randint(0, 64, (40, 12))}, tmp_path / "ids.pt")
     out = tmp_path / "gpt.gblr.pt"
-    r = invoke(tmp_path / "gpt", "--budget", "0.5", "--data", tmp_path / "ids.pt", "--steps", 4, "--batch-size", 8,
-               "-o", out, "-q")
+    r = invoke(
+        tmp_path / "gpt",
+        "--budget",
+        "0.5",
+        "--data",
+        tmp_path / "ids.pt",
+        "--steps",
+        4,
+        "--batch-size",
+        8,
+        "-o",
+        out,
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "gpt.gblr.pt.report.json").read_text())
     assert {L["name"].rsplit(".", 1)[-1] for L in rep["layers"]} == {"c_attn", "c_proj", "c_fc"}
@@ -270,8 +324,11 @@ def test_gpt2_style_folder_with_token_tensors(tmp_path):
     assert logits.shape == (2, 12, 64)
     bad = tmp_path / "long.pt"
     torch.save({"input_ids": torch.randint(0, 64, (8, 40))}, bad)  # longer than n_positions = 32
-    assert_user_error(invoke(tmp_path / "gpt", "--budget", "0.5", "--data", bad, "-o", tmp_path / "x.pt"),
-                      tmp_path / "x.pt", "does not fit")
+    assert_user_error(
+        invoke(tmp_path / "gpt", "--budget", "0.5", "--data", bad, "-o", tmp_path / "x.pt"),
+        tmp_path / "x.pt",
+        "does not fit",
+    )
 
 
 def test_data_from_a_python_function(files, tmp_path):
@@ -279,10 +336,13 @@ def test_data_from_a_python_function(files, tmp_path):
         "import torch\n"
         "def batches():\n"
         "    d = torch.load(%r)\n"
-        "    return [(d['inputs'][i:i + 32], d['targets'][i:i + 32]) for i in range(0, 256, 32)]\n" % str(files / "data.pt"))
+        "    return [(d['inputs'][i:i + 32], d['targets'][i:i + 32]) for i in range(0, 256, 32)]\n"
+        % str(files / "data.pt")
+    )
     out = tmp_path / "f.gblr.pt"
-    r = invoke(files / "mlp.pt", "--budget", "0.5", "--data", f"{tmp_path / 'feed.py'}:batches", "--steps", 12,
-               "-o", out, "-q")
+    r = invoke(
+        files / "mlp.pt", "--budget", "0.5", "--data", f"{tmp_path / 'feed.py'}:batches", "--steps", 12, "-o", out, "-q"
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "f.gblr.pt.report.json").read_text())
     assert len(rep["loss_curve"]) == 12 and 0.48 <= rep["achieved_ratio"] <= 0.5
@@ -305,8 +365,22 @@ def test_failure_while_writing_leaves_no_output(files, tmp_path, monkeypatch):
 @pytest.mark.parametrize("allocate", ["uniform", "sensitivity"])
 def test_allocate_option_splits_the_budget(files, tmp_path, allocate):
     out = tmp_path / "m.gblr.pt"
-    r = invoke(files / "mlp.pt", "--budget", "0.4", "--data", files / "data.pt", "--steps", "10", "-q",
-               "--allocate", allocate, "--structure", "lowrank", "-o", out)
+    r = invoke(
+        files / "mlp.pt",
+        "--budget",
+        "0.4",
+        "--data",
+        files / "data.pt",
+        "--steps",
+        "10",
+        "-q",
+        "--allocate",
+        allocate,
+        "--structure",
+        "lowrank",
+        "-o",
+        out,
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "m.gblr.pt.report.json").read_text())
     assert rep["achieved_ratio"] <= 0.4

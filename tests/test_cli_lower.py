@@ -1,4 +1,5 @@
 """`gblrc lower / opt / passes / inspect`: working runs and clean failures on bad input."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -111,16 +112,25 @@ def bad_files(tmp_path):
     torch.save(torch.nn.Linear(3, 2), plain_pt)
     junk = tmp_path / "junk.gblr.pt"
     junk.write_bytes(b"this is not a model")
-    good = helper.make_model(helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]))
+    good = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        )
+    )
     plain_onnx = tmp_path / "plain.onnx"
     onnx.save(good, plain_onnx)
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07\x12\xff\xff\xff\xff\x0f garbage")
-    return {"plain_pt": plain_pt, "junk": junk, "plain_onnx": plain_onnx, "corrupt": corrupt,
-            "missing": tmp_path / "missing.gblr.pt"}
+    return {
+        "plain_pt": plain_pt,
+        "junk": junk,
+        "plain_onnx": plain_onnx,
+        "corrupt": corrupt,
+        "missing": tmp_path / "missing.gblr.pt",
+    }
 
 
 BAD_LOWER = [
@@ -149,23 +159,29 @@ def test_lower_output_folder_missing(compressed, tmp_path):
     clean_failure(run("lower", compressed[0], "-o", out), out, match="does not exist")
 
 
-@pytest.mark.parametrize("which,extra,match", [
-    ("missing", [], "does not exist"),
-    ("corrupt", [], "not a valid ONNX file"),
-    ("plain_onnx", ["--passes", "nope"], "unknown pass 'nope'"),
-])
+@pytest.mark.parametrize(
+    "which,extra,match",
+    [
+        ("missing", [], "does not exist"),
+        ("corrupt", [], "not a valid ONNX file"),
+        ("plain_onnx", ["--passes", "nope"], "unknown pass 'nope'"),
+    ],
+)
 def test_opt_bad_input(bad_files, tmp_path, which, extra, match):
     out = tmp_path / "o.onnx"
     clean_failure(run("opt", bad_files[which], "-o", out, *extra), out, match=match)
 
 
-@pytest.mark.parametrize("which,match", [
-    ("missing", "does not exist"),
-    ("corrupt", "not a valid ONNX file"),
-    ("plain_onnx", "not a gblrc output"),
-    ("plain_pt", "not a gblrc compressed model"),
-    ("junk", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "which,match",
+    [
+        ("missing", "does not exist"),
+        ("corrupt", "not a valid ONNX file"),
+        ("plain_onnx", "not a gblrc output"),
+        ("plain_pt", "not a gblrc compressed model"),
+        ("junk", "cannot read"),
+    ],
+)
 def test_inspect_bad_input(bad_files, which, match):
     clean_failure(run("inspect", bad_files[which]), match=match)
 

@@ -3,6 +3,7 @@
 The fixture holds a pickled nn.Sequential with a GBLRConv2d and two GBLRLinear layers whose classes
 were recorded under their 0.1.0 module paths (``gblrc.conv``, ``gblrc.layer``), and the outputs it gave.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,14 +30,18 @@ def test_old_file_loads_without_trust_and_reproduces_its_outputs():
     assert isinstance(m[3], gblrc.GBLRLinear) and isinstance(m[0], gblrc.GBLRConv2d)
     assert m.gblrc_meta["written_by"] == "gblrc 0.1.0"
     with torch.no_grad():
-        torch.testing.assert_close(m(exp["x"]), exp["y"], rtol=1e-6, atol=1e-7)  # float32 round-off of this CPU's kernels
+        torch.testing.assert_close(
+            m(exp["x"]), exp["y"], rtol=1e-6, atol=1e-7
+        )  # float32 round-off of this CPU's kernels
 
 
 def test_old_file_loads_with_trust_too():
     m = gblrc.load(MODEL, trust_pickle=True)
     exp = torch.load(EXPECTED)
     with torch.no_grad():
-        torch.testing.assert_close(m(exp["x"]), exp["y"], rtol=1e-6, atol=1e-7)  # float32 round-off of this CPU's kernels
+        torch.testing.assert_close(
+            m(exp["x"]), exp["y"], rtol=1e-6, atol=1e-7
+        )  # float32 round-off of this CPU's kernels
 
 
 def test_old_file_lowers_to_standard_ops(tmp_path):

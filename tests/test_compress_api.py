@@ -1,4 +1,5 @@
 """gblrc.compress end to end on tiny models: budget bar, errors, warnings, seeds, checkpoints."""
+
 import copy
 import os
 
@@ -28,8 +29,16 @@ def tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=16)).eval()
+    return BertModel(
+        BertConfig(
+            vocab_size=60,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=16,
+        )
+    ).eval()
 
 
 def tiny_gpt2():
@@ -65,8 +74,9 @@ def check_report(rep, budget, steps):
 @pytest.mark.parametrize("budget", [0.25, 0.5])
 def test_mlp_task_loss_budget_and_learning(budget):
     x, y = mlp_data()
-    m, rep = gblrc.compress(mlp(), budget, data={"inputs": x, "targets": y}, steps=25, batch_size=32,
-                            lr=3e-3, progress=False)
+    m, rep = gblrc.compress(
+        mlp(), budget, data={"inputs": x, "targets": y}, steps=25, batch_size=32, lr=3e-3, progress=False
+    )
     check_report(rep, budget, 25)
     assert not m.training and isinstance(m[0], GBLRLinear) and isinstance(m[2], GBLRLinear)
     assert isinstance(m[4], nn.Linear)  # the output layer is not compressed by default
@@ -93,7 +103,7 @@ def test_bert_distillation_budget_and_agreement():
 def test_gpt2_batches_iterable_budget():
     g = tiny_gpt2()
     data = ids(32)
-    batches = [{"input_ids": data["input_ids"][i:i + 8]} for i in range(0, 32, 8)]
+    batches = [{"input_ids": data["input_ids"][i : i + 8]} for i in range(0, 32, 8)]
     m, rep = gblrc.compress(g, 0.5, data=batches, steps=8, progress=False)
     check_report(rep, 0.5, 8)
     assert isinstance(m.transformer.h[0].attn.c_attn, GBLRLinear)
@@ -109,8 +119,7 @@ def test_no_data_warns_and_keeps_the_budget():
 
 def test_lowrank_structure_has_full_widths():
     x, y = mlp_data()
-    m, rep = gblrc.compress(mlp(), 0.4, data={"inputs": x, "targets": y}, steps=6, structure="lowrank",
-                            progress=False)
+    m, rep = gblrc.compress(mlp(), 0.4, data={"inputs": x, "targets": y}, steps=6, structure="lowrank", progress=False)
     assert rep["achieved_ratio"] <= 0.4
     for i in (0, 2):
         wc, _, wr, _ = m[i].hard_intervals()
@@ -136,14 +145,21 @@ def test_bad_models_and_data():
     with pytest.raises(ValueError, match="does not fit the model"):
         gblrc.compress(mlp(), 0.5, data=torch.randn(16, 47), steps=2, progress=False)
     with pytest.raises(ValueError, match="targets"):
-        gblrc.compress(mlp(), 0.5, data={"inputs": torch.randn(16, 48), "targets": torch.zeros(16, 3).long()},
-                       steps=2, progress=False)
+        gblrc.compress(
+            mlp(),
+            0.5,
+            data={"inputs": torch.randn(16, 48), "targets": torch.zeros(16, 3).long()},
+            steps=2,
+            progress=False,
+        )
 
 
 def test_seed_reproducible_and_seed_matters():
     x, y = mlp_data()
-    runs = [gblrc.compress(mlp(), 0.3, data={"inputs": x, "targets": y}, steps=6, seed=s, progress=False)[0]
-            for s in (1, 1, 2)]
+    runs = [
+        gblrc.compress(mlp(), 0.3, data={"inputs": x, "targets": y}, steps=6, seed=s, progress=False)[0]
+        for s in (1, 1, 2)
+    ]
     sd = [r.state_dict() for r in runs]
     assert all(torch.equal(sd[0][k], sd[1][k]) for k in sd[0])
     assert not all(sd[0][k].shape == sd[2][k].shape and torch.equal(sd[0][k], sd[2][k]) for k in sd[0])

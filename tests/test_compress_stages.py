@@ -1,4 +1,5 @@
 """The stages of gblrc.compress, one by one, on a tiny MLP (issue 14)."""
+
 from __future__ import annotations
 
 import pytest
@@ -90,10 +91,14 @@ def test_calibrate_measures_input_covariances_unless_init_is_svd():
 
 def test_allocate_uniform_and_by_sensitivity():
     uni = run_for(data=data(), allocate="uniform", steps=0)
-    C.read_data(uni); C.calibrate(uni); C.allocate(uni)
+    C.read_data(uni)
+    C.calibrate(uni)
+    C.allocate(uni)
     assert uni.budgets == {"0": 0.4, "2": 0.4} and uni.allocated == "uniform"
     sen = run_for(data=data(), allocate="sensitivity", steps=0, structure="lowrank")
-    C.read_data(sen); C.calibrate(sen); C.allocate(sen)
+    C.read_data(sen)
+    C.calibrate(sen)
+    C.allocate(sen)
     assert sen.allocated == "sensitivity" and set(sen.budgets) == set(NAMES) and sen.budgets != uni.budgets
     C.initialise(sen)  # the ratios are grid targets; the layers built from them stay within the budget
     assert sum(m.flops() for m in sen.layers.values()) <= 0.4 * sum(DENSE.values())
@@ -159,8 +164,9 @@ def test_the_report_says_how_far_the_structure_moved():
     assert structure_movement({"b": b}, {"b": split})["blocks_changed"] == 0.5
     same = structure_movement({"a": a0}, {"a": a0})
     assert same == {"blocks_changed": 0.0, "cost_moved": 0.0, "layers_changed": []}
-    m, rep = C.compress(mlp(), 0.4, data=data(), steps=4, progress=False, allocate="uniform", init="svd",
-                        init_factor=1.5, batch_size=16)
+    m, rep = C.compress(
+        mlp(), 0.4, data=data(), steps=4, progress=False, allocate="uniform", init="svd", init_factor=1.5, batch_size=16
+    )
     assert 0 <= rep["structure_moved"]["blocks_changed"] <= 1 and "cost_moved" in rep["structure_moved"]
 
 
@@ -176,24 +182,36 @@ def test_train_rest_trains_what_lies_outside_the_compressed_layers():
     kept = {}
     for rest in (False, True):
         m = _copy.deepcopy(net)
-        _gblrc.compress(m, 0.5, data={"inputs": x, "targets": y}, steps=8, include=r"^0$", init="svd",
-                        allocate="uniform", progress=False, train_rest=rest)
+        _gblrc.compress(
+            m,
+            0.5,
+            data={"inputs": x, "targets": y},
+            steps=8,
+            include=r"^0$",
+            init="svd",
+            allocate="uniform",
+            progress=False,
+            train_rest=rest,
+        )
         kept[rest] = (torch.equal(m[3].weight, net[3].weight), torch.equal(m[1].weight, net[1].weight))
-    assert kept[False] == (True, True)   # the uncompressed head and the norm are not trained by default
+    assert kept[False] == (True, True)  # the uncompressed head and the norm are not trained by default
     assert kept[True] == (False, False)  # train_rest trains both
     with pytest.warns(UserWarning, match="train_rest"):
-        _gblrc.compress(_copy.deepcopy(net), 0.5, data={"inputs": x, "targets": y}, steps=0, progress=False,
-                        train_rest=True)
+        _gblrc.compress(
+            _copy.deepcopy(net), 0.5, data={"inputs": x, "targets": y}, steps=0, progress=False, train_rest=True
+        )
 
 
 def test_gblr_init_margin_is_one_component_of_each_layer():
     # layers of very different sizes: one component is 12.5% of the small one, 1.6% of the big one; the
     # big one must not start at the budget plus the small one's component (it did: 0.4 -> 0.525)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 128), nn.GELU(), nn.Linear(128, 128),
-                          nn.GELU(), nn.Linear(128, 4)).eval()
-    run = run_for(model, data=torch.randn(128, 16), steps=3, allocate="uniform", init="svd", structure="gblr",
-                  batch_size=16)
+    model = nn.Sequential(
+        nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 4)
+    ).eval()
+    run = run_for(
+        model, data=torch.randn(128, 16), steps=3, allocate="uniform", init="svd", structure="gblr", batch_size=16
+    )
     for stage in (C.read_data, C.calibrate, C.allocate, C.initialise):
         stage(run)
     assert set(run.layers) == {"0", "2", "4"}

@@ -1,4 +1,5 @@
 """GBLRConv2d: a convolution whose kernel matrix (out x in*kh*kw) is GBLR; cost weighted by output positions."""
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def random_conv(c_in, c_out, k, stride=1, padding=0, K=5, r=1, bias=True, seed=0, dilation=1, full=False):
     rng = np.random.default_rng(seed)
-    m = GBLRConv2d(c_in, c_out, k, stride, padding, dilation, num_components=K, rank_per_component=r,
-                   bias=bias, dtype=torch.float64)
+    m = GBLRConv2d(
+        c_in,
+        c_out,
+        k,
+        stride,
+        padding,
+        dilation,
+        num_components=K,
+        rank_per_component=r,
+        bias=bias,
+        dtype=torch.float64,
+    )
     return randomize(m, rng, seed, full)
 
 
@@ -70,8 +81,9 @@ def test_from_conv_reproduces_a_low_rank_conv_at_full_budget():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, 3, stride=2, padding=1).double()
     with torch.no_grad():  # a rank-3 kernel matrix: representable exactly within the dense cost
-        conv.weight.copy_((torch.randn(8, 3, dtype=torch.float64) @ torch.randn(3, 36, dtype=torch.float64))
-                          .reshape(8, 4, 3, 3))
+        conv.weight.copy_(
+            (torch.randn(8, 3, dtype=torch.float64) @ torch.randn(3, 36, dtype=torch.float64)).reshape(8, 4, 3, 3)
+        )
     x = torch.randn(3, 4, 9, 6, dtype=torch.float64)
     for fit in (None, svd_layer):
         g = GBLRConv2d.from_conv(conv, 1.0, fit=fit)
@@ -108,8 +120,10 @@ def test_flops_are_weighted_by_output_positions():
 
 def test_fit_to_budget_with_weighted_conv_costs():
     torch.manual_seed(0)
-    convs = [GBLRConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1).double(), 0.9, fit=svd_layer),
-             GBLRConv2d.from_conv(nn.Conv2d(16, 16, 3, stride=2, padding=1).double(), 0.9, fit=svd_layer)]
+    convs = [
+        GBLRConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1).double(), 0.9, fit=svd_layer),
+        GBLRConv2d.from_conv(nn.Conv2d(16, 16, 3, stride=2, padding=1).double(), 0.9, fit=svd_layer),
+    ]
     lin = svd_layer(nn.Linear(64, 32).double(), 0.9).eval()
     x = torch.randn(1, 8, 8, 8, dtype=torch.float64)
     convs[1](convs[0](x))
@@ -122,9 +136,21 @@ def test_fit_to_budget_with_weighted_conv_costs():
 
 def test_replace_selects_conv2d_and_calibrates_on_receptive_fields():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=2), nn.Flatten(), nn.Linear(512, 32),
-                          nn.ReLU(), nn.Linear(32, 10)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=2),
+            nn.Flatten(),
+            nn.Linear(512, 32),
+            nn.ReLU(),
+            nn.Linear(32, 10),
+        )
+        .double()
+        .eval()
+    )
     # conv 0: 1*3*3 < 16 inputs (first conv stays dense); conv 4: groups=2; "8": the output layer
     assert [n for n, _ in find_linears(model)] == ["2", "6"]
     x = torch.randn(16, 1, 8, 8, dtype=torch.float64)

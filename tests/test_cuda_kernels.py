@@ -9,6 +9,7 @@ lowerings themselves (each linear strategy, both conv strategies) and whole mode
 and fp16 (`--precision fp16`).  Where this ONNX Runtime has the CUDA provider, a last test also
 creates CUDA sessions that refuse CPU fallback.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -35,22 +36,49 @@ INTS = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"
 ALL = {F, H, D, BF, "bool"} | INTS
 # (op, domain) -> (first opset, element types), ai.onnx domain, CUDAExecutionProvider (see the module docstring)
 CUDA_KERNELS = {
-    "Add": (7, {F, H, D, BF} | INTS), "Sub": (7, {F, H, D, BF} | INTS), "Mul": (7, {F, H, D, BF} | INTS),
-    "Div": (7, {F, H, D, BF} | INTS), "Neg": (6, {F, H, D, BF, "int8", "int16", "int32", "int64"}),
-    "Sum": (6, {F, H, D, BF}), "Sqrt": (6, {F, H, D, BF}), "Pow": (7, {F, H, D, BF, "int32", "int64"}),
-    "Erf": (9, {F, H, D, BF}), "Tanh": (6, {F, H, D, BF}), "Sigmoid": (6, {F, H, D, BF}), "Relu": (6, {F, H, D, BF}),
-    "MatMul": (1, {F, H, D, BF}), "Gemm": (7, {F, H, D, BF}), "Conv": (1, {F, H, D, BF}),
-    "Softmax": (1, {F, H, D, BF}), "LayerNormalization": (17, {F, H, D, BF}),
-    "ReduceMean": (1, {F, H, D, "int32"}), "ReduceSum": (1, {F, H, D, BF, "int32", "int64"}),
-    "Cast": (6, ALL), "Concat": (4, ALL), "Slice": (1, ALL), "Reshape": (5, ALL), "Transpose": (1, ALL),
-    "Unsqueeze": (1, ALL), "Squeeze": (1, ALL), "Shape": (1, ALL), "Gather": (1, ALL), "Expand": (8, ALL),
-    "Flatten": (1, ALL), "Identity": (1, ALL), "Split": (2, ALL), "GatherElements": (11, ALL),
-    "ConstantOfShape": (9, ALL), "Where": (9, {"bool", F, H, D, BF, "int32", "int64", "uint8"}),
+    "Add": (7, {F, H, D, BF} | INTS),
+    "Sub": (7, {F, H, D, BF} | INTS),
+    "Mul": (7, {F, H, D, BF} | INTS),
+    "Div": (7, {F, H, D, BF} | INTS),
+    "Neg": (6, {F, H, D, BF, "int8", "int16", "int32", "int64"}),
+    "Sum": (6, {F, H, D, BF}),
+    "Sqrt": (6, {F, H, D, BF}),
+    "Pow": (7, {F, H, D, BF, "int32", "int64"}),
+    "Erf": (9, {F, H, D, BF}),
+    "Tanh": (6, {F, H, D, BF}),
+    "Sigmoid": (6, {F, H, D, BF}),
+    "Relu": (6, {F, H, D, BF}),
+    "MatMul": (1, {F, H, D, BF}),
+    "Gemm": (7, {F, H, D, BF}),
+    "Conv": (1, {F, H, D, BF}),
+    "Softmax": (1, {F, H, D, BF}),
+    "LayerNormalization": (17, {F, H, D, BF}),
+    "ReduceMean": (1, {F, H, D, "int32"}),
+    "ReduceSum": (1, {F, H, D, BF, "int32", "int64"}),
+    "Cast": (6, ALL),
+    "Concat": (4, ALL),
+    "Slice": (1, ALL),
+    "Reshape": (5, ALL),
+    "Transpose": (1, ALL),
+    "Unsqueeze": (1, ALL),
+    "Squeeze": (1, ALL),
+    "Shape": (1, ALL),
+    "Gather": (1, ALL),
+    "Expand": (8, ALL),
+    "Flatten": (1, ALL),
+    "Identity": (1, ALL),
+    "Split": (2, ALL),
+    "GatherElements": (11, ALL),
+    "ConstantOfShape": (9, ALL),
+    "Where": (9, {"bool", F, H, D, BF, "int32", "int64", "uint8"}),
     "Equal": (11, {"bool", F, H, D, "int32", "int64", "uint32", "uint64"}),
     "Less": (9, {"bool", F, H, D, "int32", "int64", "uint32", "uint64"}),
     "Greater": (9, {"bool", F, H, D, "int32", "int64", "uint32", "uint64"}),
     "GreaterOrEqual": (12, {"bool", F, H, D, "int32", "int64", "uint32", "uint64"}),
-    "And": (7, {"bool"}), "Or": (7, {"bool"}), "Not": (1, {"bool"}), "IsNaN": (9, {"bool", F, H, D, BF}),
+    "And": (7, {"bool"}),
+    "Or": (7, {"bool"}),
+    "Not": (1, {"bool"}),
+    "IsNaN": (9, {"bool", F, H, D, BF}),
     "Range": (11, {F, D, "int16", "int32", "int64"}),  # no float16 kernel: gblrc's fp16 keeps Range in fp32
 }
 NO_KERNEL_NEEDED = {"Constant"}  # folded into initializers when the session is created
@@ -129,12 +157,19 @@ def _tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, _ = gblrc.compress(BertModel(cfg).eval(), 0.5, steps=0, progress=False, init="svd", structure="lowrank",
-                                  allocate="uniform")
+        model, _ = gblrc.compress(
+            BertModel(cfg).eval(), 0.5, steps=0, progress=False, init="svd", structure="lowrank", allocate="uniform"
+        )
     ids = torch.randint(0, 100, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, 6:] = 0
@@ -161,11 +196,15 @@ def test_lowered_models_have_cuda_kernels_in_fp32_and_fp16(make, tmp_path):
 
 def test_the_check_catches_a_missing_kernel():
     g = onnx.helper.make_graph(
-        [onnx.helper.make_node("Range", ["a", "b", "c"], ["y"]), onnx.helper.make_node("Celu", ["x"], ["z"])], "g",
+        [onnx.helper.make_node("Range", ["a", "b", "c"], ["y"]), onnx.helper.make_node("Celu", ["x"], ["z"])],
+        "g",
         [onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT16, []) for n in "abc"]
         + [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT16, None),
-         onnx.helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+        [
+            onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT16, None),
+            onnx.helper.make_tensor_value_info("z", TensorProto.FLOAT, None),
+        ],
+    )
     bad = missing_cuda_kernels(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)]))
     assert "Range on float16" in bad and "ai.onnx::Celu (not in the CUDA kernel list)" in bad
 
@@ -174,7 +213,9 @@ def test_cuda_sessions_take_every_node_when_a_gpu_is_there(tmp_path):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("no CUDA provider in this ONNX Runtime build (no GPU lent): the documented kernel list is checked above")
+        pytest.skip(
+            "no CUDA provider in this ONNX Runtime build (no GPU lent): the documented kernel list is checked above"
+        )
     model, ex = _tiny_bert()
     for precision in ("fp32", "fp16"):
         path = tmp_path / f"{precision}.onnx"

@@ -1,6 +1,7 @@
 """Data-parallel compression on the engines' own data parallelism (2 processes on CPU, gloo): gblrc.compress
 and `gblrc compress` under torchrun, and the user-loop API under `accelerate launch`, end with identical
 structures on every rank and one output file."""
+
 import json
 import os
 import socket
@@ -48,8 +49,18 @@ def test_two_process_torchrun_identical_structure(tmp_path):
     ckpt = tmp_path / "ckpt"
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(script), str(tmp_path), str(ckpt)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        str(script),
+        str(tmp_path),
+        str(ckpt),
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
     assert p.returncode == 0, p.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
@@ -117,9 +128,24 @@ def test_accelerate_launch_user_loop_identical_structure_one_file(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(LOOP)
     # on a machine without GPUs, --multi_gpu is accelerate's torchrun launcher; the processes run on the CPU (gloo)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(script), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        str(tmp_path),
+    ]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=170)
     assert p.returncode == 0, p.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
@@ -144,13 +170,36 @@ def test_torchrun_cli_compress_writes_one_output(tmp_path):
     main.write_text("from gblrc.cli import main\nmain()\n")
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "m.gblr.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(main), "compress", str(tmp_path / "m.pt"), "--budget", "0.3", "--data", str(tmp_path / "d.pt"),
-           "--steps", "6", "--device", "auto", "-q", "-o", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        str(main),
+        "compress",
+        str(tmp_path / "m.pt"),
+        "--budget",
+        "0.3",
+        "--data",
+        str(tmp_path / "d.pt"),
+        "--steps",
+        "6",
+        "--device",
+        "auto",
+        "-q",
+        "-o",
+        str(out),
+    ]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=170)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert sorted(f.name for f in out.parent.iterdir()) == ["m.gblr.pt", "m.gblr.pt.report.json",
-                                                             "m.gblr.pt.structure.png"]
+    assert sorted(f.name for f in out.parent.iterdir()) == [
+        "m.gblr.pt",
+        "m.gblr.pt.report.json",
+        "m.gblr.pt.structure.png",
+    ]
     assert p.stdout.count("wrote ") == 1  # rank 0 only
     rep = json.loads(Path(f"{out}.report.json").read_text())
     assert rep["achieved_ratio"] <= 0.3 and rep["device"] == "cpu"

@@ -1,4 +1,5 @@
 """Defects found in review (issue 23), each fixed with a test that fails on the code before the fix."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,15 +19,17 @@ def test_nan_in_the_data_is_a_one_line_error_not_a_cholesky_traceback(tmp_path):
     with pytest.raises(ValueError, match="NaN or Inf") as e:
         gblrc.compress(mlp(), 0.4, data=x, steps=2, progress=False)
     assert "\n" not in str(e.value)
-    batches = [x[i:i + 16] for i in range(0, 64, 16)]  # an iterable: the calibration batches are checked
+    batches = [x[i : i + 16] for i in range(0, 64, 16)]  # an iterable: the calibration batches are checked
     with pytest.raises(ValueError, match="NaN or Inf"):
         gblrc.compress(mlp(), 0.4, data=batches[1:] + batches[:1], steps=0, progress=False)
     from gblrc.cli import main
 
     torch.save(mlp(), tmp_path / "m.pt")
     torch.save({"inputs": x, "targets": y}, tmp_path / "d.pt")
-    r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "--budget", "0.4", "--data",
-                                  str(tmp_path / "d.pt"), "--steps", "2", "-q"])
+    r = CliRunner().invoke(
+        main,
+        ["compress", str(tmp_path / "m.pt"), "--budget", "0.4", "--data", str(tmp_path / "d.pt"), "--steps", "2", "-q"],
+    )
     assert r.exit_code != 0 and "NaN or Inf" in r.output and "Traceback" not in r.output, r.output
     assert not list(tmp_path.glob("m.gblr.pt*"))
 

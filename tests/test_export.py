@@ -1,4 +1,5 @@
 """export_onnx: one gblrc::GBLRLinear node per GBLR layer, carrying exactly the layer's structure IR."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -28,8 +29,9 @@ def random_layer(n_in, n_out, K, r, bias, seed, empty=False):
 
 
 def mlp(seed=0, bias=True):
-    return nn.Sequential(random_layer(12, 20, 5, 2, bias, seed), nn.ReLU(),
-                         random_layer(20, 7, 4, 1, not bias, seed + 1)).eval()
+    return nn.Sequential(
+        random_layer(12, 20, 5, 2, bias, seed), nn.ReLU(), random_layer(20, 7, 4, 1, not bias, seed + 1)
+    ).eval()
 
 
 def gblr_nodes(model):
@@ -77,8 +79,9 @@ def test_export_restores_the_module():
 
 def test_empty_structure_layers_export_and_evaluate():
     """Layers with no blocks: Y = bias (or zeros); two such layers share equal (empty) factors."""
-    m = nn.Sequential(random_layer(6, 5, 3, 1, True, 0, empty=True), nn.Tanh(),
-                      random_layer(5, 4, 2, 1, False, 1, empty=True)).eval()
+    m = nn.Sequential(
+        random_layer(6, 5, 3, 1, True, 0, empty=True), nn.Tanh(), random_layer(5, 4, 2, 1, False, 1, empty=True)
+    ).eval()
     x = torch.randn(4, 6)
     model = export_onnx(m, (x,))
     nodes = gblr_nodes(model)

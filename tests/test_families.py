@@ -1,5 +1,6 @@
 """The paper's model families (samples/families.py): ViT, MLP-Mixer and GPT-2, compressed with
 gblrc.compress at budget 0.5, lowered with gblrc.lower to standard ONNX ops, run in ONNX Runtime."""
+
 from __future__ import annotations
 
 import os
@@ -76,8 +77,12 @@ def test_image_family_compress_and_lower(family, kw, tmp_path):
         qkv = {"blocks.0.attn.qkv"} if kw.get("fused_qkv", True) else {f"blocks.0.attn.{c}" for c in "qkv"}
         assert names == qkv | {"blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
     else:
-        assert names == {"blocks.0.token_mlp.fc1", "blocks.0.token_mlp.fc2",
-                         "blocks.0.channel_mlp.fc1", "blocks.0.channel_mlp.fc2"}
+        assert names == {
+            "blocks.0.token_mlp.fc1",
+            "blocks.0.token_mlp.fc2",
+            "blocks.0.channel_mlp.fc1",
+            "blocks.0.channel_mlp.fc2",
+        }
     assert type(model.head) is torch.nn.Linear  # the output layer stays dense
     path = tmp_path / f"{family}.onnx"
     lrep = gblrc.lower(model, data["inputs"][:4], path)
@@ -117,8 +122,9 @@ def test_gpt2_compress_and_lower(with_mask, tmp_path):
         data = {"input_ids": data["input_ids"]}
     model, rep = gblrc.compress(model, BUDGET, data=data, steps=8, batch_size=8, lr=2e-3, progress=False)
     check_report(rep)
-    assert {r["name"] for r in rep["layers"]} == {f"transformer.h.0.{n}" for n in
-                                                 ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert {r["name"] for r in rep["layers"]} == {
+        f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert isinstance(model.transformer.h[0].mlp.c_fc, GBLRLinear)
     assert type(model.lm_head) is torch.nn.Linear
     ex = OrderedDict((k, v[:2]) for k, v in data.items())
@@ -137,7 +143,7 @@ def test_gpt2_compress_and_lower(with_mask, tmp_path):
         feeds = {"input_ids": ids}
         if with_mask:
             mask = torch.ones_like(ids)
-            mask[0, t - 3:] = 0
+            mask[0, t - 3 :] = 0
             feeds["attention_mask"] = mask
         fresh.append(feeds)
     check_lowered(model, lrep, path, fresh, reference)

@@ -1,4 +1,5 @@
 """Model family: a tiny ResNet-style CNN, compressed (Conv2d -> GBLRConv2d) and lowered to standard ONNX ops."""
+
 from __future__ import annotations
 
 import json
@@ -23,13 +24,13 @@ class TinyResNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Conv2d(1, 16, 3, padding=1)       # 1*3*3 = 9 inputs: stays dense
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)  # 1*3*3 = 9 inputs: stays dense
         self.bn = nn.BatchNorm2d(16)
         self.conv1 = nn.Conv2d(16, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
         self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
         self.fc = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 10)                      # the output layer: stays dense
+        self.head = nn.Linear(32, 10)  # the output layer: stays dense
 
     def forward(self, x):
         h = torch.relu(self.bn(self.stem(x)))
@@ -103,8 +104,23 @@ def test_cli_compress_then_lower_a_cnn(tmp_path):
     torch.save(dense_model(2), tmp_path / "cnn.pt")
     torch.save(make_data(96, 2), tmp_path / "data.pt")
     out = tmp_path / "cnn.gblr.pt"
-    r = CliRunner().invoke(main, ["compress", str(tmp_path / "cnn.pt"), "--budget", "0.5", "--data",
-                                  str(tmp_path / "data.pt"), "--steps", "6", "-o", str(out), "-q", "--trust-pickle"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "compress",
+            str(tmp_path / "cnn.pt"),
+            "--budget",
+            "0.5",
+            "--data",
+            str(tmp_path / "data.pt"),
+            "--steps",
+            "6",
+            "-o",
+            str(out),
+            "-q",
+            "--trust-pickle",
+        ],
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(out.with_name(out.name + ".report.json").read_text())
     assert 0.48 <= report["achieved_ratio"] <= 0.5

@@ -1,5 +1,6 @@
 """Fidelity on held-out data: post-training compression (--steps 0 --data), --eval-data, --target-fidelity,
 and the distillation options that make the student generalise (hidden-state loss, token augmentation)."""
+
 from __future__ import annotations
 
 import copy
@@ -96,25 +97,28 @@ def test_target_fidelity_lands_within_001_on_held_out_data(target):
     dense, x, ev = mlp(), correlated(512, 1), correlated(256, 2)
     # uniform allocation: on a 2-layer model the sensitivity split moves in steps of the allocation grid,
     # so its fidelity is not monotone in the budget at the 0.01 scale
-    m, rep = compress_to_fidelity(copy.deepcopy(dense), target, data=x, eval_data=ev, steps=0, progress=False,
-                                  allocate="uniform")
+    m, rep = compress_to_fidelity(
+        copy.deepcopy(dense), target, data=x, eval_data=ev, steps=0, progress=False, allocate="uniform"
+    )
     got = cosine(m, ev, dense)
     assert target <= got <= target + 0.01, (got, rep["fidelity_search"])
     s = rep["fidelity_search"]
-    assert s["chosen_budget"] == pytest.approx(rep["budget"], abs=1e-3) and rep["achieved_ratio"] <= rep["budget"] + 1e-12
+    assert (
+        s["chosen_budget"] == pytest.approx(rep["budget"], abs=1e-3) and rep["achieved_ratio"] <= rep["budget"] + 1e-12
+    )
     assert len(s["curve"]) >= 3 and s["curve"][-1]["budget"] == 1.0  # bracketed from the top
     assert rep["fidelity"]["final"]["cosine"] == pytest.approx(got, abs=1e-5)
     # a lower target never needs a larger budget
     if target == 0.985:
-        m2, rep2 = compress_to_fidelity(copy.deepcopy(dense), 0.95, data=x, eval_data=ev, steps=0, progress=False,
-                                        allocate="uniform")
+        m2, rep2 = compress_to_fidelity(
+            copy.deepcopy(dense), 0.95, data=x, eval_data=ev, steps=0, progress=False, allocate="uniform"
+        )
         assert rep2["budget"] <= rep["budget"]
 
 
 def test_target_fidelity_with_training_meets_the_target():
     dense, x, ev = mlp(), correlated(512, 1), correlated(256, 2)
-    m, rep = compress_to_fidelity(copy.deepcopy(dense), 0.98, data=x, eval_data=ev, steps=30, lr=1e-3,
-                                  progress=False)
+    m, rep = compress_to_fidelity(copy.deepcopy(dense), 0.98, data=x, eval_data=ev, steps=30, lr=1e-3, progress=False)
     assert cosine(m, ev, dense) >= 0.98
     assert any(p["trained"] for p in rep["fidelity_search"]["curve"])
 
@@ -134,13 +138,20 @@ def test_hidden_loss_and_augment_on_a_tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=200,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     bert = BertModel(cfg).eval()
     ids = torch.randint(5, 200, (48, 12))
-    data = [{"input_ids": ids[i:i + 16], "attention_mask": torch.ones(16, 12, dtype=torch.long)} for i in (0, 16, 32)]
-    m, rep = gblrc.compress(copy.deepcopy(bert), 0.5, data=data, eval_data=data[:1], steps=6, hidden_loss=1.0,
-                            augment=0.15, progress=False)
+    data = [{"input_ids": ids[i : i + 16], "attention_mask": torch.ones(16, 12, dtype=torch.long)} for i in (0, 16, 32)]
+    m, rep = gblrc.compress(
+        copy.deepcopy(bert), 0.5, data=data, eval_data=data[:1], steps=6, hidden_loss=1.0, augment=0.15, progress=False
+    )
     assert not rep["warnings"], rep["warnings"]
     assert rep["fidelity"]["final"]["cosine"] > 0.5
     # options that cannot apply warn (no silent fallback)
@@ -154,20 +165,47 @@ def invoke(*args):
 
 def test_cli_steps_zero_with_data_is_post_training_compression(files, tmp_path):
     out = tmp_path / "m.gblr.pt"
-    r = invoke(files / "mlp.pt", "--budget", "0.25", "--data", files / "train.pt", "--eval-data", files / "eval.pt",
-               "--steps", "0", "-o", out, "-q")
+    r = invoke(
+        files / "mlp.pt",
+        "--budget",
+        "0.25",
+        "--data",
+        files / "train.pt",
+        "--eval-data",
+        files / "eval.pt",
+        "--steps",
+        "0",
+        "-o",
+        out,
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "m.gblr.pt.report.json").read_text())
     assert rep["steps"] == 0 and rep["allocate"] == "sensitivity" and rep["achieved_ratio"] <= 0.25
     assert "fidelity on" in r.output and rep["fidelity"]["final"]["cosine"] > 0.9
     dense, m = torch.load(files / "mlp.pt", weights_only=False), gblrc.load(out)
-    assert rep["fidelity"]["final"]["cosine"] == pytest.approx(cosine(m, torch.load(files / "eval.pt"), dense), abs=1e-4)
+    assert rep["fidelity"]["final"]["cosine"] == pytest.approx(
+        cosine(m, torch.load(files / "eval.pt"), dense), abs=1e-4
+    )
 
 
 def test_cli_target_fidelity_prints_the_curve_and_records_it(files, tmp_path):
     out = tmp_path / "t.gblr.pt"
-    r = invoke(files / "mlp.pt", "--target-fidelity", "0.98", "--data", files / "train.pt",
-               "--eval-data", files / "eval.pt", "--steps", "0", "--allocate", "uniform", "-o", out)
+    r = invoke(
+        files / "mlp.pt",
+        "--target-fidelity",
+        "0.98",
+        "--data",
+        files / "train.pt",
+        "--eval-data",
+        files / "eval.pt",
+        "--steps",
+        "0",
+        "--allocate",
+        "uniform",
+        "-o",
+        out,
+    )
     assert r.exit_code == 0, r.output
     assert "fidelity / budget curve" in r.output and "chosen budget" in r.output
     rep = json.loads((tmp_path / "t.gblr.pt.report.json").read_text())
@@ -175,12 +213,15 @@ def test_cli_target_fidelity_prints_the_curve_and_records_it(files, tmp_path):
     assert 0.98 <= got <= 0.99 and rep["fidelity_search"]["chosen_budget"] < 1.0
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--target-fidelity", "0.99999", "--budget", "0.05"], ["out of reach"]),
-    (["--target-fidelity", "1.5"], ["--target-fidelity"]),
-    ([], ["--budget"]),
-    (["--target-fidelity", "0.9", "--resume"], ["--resume"]),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--target-fidelity", "0.99999", "--budget", "0.05"], ["out of reach"]),
+        (["--target-fidelity", "1.5"], ["--target-fidelity"]),
+        ([], ["--budget"]),
+        (["--target-fidelity", "0.9", "--resume"], ["--resume"]),
+    ],
+)
 def test_cli_target_fidelity_errors_are_one_line(files, tmp_path, args, words):
     out = tmp_path / "bad.gblr.pt"
     r = invoke(files / "mlp.pt", "--data", files / "train.pt", "--steps", "0", "-o", out, *args)
@@ -201,8 +242,15 @@ def bert_folder(tmp_path_factory):
     from gblrc.io.zoo import english_sentences, minilm_path
 
     d = tmp_path_factory.mktemp("bert")
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, architectures=["BertModel"])
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        architectures=["BertModel"],
+    )
     torch.manual_seed(0)
     BertModel(cfg).save_pretrained(d / "bert")
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
@@ -222,9 +270,28 @@ def test_cli_general_text_mixes_built_in_english_into_text_data(bert_folder, tmp
     assert set(lines) <= set(mixed) and 100 <= len(mixed) <= 140
     assert 0.35 <= sum(s in set(lines) for s in mixed) / len(mixed) <= 0.65  # the user's lines stay about half
     out = tmp_path / "g.gblr.pt"
-    r = invoke(bert_folder / "bert", "--budget", "0.5", "--data", bert_folder / "train.txt", "--general-text", "60",
-               "--eval-data", bert_folder / "eval.txt", "--hidden-loss", "1", "--augment", "0.1",
-               "--steps", "4", "--batch-size", "8", "-q", "-o", out)
+    r = invoke(
+        bert_folder / "bert",
+        "--budget",
+        "0.5",
+        "--data",
+        bert_folder / "train.txt",
+        "--general-text",
+        "60",
+        "--eval-data",
+        bert_folder / "eval.txt",
+        "--hidden-loss",
+        "1",
+        "--augment",
+        "0.1",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "-q",
+        "-o",
+        out,
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "g.gblr.pt.report.json").read_text())
     assert rep["settings"]["general_text"] == 60 and rep["fidelity"]["examples"] == 24
@@ -232,8 +299,17 @@ def test_cli_general_text_mixes_built_in_english_into_text_data(bert_folder, tmp
 
 
 def test_cli_general_text_needs_text_data(files, tmp_path):
-    r = invoke(files / "mlp.pt", "--budget", "0.5", "--data", files / "train.pt", "--general-text", "100",
-               "-o", tmp_path / "x.gblr.pt")
+    r = invoke(
+        files / "mlp.pt",
+        "--budget",
+        "0.5",
+        "--data",
+        files / "train.pt",
+        "--general-text",
+        "100",
+        "-o",
+        tmp_path / "x.gblr.pt",
+    )
     assert r.exit_code != 0 and r.output.strip().splitlines()[-1].startswith("Error: --general-text")
     assert not (tmp_path / "x.gblr.pt").exists()
 
@@ -241,8 +317,20 @@ def test_cli_general_text_needs_text_data(files, tmp_path):
 def test_cli_text_data_mixes_general_text_by_default_and_zero_turns_it_off(bert_folder, tmp_path):
     for flag, want in (([], 12000), (["--general-text", "0"], 0)):
         out = tmp_path / f"d{want}.gblr.pt"
-        r = invoke(bert_folder / "bert", "--budget", "0.5", "--data", bert_folder / "train.txt", *flag,
-                   "--steps", "2", "--batch-size", "8", "-o", out)
+        r = invoke(
+            bert_folder / "bert",
+            "--budget",
+            "0.5",
+            "--data",
+            bert_folder / "train.txt",
+            *flag,
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "-o",
+            out,
+        )
         assert r.exit_code == 0, r.output
         rep = json.loads(out.with_name(out.name + ".report.json").read_text())
         assert rep["settings"]["general_text"] == want

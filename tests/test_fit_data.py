@@ -1,4 +1,5 @@
 """Data-aware structure search (gblrc.nn.fit_data, issue 12): fitted in the metric of the layer's inputs."""
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ def weight(kind, n_out, n_in, g):
         return torch.randn(n_out, n_in, generator=g, dtype=torch.float64) / math.sqrt(n_in)
     W = torch.zeros(n_out, n_in, dtype=torch.float64)  # rank-6 32 x 32 tiles on the diagonal, plus noise
     for i in range(0, min(n_out, n_in), 32):
-        W[i:i + 32, i:i + 32] = torch.randn(32, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 32, generator=g, dtype=torch.float64)
+        W[i : i + 32, i : i + 32] = torch.randn(32, 6, generator=g, dtype=torch.float64) @ torch.randn(
+            6, 32, generator=g, dtype=torch.float64
+        )
     return W + 0.05 * torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
 
 
@@ -47,8 +50,12 @@ def held_out_error(f, W, X):
 
 
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["dense", "tiles"]),
-       shape=st.sampled_from([(64, 96), (96, 64), (64, 64)]), budget=st.sampled_from([0.2, 0.4, 0.6]))
+@given(
+    seed=st.integers(0, 10_000),
+    kind=st.sampled_from(["dense", "tiles"]),
+    shape=st.sampled_from([(64, 96), (96, 64), (64, 64)]),
+    budget=st.sampled_from([0.2, 0.4, 0.6]),
+)
 def test_never_worse_than_whitened_svd_on_held_out_rows_and_within_budget(seed, kind, shape, budget):
     g = torch.Generator().manual_seed(seed)
     n_out, n_in = shape

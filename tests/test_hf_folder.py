@@ -10,6 +10,7 @@ read from the folder's module files.  Where ``optimum.onnxruntime`` imports (or 
 Python that has sentence-transformers + optimum-onnx, e.g. a venv with transformers 4.57), the folder is
 also loaded with ``SentenceTransformer(OUT, backend="onnx")`` and ``ORTModelForFeatureExtraction`` themselves.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,6 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -34,8 +34,11 @@ import gblrc  # noqa: E402
 from gblrc.cli import main  # noqa: E402
 from gblrc.io.zoo import minilm_path  # noqa: E402
 
-SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Short text.",
-             "Lists, tuples and dictionaries are built-in container types in Python, as documented."]
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Short text.",
+    "Lists, tuples and dictionaries are built-in container types in Python, as documented.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +49,38 @@ def compressed(tmp_path_factory):
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("hf")
     src = d / "bert"
-    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=128, architectures=["BertModel"])
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        architectures=["BertModel"],
+    )
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         BertModel(cfg).save_pretrained(src)
     mini = minilm_path()
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "modules.json",
-              "config_sentence_transformers.json", "sentence_bert_config.json"):
+    for f in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+        "modules.json",
+        "config_sentence_transformers.json",
+        "sentence_bert_config.json",
+    ):
         shutil.copy(mini / f, src / f)
     (src / "1_Pooling").mkdir()
     pool = json.loads((mini / "1_Pooling" / "config.json").read_text())
     pool["word_embedding_dimension"] = 64
     (src / "1_Pooling" / "config.json").write_text(json.dumps(pool))
     out = d / "m.gblr.pt"
-    r = CliRunner().invoke(main, ["compress", str(src), "--budget", "0.4", "--structure", "lowrank", "-o", str(out), "-q"])
+    r = CliRunner().invoke(
+        main, ["compress", str(src), "--budget", "0.4", "--structure", "lowrank", "-o", str(out), "-q"]
+    )
     assert r.exit_code == 0, r.output
     return src, out
 
@@ -97,8 +116,15 @@ def test_the_folder_has_what_the_loaders_read(compressed, tmp_path):
     r = _lower(compressed, out)
     assert "load with sentence_transformers.SentenceTransformer" in r.output
     names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert {"config.json", "tokenizer.json", "vocab.txt", "modules.json", "sentence_bert_config.json",
-            "1_Pooling/config.json", "onnx/model.onnx"} <= names
+    assert {
+        "config.json",
+        "tokenizer.json",
+        "vocab.txt",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+        "onnx/model.onnx",
+    } <= names
     assert not any(n.endswith((".safetensors", ".bin")) for n in names)  # no (dense) PyTorch weights
     g = onnx.load(str(out / "onnx" / "model.onnx")).graph
     assert [i.name for i in g.input] == ["input_ids", "attention_mask", "token_type_ids"]
@@ -161,12 +187,19 @@ def _st_python() -> str | None:
 def test_sentence_transformers_onnx_backend_and_optimum_load_the_folder(compressed, tmp_path):
     py = _st_python()
     if py is None:
-        pytest.skip("optimum.onnxruntime does not import beside transformers 5 (optimum-onnx 0.1.0 needs "
-                    "transformers < 4.58); set GBLRC_ST_PYTHON to a Python with sentence-transformers + optimum-onnx")
+        pytest.skip(
+            "optimum.onnxruntime does not import beside transformers 5 (optimum-onnx 0.1.0 needs "
+            "transformers < 4.58); set GBLRC_ST_PYTHON to a Python with sentence-transformers + optimum-onnx"
+        )
     out = tmp_path / "out"
     _lower(compressed, out)
-    r = subprocess.run([py, "-c", _ST_CHECK, str(out), json.dumps(SENTENCES)], capture_output=True, text=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    r = subprocess.run(
+        [py, "-c", _ST_CHECK, str(out), json.dumps(SENTENCES)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["backend"] == "ORTModelForFeatureExtraction"
@@ -197,12 +230,16 @@ def test_bad_hf_folder_requests_are_one_line_errors_and_write_nothing(compressed
     nosrc = tmp_path / "notok"
     nosrc.mkdir()
     shutil.copy(compressed[0] / "config.json", nosrc / "config.json")
-    r = runner.invoke(main, ["lower", str(compressed[1]), "--hf-folder", str(tmp_path / "b"), "--hf-source", str(nosrc)])
+    r = runner.invoke(
+        main, ["lower", str(compressed[1]), "--hf-folder", str(tmp_path / "b"), "--hf-source", str(nosrc)]
+    )
     assert r.exit_code != 0 and "no tokenizer files" in r.output and not (tmp_path / "b").exists()
     # a model that is not a Hugging Face model
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     cm, _ = gblrc.compress(net, 0.5, steps=0, progress=False)
     gblrc.save(cm, tmp_path / "mlp.gblr.pt", example_inputs={"x": torch.randn(2, 16)})
-    r = runner.invoke(main, ["lower", str(tmp_path / "mlp.gblr.pt"), "--hf-folder", str(tmp_path / "c"),
-                             "--hf-source", str(compressed[0])])
+    r = runner.invoke(
+        main,
+        ["lower", str(tmp_path / "mlp.gblr.pt"), "--hf-folder", str(tmp_path / "c"), "--hf-source", str(compressed[0])],
+    )
     assert r.exit_code != 0 and "needs a Hugging Face model" in r.output and not (tmp_path / "c").exists()

@@ -1,4 +1,5 @@
 """The method inside transformers.Trainer with gblrc.GBLRCallback: budget met, stop-and-resume identical."""
+
 from __future__ import annotations
 
 import os
@@ -33,16 +34,36 @@ def tiny_classifier():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(cfg)
 
 
 def args(out, **kw):
-    return transformers.TrainingArguments(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=16,
-                                          learning_rate=2e-3, save_steps=SAVE_AT, logging_steps=1000, report_to=[],
-                                          use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
-                                          disable_tqdm=True, **kw)
+    return transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=16,
+        learning_rate=2e-3,
+        save_steps=SAVE_AT,
+        logging_steps=1000,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **kw,
+    )
 
 
 class Crash(transformers.TrainerCallback):
@@ -54,14 +75,21 @@ class Crash(transformers.TrainerCallback):
 def train(out, *, resume=False, crash=False):
     model = tiny_classifier()
     calib = Ids(32, seed=5)
-    cfg = gblrc.CompressConfig(budget=0.4, steps=STEPS, lr=2e-3, progress=False,
-                               training=gblrc.TrainingConfig(init_factor=1.5))
-    model, ctrl = gblrc.prepare(model, cfg, data={"inputs": {"input_ids": calib.ids,
-                                                             "attention_mask": torch.ones_like(calib.ids)}})
+    cfg = gblrc.CompressConfig(
+        budget=0.4, steps=STEPS, lr=2e-3, progress=False, training=gblrc.TrainingConfig(init_factor=1.5)
+    )
+    model, ctrl = gblrc.prepare(
+        model, cfg, data={"inputs": {"input_ids": calib.ids, "attention_mask": torch.ones_like(calib.ids)}}
+    )
     opt = torch.optim.AdamW(ctrl.param_groups(lr=2e-3))
     cb = gblrc.GBLRCallback(ctrl)
-    trainer = transformers.Trainer(model=model, args=args(out), train_dataset=Ids(), optimizers=(opt, None),
-                                   callbacks=[cb] + ([Crash()] if crash else []))
+    trainer = transformers.Trainer(
+        model=model,
+        args=args(out),
+        train_dataset=Ids(),
+        optimizers=(opt, None),
+        callbacks=[cb] + ([Crash()] if crash else []),
+    )
     trainer.train(resume_from_checkpoint=True if resume else None)
     return model, cb, ctrl
 
@@ -69,8 +97,11 @@ def train(out, *, resume=False, crash=False):
 def snapshot(model):
     from gblrc.nn.layer import GBLRLinear
 
-    return {n: ([t.tolist() for t in m.hard_intervals()], m.dense_weight().detach().clone())
-            for n, m in model.named_modules() if isinstance(m, GBLRLinear)}
+    return {
+        n: ([t.tolist() for t in m.hard_intervals()], m.dense_weight().detach().clone())
+        for n, m in model.named_modules()
+        if isinstance(m, GBLRLinear)
+    }
 
 
 def test_trainer_callback_meets_budget_and_resume_matches_uninterrupted(tmp_path):
@@ -114,8 +145,15 @@ def test_callback_warns_when_the_optimizer_misses_the_structure(tmp_path):
     torch.set_num_threads(1)
     model, ctrl = gblrc.prepare(tiny_classifier(), gblrc.CompressConfig(budget=0.5, steps=2))
     cb = gblrc.GBLRCallback(ctrl)
-    targs = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
-                                           report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    targs = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=Ids(16), callbacks=[cb])  # its own optimizer
     with pytest.warns(UserWarning, match="as content"):
         trainer.train()

@@ -1,4 +1,5 @@
 """fit_dense: GBLR initialisation from a dense weight, never worse than truncated SVD at the same cost."""
+
 import math
 
 import numpy as np
@@ -51,14 +52,24 @@ def check_result(g, lin, budget, r=1):
 
 
 @settings(max_examples=25)
-@given(st.integers(2, 40), st.integers(2, 40), st.floats(0.02, 1.0), st.sampled_from([1, 1, 2, 3]),
-       st.integers(0, 2**31 - 1), st.booleans())
+@given(
+    st.integers(2, 40),
+    st.integers(2, 40),
+    st.floats(0.02, 1.0),
+    st.sampled_from([1, 1, 2, 3]),
+    st.integers(0, 2**31 - 1),
+    st.booleans(),
+)
 def test_never_worse_than_svd_and_within_budget(n_out, n_in, budget, r, seed, planted):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
     if planted:  # add a local block so that the pursuit has something to find
         a, b = max(1, n_out // 3), max(1, n_in // 3)
-        W[:a, -b:] += 5 * torch.randn(a, 1, generator=g, dtype=torch.float64) @ torch.randn(1, b, generator=g, dtype=torch.float64)
+        W[:a, -b:] += (
+            5
+            * torch.randn(a, 1, generator=g, dtype=torch.float64)
+            @ torch.randn(1, b, generator=g, dtype=torch.float64)
+        )
     lin = linear_from(W)
     fit = fit_dense(lin, budget, rank_per_component=r)
     svd = svd_layer(lin, budget, rank_per_component=r)
@@ -86,8 +97,9 @@ def test_clear_win_on_block_diagonal():
     n_out, n_in = 64, 48
     W = 0.01 * torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
     for i in range(4):
-        W[16 * i:16 * (i + 1), 12 * i:12 * (i + 1)] += torch.randn(16, 2, generator=g, dtype=torch.float64) @ torch.randn(
-            2, 12, generator=g, dtype=torch.float64)
+        W[16 * i : 16 * (i + 1), 12 * i : 12 * (i + 1)] += torch.randn(
+            16, 2, generator=g, dtype=torch.float64
+        ) @ torch.randn(2, 12, generator=g, dtype=torch.float64)
     lin = linear_from(W)
     fit, svd = fit_dense(lin, 0.25), svd_layer(lin, 0.25)
     check_result(fit, lin, 0.25)
@@ -103,9 +115,10 @@ def test_clear_win_on_off_diagonal_blocks_that_wrap_around():
     for (rs, a), (cs, b) in blocks:
         ri, ci = (rs + torch.arange(a)) % n_out, (cs + torch.arange(b)) % n_in
         W[ri[:, None], ci[None, :]] += torch.randn(a, 2, generator=g, dtype=torch.float64) @ torch.randn(
-            2, b, generator=g, dtype=torch.float64)
+            2, b, generator=g, dtype=torch.float64
+        )
     lin = linear_from(W, bias=False)
-    budget = 3 * 2 * (16 + 12) / (n_in * n_out) + 1e-3   # exactly the three rank-2 blocks
+    budget = 3 * 2 * (16 + 12) / (n_in * n_out) + 1e-3  # exactly the three rank-2 blocks
     fit, svd = fit_dense(lin, budget), svd_layer(lin, budget)
     check_result(fit, lin, budget)
     e_fit, e_svd = err(fit, W), err(svd, W)
@@ -117,8 +130,9 @@ def test_rank_per_component_above_one_on_local_structure():
     g = torch.Generator().manual_seed(2)
     W = 0.01 * torch.randn(40, 40, generator=g, dtype=torch.float64)
     for i in range(2):  # two diagonal rank-4 blocks: SVD at this budget affords only one rank-4 component
-        W[20 * i:20 * (i + 1), 20 * i:20 * (i + 1)] += torch.randn(20, 4, generator=g, dtype=torch.float64) @ torch.randn(
-            4, 20, generator=g, dtype=torch.float64)
+        W[20 * i : 20 * (i + 1), 20 * i : 20 * (i + 1)] += torch.randn(
+            20, 4, generator=g, dtype=torch.float64
+        ) @ torch.randn(4, 20, generator=g, dtype=torch.float64)
     lin = linear_from(W)
     fit = fit_dense(lin, 0.21, rank_per_component=4)
     check_result(fit, lin, 0.21, r=4)
@@ -130,8 +144,9 @@ def test_tiny_budget_gives_an_empty_but_valid_layer():
     fit = fit_dense(lin, 0.05)  # 3 multiply-adds: no component fits
     assert fit.flops() == 0 and fit.structure().structure.blocks == ()
     with torch.no_grad():
-        np.testing.assert_allclose(fit(torch.zeros(2, 8, dtype=torch.float64)).numpy(),
-                                   lin.bias.detach().expand(2, 8).numpy())
+        np.testing.assert_allclose(
+            fit(torch.zeros(2, 8, dtype=torch.float64)).numpy(), lin.bias.detach().expand(2, 8).numpy()
+        )
 
 
 @pytest.mark.parametrize("budget", [0, -0.5, 1.0001, 2, math.nan, math.inf, "0.5x", None])

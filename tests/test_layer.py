@@ -1,4 +1,5 @@
 """GBLRLinear: Gaudi masks with straight-through rounding in training, hard masks in evaluation."""
+
 import numpy as np
 import pytest
 import torch
@@ -23,10 +24,12 @@ def test_train_mode_uses_rounded_gaudi_masks():
     mc, mr = layer.masks()
     n_in, n_out = layer.in_features, layer.out_features
     q = lambda x, n: torch.round(x.detach() * n) / n
-    np.testing.assert_allclose(mc.detach(), gaudi_mask(q(layer.widths[0], n_in), q(layer.locations[0], n_in), n_in, 1.0),
-                               atol=1e-12)
-    np.testing.assert_allclose(mr.detach(), gaudi_mask(q(layer.widths[1], n_out), q(layer.locations[1], n_out), n_out, 1.0),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        mc.detach(), gaudi_mask(q(layer.widths[0], n_in), q(layer.locations[0], n_in), n_in, 1.0), atol=1e-12
+    )
+    np.testing.assert_allclose(
+        mr.detach(), gaudi_mask(q(layer.widths[1], n_out), q(layer.locations[1], n_out), n_out, 1.0), atol=1e-12
+    )
     # a soft mask is not the hard one, and as sigma grows training converges to evaluation
     We = make().eval().dense_weight().detach()
     assert float((layer.dense_weight().detach() - We).abs().max()) > 1e-2
@@ -63,7 +66,7 @@ def test_straight_through_rounding():
 def test_eval_mode_hard_masks_and_widths_under_one_element():
     layer = make(n_in=12, n_out=9, K=4).eval()
     with torch.no_grad():
-        layer.widths[0, 0] = 0.9 / 12   # under one column: the component is off
+        layer.widths[0, 0] = 0.9 / 12  # under one column: the component is off
     mc, mr = layer.masks()
     assert set(np.unique(mc.numpy())) <= {0.0, 1.0} and set(np.unique(mr.numpy())) <= {0.0, 1.0}
     assert mc[0].sum() == 0

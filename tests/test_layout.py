@@ -1,4 +1,5 @@
 """The package's layout: imports run one way along the pipeline, no import cycles (issue 14)."""
+
 from __future__ import annotations
 
 import shutil
@@ -19,8 +20,8 @@ def test_the_project_has_no_wrong_way_import_and_no_cycle():
 
 def test_the_graph_sees_the_modules_and_their_imports():
     edges, third = import_graph(ROOT)
-    assert "gblrc.nn.fit" in edges["gblrc.nn.layer"]          # a module-level import
-    assert "gblrc.nn.layer" in edges["gblrc.nn.replace"]      # a lazy import inside a function
+    assert "gblrc.nn.fit" in edges["gblrc.nn.layer"]  # a module-level import
+    assert "gblrc.nn.layer" in edges["gblrc.nn.replace"]  # a lazy import inside a function
     assert "gblrc.ir.structure" in edges["gblrc.passes.base"]  # passes/ installs as gblrc.passes
     assert "torch" in third["gblrc.nn.layer"] and "torch" not in third["gblrc.ir.structure"]
     assert {group(m) for m in edges} == set(ALLOWED)
@@ -55,26 +56,31 @@ def test_a_planted_cycle_fails_with_both_module_names(tmp_path):
 def test_a_planted_cycle_in_the_passes_fails(tmp_path):
     root = _copy(tmp_path)
     _plant(root, "passes/cost_model.py", "from .lower_segmented import lower_segmented")
-    assert any("import cycle" in x and "gblrc.passes.cost_model" in x and "gblrc.passes.lower_segmented" in x
-               for x in violations(root))
+    assert any(
+        "import cycle" in x and "gblrc.passes.cost_model" in x and "gblrc.passes.lower_segmented" in x
+        for x in violations(root)
+    )
 
 
 def test_a_planted_wrong_way_import_fails_with_both_module_names(tmp_path):
     root = _copy(tmp_path)
     _plant(root, "gblrc/ir/conv.py", "from gblrc.io.zoo import minilm_path")
-    assert violations(root) == [
-        "wrong-way import: gblrc.ir.conv (ir) imports gblrc.io.zoo (io); ir may import []"]
+    assert violations(root) == ["wrong-way import: gblrc.ir.conv (ir) imports gblrc.io.zoo (io); ir may import []"]
     _plant(root, "gblrc/nn/masks.py", "import gblrc.learn.train")  # wrong way, and a cycle through train
-    assert ("wrong-way import: gblrc.nn.masks (nn) imports gblrc.learn.train (learn); nn may import "
-            "['errors', 'ir']") in violations(root)
+    assert (
+        "wrong-way import: gblrc.nn.masks (nn) imports gblrc.learn.train (learn); nn may import ['errors', 'ir']"
+    ) in violations(root)
 
 
-@pytest.mark.parametrize("rel,line,word", [
-    ("gblrc/ir/structure.py", "import torch", "torch"),
-    ("passes/merge_blocks.py", "import torch", "torch"),
-    ("gblrc/ir/cost.py", "import onnx", "onnx"),
-    ("runtime/session.py", "import onnx", "onnx"),
-])
+@pytest.mark.parametrize(
+    "rel,line,word",
+    [
+        ("gblrc/ir/structure.py", "import torch", "torch"),
+        ("passes/merge_blocks.py", "import torch", "torch"),
+        ("gblrc/ir/cost.py", "import onnx", "onnx"),
+        ("runtime/session.py", "import onnx", "onnx"),
+    ],
+)
 def test_forbidden_third_party_imports_fail(tmp_path, rel, line, word):
     root = _copy(tmp_path)
     _plant(root, rel, line)
@@ -96,8 +102,23 @@ def test_importing_the_passes_or_the_ir_does_not_import_torch():
 def test_public_api_is_unchanged():
     import gblrc
 
-    for name in ("compress", "lower", "save", "load", "GBLRLinear", "GBLRConv2d", "gaudi_mask", "boxcar_mask",
-                 "Span", "Block", "Structure", "GBLRWeights", "StructureError", "passes", "runtime"):
+    for name in (
+        "compress",
+        "lower",
+        "save",
+        "load",
+        "GBLRLinear",
+        "GBLRConv2d",
+        "gaudi_mask",
+        "boxcar_mask",
+        "Span",
+        "Block",
+        "Structure",
+        "GBLRWeights",
+        "StructureError",
+        "passes",
+        "runtime",
+    ):
         assert getattr(gblrc, name) is not None, name
     assert callable(gblrc.GBLRLinear.from_dense)
     assert set(modules(ROOT)) >= {"gblrc.cli", "gblrc.learn.compress", "gblrc.export.lowering"}

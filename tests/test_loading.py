@@ -1,4 +1,5 @@
 """Model and data loading for `gblrc compress` (gblrc.io.loading, gblrc.io.datafiles)."""
+
 from __future__ import annotations
 
 import json
@@ -94,8 +95,15 @@ def tiny_bert_folder(tmp_path):
     from gblrc.io.zoo import minilm_path
 
     src = minilm_path()
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, architectures=["BertModel"])
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        architectures=["BertModel"],
+    )
     torch.manual_seed(0)
     d = tmp_path / "tiny_bert"
     BertModel(cfg).save_pretrained(d)
@@ -110,8 +118,11 @@ def test_hf_folder_and_text_data(tmp_path):
     lm = load_model(d)
     assert lm.kind == "hf" and lm.auto_class == "AutoModel" and lm.tokenizer is not None
     txt = tmp_path / "s.txt"
-    lines = ["Short.", "The first sentence is short.", "A second, rather longer sentence follows here, "
-             "with many more words than the others have."] * 3
+    lines = [
+        "Short.",
+        "The first sentence is short.",
+        "A second, rather longer sentence follows here, with many more words than the others have.",
+    ] * 3
     txt.write_text("\n\n".join(lines) + "\n")
     data = load_data(str(txt), lm, batch_size=2, seed=1)
     passes = [list(data.train) for _ in range(2)]
@@ -170,7 +181,8 @@ def test_module_function_data(tmp_path, monkeypatch, mlp_file):
         "    g = torch.Generator().manual_seed(0)\n"
         "    return [(torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(3)]\n"
         "def broken():\n"
-        "    raise RuntimeError('no data today')\n")
+        "    raise RuntimeError('no data today')\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     d = load_data("mydata:batches", lm)

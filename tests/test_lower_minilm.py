@@ -1,5 +1,6 @@
 """Pretrained MiniLM with all 36 encoder Linear layers as GBLR layers (budget 0.4) lowers to an ONNX
 model that runs in ONNX Runtime with dynamic batch and sequence length and matches PyTorch."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -57,9 +58,14 @@ def test_minilm_gblr_lowers_and_runs_with_dynamic_shapes(gblr_minilm, tmp_path):
 
     sess = make_session(path, log=False)
     shapes, padded = set(), False
-    for batch in (["Compression of every layer of a small pretrained encoder is hard, as measured.",
-                   "A tiny one.", "Lists, tuples and dictionaries are built-in container types in Python."],
-                  ["Seven words make up this one sentence."]):
+    for batch in (
+        [
+            "Compression of every layer of a small pretrained encoder is hard, as measured.",
+            "A tiny one.",
+            "Lists, tuples and dictionaries are built-in container types in Python.",
+        ],
+        ["Seven words make up this one sentence."],
+    ):
         e = tok(batch, padding=True, return_tensors="pt")
         ids, mask = e["input_ids"], e["attention_mask"]
         (y,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})

@@ -1,4 +1,5 @@
 """Gaudi masks (docs/design.md §1): exact boxcar without the Gaussian, mean = width, useful gradients."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +12,8 @@ from gblrc.nn.masks import boxcar_mask, gaudi_mask, hard_locations, hard_widths,
 @st.composite
 def grid_interval(draw, n_min=2, n_max=2048):
     n = draw(st.integers(n_min, n_max))
-    k = draw(st.integers(0, n))                     # width in elements, zero and full included
-    j = draw(st.integers(0, n - 1))                 # start; k + j > n wraps around
+    k = draw(st.integers(0, n))  # width in elements, zero and full included
+    j = draw(st.integers(0, n - 1))  # start; k + j > n wraps around
     return n, k, j
 
 
@@ -57,7 +58,7 @@ def test_mask_mean_is_width_off_grid(n, data):
 @given(grid_interval(n_min=3), st.integers(0, 2**31 - 1))
 def test_sigma_one_gradients_are_finite_and_nonzero(nkj, seed):
     n, k, j = nkj
-    k = min(max(k, 1), n - 1)                        # a full or empty mask is constant in location
+    k = min(max(k, 1), n - 1)  # a full or empty mask is constant in location
     w = torch.tensor(k / n, dtype=torch.float64, requires_grad=True)
     l = torch.tensor(j / n, dtype=torch.float64, requires_grad=True)
     target = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

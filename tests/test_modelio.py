@@ -1,4 +1,5 @@
 """Saving and loading compressed models (gblrc.save / gblrc.load, gblrc.io.modelio)."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -36,8 +37,11 @@ def test_module_roundtrip_is_exact_and_weights_only(tmp_path):
     ex = OrderedDict(input=torch.randn(2, 12))
     p = gblrc.save(model, tmp_path / "m.gblr.pt", example_inputs=ex, meta={"budget": 0.5})
     # only torch.nn classes and GBLRLinear are needed: plain torch.load(weights_only=True) + that allow-list
-    assert set(unsafe_globals(p)) <= {"gblrc.nn.layer.GBLRLinear", "torch.nn.modules.container.Sequential",
-                                      "torch.nn.modules.activation.ReLU"}
+    assert set(unsafe_globals(p)) <= {
+        "gblrc.nn.layer.GBLRLinear",
+        "torch.nn.modules.container.Sequential",
+        "torch.nn.modules.activation.ReLU",
+    }
     with torch.serialization.safe_globals([GBLRLinear, nn.Sequential, nn.ReLU]):
         raw = torch.load(p, weights_only=True)
     assert raw["format"] == "gblrc.compressed"
@@ -83,11 +87,22 @@ def test_hf_bert_roundtrip(tmp_path):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=32, architectures=["BertModel"])
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        architectures=["BertModel"],
+    )
     ids = torch.randint(0, 100, (2, 9))
-    _hf_roundtrip(tmp_path, BertModel(cfg), ["encoder.layer.0.intermediate.dense", "encoder.layer.0.attention.self.query"],
-                  lambda: OrderedDict(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    _hf_roundtrip(
+        tmp_path,
+        BertModel(cfg),
+        ["encoder.layer.0.intermediate.dense", "encoder.layer.0.attention.self.query"],
+        lambda: OrderedDict(input_ids=ids, attention_mask=torch.ones_like(ids)),
+    )
 
 
 def test_hf_gpt2_roundtrip(tmp_path):
@@ -95,8 +110,12 @@ def test_hf_gpt2_roundtrip(tmp_path):
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32, architectures=["GPT2LMHeadModel"])
-    _hf_roundtrip(tmp_path, GPT2LMHeadModel(cfg), ["transformer.h.0.mlp.c_fc"],
-                  lambda: OrderedDict(input_ids=torch.randint(0, 50, (2, 7))))
+    _hf_roundtrip(
+        tmp_path,
+        GPT2LMHeadModel(cfg),
+        ["transformer.h.0.mlp.c_fc"],
+        lambda: OrderedDict(input_ids=torch.randint(0, 50, (2, 7))),
+    )
 
 
 def test_load_refuses_other_files(tmp_path):

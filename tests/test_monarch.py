@@ -1,4 +1,5 @@
 """The Monarch baseline (gblrc.nn.monarch): projection, forward, cost, budget choice, replacement, ONNX."""
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,15 @@ from torch import nn
 
 from _samples import load_families
 import gblrc
-from gblrc.nn.monarch import (MonarchLinear, monarch_cost, monarch_links, monarch_project, monarch_shapes,
-                           nblocks_for_budget, replace_with_monarch)
+from gblrc.nn.monarch import (
+    MonarchLinear,
+    monarch_cost,
+    monarch_links,
+    monarch_project,
+    monarch_shapes,
+    nblocks_for_budget,
+    replace_with_monarch,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,8 +72,11 @@ def test_square_case_is_rank_one_per_block_pair_and_projection_is_optimal():
         m.blkdiag2.copy_(l0)
     err = (m.dense_weight() - w).norm() ** 2
     # the optimum: the energy beyond the first singular value of every 4x4 tile
-    tails = sum(float((torch.linalg.svdvals(w[4 * i:4 * i + 4, 4 * j:4 * j + 4])[1:] ** 2).sum())
-                for i in range(b) for j in range(b))
+    tails = sum(
+        float((torch.linalg.svdvals(w[4 * i : 4 * i + 4, 4 * j : 4 * j + 4])[1:] ** 2).sum())
+        for i in range(b)
+        for j in range(b)
+    )
     assert float(err) == pytest.approx(tails, rel=1e-10)
     for seed in range(3):  # any other Monarch matrix nearby is farther away
         g = torch.Generator().manual_seed(seed)
@@ -114,8 +125,16 @@ def _onnx(module, x, dynamic=True):
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "b", 1: "t"}, "y": {0: "b", 1: "t"}} if dynamic else None)
+        torch.onnx.export(
+            module,
+            (x,),
+            buf,
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "b", 1: "t"}, "y": {0: "b", 1: "t"}} if dynamic else None,
+        )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -128,8 +147,21 @@ def test_onnx_export_standard_ops_and_parity(n_in, n_out, b):
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
     ops = {n.op_type for n in model.graph.node}
     assert {"MatMul", "Reshape", "Transpose"} <= ops and ops <= {
-        "MatMul", "Reshape", "Transpose", "Pad", "Slice", "Add", "Shape", "Gather", "Unsqueeze", "Concat",
-        "Constant", "ConstantOfShape", "Cast", "Squeeze"}
+        "MatMul",
+        "Reshape",
+        "Transpose",
+        "Pad",
+        "Slice",
+        "Add",
+        "Shape",
+        "Gather",
+        "Unsqueeze",
+        "Concat",
+        "Constant",
+        "ConstantOfShape",
+        "Cast",
+        "Squeeze",
+    }
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = torch.randn(4, 7, n_in)  # not the export shape
     (y,) = sess.run(None, {"x": x.numpy()})

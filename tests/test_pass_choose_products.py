@@ -1,4 +1,5 @@
 """choose-products: narrow, high-rank blocks become dense tiles (V = I); wide low-rank blocks stay products."""
+
 import numpy as np
 
 from _onnx_builders import assert_matches, fixed_weights, gblr_model, op_counts
@@ -12,8 +13,9 @@ from gblrc.ir.structure import Block, Span
 def _mixed():
     # block 0: 8 columns at rank 10 (as after merging) -> the tile (8 codes, no MatMul) beats an 8 x 10 product
     # block 1: 128 columns at rank 16 -> a 128-wide tile would add 112 rows to the U product
-    return fixed_weights(256, 300, [Block((Span(0, 40),), (Span(100, 108),), 10),
-                                    Block((Span(40, 300),), (Span(0, 128),), 16)])
+    return fixed_weights(
+        256, 300, [Block((Span(0, 40),), (Span(100, 108),), 10), Block((Span(40, 300),), (Span(0, 128),), 16)]
+    )
 
 
 def test_as_tile_preserves_the_matrix():

@@ -1,18 +1,19 @@
 """cleanup: dead nodes removed, toposorted, shapes inferred, gblrc opset dropped once no GBLR node is left."""
+
 import numpy as np
 import onnx
 
 from _onnx_builders import assert_matches, fixed_weights, gblr_model, op_counts, random_weights
 from gblrc.passes import PASSES
-from gblrc.passes.base import import_graph, run_passes
-from gblrc.passes.cleanup import Cleanup
+from gblrc.passes.base import run_passes
 from gblrc.passes.lower_gblr import LowerGBLR
 from gblrc.ir.structure import Block, Span
 
 
 def _lowered_sliced():
-    w = fixed_weights(50, 40, [Block((Span(30, 40),), (Span(45, 50), Span(0, 7)), 3),
-                               Block((Span(0, 20),), (Span(10, 30),), 2)])
+    w = fixed_weights(
+        50, 40, [Block((Span(30, 40),), (Span(45, 50), Span(0, 7)), 3), Block((Span(0, 20),), (Span(10, 30),), 2)]
+    )
     return w, run_passes(gblr_model(w, lead=2), [LowerGBLR(force="sliced")])[0]
 
 
@@ -48,6 +49,7 @@ def test_cleanup_removes_dead_nodes_and_folds_constants():
     assert res[0].changed and res[0].counts["nodes_removed"] == 2
     assert "Relu" not in after and "Neg" not in after and after["Add"] == before["Add"]
     from gblrc.ir.structure import GBLRWeights
+
     assert_matches(out, GBLRWeights(w.structure, w.U, w.V, w2_bias), lead=(2, 3))
 
 

@@ -1,4 +1,5 @@
 """The cost model reproduces the orderings measured in docs/design.md §3 (x 1024 x 384, W 1536 x 384)."""
+
 import numpy as np
 
 from gblrc.passes.cost_model import DEFAULT_COST_MODEL as M, CostModel
@@ -10,9 +11,18 @@ N_IN, N_OUT = 384, 1536
 def _half_width(n_blocks, seed=0):
     rng = np.random.default_rng(seed)
     rank = 192 // n_blocks
-    return Structure(N_IN, N_OUT, tuple(
-        Block(cyclic_spans(int(rng.integers(N_OUT)), N_OUT // 2, N_OUT), cyclic_spans(int(rng.integers(N_IN)), N_IN // 2, N_IN), rank)
-        for _ in range(n_blocks)))
+    return Structure(
+        N_IN,
+        N_OUT,
+        tuple(
+            Block(
+                cyclic_spans(int(rng.integers(N_OUT)), N_OUT // 2, N_OUT),
+                cyclic_spans(int(rng.integers(N_IN)), N_IN // 2, N_IN),
+                rank,
+            )
+            for _ in range(n_blocks)
+        ),
+    )
 
 
 def test_stacked_beats_dense_and_sliced_degrades_with_block_count():
@@ -20,9 +30,9 @@ def test_stacked_beats_dense_and_sliced_degrades_with_block_count():
     for nb in (4, 8, 32, 96):
         s = _half_width(nb)
         d = M.dense(s, True)
-        assert M.stacked(s, True) < d            # measured 0.36-0.63 x dense
+        assert M.stacked(s, True) < d  # measured 0.36-0.63 x dense
         sliced.append(M.sliced(s, True) / d)
-    assert sliced == sorted(sliced)              # measured 0.39, 0.59, 1.1, 2.1 x dense
+    assert sliced == sorted(sliced)  # measured 0.39, 0.59, 1.1, 2.1 x dense
     assert sliced[0] < 1 < sliced[-1]
 
 

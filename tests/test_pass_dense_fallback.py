@@ -1,5 +1,5 @@
 """dense-fallback: a layer whose lowered cost is not below one dense MatMul becomes MatMul (+Add)."""
-import numpy as np
+
 import pytest
 
 from _onnx_builders import assert_matches, fixed_weights, gblr_model, op_counts

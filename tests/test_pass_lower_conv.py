@@ -1,4 +1,5 @@
 """lower-gblr-conv: GBLRConv nodes -> standard Conv ops (dense kernel or V conv + 1x1 U conv), checked in ORT."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,19 +27,29 @@ def conv_node_model(w, geo: ConvGeometry, hw=(7, 9), extra_linear=None) -> onnx.
     s = w.structure
     c = geo.in_channels(s.in_features)
     inits, ins = factor_inputs(w)
-    nodes = [helper.make_node(ONNX_CONV_OP, ins, ["Y"], name="conv0", domain=ONNX_DOMAIN,
-                              **conv_to_onnx_attributes(s, geo))]
+    nodes = [
+        helper.make_node(ONNX_CONV_OP, ins, ["Y"], name="conv0", domain=ONNX_DOMAIN, **conv_to_onnx_attributes(s, geo))
+    ]
     ho, wo = geo.output_size(*hw)
     out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", s.out_features, ho, wo])
     if extra_linear is not None:
         lu, lv = pack_factors(extra_linear)
         inits += [numpy_helper.from_array(lu, "lu"), numpy_helper.from_array(lv, "lv")]
-        nodes += [helper.make_node("Flatten", ["Y"], ["F"]),
-                  helper.make_node(ONNX_OP, ["F", "lu", "lv"], ["Z"], name="lin0", domain=ONNX_DOMAIN,
-                                   **to_onnx_attributes(extra_linear.structure))]
+        nodes += [
+            helper.make_node("Flatten", ["Y"], ["F"]),
+            helper.make_node(
+                ONNX_OP,
+                ["F", "lu", "lv"],
+                ["Z"],
+                name="lin0",
+                domain=ONNX_DOMAIN,
+                **to_onnx_attributes(extra_linear.structure),
+            ),
+        ]
         out = helper.make_tensor_value_info("Z", TensorProto.FLOAT, ["n", extra_linear.structure.out_features])
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", c, *hw])],
-                          [out], inits)
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", c, *hw])], [out], inits
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ONNX_DOMAIN, 1)])
 
 
@@ -55,8 +66,12 @@ def reference(w, geo: ConvGeometry, x: np.ndarray) -> tuple[np.ndarray, float]:
     return ref.numpy(), max(float(mag.max()), 1e-30)
 
 
-GEOMETRIES = [ConvGeometry((3, 3), (1, 1), (1, 1, 1, 1)), ConvGeometry((3, 3), (2, 2), (0, 0, 0, 0)),
-              ConvGeometry((1, 1), (2, 1), (2, 2, 2, 2)), ConvGeometry((3, 2), (1, 2), (2, 0, 1, 1), (2, 1))]
+GEOMETRIES = [
+    ConvGeometry((3, 3), (1, 1), (1, 1, 1, 1)),
+    ConvGeometry((3, 3), (2, 2), (0, 0, 0, 0)),
+    ConvGeometry((1, 1), (2, 1), (2, 2, 2, 2)),
+    ConvGeometry((3, 2), (1, 2), (2, 0, 1, 1), (2, 1)),
+]
 
 
 @pytest.mark.parametrize("geo", GEOMETRIES, ids=lambda g: f"k{g.kernel_shape}s{g.strides}p{g.pads}d{g.dilations}")
@@ -65,8 +80,9 @@ def test_conv_node_lowers_to_standard_conv_ops_matching_float64(geo, force):
     rng = np.random.default_rng(hash((geo, force)) % 2**32)
     for seed in range(3):
         c_in, c_out = int(rng.integers(2, 6)), int(rng.integers(3, 9))
-        w = random_weights(rng, c_in * geo.kernel_size, c_out, int(rng.integers(1, 6)), int(rng.integers(1, 3)),
-                           bias=seed != 1)
+        w = random_weights(
+            rng, c_in * geo.kernel_size, c_out, int(rng.integers(1, 6)), int(rng.integers(1, 3)), bias=seed != 1
+        )
         m = conv_node_model(w, geo)
         out, res = run_passes(m, [LowerGBLRConv(force=force), PASSES["cleanup"]])
         onnx.checker.check_model(out, full_check=True)
@@ -74,7 +90,10 @@ def test_conv_node_lowers_to_standard_conv_ops_matching_float64(geo, force):
         assert all(o.domain != ONNX_DOMAIN for o in out.opset_import)
         used = "dense" if not w.structure.blocks else force
         assert op_counts(out) == {"Conv": 1 if used == "dense" else 2}
-        assert res[0].counts == {"lowered_conv_dense": int(used == "dense"), "lowered_conv_stacked": int(used == "stacked")}
+        assert res[0].counts == {
+            "lowered_conv_dense": int(used == "dense"),
+            "lowered_conv_stacked": int(used == "stacked"),
+        }
         x = rng.standard_normal((2, c_in, 7, 9)).astype(np.float32)
         ref, scale = reference(w, geo, x)
         y = ort_run(out, x)  # graph optimisations off
@@ -101,9 +120,9 @@ def test_strategy_by_flops_and_cost_model():
         s = Structure(n_in, n_out, (Block((Span(0, n_out),), (Span(0, n_in),), R),))
         return GBLRWeights(s, (rng.standard_normal((n_out, R)),), (rng.standard_normal((R, n_in)),), None)
 
-    assert choose_conv_strategy(full(576, 64, 16)) == "stacked"   # 16 * 640 << 576 * 64
-    assert choose_conv_strategy(full(576, 64, 56)) == "dense"     # 56 * 640 ~ 0.97 x dense
-    assert choose_conv_strategy(full(144, 16, 2)) == "dense"      # few flops, but a thin (2-channel) conv
+    assert choose_conv_strategy(full(576, 64, 16)) == "stacked"  # 16 * 640 << 576 * 64
+    assert choose_conv_strategy(full(576, 64, 56)) == "dense"  # 56 * 640 ~ 0.97 x dense
+    assert choose_conv_strategy(full(144, 16, 2)) == "dense"  # few flops, but a thin (2-channel) conv
 
 
 def test_pipeline_properties_and_counts_with_conv_and_linear_nodes():
@@ -160,8 +179,12 @@ def test_exported_gblr_conv2d_lowers_with_parity(stride, padding, k):
     torch.manual_seed(stride * 10 + padding)
     rng = np.random.default_rng(padding)
     m = GBLRConv2d(3, 8, k, stride, padding, num_components=5, rank_per_component=2)
-    m.set_intervals(rng.integers(0, m.in_features + 1, 5), rng.integers(0, m.in_features, 5),
-                    rng.integers(0, 9, 5), rng.integers(0, 8, 5))
+    m.set_intervals(
+        rng.integers(0, m.in_features + 1, 5),
+        rng.integers(0, m.in_features, 5),
+        rng.integers(0, 9, 5),
+        rng.integers(0, 8, 5),
+    )
     with torch.no_grad():
         m.bias.normal_()
     m.eval()

@@ -1,4 +1,5 @@
 """lower-gblr: GBLRLinear -> standard ops; goldens per strategy, every strategy against a float64 reference."""
+
 import numpy as np
 import onnx
 import pytest
@@ -23,8 +24,11 @@ def test_full_width_structure_lowers_to_rank_R_pair_of_products():
 
 def test_sliced_lowering_golden_with_wraparound_block():
     # block 0 wraps around the input axis (two column pieces), block 1 is full width
-    w = fixed_weights(50, 40, [Block((Span(30, 40), Span(0, 5)), (Span(45, 50), Span(0, 7)), 3),
-                               Block((Span(0, 40),), (Span(0, 50),), 2)])
+    w = fixed_weights(
+        50,
+        40,
+        [Block((Span(30, 40), Span(0, 5)), (Span(45, 50), Span(0, 7)), 3), Block((Span(0, 40),), (Span(0, 50),), 2)],
+    )
     out, _ = run_passes(gblr_model(w, lead=2), [LowerGBLR(force="sliced"), PASSES["cleanup"]])
     # full-width codes: 1 MatMul; wrapped block: 2 Slices + Concat + MatMul; Concat codes; stacked U MatMul; bias Add
     assert op_counts(out) == {"MatMul": 3, "Slice": 2, "Concat": 2, "Add": 1}
@@ -66,9 +70,16 @@ def test_lower_gblr_is_idempotent():
 
 
 @settings(max_examples=150, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n_in=st.integers(1, 200), n_out=st.integers(1, 200), K=st.integers(1, 12),
-       r=st.integers(1, 4), bias=st.booleans(), strategy=st.sampled_from(["dense", "stacked", "sliced", "segmented"]),
-       decide=st.booleans())
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_in=st.integers(1, 200),
+    n_out=st.integers(1, 200),
+    K=st.integers(1, 12),
+    r=st.integers(1, 4),
+    bias=st.booleans(),
+    strategy=st.sampled_from(["dense", "stacked", "sliced", "segmented"]),
+    decide=st.booleans(),
+)
 def test_every_lowering_strategy_matches_reference(seed, n_in, n_out, K, r, bias, strategy, decide):
     """The cost model picks dense for small layers; force each lowering so that all are tested."""
     rng = np.random.default_rng(seed)

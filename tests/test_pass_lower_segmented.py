@@ -1,4 +1,5 @@
 """The segmented lowering: output rows cut at block boundaries, each segment from its own blocks' codes."""
+
 import numpy as np
 import pytest
 
@@ -60,8 +61,14 @@ def test_segmented_cost_counts_row_widths():
 @pytest.mark.parametrize("seed", range(12))
 def test_random_structures_match_the_reference(seed):
     rng = np.random.default_rng(seed)
-    w = random_weights(rng, int(rng.integers(1, 90)), int(rng.integers(1, 90)), int(rng.integers(1, 10)),
-                       int(rng.integers(1, 4)), bool(seed % 2))
+    w = random_weights(
+        rng,
+        int(rng.integers(1, 90)),
+        int(rng.integers(1, 90)),
+        int(rng.integers(1, 10)),
+        int(rng.integers(1, 4)),
+        bool(seed % 2),
+    )
     out, _ = run_passes(gblr_model(w, lead=2), [LowerGBLR(force="segmented"), PASSES["cleanup"]])
     assert all(n.domain in ("", "ai.onnx") for n in out.graph.node)
     assert_matches(out, w, lead=(2, 3))

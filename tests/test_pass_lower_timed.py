@@ -1,4 +1,5 @@
 """lower-timed: the lowering of each layer follows the measured times (autotuning)."""
+
 import numpy as np
 import onnx
 import pytest
@@ -11,12 +12,19 @@ from gblrc.ir.structure import Block, Span
 
 
 def _w():
-    return fixed_weights(96, 80, [Block((Span(0, 40),), (Span(10, 30),), 4), Block((Span(30, 80),), (Span(50, 96),), 3)])
+    return fixed_weights(
+        96, 80, [Block((Span(0, 40),), (Span(10, 30),), 4), Block((Span(30, 80),), (Span(50, 96),), 3)]
+    )
 
 
-@pytest.mark.parametrize("fastest,ops", [("dense", {"MatMul": 1, "Add": 1}),
-                                         ("stacked", {"MatMul": 2, "Add": 1}),
-                                         ("sliced", {"Slice": 2, "MatMul": 3, "Concat": 1, "Add": 1})])
+@pytest.mark.parametrize(
+    "fastest,ops",
+    [
+        ("dense", {"MatMul": 1, "Add": 1}),
+        ("stacked", {"MatMul": 2, "Add": 1}),
+        ("sliced", {"Slice": 2, "MatMul": 3, "Concat": 1, "Add": 1}),
+    ],
+)
 def test_lowering_follows_the_measurement(fastest, ops):
     fake = lambda w: {"dense": 3.0, "stacked": 2.0, "sliced": 2.5} | {fastest: 1.0}
     out, res = run_passes(gblr_model(_w(), lead=2), [TimedLowering(measure=fake), PASSES["cleanup"]])

@@ -1,5 +1,6 @@
 """Pipelines of configured pass instances (Pipeline / PassManager), the one unknown-pass check, the one
 default timing config and the one lowering decision (gblrc.ir.cost.lowering_decision)."""
+
 import dataclasses
 
 import numpy as np
@@ -11,9 +12,26 @@ from gblrc.export.lowering import check_pass_names
 from gblrc.ir.cost import dense_by_flops, is_full_width, lowered_estimate, lowering_decision
 from gblrc.ir.merge import merge_structure
 from gblrc.ir.structure import Block, Span, Structure
-from gblrc.passes import (DEFAULT_PIPELINE, DEFAULT_TIMING, PASSES, TIMED_PIPELINE, Pass, PassConfig, PassError,
-                          PassManager, PassResult, Pipeline, TuneConfig, UnknownPassError, default_pipeline,
-                          passes_from_names, run_pipeline, run_tuned_pipeline, timed_pipeline, tuned_pipeline)
+from gblrc.passes import (
+    DEFAULT_PIPELINE,
+    DEFAULT_TIMING,
+    PASSES,
+    TIMED_PIPELINE,
+    Pass,
+    PassConfig,
+    PassError,
+    PassManager,
+    PassResult,
+    Pipeline,
+    TuneConfig,
+    UnknownPassError,
+    default_pipeline,
+    passes_from_names,
+    run_pipeline,
+    run_tuned_pipeline,
+    timed_pipeline,
+    tuned_pipeline,
+)
 from gblrc.passes.base import gblr_nodes, import_graph
 from gblrc.passes.choose_products import tile_indices
 from gblrc.passes.cleanup import Cleanup
@@ -89,8 +107,9 @@ def test_one_unknown_pass_error_everywhere(tmp_path):
     assert str(g.value) == msg
     assert check_pass_names([" lower-gblr ", "", "cleanup"]) == ["lower-gblr", "cleanup"]
     calls = []
-    cfg = TuneConfig(tokens=8, threads=1, provider="cpu", cache=tmp_path,
-                     calibration_measure=lambda *a: calls.append(a))
+    cfg = TuneConfig(
+        tokens=8, threads=1, provider="cpu", cache=tmp_path, calibration_measure=lambda *a: calls.append(a)
+    )
     with pytest.raises(UnknownPassError, match="^unknown pass 'no-such-pass'"):
         run_tuned_pipeline(_model(), cfg, ["lower-timed", "no-such-pass"])
     assert calls == []  # rejected before the calibration
@@ -112,10 +131,18 @@ def test_lower_timed_times_alike_by_name_and_through_tune(tmp_path):
     assert _timing_of(TimedLowering()) == expected
     c = TuneConfig()
     assert (c.repeats, c.threads, c.provider, c.margin, c.recheck_above, c.use_cache, c.cache) == (
-        d.repeats, d.threads, d.provider, d.margin, d.recheck_above, d.use_cache, d.cache)
+        d.repeats,
+        d.threads,
+        d.provider,
+        d.margin,
+        d.recheck_above,
+        d.use_cache,
+        d.cache,
+    )
     setup = prepare_tuning(TuneConfig(provider="cpu", cache=tmp_path, cost_model=DEFAULT_COST_MODEL))
-    assert setup.timing == dataclasses.replace(d, threads=setup.threads, provider=setup.provider,
-                                               cache=setup.cache_folder)
+    assert setup.timing == dataclasses.replace(
+        d, threads=setup.threads, provider=setup.provider, cache=setup.cache_folder
+    )
 
 
 def test_lower_timed_by_name_caches_its_times(tmp_path, monkeypatch):
@@ -136,8 +163,7 @@ def test_the_tuned_pipeline_by_name_gets_the_calibrated_model_and_the_timing(tmp
         seen.append(tuple(st))
         return {s: (0.5 if s == "stacked" else 1.0) for s in st}
 
-    w = fixed_weights(96, 80, [Block((Span(0, 40),), (Span(10, 30),), 4),
-                               Block((Span(30, 80),), (Span(50, 96),), 3)])
+    w = fixed_weights(96, 80, [Block((Span(0, 40),), (Span(10, 30),), 4), Block((Span(30, 80),), (Span(50, 96),), 3)])
     cfg = TuneConfig(tokens=16, threads=1, provider="cpu", use_cache=False, cost_model=CM, measure=measure)
     out, res, setup = run_tuned_pipeline(gblr_model(w), cfg, ["choose-products", "lower-timed", "cleanup"])
     assert setup.passes == ["choose-products", "lower-timed", "cleanup"] and [r.name for r in res] == setup.passes
@@ -171,8 +197,14 @@ def test_the_lowering_decision():
 @pytest.mark.parametrize("seed", range(40))
 def test_every_decider_agrees_with_lowering_decision(seed):
     rng = np.random.default_rng(seed)
-    w = random_weights(rng, int(rng.integers(8, 160)), int(rng.integers(8, 160)), int(rng.integers(1, 10)),
-                       int(rng.integers(1, 12)), max_col_frac=float(rng.choice([1.0, 0.3, 0.1])))
+    w = random_weights(
+        rng,
+        int(rng.integers(8, 160)),
+        int(rng.integers(8, 160)),
+        int(rng.integers(1, 10)),
+        int(rng.integers(1, 12)),
+        max_col_frac=float(rng.choice([1.0, 0.3, 0.1])),
+    )
     s, bias = w.structure, w.bias is not None
     decided = lowering_decision(s, bias, tile_indices(w))[0]
     res = DenseFallback()(import_graph(gblr_model(w)))

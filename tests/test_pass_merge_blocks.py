@@ -1,4 +1,5 @@
 """merge-blocks: the pure merge algorithm (hypothesis: the matrix is preserved exactly) and the pass."""
+
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
@@ -33,8 +34,13 @@ def test_merge_pair_preserves_matrix(seed, n_in, n_out, K, r):
 
 
 @settings(max_examples=200, deadline=None)
-@given(seed=seeds, n_in=st.integers(1, 90), n_out=st.integers(1, 90), K=st.integers(0, 14),
-       overhead=st.sampled_from([0.0, 1e-7, 4e-6, 1e-3]))
+@given(
+    seed=seeds,
+    n_in=st.integers(1, 90),
+    n_out=st.integers(1, 90),
+    K=st.integers(0, 14),
+    overhead=st.sampled_from([0.0, 1e-7, 4e-6, 1e-3]),
+)
 def test_merge_blocks_preserves_matrix_and_never_adds_blocks(seed, n_in, n_out, K, overhead):
     rng = np.random.default_rng(seed)
     w = random_weights(rng, n_in, n_out, K, 2)
@@ -62,8 +68,9 @@ def test_merge_with_huge_overhead_gives_one_block_and_none_with_zero_overhead():
 
 def _overlapping_thin_blocks():
     # 12 rank-2 blocks on heavily overlapping column windows of a 256 -> 192 layer: many thin products
-    return fixed_weights(256, 192, [Block((Span(16 * i, 16 * i + 16),), (Span(8 * i, 8 * i + 64),), 2)
-                                    for i in range(12)])
+    return fixed_weights(
+        256, 192, [Block((Span(16 * i, 16 * i + 16),), (Span(8 * i, 8 * i + 64),), 2) for i in range(12)]
+    )
 
 
 def test_pass_merges_overlapping_thin_blocks_and_keeps_numerics():
@@ -88,7 +95,8 @@ def test_pass_is_idempotent_and_leaves_disjoint_wide_blocks_alone():
     twice, res = run_passes(once, [PASSES["merge-blocks"]])
     assert not res[0].changed and res[0].counts == {"blocks_merged": 0}
     # two disjoint wide rank-64 blocks: the union would double the work of each product
-    wide = fixed_weights(512, 512, [Block((Span(0, 256),), (Span(0, 256),), 64),
-                                    Block((Span(256, 512),), (Span(256, 512),), 64)])
+    wide = fixed_weights(
+        512, 512, [Block((Span(0, 256),), (Span(0, 256),), 64), Block((Span(256, 512),), (Span(256, 512),), 64)]
+    )
     res = MergeBlocks()(import_graph(gblr_model(wide)))
     assert not res.changed

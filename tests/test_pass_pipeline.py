@@ -1,4 +1,5 @@
 """The default pipeline: differential against a float64 reference, properties, errors naming the pass."""
+
 import numpy as np
 import onnx
 import pytest
@@ -10,9 +11,18 @@ from gblrc.passes.base import run_passes
 
 
 @settings(max_examples=500, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n_in=st.integers(1, 160), n_out=st.integers(1, 160), K=st.integers(0, 10),
-       r=st.integers(1, 12), bias=st.booleans(), lead=st.integers(1, 3), zero_frac=st.sampled_from([0.0, 0.2]),
-       full_frac=st.sampled_from([0.0, 0.2]), max_col_frac=st.sampled_from([1.0, 0.1]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_in=st.integers(1, 160),
+    n_out=st.integers(1, 160),
+    K=st.integers(0, 10),
+    r=st.integers(1, 12),
+    bias=st.booleans(),
+    lead=st.integers(1, 3),
+    zero_frac=st.sampled_from([0.0, 0.2]),
+    full_frac=st.sampled_from([0.0, 0.2]),
+    max_col_frac=st.sampled_from([1.0, 0.1]),
+)
 def test_default_pipeline_matches_reference(seed, n_in, n_out, K, r, bias, lead, zero_frac, full_frac, max_col_frac):
     # random_weights: cyclic intervals (wrap-around), zero and full widths, overlapping blocks, rank r;
     # narrow column windows (max_col_frac 0.1) make the cost model pick the sliced lowering and tiles
@@ -76,8 +86,14 @@ def test_unknown_pass_name_is_rejected_before_anything_runs():
 
 
 def test_registry_and_default_pipeline():
-    assert DEFAULT_PIPELINE == ("merge-blocks", "choose-products", "dense-fallback", "lower-gblr-conv", "lower-gblr",
-                                "cleanup")
+    assert DEFAULT_PIPELINE == (
+        "merge-blocks",
+        "choose-products",
+        "dense-fallback",
+        "lower-gblr-conv",
+        "lower-gblr",
+        "cleanup",
+    )
     for name, p in PASSES.items():
         assert p.name == name and p.description
         assert isinstance(p.requires, frozenset) and isinstance(p.ensures, frozenset)
@@ -87,8 +103,11 @@ def test_registry_and_default_pipeline():
 
 def test_chain_of_layers_with_clashing_names_lowers_correctly_and_deterministically():
     rng = np.random.default_rng(13)
-    ws = [random_weights(rng, 40, 64, 5, 2), random_weights(rng, 64, 48, 5, 2, bias=False),
-          random_weights(rng, 48, 30, 4, 1)]
+    ws = [
+        random_weights(rng, 40, 64, 5, 2),
+        random_weights(rng, 64, 48, 5, 2, bias=False),
+        random_weights(rng, 48, 30, 4, 1),
+    ]
     m = chain_model(ws, ["", "", "a/b"])  # two unnamed nodes, one with a slash
     out, _ = run_pipeline(m)
     onnx.checker.check_model(out, full_check=True)

@@ -1,4 +1,5 @@
 """Deployment precision: `gblrc lower --precision fp16`, `--quantize int8` (dynamic / static), `--with-dense`."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def block(seed=0):
     """Two GBLR layers with a LayerNorm, GELU and a softmax: the ops fp16 must keep in fp32 are there."""
-    return nn.Sequential(random_layer(12, 24, 5, 2, True, seed), nn.LayerNorm(24), nn.GELU(),
-                         random_layer(24, 8, 4, 2, True, seed + 1), nn.Softmax(-1)).eval()
+    return nn.Sequential(
+        random_layer(12, 24, 5, 2, True, seed),
+        nn.LayerNorm(24),
+        nn.GELU(),
+        random_layer(24, 8, 4, 2, True, seed + 1),
+        nn.Softmax(-1),
+    ).eval()
 
 
 @pytest.fixture
@@ -48,7 +54,9 @@ def test_lower_fp16_halves_the_weights_keeps_sensitive_ops_fp32_and_matches_pyto
     src, m = compressed
     out = tmp_path / "m16.onnx"
     text = ok(run("lower", src, "-o", out, "--precision", "fp16"))
-    assert f"fp16 tolerance rtol={FP16_RTOL:g}, atol={FP16_ATOL:g}" in text and "kept in fp32: LayerNormalization" in text
+    assert (
+        f"fp16 tolerance rtol={FP16_RTOL:g}, atol={FP16_ATOL:g}" in text and "kept in fp32: LayerNormalization" in text
+    )
     assert "Softmax" in text.split("kept in fp32:")[1].splitlines()[0]
     assert "wrote" in text and "fp16" in text.splitlines()[-1]
     model = onnx.load(out)
@@ -75,8 +83,11 @@ def test_lower_fp16_halves_the_weights_keeps_sensitive_ops_fp32_and_matches_pyto
 
 def test_fp16_gate_fails_cleanly_beyond_its_tolerance(compressed, tmp_path):
     out = tmp_path / "m16.onnx"
-    line = clean_failure(run("lower", compressed[0], "-o", out, "--precision", "fp16", "--rtol", "1e-9", "--atol", "0"),
-                         out, match="the fp16 ONNX model does not match PyTorch")
+    line = clean_failure(
+        run("lower", compressed[0], "-o", out, "--precision", "fp16", "--rtol", "1e-9", "--atol", "0"),
+        out,
+        match="the fp16 ONNX model does not match PyTorch",
+    )
     assert "rtol=1e-09" in line
 
 
@@ -110,8 +121,24 @@ def test_lower_int8_static_calibrates_on_data(compressed, tmp_path):
     data = tmp_path / "calib.pt"
     torch.save({"inputs": torch.randn(40, 5, 12)}, data)
     out = tmp_path / "s8.onnx"
-    text = ok(run("lower", src, "-o", out, "--quantize", "int8", "--quant-mode", "static", "--per-channel", "off",
-                  "--data", data, "--calib-batches", "2"))
+    text = ok(
+        run(
+            "lower",
+            src,
+            "-o",
+            out,
+            "--quantize",
+            "int8",
+            "--quant-mode",
+            "static",
+            "--per-channel",
+            "off",
+            "--data",
+            data,
+            "--calib-batches",
+            "2",
+        )
+    )
     assert "int8 (static, per-channel off)" in text and "the example inputs and 2 calibration batches" in text
     ops = {n.op_type for n in onnx.load(out).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -129,16 +156,19 @@ def test_with_dense_fp32_is_the_same_function_as_dense_matmuls(compressed, tmp_p
     assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--quant-mode", "static"], "--quant-mode only applies with --quantize int8"),
-    (["--per-channel", "on"], "--per-channel only applies with --quantize"),
-    (["--quantize", "int8", "--quant-mode", "static"], "needs calibration batches"),
-    (["--quantize", "int8", "--precision", "fp16"], "exclude each other"),
-    (["--precision", "fp16", "--keep-gblr-ops"], "exclude each other"),
-    (["--quantize", "int8", "--calib-batches", "0", "--data", "x.pt"], "--calib-batches must be at least 1"),
-    (["--quantize", "int8", "--data", "nope.pt"], "does not exist"),
-    (["--precision", "fp64"], "Invalid value for '--precision'"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--quant-mode", "static"], "--quant-mode only applies with --quantize int8"),
+        (["--per-channel", "on"], "--per-channel only applies with --quantize"),
+        (["--quantize", "int8", "--quant-mode", "static"], "needs calibration batches"),
+        (["--quantize", "int8", "--precision", "fp16"], "exclude each other"),
+        (["--precision", "fp16", "--keep-gblr-ops"], "exclude each other"),
+        (["--quantize", "int8", "--calib-batches", "0", "--data", "x.pt"], "--calib-batches must be at least 1"),
+        (["--quantize", "int8", "--data", "nope.pt"], "does not exist"),
+        (["--precision", "fp64"], "Invalid value for '--precision'"),
+    ],
+)
 def test_bad_precision_options(compressed, tmp_path, extra, match):
     out = tmp_path / "o.onnx"
     result = run("lower", compressed[0], "-o", out, *extra)
@@ -150,15 +180,21 @@ def test_bad_precision_options(compressed, tmp_path, extra, match):
 
 def test_with_dense_path_must_differ_and_its_folder_exist(compressed, tmp_path):
     out = tmp_path / "o.onnx"
-    clean_failure(run("lower", compressed[0], "-o", out, "--with-dense", out), out, match="--with-dense names the output")
-    clean_failure(run("lower", compressed[0], "-o", out, "--with-dense", tmp_path / "no" / "d.onnx"), out,
-                  match="does not exist")
+    clean_failure(
+        run("lower", compressed[0], "-o", out, "--with-dense", out), out, match="--with-dense names the output"
+    )
+    clean_failure(
+        run("lower", compressed[0], "-o", out, "--with-dense", tmp_path / "no" / "d.onnx"), out, match="does not exist"
+    )
 
 
 def test_nothing_to_quantise_is_a_clear_error():
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     assert quantizable_nodes(model) == []
     with pytest.raises(GblrcError, match="nothing to quantise"):
@@ -194,8 +230,16 @@ def lowrank_minilm():
     model, tok = load_minilm()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cm, _ = gblrc.compress(model, 0.4, steps=0, progress=False, init="svd", structure="lowrank",
-                               allocate="uniform", include=r"^encoder\.")
+        cm, _ = gblrc.compress(
+            model,
+            0.4,
+            steps=0,
+            progress=False,
+            init="svd",
+            structure="lowrank",
+            allocate="uniform",
+            include=r"^encoder\.",
+        )
     return cm.eval(), tok
 
 
@@ -203,8 +247,12 @@ def test_minilm_fp16_matches_pytorch_and_the_fp32_lowering_out_of_domain(lowrank
     from gblrc.io.zoo import docstring_sentences
 
     model, tok = lowrank_minilm
-    enc = tok(["The quick brown fox jumps over the lazy dog.", "Short text."], padding="max_length", max_length=16,
-              return_tensors="pt")
+    enc = tok(
+        ["The quick brown fox jumps over the lazy dog.", "Short text."],
+        padding="max_length",
+        max_length=16,
+        return_tensors="pt",
+    )
     ex = OrderedDict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     p32, p16 = tmp_path / "m32.onnx", tmp_path / "m16.onnx"
     gblrc.lower(model, ex, p32)
@@ -220,7 +268,7 @@ def test_minilm_fp16_matches_pytorch_and_the_fp32_lowering_out_of_domain(lowrank
     sents = docstring_sentences()[::200][:48]  # stdlib docstrings: not the text anything was fitted on
     cos = []
     for i in range(0, len(sents), 16):
-        e = tok(sents[i:i + 16], padding=True, truncation=True, max_length=64, return_tensors="np")
+        e = tok(sents[i : i + 16], padding=True, truncation=True, max_length=64, return_tensors="np")
         feeds = {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
         (h32,), (h16,) = s32.run(None, feeds), s16.run(None, feeds)
         w = feeds["attention_mask"][..., None].astype(np.float64)

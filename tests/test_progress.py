@@ -1,4 +1,5 @@
 """Progress output: a bar on a terminal, a few plain lines in logs (issue 14)."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """Block-level refinement (gblrc.learn.refine): lower output error on held-out inputs, off by default."""
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,16 @@ def bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=60, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=96, max_position_embeddings=16)).eval()
+    return BertModel(
+        BertConfig(
+            vocab_size=60,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=96,
+            max_position_embeddings=16,
+        )
+    ).eval()
 
 
 def ids(n, seed):
@@ -53,7 +62,9 @@ def test_refinement_lowers_the_error_on_held_out_inputs(one_thread):
     refined, rep = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=60, refine_lr=3e-3, **kw)
     assert "refine" not in rep0
     blocks = rep["refine"]["blocks"]
-    assert [b["name"] for b in blocks] == ["encoder.layer.0", "encoder.layer.1"] and all(b["layers"] == 6 for b in blocks)
+    assert [b["name"] for b in blocks] == ["encoder.layer.0", "encoder.layer.1"] and all(
+        b["layers"] == 6 for b in blocks
+    )
     assert all(b["loss_after"] < b["loss_before"] for b in blocks)
     e0, e1 = held_out_error(base, dense, held), held_out_error(refined, dense, held)
     assert e1 < 0.9 * e0, (e0, e1)  # on inputs the refinement never saw
@@ -86,8 +97,17 @@ def test_cli_refine_steps_reports_the_blocks_and_rejects_bad_values(tmp_path, on
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 8))
     torch.save(model, tmp_path / "m.pt")
     torch.save(torch.randn(128, 16, generator=torch.Generator().manual_seed(1)), tmp_path / "d.pt")
-    base = ["compress", str(tmp_path / "m.pt"), "--budget", "0.4", "--data", str(tmp_path / "d.pt"), "--steps", "0",
-            "-q"]
+    base = [
+        "compress",
+        str(tmp_path / "m.pt"),
+        "--budget",
+        "0.4",
+        "--data",
+        str(tmp_path / "d.pt"),
+        "--steps",
+        "0",
+        "-q",
+    ]
     r = CliRunner().invoke(main, base + ["--refine-steps", "20", "-o", str(tmp_path / "r.gblr.pt")])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.gblr.pt.report.json").read_text())

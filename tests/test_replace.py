@@ -1,4 +1,5 @@
 """Layer selection (find_linears) and in-place replacement (replace_linears)."""
+
 import os
 
 import pytest
@@ -21,8 +22,15 @@ def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -59,8 +67,12 @@ def test_hf_heads_are_skipped_and_include_exclude_are_regexes():
 def test_gpt2_conv1d_counts_as_linear_and_replacement_is_exact_at_full_budget():
     g = tiny_gpt2()
     names = [n for n, _ in find_linears(g)]
-    assert names == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
-                     "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]  # lm_head skipped
+    assert names == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+    ]  # lm_head skipped
     conv = g.get_submodule(names[0])
     lin = as_linear(conv)
     x = torch.randn(3, 32)

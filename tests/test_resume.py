@@ -1,4 +1,5 @@
 """A `gblrc compress` run killed with SIGKILL after its first checkpoint completes with --resume."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,22 @@ def test_kill_9_then_resume_completes(tmp_path):
     torch.save(model.eval(), tmp_path / "m.pt")
     torch.save(x, tmp_path / "x.pt")  # no targets: distillation from the dense model
     out, ckpt = tmp_path / "m.gblr.pt", tmp_path / "m.gblr.pt.ckpt"
-    args = [str(tmp_path / "m.pt"), "--budget", "0.4", "--data", str(tmp_path / "x.pt"), "--steps", "300",
-            "--batch-size", "16", "--checkpoint-every", "5", "-o", str(out), "-q"]
+    args = [
+        str(tmp_path / "m.pt"),
+        "--budget",
+        "0.4",
+        "--data",
+        str(tmp_path / "x.pt"),
+        "--steps",
+        "300",
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "5",
+        "-o",
+        str(out),
+        "-q",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # tiny model: threads only spin
     proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:

@@ -1,4 +1,5 @@
 """gblrc.runtime: sessions (provider choice, one log line) and the parity harness."""
+
 from __future__ import annotations
 
 import ast
@@ -19,10 +20,12 @@ RUNTIME_DIR = Path(__file__).resolve().parents[1] / "runtime"
 def matmul_model(w: np.ndarray) -> onnx.ModelProto:
     """y = x @ w with a dynamic batch axis."""
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "mm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", w.shape[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", w.shape[1]])],
-        [numpy_helper.from_array(w.astype(np.float32), "w")])
+        [numpy_helper.from_array(w.astype(np.float32), "w")],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -48,8 +51,9 @@ def test_session_from_proto_bytes_and_path(tmp_path, model_and_data, capsys):
 def test_provider_choice_and_log_line(model_and_data, capsys):
     model, _, _ = model_and_data
     sess = make_session(model, optimize=False)
-    expected = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() \
-        else "CPUExecutionProvider"
+    expected = (
+        "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
+    )
     assert sess.get_providers()[0] == expected
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and sess.get_providers()[0] in err[0]

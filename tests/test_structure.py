@@ -1,4 +1,5 @@
 """The structure IR against GBLRLinear (docs/design.md §2): dense rebuild, cost, apply, validation, ONNX."""
+
 import numpy as np
 import pytest
 import torch
@@ -6,8 +7,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gblrc.nn.layer import GBLRLinear
-from gblrc.ir.structure import (Block, GBLRWeights, Span, Structure, StructureError, cyclic_spans,
-                             from_onnx_attributes, pack_factors, to_onnx_attributes, unpack_factors)
+from gblrc.ir.structure import (
+    Block,
+    GBLRWeights,
+    Span,
+    Structure,
+    StructureError,
+    cyclic_spans,
+    from_onnx_attributes,
+    pack_factors,
+    to_onnx_attributes,
+    unpack_factors,
+)
 
 
 @st.composite
@@ -17,14 +28,15 @@ def random_layer(draw):
     K, r = draw(st.integers(1, 6)), draw(st.sampled_from([1, 1, 2, 3]))
     iv = []
     for k in range(K):
-        if k and draw(st.integers(0, 3)) == 0:      # same intervals as an earlier component: one block
+        if k and draw(st.integers(0, 3)) == 0:  # same intervals as an earlier component: one block
             iv.append(iv[draw(st.integers(0, k - 1))])
             continue
         wc = draw(st.one_of(st.just(0), st.just(n_in), st.integers(0, n_in)))
         wr = draw(st.one_of(st.just(0), st.just(n_out), st.integers(0, n_out)))
         iv.append((wc, draw(st.integers(0, 3 * n_in)), wr, draw(st.integers(0, 3 * n_out))))
-    layer = GBLRLinear(n_in, n_out, num_components=K, rank_per_component=r,
-                       bias=draw(st.booleans()), dtype=torch.float64)
+    layer = GBLRLinear(
+        n_in, n_out, num_components=K, rank_per_component=r, bias=draw(st.booleans()), dtype=torch.float64
+    )
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     with torch.no_grad():
         layer.U.copy_(torch.randn(layer.U.shape, generator=g, dtype=torch.float64))
@@ -88,19 +100,24 @@ def _weights(blocks, n_in=6, n_out=5, U=None, V=None, bias=None):
     return GBLRWeights(s, U, V, bias)
 
 
-@pytest.mark.parametrize("bad", [lambda: Span(3, 3), lambda: Span(-1, 2), lambda: Span(0.5, 2),
-                                 lambda: Block((Span(0, 1),), (Span(0, 1),), 0)])
+@pytest.mark.parametrize(
+    "bad",
+    [lambda: Span(3, 3), lambda: Span(-1, 2), lambda: Span(0.5, 2), lambda: Block((Span(0, 1),), (Span(0, 1),), 0)],
+)
 def test_bad_spans_and_blocks_raise(bad):
     with pytest.raises(StructureError):
         bad()
 
 
-@pytest.mark.parametrize("blocks", [
-    [Block((Span(0, 6),), (Span(0, 2),), 1)],                    # rows past out_features = 5
-    [Block((Span(0, 2),), (Span(4, 7),), 1)],                    # cols past in_features = 6
-    [Block((Span(0, 3), Span(2, 4)), (Span(0, 2),), 1)],         # overlapping row spans
-    [Block((), (Span(0, 2),), 1)],                               # no rows
-])
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        [Block((Span(0, 6),), (Span(0, 2),), 1)],  # rows past out_features = 5
+        [Block((Span(0, 2),), (Span(4, 7),), 1)],  # cols past in_features = 6
+        [Block((Span(0, 3), Span(2, 4)), (Span(0, 2),), 1)],  # overlapping row spans
+        [Block((), (Span(0, 2),), 1)],  # no rows
+    ],
+)
 def test_validation_rejects_bad_structures(blocks):
     with pytest.raises(StructureError):
         _weights(blocks).validate()

@@ -1,4 +1,5 @@
 """Compiler-friendly structure options: --tile (widths/starts on a tile grid) and --rank-per-component."""
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,16 @@ def test_compress_with_tile_and_rank_gives_coarse_structure_within_budget(tile, 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=g)
     y = x[:, :4].argmax(1)
-    m, rep = gblrc.compress(mlp(), 0.4, data={"inputs": x, "targets": y}, steps=20, lr=3e-3, tile=tile,
-                            rank_per_component=rank, progress=False)
+    m, rep = gblrc.compress(
+        mlp(),
+        0.4,
+        data={"inputs": x, "targets": y},
+        steps=20,
+        lr=3e-3,
+        tile=tile,
+        rank_per_component=rank,
+        progress=False,
+    )
     assert 0.38 <= rep["achieved_ratio"] <= 0.4
     for i in (0, 2):
         assert m[i].rank_per_component == rank
@@ -79,8 +88,23 @@ def test_cli_structure_and_tile_options(tmp_path):
     torch.save({"inputs": x, "targets": x[:, :4].argmax(1)}, tmp_path / "d.pt")
     for args in (["--tile", "16"], ["--structure", "lowrank"]):
         out = tmp_path / f"out{args[1]}.pt"
-        r = CliRunner().invoke(main, ["compress", str(tmp_path / "m.pt"), "-b", "0.4", "-d", str(tmp_path / "d.pt"),
-                                      "--steps", "6", "-q", "-o", str(out), *args])
+        r = CliRunner().invoke(
+            main,
+            [
+                "compress",
+                str(tmp_path / "m.pt"),
+                "-b",
+                "0.4",
+                "-d",
+                str(tmp_path / "d.pt"),
+                "--steps",
+                "6",
+                "-q",
+                "-o",
+                str(out),
+                *args,
+            ],
+        )
         assert r.exit_code == 0, r.output
         rep = json.loads((tmp_path / f"{out.name}.report.json").read_text())
         assert rep["achieved_ratio"] <= 0.4 and str(rep["settings"][args[0][2:]]) == args[1]

@@ -1,4 +1,5 @@
 """Trainer pieces: proximal step, lambda controller, sigma schedule, budget fit, compaction, data, losses."""
+
 import pytest
 import torch
 from torch import nn
@@ -14,8 +15,12 @@ def layer(n_in=40, n_out=24, K=12, seed=0):
     torch.manual_seed(seed)
     m = GBLRLinear(n_in, n_out, num_components=K)
     g = torch.Generator().manual_seed(seed)
-    m.set_intervals(torch.randint(1, n_in + 1, (K,), generator=g).tolist(), torch.randint(0, n_in, (K,), generator=g).tolist(),
-                    torch.randint(1, n_out + 1, (K,), generator=g).tolist(), torch.randint(0, n_out, (K,), generator=g).tolist())
+    m.set_intervals(
+        torch.randint(1, n_in + 1, (K,), generator=g).tolist(),
+        torch.randint(0, n_in, (K,), generator=g).tolist(),
+        torch.randint(1, n_out + 1, (K,), generator=g).tolist(),
+        torch.randint(0, n_out, (K,), generator=g).tolist(),
+    )
     return m.eval()
 
 
@@ -32,7 +37,11 @@ def test_proximal_step_shrinks_clamps_and_wraps():
 
 def test_lambda_controller_rises_above_reference_and_drops_to_zero_below():
     c = LambdaController(budget=0.4, start_ratio=0.6, reach=10, lam0=1.0, growth=2.0)
-    assert c.reference(0) == pytest.approx(0.6) and c.reference(5) == pytest.approx(0.5) and c.reference(99) == pytest.approx(0.4)
+    assert (
+        c.reference(0) == pytest.approx(0.6)
+        and c.reference(5) == pytest.approx(0.5)
+        and c.reference(99) == pytest.approx(0.4)
+    )
     assert c.update(5, 0.55) == 1.0 and c.update(6, 0.55) == 2.0 and c.update(7, 0.55) == 4.0
     assert c.update(8, 0.3) == 0.0
     assert c.update(20, 0.41) == 1.0
@@ -98,7 +107,7 @@ def test_batch_stream_forms_and_sharding():
     xs, ys = next(batch_stream(fn, 8, 0))
     assert ys.tolist() == [1, 1]
     kw = [{"input_ids": torch.arange(6).view(3, 2), "labels": torch.arange(3)}]
-    (x, y), = [b for _, b in zip(range(1), batch_stream(kw, 8, 0))]
+    ((x, y),) = [b for _, b in zip(range(1), batch_stream(kw, 8, 0))]
     assert set(x) == {"input_ids"} and y.tolist() == [0, 1, 2]
     x0, y0 = split_batch((x, y), 0, 2)
     x1, y1 = split_batch((x, y), 1, 2)

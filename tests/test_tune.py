@@ -1,4 +1,5 @@
 """Autotuning (`lower(tune=...)`, `gblrc lower --tune`): measured choices, cache, never slower than dense."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,15 @@ def small_model():
 
 
 def config(tmp_path, timer, **kw):
-    return TuneConfig(tokens=32, threads=1, provider="cpu", cache=tmp_path / "cache", cost_model=DEFAULT_COST_MODEL,
-                      measure=timer, **kw)
+    return TuneConfig(
+        tokens=32,
+        threads=1,
+        provider="cpu",
+        cache=tmp_path / "cache",
+        cost_model=DEFAULT_COST_MODEL,
+        measure=timer,
+        **kw,
+    )
 
 
 def check_runs(path, m, shape=(3, 5, 64)):
@@ -83,7 +91,9 @@ def test_lower_with_tune_follows_the_fake_timer_and_matches_pytorch(tmp_path):
     assert names == tuned_pipeline() and "lower-timed" in names and "dense-fallback" not in names
     lines = rep.tune_lines()
     assert lines[0] == "cost model given (no calibration)"
-    assert sum(line.startswith("tune ") for line in lines) == 2 and lines[-1].startswith("tuned 2 layers (0 from cache)")
+    assert sum(line.startswith("tune ") for line in lines) == 2 and lines[-1].startswith(
+        "tuned 2 layers (0 from cache)"
+    )
     check_runs(tmp_path / "t.onnx", m)
 
 
@@ -112,20 +122,24 @@ def test_tokens_default_from_example_inputs(tmp_path):
     cfg = config(tmp_path, timer)
     cfg.tokens = None
     rep = lower(m, OrderedDict(input=torch.randn(3, 7, 64)), tmp_path / "d.onnx", tune=cfg)
-    key_tokens = {json.loads(p.read_text())["key"]["tokens"]
-                  for p in (tmp_path / "cache" / "lowering").glob("*.json")}
+    key_tokens = {json.loads(p.read_text())["key"]["tokens"] for p in (tmp_path / "cache" / "lowering").glob("*.json")}
     assert key_tokens == {21} and [d["choice"] for d in rep.tuning] == ["dense", "dense"]
 
 
 def _w():
-    return fixed_weights(96, 80, [Block((Span(0, 40),), (Span(10, 30),), 4), Block((Span(30, 80),), (Span(50, 96),), 3)])
+    return fixed_weights(
+        96, 80, [Block((Span(0, 40),), (Span(10, 30),), 4), Block((Span(30, 80),), (Span(50, 96),), 3)]
+    )
 
 
-@pytest.mark.parametrize("times,expected", [
-    ({"dense": 1.0, "stacked": 2.0, "sliced": 1.5}, "dense"),    # every structured lowering slower
-    ({"dense": 1.0, "stacked": 0.99, "sliced": 1.5}, "dense"),   # faster, but within the margin (timing noise)
-    ({"dense": 1.0, "stacked": 0.9, "sliced": 0.95}, "stacked"),
-])
+@pytest.mark.parametrize(
+    "times,expected",
+    [
+        ({"dense": 1.0, "stacked": 2.0, "sliced": 1.5}, "dense"),  # every structured lowering slower
+        ({"dense": 1.0, "stacked": 0.99, "sliced": 1.5}, "dense"),  # faster, but within the margin (timing noise)
+        ({"dense": 1.0, "stacked": 0.9, "sliced": 0.95}, "stacked"),
+    ],
+)
 def test_never_slower_than_dense(times, expected):
     p = TimedLowering(measure=lambda w, st: times, margin=0.97)
     out, res = run_passes(gblr_model(_w(), lead=2), [p])
@@ -141,7 +155,9 @@ def test_timed_pass_always_offers_dense_and_skips_layers_costlier_than_dense():
     calls = []
     out, res = run_passes(gblr_model(big), [TimedLowering(measure=lambda w, st: calls.append(st) or {})])
     assert not calls and res[0].counts["lowered_dense"] == 1 and res[0].details[0]["times"] == {}
-    w = fixed_weights(384, 1536, [Block((Span(0, 768),), (Span(0, 192),), 32), Block((Span(768, 1536),), (Span(192, 384),), 32)])
+    w = fixed_weights(
+        384, 1536, [Block((Span(0, 768),), (Span(0, 192),), 32), Block((Span(768, 1536),), (Span(192, 384),), 32)]
+    )
     assert candidate_strategies(w) == ("dense", "stacked", "sliced", "segmented")
 
 
@@ -162,8 +178,9 @@ def test_run_tuned_pipeline_on_a_chain_with_calibration_and_timing_faked(tmp_pat
     assert calib_calls == [16] and setup.calibration is not None and not setup.calibration.from_cache
     assert setup.cost_model.peak_macs == pytest.approx(DEFAULT_COST_MODEL.peak_macs, rel=1e-3)
     timed = [r for r in res if r.name == "lower-timed"][0]
-    assert [d["choice"] for d in timed.details] == [timer.fastest[w.structure.in_features] for w in ws
-                                                   if w.structure.cost() < w.structure.dense_cost]
+    assert [d["choice"] for d in timed.details] == [
+        timer.fastest[w.structure.in_features] for w in ws if w.structure.cost() < w.structure.dense_cost
+    ]
     assert not any(n.domain for n in out.graph.node)
     onnx.checker.check_model(out, full_check=True)
     _, _, again = run_tuned_pipeline(chain_model(ws, ["l0", "l1"]), cfg)
@@ -173,7 +190,9 @@ def test_run_tuned_pipeline_on_a_chain_with_calibration_and_timing_faked(tmp_pat
 def test_tuned_pipeline_follows_the_default_one():
     names = tuned_pipeline()
     assert "lower-timed" in names and "lower-gblr" not in names and "dense-fallback" not in names
-    assert [n for n in DEFAULT_PIPELINE if n not in ("lower-gblr", "dense-fallback")] == [n for n in names if n != "lower-timed"]
+    assert [n for n in DEFAULT_PIPELINE if n not in ("lower-gblr", "dense-fallback")] == [
+        n for n in names if n != "lower-timed"
+    ]
 
 
 @pytest.mark.parametrize("again,expected", [(1.05, "dense"), (0.85, "stacked")])
@@ -187,8 +206,9 @@ def test_close_call_is_timed_again_against_dense_and_the_verdict_cached(tmp_path
         return {"dense": 1.0, "stacked": 0.9, "sliced": 1.2}
 
     def lowered():
-        p = TimedLowering(measure=timer, strategies=("stacked", "sliced"), margin=0.97, recheck_above=0.8,
-                          cache=TuneCache(tmp_path))
+        p = TimedLowering(
+            measure=timer, strategies=("stacked", "sliced"), margin=0.97, recheck_above=0.8, cache=TuneCache(tmp_path)
+        )
         return run_passes(gblr_model(_w(), lead=2), [p])
 
     out, res = lowered()
@@ -211,10 +231,14 @@ def test_tune_cache_ignores_corrupt_entries(tmp_path):
     cache.put(key, {"dense": 2.0, "sliced": 1.0}, "sliced")
     assert cache.get(key) == {"times": {"dense": 2.0, "sliced": 1.0}, "recheck": None, "choice": "sliced"}
     good = cache.path(key).read_text()
-    for bad in (b"garbage\xff", b'{"key": 1}', b'{"times": {"dense": -1}}',
-                good.replace('"choice": "sliced"', '"choice": "naive"').encode(),
-                good.replace('"recheck": null', '"recheck": {"dense": "x"}').encode(),
-                good.replace('"sliced": 1.0', '"sliced": -1.0').encode()):
+    for bad in (
+        b"garbage\xff",
+        b'{"key": 1}',
+        b'{"times": {"dense": -1}}',
+        good.replace('"choice": "sliced"', '"choice": "naive"').encode(),
+        good.replace('"recheck": null', '"recheck": {"dense": "x"}').encode(),
+        good.replace('"sliced": 1.0', '"sliced": -1.0').encode(),
+    ):
         cache.path(key).write_bytes(bad)
         assert cache.get(key) is None, bad
     cache.put(key, {"dense": 2.0}, "dense")  # does not cover the candidates
@@ -256,12 +280,15 @@ def test_cli_lower_tune(compressed, tmp_path, monkeypatch):
     assert "tuned 2 layers (2 from cache)" in r.output and "parity vs input model" in r.output
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--tokens", "8"], "--tokens only applies with --tune"),
-    (["--threads", "2"], "--threads only applies with --tune"),
-    (["--tune", "--tokens", "0"], "--tokens must be at least 1"),
-    (["--tune", "--keep-gblr-ops"], "exclude each other"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--tokens", "8"], "--tokens only applies with --tune"),
+        (["--threads", "2"], "--threads only applies with --tune"),
+        (["--tune", "--tokens", "0"], "--tokens must be at least 1"),
+        (["--tune", "--keep-gblr-ops"], "exclude each other"),
+    ],
+)
 def test_cli_tune_option_errors(compressed, tmp_path, extra, match):
     out = tmp_path / "x.onnx"
     r = run("lower", compressed[0], "-o", out, *extra)
@@ -275,8 +302,12 @@ def test_lower_api_reports_a_bad_provider_cleanly(tmp_path):
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("CUDA is available here")
     with pytest.raises(GblrcError, match="tuning failed: the CUDA provider is not available"):
-        lower(small_model(), OrderedDict(input=torch.randn(2, 64)), tmp_path / "e.onnx",
-              tune=TuneConfig(provider="cuda", cache=tmp_path))
+        lower(
+            small_model(),
+            OrderedDict(input=torch.randn(2, 64)),
+            tmp_path / "e.onnx",
+            tune=TuneConfig(provider="cuda", cache=tmp_path),
+        )
     assert not (tmp_path / "e.onnx").exists()
 
 
@@ -289,8 +320,12 @@ def test_lowerings_that_multiply_more_than_dense_are_not_candidates():
     blocks = tuple(Block((Span(16 * i, 16 * i + 16),), (Span(16 * i, 16 * i + 16),), 8) for i in range(6))
     s = Structure(96, 96, blocks)
     rng = np.random.default_rng(0)
-    w = GBLRWeights(s, tuple(rng.standard_normal((16, 8)) for _ in blocks),
-                    tuple(rng.standard_normal((8, 16)) for _ in blocks), None)
+    w = GBLRWeights(
+        s,
+        tuple(rng.standard_normal((16, 8)) for _ in blocks),
+        tuple(rng.standard_normal((8, 16)) for _ in blocks),
+        None,
+    )
     assert realised_macs(w, "stacked") == 48 * 192 and realised_macs(w, "segmented") == s.cost()
     cands = TimedLowering(strategies=("stacked", "sliced", "segmented")).candidates(w)
     assert cands == ("dense", "sliced", "segmented")

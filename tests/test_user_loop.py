@@ -1,4 +1,5 @@
 """The method in the user's own loop: gblrc.prepare -> optimizer steps with the controller -> gblrc.finalize."""
+
 from __future__ import annotations
 
 import copy
@@ -61,8 +62,9 @@ def test_compress_is_the_same_method_as_prepare_plus_a_loop():
     implementation): same batches, same content schedule, same structure, factors to float tolerance."""
     x, y = mlp_data()
     data = {"inputs": x, "targets": y}
-    cfg = gblrc.CompressConfig(budget=0.35, steps=20, lr=3e-3, progress=False,
-                               training=gblrc.TrainingConfig(init_factor=1.4))
+    cfg = gblrc.CompressConfig(
+        budget=0.35, steps=20, lr=3e-3, progress=False, training=gblrc.TrainingConfig(init_factor=1.4)
+    )
     ours, rep = gblrc.compress(mlp(), cfg, data=data)
     theirs, ctrl = gblrc.prepare(mlp(), cfg, data=data)
     own_loop(theirs, ctrl, data, 20)
@@ -126,9 +128,14 @@ def test_keyword_form_and_config_errors_are_one_line():
         gblrc.compress(mlp(), 0.4, warmpu=0.2)
     with pytest.raises(TypeError, match="budget is needed"):
         gblrc.prepare(mlp(), None)
-    for bad, word in ((dict(structure="dense"), "structure"), (dict(device="tpu"), "device"),
-                      (dict(mixed_precision="fp8"), "mixed_precision"), (dict(budget=0), "budget"),
-                      (dict(warmup=0.7, cooldown=0.5), "warmup"), (dict(lr=-1), "lr")):
+    for bad, word in (
+        (dict(structure="dense"), "structure"),
+        (dict(device="tpu"), "device"),
+        (dict(mixed_precision="fp8"), "mixed_precision"),
+        (dict(budget=0), "budget"),
+        (dict(warmup=0.7, cooldown=0.5), "warmup"),
+        (dict(lr=-1), "lr"),
+    ):
         kw = dict(budget=0.4, **{k: v for k, v in bad.items() if k in ("structure", "device", "mixed_precision", "lr")})
         kw.update({k: v for k, v in bad.items() if k == "budget"})
         with pytest.raises(ValueError, match=word) as e:
@@ -153,8 +160,9 @@ def test_device_cpu_and_auto_on_a_cpu_machine_and_cuda_is_an_error():
 
 def test_bf16_mixed_precision_trains_within_budget():
     x, y = mlp_data()
-    m, rep = gblrc.compress(mlp(), 0.3, data={"inputs": x, "targets": y}, steps=12, lr=3e-3, progress=False,
-                            mixed_precision="bf16")
+    m, rep = gblrc.compress(
+        mlp(), 0.3, data={"inputs": x, "targets": y}, steps=12, lr=3e-3, progress=False, mixed_precision="bf16"
+    )
     assert 0.28 <= rep["achieved_ratio"] <= 0.3
     assert m[0].U.dtype == torch.float32  # parameters stay fp32; only the products ran in bfloat16
     curve = rep["loss_curve"]
@@ -169,13 +177,24 @@ def test_cli_device_cpu_auto_and_cuda_without_one(tmp_path):
     torch.save(mlp(), tmp_path / "m.pt")
     x, y = mlp_data(64)
     torch.save({"inputs": x, "targets": y}, tmp_path / "d.pt")
-    base = ["compress", str(tmp_path / "m.pt"), "--budget", "0.4", "--data", str(tmp_path / "d.pt"), "--steps", "3",
-            "-q"]
+    base = [
+        "compress",
+        str(tmp_path / "m.pt"),
+        "--budget",
+        "0.4",
+        "--data",
+        str(tmp_path / "d.pt"),
+        "--steps",
+        "3",
+        "-q",
+    ]
     for dev in ("cpu", "auto"):
         r = CliRunner().invoke(main, base + ["--device", dev, "-o", str(tmp_path / f"{dev}.gblr.pt")])
         assert r.exit_code == 0, r.output
         rep = json.loads((tmp_path / f"{dev}.gblr.pt.report.json").read_text())
-        assert rep["settings"]["device"] == dev and rep["device"] == ("cpu" if not torch.cuda.is_available() else rep["device"])
+        assert rep["settings"]["device"] == dev and rep["device"] == (
+            "cpu" if not torch.cuda.is_available() else rep["device"]
+        )
     if not torch.cuda.is_available():
         r = CliRunner().invoke(main, base + ["--device", "cuda", "-o", str(tmp_path / "cuda.gblr.pt")])
         assert r.exit_code != 0 and "no CUDA device" in r.output and r.output.strip().count("\n") == 0, r.output

@@ -1,4 +1,5 @@
 """The `gblrc` command line."""
+
 from __future__ import annotations
 
 import click

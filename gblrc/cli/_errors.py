@@ -1,4 +1,5 @@
 """The API's errors as the CLI shows them: one line, settings named as flags."""
+
 from __future__ import annotations
 
 import contextlib

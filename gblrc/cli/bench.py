@@ -1,4 +1,5 @@
 """`gblrc bench`: time an ONNX model (against another) on this machine, the way gblrc times everything."""
+
 from __future__ import annotations
 
 import json
@@ -14,22 +15,43 @@ _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 @click.command("bench", context_settings=_CTX)
 @click.argument("model", metavar="MODEL.onnx")
-@click.option("--against", metavar="OTHER.onnx",
-              help="Time this model too (e.g. the dense reference from `gblrc lower --with-dense`) and print the "
-                   "time ratio MODEL / OTHER and how far MODEL's outputs are from OTHER's.")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="ONNX Runtime provider (auto: CUDA when this ONNX Runtime has it).")
+@click.option(
+    "--against",
+    metavar="OTHER.onnx",
+    help="Time this model too (e.g. the dense reference from `gblrc lower --with-dense`) and print the "
+    "time ratio MODEL / OTHER and how far MODEL's outputs are from OTHER's.",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="ONNX Runtime provider (auto: CUDA when this ONNX Runtime has it).",
+)
 @click.option("--threads", type=int, default=None, metavar="N", help="Intra-op threads [default: one per core].")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=D0xD1",
-              help="Shape of an input (repeat, or separate by commas); needed for dynamic dimensions, "
-                   "e.g. --shape input_ids=8x128 --shape attention_mask=8x128.")
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="NAME=D0xD1",
+    help="Shape of an input (repeat, or separate by commas); needed for dynamic dimensions, "
+    "e.g. --shape input_ids=8x128 --shape attention_mask=8x128.",
+)
 @click.option("--repeats", type=int, default=15, show_default=True, help="Timed runs per model per session.")
-@click.option("--sessions", type=int, default=3, show_default=True,
-              help="Fresh sessions per model; the best session's median counts (a session's speed can be bimodal "
-                   "on a busy machine).")
+@click.option(
+    "--sessions",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Fresh sessions per model; the best session's median counts (a session's speed can be bimodal "
+    "on a busy machine).",
+)
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed rounds before timing, per session.")
-@click.option("--cuda-graph", is_flag=True, help="With --provider cuda: capture a CUDA graph (static shapes, "
-                                                 "every node on the GPU).")
+@click.option(
+    "--cuda-graph",
+    is_flag=True,
+    help="With --provider cuda: capture a CUDA graph (static shapes, every node on the GPU).",
+)
 @click.option("--json", "json_out", metavar="OUT.json", help="Also write the measurements as JSON.")
 def bench_cmd(model, against, provider, threads, shapes, repeats, sessions, warmup, cuda_graph, json_out):
     """Time MODEL.onnx (and --against OTHER.onnx) in one process on generated inputs: runs interleaved,
@@ -51,8 +73,16 @@ def bench_cmd(model, against, provider, threads, shapes, repeats, sessions, warm
         check_output_path(json_out)
     parsed = parse_input_shapes(shapes, option="--shape")
     with api_errors():
-        res = bench([model] + ([against] if against else []), parsed, provider=provider, threads=threads or None,
-                    repeats=repeats, sessions=sessions, warmup=warmup, cuda_graph=cuda_graph)
+        res = bench(
+            [model] + ([against] if against else []),
+            parsed,
+            provider=provider,
+            threads=threads or None,
+            repeats=repeats,
+            sessions=sessions,
+            warmup=warmup,
+            cuda_graph=cuda_graph,
+        )
     for line in res.lines():
         click.echo(line)
     if json_out is not None:

@@ -1,4 +1,5 @@
 """`gblrc compress`: learn GBLR layers under a cost budget and write MODEL.gblr.pt + report + picture."""
+
 from __future__ import annotations
 
 import contextlib
@@ -77,9 +78,17 @@ def _summary(report: dict) -> None:
 
     unit = report.get("budget_unit", "flops")
     timed = "time_ratio" in report
-    t = Table(title=f"GBLR compression: budget {report['budget']:.3f} ({unit}), achieved {report['achieved_ratio']:.4f}")
-    cols = [("layer", "left"), ("shape (out x in)", "right"), ("dense cost", "right"), ("GBLR cost", "right"),
-            ("FLOP ratio", "right"), ("blocks", "right")]
+    t = Table(
+        title=f"GBLR compression: budget {report['budget']:.3f} ({unit}), achieved {report['achieved_ratio']:.4f}"
+    )
+    cols = [
+        ("layer", "left"),
+        ("shape (out x in)", "right"),
+        ("dense cost", "right"),
+        ("GBLR cost", "right"),
+        ("FLOP ratio", "right"),
+        ("blocks", "right"),
+    ]
     if timed:
         cols += [("est. time ratio", "right"), ("lowering", "left")]
     for col, just in cols:
@@ -87,101 +96,243 @@ def _summary(report: dict) -> None:
     for L in report["layers"]:
         shape = "x".join(str(s) for s in L["shape"])
         extra = [f"{L['time_ratio']:.3f}", L["lowering"]] if timed else []
-        t.add_row(L["name"], shape, f"{L['dense_cost']:,}", f"{L['gblr_cost']:,}", f"{L['ratio']:.3f}", str(L["blocks"]),
-                  *extra)
+        t.add_row(
+            L["name"],
+            shape,
+            f"{L['dense_cost']:,}",
+            f"{L['gblr_cost']:,}",
+            f"{L['ratio']:.3f}",
+            str(L["blocks"]),
+            *extra,
+        )
     extra = [f"{report['time_ratio']:.4f}", ""] if timed else []
-    t.add_row("total", "", f"{report['dense_cost']:,}", f"{report['gblr_cost']:,}",
-              f"{report.get('flop_ratio', report['achieved_ratio']):.4f}", str(sum(L["blocks"] for L in report["layers"])),
-              *extra, style="bold")
+    t.add_row(
+        "total",
+        "",
+        f"{report['dense_cost']:,}",
+        f"{report['gblr_cost']:,}",
+        f"{report.get('flop_ratio', report['achieved_ratio']):.4f}",
+        str(sum(L["blocks"] for L in report["layers"])),
+        *extra,
+        style="bold",
+    )
     Console(width=110).print(t)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model", metavar="MODEL")
-@click.option("--budget", "-b", metavar="B",
-              help="Cost of the compressed layers as a fraction of their dense multiply-adds (of their dense "
-                   "time with --budget-unit time), in (0, 1]. "
-                   "Required unless --target-fidelity is given (then it is the largest budget allowed).")
-@click.option("--target-fidelity", type=float, metavar="F",
-              help="Choose the budget: the smallest whose held-out fidelity (mean cosine to the dense model "
-                   "on --eval-data, or on a part of --data held out) is at least F, e.g. 0.98. Searches "
-                   "budgets with the cheap initialisation, then trains at the chosen one; prints the "
-                   "curve and records it in the report.")
-@click.option("--data", "-d", metavar="D",
-              help="Training data: a .pt file (a tensor of inputs, or a dict with 'inputs' and optional 'targets', "
-                   "'eval_inputs', 'eval_targets'); a text file, one example per line (Hugging Face models, "
-                   "tokenised by the model's tokenizer); or module:function returning an iterable of batches. "
-                   "With targets the task loss is used, otherwise distillation from the dense model. "
-                   "Without --data only the initialisation from the dense weights is done.")
-@click.option("--eval-data", metavar="E",
-              help="Examples to judge fidelity on, in the forms of --data (best from another source than "
-                   "--data: users' inputs are never the training set). The report and the console give "
-                   "the cosine to the dense model (and accuracy, with class targets) after the "
-                   "initialisation and at the end.")
-@click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True,
-              help="Training steps. 0 with --data: post-training compression only (data-aware "
-                   "initialisation, sequential refit and budget allocation, no fine-tuning).")
-@click.option("--general-text", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Text --data only: add N sentences of built-in general English (docstrings of installed "
-                   "packages) to the training text, the file's lines repeated to stay half of it, so the "
-                   "compressed model stays faithful on text unlike the file's (on MiniLM: +0.04 cosine on "
-                   "other text, -0.003 on the file's own). [default: 12000 for text data; 0 turns it off]")
-@click.option("--refine-steps", type=int, default=0, show_default=True, metavar="N",
-              help="Block-level refinement after the initialisation (needs --data): each block (transformer layer) "
-                   "trains its compressed layers' content for N steps so that, fed the compressed model's own "
-                   "inputs, it gives the dense block's output. 0: off. Opt-in while it is measured.")
-@click.option("--hidden-loss", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Distillation: weight of matching every block's hidden state (Hugging Face models).")
-@click.option("--augment", type=click.FloatRange(min=0, max=0.9), default=0.0, show_default=True,
-              help="Distillation: fraction of tokens replaced by random ones in every training batch "
-                   "(text models), so the student imitates the teacher beyond the training text.")
+@click.option(
+    "--budget",
+    "-b",
+    metavar="B",
+    help="Cost of the compressed layers as a fraction of their dense multiply-adds (of their dense "
+    "time with --budget-unit time), in (0, 1]. "
+    "Required unless --target-fidelity is given (then it is the largest budget allowed).",
+)
+@click.option(
+    "--target-fidelity",
+    type=float,
+    metavar="F",
+    help="Choose the budget: the smallest whose held-out fidelity (mean cosine to the dense model "
+    "on --eval-data, or on a part of --data held out) is at least F, e.g. 0.98. Searches "
+    "budgets with the cheap initialisation, then trains at the chosen one; prints the "
+    "curve and records it in the report.",
+)
+@click.option(
+    "--data",
+    "-d",
+    metavar="D",
+    help="Training data: a .pt file (a tensor of inputs, or a dict with 'inputs' and optional 'targets', "
+    "'eval_inputs', 'eval_targets'); a text file, one example per line (Hugging Face models, "
+    "tokenised by the model's tokenizer); or module:function returning an iterable of batches. "
+    "With targets the task loss is used, otherwise distillation from the dense model. "
+    "Without --data only the initialisation from the dense weights is done.",
+)
+@click.option(
+    "--eval-data",
+    metavar="E",
+    help="Examples to judge fidelity on, in the forms of --data (best from another source than "
+    "--data: users' inputs are never the training set). The report and the console give "
+    "the cosine to the dense model (and accuracy, with class targets) after the "
+    "initialisation and at the end.",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=0),
+    default=200,
+    show_default=True,
+    help="Training steps. 0 with --data: post-training compression only (data-aware "
+    "initialisation, sequential refit and budget allocation, no fine-tuning).",
+)
+@click.option(
+    "--general-text",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Text --data only: add N sentences of built-in general English (docstrings of installed "
+    "packages) to the training text, the file's lines repeated to stay half of it, so the "
+    "compressed model stays faithful on text unlike the file's (on MiniLM: +0.04 cosine on "
+    "other text, -0.003 on the file's own). [default: 12000 for text data; 0 turns it off]",
+)
+@click.option(
+    "--refine-steps",
+    type=int,
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Block-level refinement after the initialisation (needs --data): each block (transformer layer) "
+    "trains its compressed layers' content for N steps so that, fed the compressed model's own "
+    "inputs, it gives the dense block's output. 0: off. Opt-in while it is measured.",
+)
+@click.option(
+    "--hidden-loss",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Distillation: weight of matching every block's hidden state (Hugging Face models).",
+)
+@click.option(
+    "--augment",
+    type=click.FloatRange(min=0, max=0.9),
+    default=0.0,
+    show_default=True,
+    help="Distillation: fraction of tokens replaced by random ones in every training batch "
+    "(text models), so the student imitates the teacher beyond the training text.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate.")
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate."
+)
 @click.option("--include", metavar="REGEX", help="Compress only Linear layers whose name matches REGEX.")
 @click.option("--exclude", metavar="REGEX", help="Leave Linear layers whose name matches REGEX dense.")
-@click.option("--rank-per-component", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Rank of each GBLR component (above 1 gives fewer, larger blocks that lower faster).")
-@click.option("--tile", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Block widths and starts become multiples of this many rows/columns (e.g. 32: a coarser "
-                   "structure that lowers to fewer, larger slices).")
-@click.option("--structure", type=click.Choice(["gblr", "lowrank"]), default="gblr", show_default=True,
-              help="gblr: learn block widths and locations (the method); lowrank: truncated SVD at the same "
-                   "cost with the same fine-tuning (full fixed widths), a baseline to compare against.")
-@click.option("--allocate", type=click.Choice(["auto", "sensitivity", "uniform"]), default="auto", show_default=True,
-              help="How the budget is split across layers before training: sensitivity measures how much "
-                   "truncating each layer alone changes the output (a few forward passes per layer) and gives "
-                   "sensitive layers more; uniform gives every layer the same fraction; auto: sensitivity "
-                   "when there is --data and every layer is linear (not Conv2d), else uniform.")
-@click.option("--tune-norms/--no-tune-norms", default=False, show_default=True,
-              help="Also fine-tune the LayerNorm (and other normalisation) parameters; free at inference.")
-@click.option("--budget-unit", type=click.Choice(["flops", "time"]), default="flops", show_default=True,
-              help="What BUDGET is a fraction of: flops, the layers' dense multiply-adds; time, their dense "
-                   "time as the compiler's cost model estimates it, each layer charged as the default "
-                   "`gblrc lower` lowers it (whole components, not trimmed widths, cost time there), so the "
-                   "learned structure is the one that lowers fast. Linear layers only.")
-@click.option("--train-rest", is_flag=True,
-              help="Also train every parameter outside the compressed layers (embeddings, norms, heads that "
-                   "are not compressed): for training structured layers from scratch, where those start random.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where to train: auto is CUDA when torch sees a GPU, else the CPU; cuda without one is an "
-                   "error. Under torchrun / accelerate launch each process takes its LOCAL_RANK GPU.")
-@click.option("--mixed-precision", type=click.Choice(["no", "bf16"]), default="no", show_default=True,
-              help="bf16: the matrix products run in bfloat16 (torch.autocast); the Gaudi masks, widths, "
-                   "locations, the proximal step, optimizer state and losses stay fp32. For GPUs with bf16.")
+@click.option(
+    "--rank-per-component",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Rank of each GBLR component (above 1 gives fewer, larger blocks that lower faster).",
+)
+@click.option(
+    "--tile",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Block widths and starts become multiples of this many rows/columns (e.g. 32: a coarser "
+    "structure that lowers to fewer, larger slices).",
+)
+@click.option(
+    "--structure",
+    type=click.Choice(["gblr", "lowrank"]),
+    default="gblr",
+    show_default=True,
+    help="gblr: learn block widths and locations (the method); lowrank: truncated SVD at the same "
+    "cost with the same fine-tuning (full fixed widths), a baseline to compare against.",
+)
+@click.option(
+    "--allocate",
+    type=click.Choice(["auto", "sensitivity", "uniform"]),
+    default="auto",
+    show_default=True,
+    help="How the budget is split across layers before training: sensitivity measures how much "
+    "truncating each layer alone changes the output (a few forward passes per layer) and gives "
+    "sensitive layers more; uniform gives every layer the same fraction; auto: sensitivity "
+    "when there is --data and every layer is linear (not Conv2d), else uniform.",
+)
+@click.option(
+    "--tune-norms/--no-tune-norms",
+    default=False,
+    show_default=True,
+    help="Also fine-tune the LayerNorm (and other normalisation) parameters; free at inference.",
+)
+@click.option(
+    "--budget-unit",
+    type=click.Choice(["flops", "time"]),
+    default="flops",
+    show_default=True,
+    help="What BUDGET is a fraction of: flops, the layers' dense multiply-adds; time, their dense "
+    "time as the compiler's cost model estimates it, each layer charged as the default "
+    "`gblrc lower` lowers it (whole components, not trimmed widths, cost time there), so the "
+    "learned structure is the one that lowers fast. Linear layers only.",
+)
+@click.option(
+    "--train-rest",
+    is_flag=True,
+    help="Also train every parameter outside the compressed layers (embeddings, norms, heads that "
+    "are not compressed): for training structured layers from scratch, where those start random.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to train: auto is CUDA when torch sees a GPU, else the CPU; cuda without one is an "
+    "error. Under torchrun / accelerate launch each process takes its LOCAL_RANK GPU.",
+)
+@click.option(
+    "--mixed-precision",
+    type=click.Choice(["no", "bf16"]),
+    default="no",
+    show_default=True,
+    help="bf16: the matrix products run in bfloat16 (torch.autocast); the Gaudi masks, widths, "
+    "locations, the proximal step, optimizer state and losses stay fp32. For GPUs with bf16.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-o", "--output", "output", metavar="OUT",
-              help="Output file [default: <model stem>.gblr.pt beside the model]. Also written: "
-                   "OUT.report.json and OUT.structure.png.")
-@click.option("--checkpoint-every", type=click.IntRange(min=0), default=50, show_default=True,
-              help="Save a checkpoint in OUT.ckpt/ every N steps (0: never); removed after success.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    metavar="OUT",
+    help="Output file [default: <model stem>.gblr.pt beside the model]. Also written: "
+    "OUT.report.json and OUT.structure.png.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Save a checkpoint in OUT.ckpt/ every N steps (0: never); removed after success.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint in OUT.ckpt/.")
-@click.option("--trust-pickle", "--trust-remote-code", "trust", is_flag=True,
-              help="Allow MODEL (or a .pt data file) to run its own code while loading: pickles with classes "
-                   "outside torch.nn, Hugging Face folders with custom code. Only for files you trust.")
+@click.option(
+    "--trust-pickle",
+    "--trust-remote-code",
+    "trust",
+    is_flag=True,
+    help="Allow MODEL (or a .pt data file) to run its own code while loading: pickles with classes "
+    "outside torch.nn, Hugging Face folders with custom code. Only for files you trust.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
-def compress(model, budget, target_fidelity, eval_data, general_text, refine_steps, hidden_loss, augment, data, steps, batch_size, lr, include, exclude, rank_per_component, tile, structure,
-             allocate, tune_norms, budget_unit, train_rest, device, mixed_precision, seed, output, checkpoint_every, resume,
-             trust, quiet):
+def compress(
+    model,
+    budget,
+    target_fidelity,
+    eval_data,
+    general_text,
+    refine_steps,
+    hidden_loss,
+    augment,
+    data,
+    steps,
+    batch_size,
+    lr,
+    include,
+    exclude,
+    rank_per_component,
+    tile,
+    structure,
+    allocate,
+    tune_norms,
+    budget_unit,
+    train_rest,
+    device,
+    mixed_precision,
+    seed,
+    output,
+    checkpoint_every,
+    resume,
+    trust,
+    quiet,
+):
     """Replace MODEL's nn.Linear layers by learned Generalized Block Low-Rank layers whose total cost
     is at most BUDGET x the dense cost, and write the compressed model.
 
@@ -203,16 +354,32 @@ def compress(model, budget, target_fidelity, eval_data, general_text, refine_ste
 
     if budget is None and target_fidelity is None:
         raise GblrcError("give --budget B (a fraction of the dense cost), or --target-fidelity F to choose it")
-    settings = dict(steps=steps, batch_size=batch_size, lr=lr, include=include, exclude=exclude, seed=seed,
-                    rank_per_component=rank_per_component, tile=tile, structure=structure, allocate=allocate,
-                    tune_norms=tune_norms, train_rest=train_rest, budget_unit=budget_unit, device=device,
-                    mixed_precision=mixed_precision, hidden_loss=hidden_loss, augment=augment,
-                    refine_steps=refine_steps)
+    settings = dict(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        include=include,
+        exclude=exclude,
+        seed=seed,
+        rank_per_component=rank_per_component,
+        tile=tile,
+        structure=structure,
+        allocate=allocate,
+        tune_norms=tune_norms,
+        train_rest=train_rest,
+        budget_unit=budget_unit,
+        device=device,
+        mixed_precision=mixed_precision,
+        hidden_loss=hidden_loss,
+        augment=augment,
+        refine_steps=refine_steps,
+    )
     with api_errors(failed=_FAILED):  # every value is checked once, by the API; its errors name the flags here
         if target_fidelity is not None:
             check_target(target_fidelity, data is not None, resume)
         cfg = CompressConfig(budget=1.0 if budget is None else budget).replace(
-            checkpoint_every=max(checkpoint_every, 1), progress=not quiet, **settings)
+            checkpoint_every=max(checkpoint_every, 1), progress=not quiet, **settings
+        )
     from gblrc.io.loading import model_path
 
     mpath = model_path(model)  # before the output paths derived from it
@@ -226,15 +393,18 @@ def compress(model, budget, target_fidelity, eval_data, general_text, refine_ste
         click.echo(f"warning: no checkpoint in {ckpt}; starting from the beginning", err=True)
         resume = False
     if not resume and ckpt.exists():
-        raise GblrcError(f"a checkpoint of an interrupted run exists in {str(ckpt)!r}; rerun with --resume to "
-                         f"continue it, or delete that folder to start over")
+        raise GblrcError(
+            f"a checkpoint of an interrupted run exists in {str(ckpt)!r}; rerun with --resume to "
+            f"continue it, or delete that folder to start over"
+        )
     if checkpoint_every > 0:
         cfg = cfg.replace(checkpoint_dir=str(ckpt), resume=resume)
     inputs = read_inputs(mpath, data, eval_data, general_text, trust=trust, quiet=quiet, cfg=cfg)
     t0 = time.perf_counter()
     cmodel, report = train(inputs, cfg, target_fidelity, ckpt, quiet)
-    full = full_report(report, inputs, cfg, seconds=time.perf_counter() - t0 + inputs.seconds, resumed=resume,
-                       target=target_fidelity)
+    full = full_report(
+        report, inputs, cfg, seconds=time.perf_counter() - t0 + inputs.seconds, resumed=resume, target=target_fidelity
+    )
     if write_outputs(cmodel, full, inputs, out, side):
         if ckpt.is_dir():
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -261,7 +431,14 @@ def read_inputs(mpath, data_spec, eval_spec, general_text, *, trust, quiet, cfg)
     """Load the model and the data (text mixed with built-in English unless --general-text 0)."""
     import torch
 
-    from gblrc.io.datafiles import GENERAL_TEXT, check_fits, example_inputs, guess_example_inputs, is_text_data, load_data
+    from gblrc.io.datafiles import (
+        GENERAL_TEXT,
+        check_fits,
+        example_inputs,
+        guess_example_inputs,
+        is_text_data,
+        load_data,
+    )
     from gblrc.io.loading import load_model
     from gblrc.learn.fidelity import probe_judge
 
@@ -270,8 +447,11 @@ def read_inputs(mpath, data_spec, eval_spec, general_text, *, trust, quiet, cfg)
     if general_text is None:
         general_text = GENERAL_TEXT if is_text_data(data_spec) else 0
         if general_text and not quiet:
-            click.echo(f"mixing {general_text} sentences of built-in English into the text data "
-                       f"(--general-text 0 turns it off)", err=True)
+            click.echo(
+                f"mixing {general_text} sentences of built-in English into the text data "
+                f"(--general-text 0 turns it off)",
+                err=True,
+            )
     kw = dict(trust=trust, batch_size=cfg.batch_size, seed=cfg.seed)
     data = load_data(data_spec, loaded, general_text=general_text, **kw)
     evald = load_data(eval_spec, loaded, **kw) if eval_spec else None
@@ -285,13 +465,23 @@ def read_inputs(mpath, data_spec, eval_spec, general_text, *, trust, quiet, cfg)
     ex = example_inputs(loaded.model, sample, loaded.kind) if sample is not None else None
     if ex is None:
         click.echo("warning: no example inputs could be made; `gblrc lower` will need input shapes", err=True)
-    probe = None if data is None else (data.eval_inputs if data.eval_inputs is not None else
-                                       data.train["inputs"] if isinstance(data.train, dict) else
-                                       data.train if isinstance(data.train, torch.Tensor) else data.sample)
-    judge = probe_judge(loaded.model, probe if probe is not None else sample,
-                        None if data is None else data.eval_targets)
-    return Inputs(mpath, loaded, data, data_spec, eval_spec, evald, ex, judge, general_text,
-                  time.perf_counter() - t0)
+    probe = (
+        None
+        if data is None
+        else (
+            data.eval_inputs
+            if data.eval_inputs is not None
+            else data.train["inputs"]
+            if isinstance(data.train, dict)
+            else data.train
+            if isinstance(data.train, torch.Tensor)
+            else data.sample
+        )
+    )
+    judge = probe_judge(
+        loaded.model, probe if probe is not None else sample, None if data is None else data.eval_targets
+    )
+    return Inputs(mpath, loaded, data, data_spec, eval_spec, evald, ex, judge, general_text, time.perf_counter() - t0)
 
 
 def train(inputs: Inputs, cfg, target, ckpt, quiet):
@@ -308,10 +498,17 @@ def train(inputs: Inputs, cfg, target, ckpt, quiet):
             if target is None:
                 return compress_model(inputs.loaded.model, cfg, data=data, eval_data=evs)
             if not quiet:
-                click.echo(f"searching the smallest budget <= {cfg.budget:g} with held-out fidelity >= {target}",
-                           err=True)
-            return compress_to_fidelity(inputs.loaded.model, target, data=data, eval_data=evs, config=cfg.replace(
-                progress=False, checkpoint_dir=None), log=None if quiet else (lambda s: click.echo(s, err=True)))
+                click.echo(
+                    f"searching the smallest budget <= {cfg.budget:g} with held-out fidelity >= {target}", err=True
+                )
+            return compress_to_fidelity(
+                inputs.loaded.model,
+                target,
+                data=data,
+                eval_data=evs,
+                config=cfg.replace(progress=False, checkpoint_dir=None),
+                log=None if quiet else (lambda s: click.echo(s, err=True)),
+            )
     except KeyboardInterrupt:
         hint = f"; rerun with --resume to continue from {ckpt}" if ckpt.is_dir() else ""
         raise GblrcError(f"interrupted{hint}") from None
@@ -321,15 +518,36 @@ def full_report(report, inputs: Inputs, cfg, *, seconds, resumed, target) -> dic
     """The report written beside the model: compress's, plus the settings and the agreement on the probe."""
     full = dict(report)
     t = cfg.training
-    full.update(model=str(inputs.path), data=inputs.data_spec, seconds=round(seconds, 2),
-                settings={"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "include": cfg.include,
-                          "exclude": cfg.exclude, "seed": cfg.seed, "rank_per_component": cfg.rank_per_component,
-                          "tile": cfg.tile, "structure": cfg.structure, "allocate": cfg.allocate,
-                          "tune_norms": t.tune_norms, "train_rest": t.train_rest, "budget_unit": cfg.budget_unit,
-                          "device": cfg.device, "mixed_precision": cfg.mixed_precision, "hidden_loss": t.hidden_loss,
-                          "augment": t.augment, "refine_steps": t.refine_steps, "general_text": inputs.general_text, "eval_data": inputs.eval_spec,
-                          "resumed": resumed, "target_fidelity": target},
-                agreement_with_dense=None)
+    full.update(
+        model=str(inputs.path),
+        data=inputs.data_spec,
+        seconds=round(seconds, 2),
+        settings={
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "include": cfg.include,
+            "exclude": cfg.exclude,
+            "seed": cfg.seed,
+            "rank_per_component": cfg.rank_per_component,
+            "tile": cfg.tile,
+            "structure": cfg.structure,
+            "allocate": cfg.allocate,
+            "tune_norms": t.tune_norms,
+            "train_rest": t.train_rest,
+            "budget_unit": cfg.budget_unit,
+            "device": cfg.device,
+            "mixed_precision": cfg.mixed_precision,
+            "hidden_loss": t.hidden_loss,
+            "augment": t.augment,
+            "refine_steps": t.refine_steps,
+            "general_text": inputs.general_text,
+            "eval_data": inputs.eval_spec,
+            "resumed": resumed,
+            "target_fidelity": target,
+        },
+        agreement_with_dense=None,
+    )
     return full
 
 
@@ -347,15 +565,20 @@ def write_outputs(cmodel, full, inputs: Inputs, out, side) -> bool:
     full["agreement_with_dense"] = judge(cmodel) if judge is not None else None
     before = judge.dense.get("accuracy") if judge is not None else None
     if before is not None:
-        full.update(accuracy_before=before, accuracy_after=full["agreement_with_dense"].get("accuracy"),
-                    accuracy_set=f"{data.eval_name} set, {min(len(data.eval_targets), 512)} examples")
+        full.update(
+            accuracy_before=before,
+            accuracy_after=full["agreement_with_dense"].get("accuracy"),
+            accuracy_set=f"{data.eval_name} set, {min(len(data.eval_targets), 512)} examples",
+        )
     full["output"] = str(out)
     budget = full["budget"]
     meta = {"budget": budget, "achieved_ratio": full.get("achieved_ratio"), "source": str(inputs.path)}
     with atomic_outputs(out, *side) as (t_out, t_json, t_png):
         save(cmodel, t_out, example_inputs=inputs.example, meta=meta, auto_class=inputs.loaded.auto_class)
         write_json(full, t_json)
-        draw_structure(cmodel, t_png, title=f"{inputs.path.name}: budget {budget}, achieved {full['achieved_ratio']:.3f}")
+        draw_structure(
+            cmodel, t_png, title=f"{inputs.path.name}: budget {budget}, achieved {full['achieved_ratio']:.3f}"
+        )
     return True
 
 
@@ -365,14 +588,20 @@ def print_summary(full, report, inputs: Inputs, out, side, quiet) -> None:
     if not quiet:
         _summary(report)
     if "accuracy_before" in full:
-        click.echo(f"accuracy ({full['accuracy_set']}): dense {full['accuracy_before']:.4f} -> compressed "
-                   f"{full['accuracy_after']:.4f}")
+        click.echo(
+            f"accuracy ({full['accuracy_set']}): dense {full['accuracy_before']:.4f} -> compressed "
+            f"{full['accuracy_after']:.4f}"
+        )
     _fidelity_lines(report, inputs.eval_spec)
     mv = report.get("structure_moved")
     if mv and report.get("steps", 0) > 0:
-        click.echo(f"structure moved by training: {100 * mv['blocks_changed']:.1f}% of the initial blocks changed, "
-                   f"{100 * mv['cost_moved']:.1f}% of the cost moved between layers")
+        click.echo(
+            f"structure moved by training: {100 * mv['blocks_changed']:.1f}% of the initial blocks changed, "
+            f"{100 * mv['cost_moved']:.1f}% of the cost moved between layers"
+        )
     if full["agreement_with_dense"]:
         click.echo(f"output cosine to the dense model: {full['agreement_with_dense']['cosine']:.4f}")
-    click.echo(f"wrote {out} (achieved {report.get('budget_unit', 'flops')} ratio {report['achieved_ratio']:.4f}, "
-               f"budget {full['budget']}), {side[0].name}, {side[1].name}")
+    click.echo(
+        f"wrote {out} (achieved {report.get('budget_unit', 'flops')} ratio {report['achieved_ratio']:.4f}, "
+        f"budget {full['budget']}), {side[0].name}, {side[1].name}"
+    )

@@ -1,4 +1,5 @@
 """`gblrc lower`, `gblrc opt`, `gblrc passes`, `gblrc inspect`: from a compressed model to ONNX."""
+
 from __future__ import annotations
 
 import os
@@ -15,21 +16,42 @@ from gblrc.export.inputs import reshape_inputs
 __all__ = ["lower", "opt", "passes_cmd", "inspect_cmd", "parse_input_shapes", "reshape_inputs"]
 
 _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-_TRUST = click.option("--trust-pickle", "trust", is_flag=True,
-                      help="Allow model classes outside torch.nn/gblrc (runs code from the file). Only for files you trust.")
+_TRUST = click.option(
+    "--trust-pickle",
+    "trust",
+    is_flag=True,
+    help="Allow model classes outside torch.nn/gblrc (runs code from the file). Only for files you trust.",
+)
 
 
 def _tune_options(f):
     """--tune, --tokens, --threads, --provider (shared by lower and opt)."""
-    f = click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-                     help="With --tune: the ONNX Runtime provider to tune for [default: auto, CUDA when available].")(f)
-    f = click.option("--threads", type=int, default=None, metavar="N",
-                     help="With --tune: intra-op threads to tune for [default: one per core].")(f)
-    f = click.option("--tokens", type=int, default=None, metavar="N",
-                     help="With --tune: rows of X (batch x sequence) to time with [default: from the example inputs].")(f)
-    f = click.option("--tune", is_flag=True,
-                     help="Calibrate the cost model on the provider and time each layer's lowerings (dense "
-                          "among them), keeping the fastest; cached in $GBLRC_CACHE_DIR or ~/.cache/gblrc.")(f)
+    f = click.option(
+        "--provider",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default=None,
+        help="With --tune: the ONNX Runtime provider to tune for [default: auto, CUDA when available].",
+    )(f)
+    f = click.option(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="With --tune: intra-op threads to tune for [default: one per core].",
+    )(f)
+    f = click.option(
+        "--tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="With --tune: rows of X (batch x sequence) to time with [default: from the example inputs].",
+    )(f)
+    f = click.option(
+        "--tune",
+        is_flag=True,
+        help="Calibrate the cost model on the provider and time each layer's lowerings (dense "
+        "among them), keeping the fastest; cached in $GBLRC_CACHE_DIR or ~/.cache/gblrc.",
+    )(f)
     return f
 
 
@@ -87,55 +109,129 @@ def parse_input_shapes(specs: tuple[str, ...], option: str = "--input-shape") ->
 @click.argument("model", metavar="IN")
 @click.option("-o", "--output", metavar="OUT.onnx", help="Output ONNX file [default: IN's name with .onnx].")
 @click.option("--opset", default="17", show_default=True, metavar="N", help="ONNX opset (14 to 20).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0xD1,...",
-              help="Example input shapes for export and the parity check (default: the stored examples).")
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME=D0xD1,...",
+    help="Example input shapes for export and the parity check (default: the stored examples).",
+)
 @click.option("--passes", "passes", metavar="a,b,...", help="Pass pipeline [default: the default pipeline].")
 @click.option("--keep-gblr-ops", is_flag=True, help="Do not lower: keep gblrc.GBLRLinear nodes (not runnable in ORT).")
-@click.option("--rtol", type=float, default=None,
-              help="Parity tolerance, relative to max |output| [default: 1e-4; with --precision fp16: 1e-2 for the "
-                   "fp16 graph, the fp32 graph still at 1e-4].")
+@click.option(
+    "--rtol",
+    type=float,
+    default=None,
+    help="Parity tolerance, relative to max |output| [default: 1e-4; with --precision fp16: 1e-2 for the "
+    "fp16 graph, the fp32 graph still at 1e-4].",
+)
 @click.option("--atol", type=float, default=None, help="Parity tolerance, absolute [default: 1e-5; fp16: 1e-3].")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16: weights and compute in half precision (ONNX Runtime's float16 converter; LayerNorm, "
-                   "Softmax and reductions stay fp32; inputs/outputs keep their types), for the CUDA provider. "
-                   "Checked against PyTorch at the fp16 tolerance.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="int8: quantise the lowered fp32 graph with ONNX Runtime (MatMul/Gemm/Conv weights), for CPUs; "
-                   "prints and records (metadata gblrc.quantization) its fidelity to the fp32 lowered graph.")
-@click.option("--quant-mode", type=click.Choice(["dynamic", "static"]), default=None,
-              help="With --quantize: dynamic (activations quantised at run time; no data) or static QDQ "
-                   "(activation ranges calibrated on --data) [default: dynamic].")
-@click.option("--per-channel", type=click.Choice(["auto", "on", "off"]), default=None,
-              help="With --quantize: per-output-channel weight scales; auto quantises both ways and keeps the one "
-                   "closer to the fp32 graph [default: auto].")
-@click.option("--data", "data_spec", metavar="D",
-              help="With --quantize: calibration batches (static) and extra inputs for the fidelity check: a .pt "
-                   "file (a tensor or dict of input tensors, or {'inputs': ...}) or module:function.")
-@click.option("--calib-batches", type=int, default=None, metavar="N",
-              help="With --data: batches of --data to use [default: 8].")
-@click.option("--with-dense", "with_dense", metavar="DENSE.onnx",
-              help="Also write the dense reference of the same model (every GBLR layer as its dense MatMul, same "
-                   "precision and quantisation, checked the same way): the baseline for `gblrc bench`.")
-@click.option("--attention", type=click.Choice(["auto", "eager", "sdpa"]), default="auto", show_default=True,
-              help="Attention form of models that have several (Hugging Face eager / SDPA): auto exports both and "
-                   "keeps the one the provider runs faster (timed on the example inputs; the dense reference is "
-                   "exported the same way); recorded in the metadata (gblrc.attention).")
-@click.option("--optimize", is_flag=True,
-              help="Run ONNX Runtime's transformer optimizer on the lowered graph (BERT-like encoders) and keep "
-                   "its fusions (SkipLayerNormalization, BiasGelu; Attention where dense Q/K/V time faster, per "
-                   "block); the result has com.microsoft ops.")
-@click.option("--hf-folder", "hf_folder", metavar="OUT/",
-              help="Write a folder that sentence-transformers (backend='onnx') and Optimum load: config.json, the "
-                   "source's tokenizer and sentence-transformers files, onnx/model.onnx (inputs input_ids, "
-                   "attention_mask[, token_type_ids], output last_hidden_state). Instead of -o.")
-@click.option("--hf-source", "hf_source", metavar="DIR",
-              help="With --hf-folder: the Hugging Face folder to take the tokenizer and module files from "
-                   "[default: the folder the model was compressed from, as recorded in it].")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="fp16: weights and compute in half precision (ONNX Runtime's float16 converter; LayerNorm, "
+    "Softmax and reductions stay fp32; inputs/outputs keep their types), for the CUDA provider. "
+    "Checked against PyTorch at the fp16 tolerance.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    default=None,
+    help="int8: quantise the lowered fp32 graph with ONNX Runtime (MatMul/Gemm/Conv weights), for CPUs; "
+    "prints and records (metadata gblrc.quantization) its fidelity to the fp32 lowered graph.",
+)
+@click.option(
+    "--quant-mode",
+    type=click.Choice(["dynamic", "static"]),
+    default=None,
+    help="With --quantize: dynamic (activations quantised at run time; no data) or static QDQ "
+    "(activation ranges calibrated on --data) [default: dynamic].",
+)
+@click.option(
+    "--per-channel",
+    type=click.Choice(["auto", "on", "off"]),
+    default=None,
+    help="With --quantize: per-output-channel weight scales; auto quantises both ways and keeps the one "
+    "closer to the fp32 graph [default: auto].",
+)
+@click.option(
+    "--data",
+    "data_spec",
+    metavar="D",
+    help="With --quantize: calibration batches (static) and extra inputs for the fidelity check: a .pt "
+    "file (a tensor or dict of input tensors, or {'inputs': ...}) or module:function.",
+)
+@click.option(
+    "--calib-batches", type=int, default=None, metavar="N", help="With --data: batches of --data to use [default: 8]."
+)
+@click.option(
+    "--with-dense",
+    "with_dense",
+    metavar="DENSE.onnx",
+    help="Also write the dense reference of the same model (every GBLR layer as its dense MatMul, same "
+    "precision and quantisation, checked the same way): the baseline for `gblrc bench`.",
+)
+@click.option(
+    "--attention",
+    type=click.Choice(["auto", "eager", "sdpa"]),
+    default="auto",
+    show_default=True,
+    help="Attention form of models that have several (Hugging Face eager / SDPA): auto exports both and "
+    "keeps the one the provider runs faster (timed on the example inputs; the dense reference is "
+    "exported the same way); recorded in the metadata (gblrc.attention).",
+)
+@click.option(
+    "--optimize",
+    is_flag=True,
+    help="Run ONNX Runtime's transformer optimizer on the lowered graph (BERT-like encoders) and keep "
+    "its fusions (SkipLayerNormalization, BiasGelu; Attention where dense Q/K/V time faster, per "
+    "block); the result has com.microsoft ops.",
+)
+@click.option(
+    "--hf-folder",
+    "hf_folder",
+    metavar="OUT/",
+    help="Write a folder that sentence-transformers (backend='onnx') and Optimum load: config.json, the "
+    "source's tokenizer and sentence-transformers files, onnx/model.onnx (inputs input_ids, "
+    "attention_mask[, token_type_ids], output last_hidden_state). Instead of -o.",
+)
+@click.option(
+    "--hf-source",
+    "hf_source",
+    metavar="DIR",
+    help="With --hf-folder: the Hugging Face folder to take the tokenizer and module files from "
+    "[default: the folder the model was compressed from, as recorded in it].",
+)
 @_tune_options
 @_TRUST
-def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol, precision, quantize, quant_mode,
-          per_channel, data_spec, calib_batches, with_dense, attention, optimize, hf_folder, hf_source, tune, tokens,
-          threads, provider, trust):
+def lower(
+    model,
+    output,
+    opset,
+    input_shapes,
+    passes,
+    keep_gblr_ops,
+    rtol,
+    atol,
+    precision,
+    quantize,
+    quant_mode,
+    per_channel,
+    data_spec,
+    calib_batches,
+    with_dense,
+    attention,
+    optimize,
+    hf_folder,
+    hf_source,
+    tune,
+    tokens,
+    threads,
+    provider,
+    trust,
+):
     """Compile a compressed model (IN, from `gblrc compress`) to an ONNX file of standard ops,
     checked against PyTorch on the example inputs (batch and sequence axes stay dynamic).
 
@@ -149,14 +245,29 @@ def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol,
     from gblrc.export.options import check_lower_options
 
     out = _lower_target(Path(model), output, hf_folder, hf_source, keep_gblr_ops)
-    _only_with("--quantize int8", quantize, ("--quant-mode", quant_mode), ("--per-channel", per_channel),
-               ("--data", data_spec), ("--calib-batches", calib_batches))
+    _only_with(
+        "--quantize int8",
+        quantize,
+        ("--quant-mode", quant_mode),
+        ("--per-channel", per_channel),
+        ("--data", data_spec),
+        ("--calib-batches", calib_batches),
+    )
     _only_with("--data", data_spec is not None, ("--calib-batches", calib_batches))
     with api_errors(_FLAGS):
-        check_lower_options(None if hf_folder is not None else out, opset=int(opset) if opset.isdigit() else opset,
-                            keep_gblr_ops=keep_gblr_ops, precision=precision, quantize=quantize,
-                            quant_mode=quant_mode, calib_feeds=data_spec, calib_batches=calib_batches,
-                            with_dense=with_dense, optimize=optimize, tune=tune)
+        check_lower_options(
+            None if hf_folder is not None else out,
+            opset=int(opset) if opset.isdigit() else opset,
+            keep_gblr_ops=keep_gblr_ops,
+            precision=precision,
+            quantize=quantize,
+            quant_mode=quant_mode,
+            calib_feeds=data_spec,
+            calib_batches=calib_batches,
+            with_dense=with_dense,
+            optimize=optimize,
+            tune=tune,
+        )
     config = _tune_config(tune, tokens, threads, provider)
     names = _split_passes(passes)
     if names is not None and not keep_gblr_ops:
@@ -165,14 +276,25 @@ def lower(model, output, opset, input_shapes, passes, keep_gblr_ops, rtol, atol,
         names = check_pass_names(names)  # before the (slow) loading and export
     m, inputs = _model_and_inputs(model, input_shapes, trust)
     with api_errors(_FLAGS):
-        calibration = None if data_spec is None else calibration_feeds(data_spec, m, inputs, calib_batches,
-                                                                         trust=trust)
-    kw = dict(passes=names, opset=int(opset), keep_gblr_ops=keep_gblr_ops, rtol=rtol, atol=atol,
-              tune=config if config is not None else False, precision=precision, quantize=quantize,
-              quant_mode=quant_mode or "dynamic", per_channel={"on": True, "off": False}.get(per_channel, "auto"),
-              calib_feeds=calibration, with_dense=with_dense, attention=attention, optimize=optimize,
-              attention_provider=config.provider if config is not None else "auto",
-              attention_threads=(config.threads or None) if config is not None else None)
+        calibration = None if data_spec is None else calibration_feeds(data_spec, m, inputs, calib_batches, trust=trust)
+    kw = dict(
+        passes=names,
+        opset=int(opset),
+        keep_gblr_ops=keep_gblr_ops,
+        rtol=rtol,
+        atol=atol,
+        tune=config if config is not None else False,
+        precision=precision,
+        quantize=quantize,
+        quant_mode=quant_mode or "dynamic",
+        per_channel={"on": True, "off": False}.get(per_channel, "auto"),
+        calib_feeds=calibration,
+        with_dense=with_dense,
+        attention=attention,
+        optimize=optimize,
+        attention_provider=config.provider if config is not None else "auto",
+        attention_threads=(config.threads or None) if config is not None else None,
+    )
     if hf_folder is not None:
         from gblrc.export.hf_folder import source_folder, write_hf_folder
 
@@ -219,7 +341,7 @@ def _print_lowered(rep, out: Path, keep_gblr_ops: bool, hf_folder) -> None:
         click.echo(rep.attention.line())
     for line in rep.tune_lines():
         click.echo(line)
-    for line in (rep.fusion.lines() if rep.fusion is not None else []):
+    for line in rep.fusion.lines() if rep.fusion is not None else []:
         click.echo(line)
     click.echo(rep.parity_line())
     for line in rep.precision_lines():
@@ -231,19 +353,27 @@ def _print_lowered(rep, out: Path, keep_gblr_ops: bool, hf_folder) -> None:
     form = {"fp32": "", "fp16": ", fp16"}.get(rep.precision, f", {rep.precision}")
     click.echo(f"wrote {out} ({rep.gblr_layers} GBLRLinear nodes {'kept' if keep_gblr_ops else 'lowered'}{form})")
     if hf_folder is not None:
-        click.echo(f"wrote {hf_folder} (config, tokenizer and module files; load with "
-                   f"sentence_transformers.SentenceTransformer({str(hf_folder)!r}, backend='onnx'))")
+        click.echo(
+            f"wrote {hf_folder} (config, tokenizer and module files; load with "
+            f"sentence_transformers.SentenceTransformer({str(hf_folder)!r}, backend='onnx'))"
+        )
     if rep.dense_path:
-        click.echo(f"wrote {rep.dense_path} (dense reference: every GBLR layer as its dense MatMul{form}; "
-                   f"fp32 parity vs PyTorch: max rel error {rep.dense_max_rel_err:.3g})")
+        click.echo(
+            f"wrote {rep.dense_path} (dense reference: every GBLR layer as its dense MatMul{form}; "
+            f"fp32 parity vs PyTorch: max rel error {rep.dense_max_rel_err:.3g})"
+        )
 
 
 @click.command("opt", context_settings=_CTX)
 @click.argument("model", metavar="IN.onnx")
 @click.option("-o", "--output", required=True, metavar="OUT.onnx", help="Output ONNX file.")
 @click.option("--passes", "passes", metavar="a,b,...", help="Pass pipeline [default: the default pipeline].")
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="Compare the result with the input model on generated inputs.")
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help="Compare the result with the input model on generated inputs.",
+)
 @_tune_options
 def opt(model, output, passes, check, tune, tokens, threads, provider):
     """Run a pass pipeline on an ONNX file (e.g. one written with `gblrc lower --keep-gblr-ops`)."""
@@ -266,8 +396,9 @@ def opt(model, output, passes, check, tune, tokens, threads, provider):
         click.echo(line)
     if check:
         rep = compare_models(src, new, hint="; use --no-check to skip")
-        click.echo(f"parity vs input model on {rep.provider}: max abs error {rep.max_abs:.3g}, "
-                   f"max rel error {rep.max_rel:.3g}")
+        click.echo(
+            f"parity vs input model on {rep.provider}: max abs error {rep.max_abs:.3g}, max rel error {rep.max_rel:.3g}"
+        )
     with atomic_path(out) as tmp:
         onnx.save(new, os.fspath(tmp))
     click.echo(op_table(op_counts(src), op_counts(new)))

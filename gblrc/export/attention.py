@@ -19,6 +19,7 @@ What was chosen, how, and the measured times go into the model's metadata (``gbl
 A model with a single form (plain torch modules, models that cannot switch) is exported as it is and
 records that.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,18 @@ import onnx
 
 from gblrc.errors import GblrcError
 
-__all__ = ["FORMS", "OPTIONS", "TIE", "METADATA_KEY", "AttentionChoice", "attention_forms", "attention_form",
-           "export_in_fastest_form", "record_choice", "read_choice"]
+__all__ = [
+    "FORMS",
+    "OPTIONS",
+    "TIE",
+    "METADATA_KEY",
+    "AttentionChoice",
+    "attention_forms",
+    "attention_form",
+    "export_in_fastest_form",
+    "record_choice",
+    "read_choice",
+]
 
 FORMS = ("eager", "sdpa")
 OPTIONS = ("auto",) + FORMS
@@ -59,8 +70,14 @@ class AttentionChoice:
         if self.form is None:
             return "attention: the model has one export form"
         r = self.ratio()
-        timed = "" if r is None else (f" (dense eager / dense sdpa {r:.3f} on {self.provider}, {self.threads} threads, "
-                                      f"{', '.join(f'{k}=' + 'x'.join(map(str, v)) for k, v in self.shapes.items())})")
+        timed = (
+            ""
+            if r is None
+            else (
+                f" (dense eager / dense sdpa {r:.3f} on {self.provider}, {self.threads} threads, "
+                f"{', '.join(f'{k}=' + 'x'.join(map(str, v)) for k, v in self.shapes.items())})"
+            )
+        )
         return f"attention: exported {self.form} ({self.chosen_by}){timed}"
 
     def as_dict(self) -> dict:
@@ -100,15 +117,25 @@ def attention_form(module, form: str | None):
     module.set_attn_implementation(form)
     try:
         if module.config._attn_implementation != form:
-            raise GblrcError(f"the model did not switch to {form} attention (it kept {module.config._attn_implementation})")
+            raise GblrcError(
+                f"the model did not switch to {form} attention (it kept {module.config._attn_implementation})"
+            )
         yield module
     finally:
         module.set_attn_implementation(before)
 
 
-def export_in_fastest_form(module, export: Callable[[], onnx.ModelProto], *, attention: str = "auto",
-                           feeds: dict | None = None, provider: str = "auto", threads: int | None = None,
-                           repeats: int = 10, sessions: int = 2) -> tuple[onnx.ModelProto, AttentionChoice]:
+def export_in_fastest_form(
+    module,
+    export: Callable[[], onnx.ModelProto],
+    *,
+    attention: str = "auto",
+    feeds: dict | None = None,
+    provider: str = "auto",
+    threads: int | None = None,
+    repeats: int = 10,
+    sessions: int = 2,
+) -> tuple[onnx.ModelProto, AttentionChoice]:
     """Export ``module`` with ``export()`` (called once per form tried) in the attention form asked for.
 
     attention: "auto" (time the dense references of both forms on ``feeds`` with ``provider``), "eager" or
@@ -118,8 +145,11 @@ def export_in_fastest_form(module, export: Callable[[], onnx.ModelProto], *, att
         raise GblrcError(f"unknown attention form {attention!r}; choose {', '.join(OPTIONS)}")
     forms = attention_forms(module)
     if attention != "auto" and attention not in forms:
-        what = (f"its attention has the forms {', '.join(forms)}" if forms else
-                "it has one attention export form (not a Hugging Face model that can switch between eager and sdpa)")
+        what = (
+            f"its attention has the forms {', '.join(forms)}"
+            if forms
+            else "it has one attention export form (not a Hugging Face model that can switch between eager and sdpa)"
+        )
         raise GblrcError(f"--attention {attention} does not apply to this model: {what}; use --attention auto")
     if not forms:
         return export(), AttentionChoice(form=None, chosen_by="single form")
@@ -127,8 +157,12 @@ def export_in_fastest_form(module, export: Callable[[], onnx.ModelProto], *, att
         form = attention if attention != "auto" else forms[0]
         with attention_form(module, form):
             model = export()
-        return model, AttentionChoice(form=form, chosen_by="option" if attention != "auto" else "single form",
-                                      forms=forms, nodes={form: len(model.graph.node)})
+        return model, AttentionChoice(
+            form=form,
+            chosen_by="option" if attention != "auto" else "single form",
+            forms=forms,
+            nodes={form: len(model.graph.node)},
+        )
     graphs = {}
     for form in forms:
         with attention_form(module, form):
@@ -142,19 +176,36 @@ def export_in_fastest_form(module, export: Callable[[], onnx.ModelProto], *, att
         raise GblrcError(str(e)) from None
     feeds = dict(feeds or {})
     try:
-        t = best_of_sessions({f: dense_reference_model(g) for f, g in graphs.items()}, feeds, provider=prov,
-                             threads=threads, repeats=repeats, sessions=sessions, warmup=2)
+        t = best_of_sessions(
+            {f: dense_reference_model(g) for f, g in graphs.items()},
+            feeds,
+            provider=prov,
+            threads=threads,
+            repeats=repeats,
+            sessions=sessions,
+            warmup=2,
+        )
     except Exception as e:
-        raise GblrcError(f"timing the attention forms failed on {prov}: {' '.join(str(e).split())[:200]}; "
-                         "choose one with --attention eager|sdpa") from None
+        raise GblrcError(
+            f"timing the attention forms failed on {prov}: {' '.join(str(e).split())[:200]}; "
+            "choose one with --attention eager|sdpa"
+        ) from None
     nodes = {f: len(g.graph.node) for f, g in graphs.items()}
     fast, slow = sorted(forms, key=lambda f: t.best[f])
     if t.best[slow] - t.best[fast] <= TIE * t.best[slow]:
         form, how = min(forms, key=lambda f: (nodes[f], f)), f"rule: within {TIE:.0%}, fewer nodes"
     else:
         form, how = fast, "measured"
-    choice = AttentionChoice(form=form, chosen_by=how, forms=forms, provider=prov, threads=effective_threads(threads),
-                             shapes={k: list(v.shape) for k, v in feeds.items()}, seconds=dict(t.best), nodes=nodes)
+    choice = AttentionChoice(
+        form=form,
+        chosen_by=how,
+        forms=forms,
+        provider=prov,
+        threads=effective_threads(threads),
+        shapes={k: list(v.shape) for k, v in feeds.items()},
+        seconds=dict(t.best),
+        nodes=nodes,
+    )
     return graphs[form], choice
 
 

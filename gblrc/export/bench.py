@@ -3,6 +3,7 @@
 The timing itself is gblrc.runtime.timing's (I/O binding, interleaved runs, medians, best of fresh
 sessions): this module only makes inputs, checks the models can be compared and reports.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,13 +52,21 @@ def _index_bound(model: onnx.ModelProto, name: str) -> int | None:
     """The smallest table size among the Gathers that index a table initializer with input ``name``
     (token ids must stay below the vocabulary size); None when it indexes none."""
     inits = {t.name: t for t in model.graph.initializer}
-    sizes = [int(inits[n.input[0]].dims[0]) for n in model.graph.node
-             if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == name and n.input[0] in inits
-             and inits[n.input[0]].dims]
+    sizes = [
+        int(inits[n.input[0]].dims[0])
+        for n in model.graph.node
+        if n.op_type == "Gather"
+        and len(n.input) > 1
+        and n.input[1] == name
+        and n.input[0] in inits
+        and inits[n.input[0]].dims
+    ]
     return min(sizes) if sizes else None
 
 
-def make_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed: int = 0) -> "OrderedDict[str, np.ndarray]":
+def make_feeds(
+    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed: int = 0
+) -> "OrderedDict[str, np.ndarray]":
     """Inputs for every graph input: the shapes in ``shapes`` (needed for dynamic dimensions, checked
     against fixed ones); floats ~ N(0, 1); integer inputs named like a mask all ones, token type ids
     zeros, other integers uniform below the vocabulary of the embedding table they index (else 0/1)."""
@@ -65,8 +74,10 @@ def make_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed
     known = {s.name for s in specs}
     unknown = [n for n in shapes if n not in known]
     if unknown:
-        raise GblrcError(f"--shape names unknown input {unknown[0]!r}; the model's inputs are: "
-                         f"{', '.join(s.describe() for s in specs) or 'none'}")
+        raise GblrcError(
+            f"--shape names unknown input {unknown[0]!r}; the model's inputs are: "
+            f"{', '.join(s.describe() for s in specs) or 'none'}"
+        )
     rng = np.random.default_rng(seed)
     feeds: "OrderedDict[str, np.ndarray]" = OrderedDict()
     for s in specs:
@@ -74,16 +85,21 @@ def make_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed
         if given is None:
             dynamic = [d for d in s.dims if not isinstance(d, int) or d < 1]
             if dynamic:
-                example = "x".join(str(d) if isinstance(d, int) and d > 0 else ("8" if i == 0 else "128")
-                                   for i, d in enumerate(s.dims))
-                raise GblrcError(f"input {s.name!r} has dynamic dimensions ({' x '.join(map(str, s.dims))}); "
-                                 f"give them with --shape {s.name}={example}")
+                example = "x".join(
+                    str(d) if isinstance(d, int) and d > 0 else ("8" if i == 0 else "128") for i, d in enumerate(s.dims)
+                )
+                raise GblrcError(
+                    f"input {s.name!r} has dynamic dimensions ({' x '.join(map(str, s.dims))}); "
+                    f"give them with --shape {s.name}={example}"
+                )
             shape = tuple(s.dims)
         else:
             shape = tuple(int(d) for d in given)
             if len(shape) != len(s.dims):
-                raise GblrcError(f"--shape {s.name}: {len(shape)} dimensions given, the input has {len(s.dims)} "
-                                 f"({' x '.join(map(str, s.dims))})")
+                raise GblrcError(
+                    f"--shape {s.name}: {len(shape)} dimensions given, the input has {len(s.dims)} "
+                    f"({' x '.join(map(str, s.dims))})"
+                )
             for axis, (g, d) in enumerate(zip(shape, s.dims)):
                 if isinstance(d, int) and d > 0 and g != d:
                     raise GblrcError(f"--shape {s.name}: dimension {axis} is fixed at {d} in the model, {g} given")
@@ -130,12 +146,16 @@ class BenchResult:
         import onnxruntime as ort
 
         fed = ", ".join(f"{n}={'x'.join(map(str, s))}" for n, s in self.shapes.items())
-        out = [f"gblrc bench: ONNX Runtime {ort.__version__}, {self.provider}, {self.threads} "
-               f"thread{'s' if self.threads != 1 else ''}; inputs {fed}",
-               f"I/O binding{', CUDA graph' if self.cuda_graph else ''}; medians of {self.repeats} interleaved runs "
-               f"after {self.warmup} warm-up rounds, best of {self.sessions} fresh sessions"]
+        out = [
+            f"gblrc bench: ONNX Runtime {ort.__version__}, {self.provider}, {self.threads} "
+            f"thread{'s' if self.threads != 1 else ''}; inputs {fed}",
+            f"I/O binding{', CUDA graph' if self.cuda_graph else ''}; medians of {self.repeats} interleaved runs "
+            f"after {self.warmup} warm-up rounds, best of {self.sessions} fresh sessions",
+        ]
         if self.shapes_from:
-            out.insert(1, f"no --shape given: inputs shaped as {self.shapes_from} ({fed}); --shape NAME=DIMS sets others")
+            out.insert(
+                1, f"no --shape given: inputs shaped as {self.shapes_from} ({fed}); --shape NAME=DIMS sets others"
+            )
         w = max(12, *(len(k) for k in self.labels))
         out.append(f"{'model':<{w}}  {'time/run':>11}  {'runs/s':>9}" + (f"  {'samples/s':>10}" if self.batch else ""))
         for k in self.labels:
@@ -148,8 +168,10 @@ class BenchResult:
             out.append(f"time ratio {a} / {b}: {r:.3f} ({1 / r:.2f}x the throughput)")
             if self.agreement.get("compared"):
                 f = self.agreement
-                out.append(f"outputs of {a} vs {b}: max rel difference {f['max_rel']:.3g}, cosine mean "
-                           f"{f['cosine_mean']:.4f} (min {f['cosine_min']:.4f}) over {f['n']} rows")
+                out.append(
+                    f"outputs of {a} vs {b}: max rel difference {f['max_rel']:.3g}, cosine mean "
+                    f"{f['cosine_mean']:.4f} (min {f['cosine_min']:.4f}) over {f['n']} rows"
+                )
             elif self.agreement:
                 out.append(f"outputs not compared: {self.agreement.get('why', '')}")
         return out
@@ -164,10 +186,21 @@ class BenchResult:
             if self.batch:
                 d["samples_per_s"] = self.batch / t
             models.append(d)
-        return {"onnxruntime": ort.__version__, "provider": self.provider, "threads": self.threads,
-                "repeats": self.repeats, "sessions": self.sessions, "warmup": self.warmup, "cuda_graph": self.cuda_graph,
-                "inputs": {n: list(s) for n, s in self.shapes.items()}, "batch": self.batch, "models": models,
-                "time_ratio": self.ratio(), "outputs": self.agreement or None, "shapes_from": self.shapes_from or None}
+        return {
+            "onnxruntime": ort.__version__,
+            "provider": self.provider,
+            "threads": self.threads,
+            "repeats": self.repeats,
+            "sessions": self.sessions,
+            "warmup": self.warmup,
+            "cuda_graph": self.cuda_graph,
+            "inputs": {n: list(s) for n, s in self.shapes.items()},
+            "batch": self.batch,
+            "models": models,
+            "time_ratio": self.ratio(),
+            "outputs": self.agreement or None,
+            "shapes_from": self.shapes_from or None,
+        }
 
 
 def _labels(paths: Sequence[str]) -> list[str]:
@@ -175,8 +208,17 @@ def _labels(paths: Sequence[str]) -> list[str]:
     return list(paths) if len(set(names)) < len(names) else names
 
 
-def bench(paths: Sequence[str], shapes: Mapping[str, Sequence[int]], *, provider: str = "auto", threads: int | None = None,
-          repeats: int = 15, sessions: int = 3, warmup: int = 3, cuda_graph: bool = False) -> BenchResult:
+def bench(
+    paths: Sequence[str],
+    shapes: Mapping[str, Sequence[int]],
+    *,
+    provider: str = "auto",
+    threads: int | None = None,
+    repeats: int = 15,
+    sessions: int = 3,
+    warmup: int = 3,
+    cuda_graph: bool = False,
+) -> BenchResult:
     """Time the ONNX files ``paths`` (one or two; the first against the second) on the same inputs."""
     from gblrc.export.inspection import load_onnx
     from gblrc.runtime.timing import CUDA, best_of_sessions, effective_threads, resolve_provider, timing_session
@@ -204,15 +246,19 @@ def bench(paths: Sequence[str], shapes: Mapping[str, Sequence[int]], *, provider
         specs = graph_inputs(m)
         names = {s.name for s in specs}
         if names != set(feeds):
-            raise GblrcError(f"{p!r} has inputs {', '.join(sorted(names)) or 'none'}; {paths[0]!r} has "
-                             f"{', '.join(feeds) or 'none'}: bench compares models with the same inputs")
+            raise GblrcError(
+                f"{p!r} has inputs {', '.join(sorted(names)) or 'none'}; {paths[0]!r} has "
+                f"{', '.join(feeds) or 'none'}: bench compares models with the same inputs"
+            )
         f = OrderedDict()
         for s in specs:  # same values, in this model's types (an fp16-input model gets the same numbers)
             f[s.name] = feeds[s.name].astype(s.dtype)
             for axis, d in enumerate(s.dims):
                 if isinstance(d, int) and d > 0 and (axis >= feeds[s.name].ndim or feeds[s.name].shape[axis] != d):
-                    raise GblrcError(f"{p!r}: input {s.name!r} is fixed at {'x'.join(map(str, s.dims))}, "
-                                     f"fed {'x'.join(map(str, feeds[s.name].shape))}")
+                    raise GblrcError(
+                        f"{p!r}: input {s.name!r} is fixed at {'x'.join(map(str, s.dims))}, "
+                        f"fed {'x'.join(map(str, feeds[s.name].shape))}"
+                    )
         per_model.append(f)
     labels = _labels(paths)
     for p, m, f in zip(paths, models, per_model):  # one session each first: a model that cannot run is named
@@ -223,9 +269,17 @@ def bench(paths: Sequence[str], shapes: Mapping[str, Sequence[int]], *, provider
             raise GblrcError(f"cannot run {p!r} on {prov}: {' '.join(str(e).split())[:240]}") from None
     by_label = {k: m for k, m in zip(labels, models)}
     try:
-        t = best_of_sessions(by_label, {k: f for k, f in zip(labels, per_model)}, provider=prov, threads=threads,
-                             repeats=repeats, sessions=sessions, warmup=warmup, cuda_graph=cuda_graph,
-                             keep_outputs=len(paths) == 2)
+        t = best_of_sessions(
+            by_label,
+            {k: f for k, f in zip(labels, per_model)},
+            provider=prov,
+            threads=threads,
+            repeats=repeats,
+            sessions=sessions,
+            warmup=warmup,
+            cuda_graph=cuda_graph,
+            keep_outputs=len(paths) == 2,
+        )
     except Exception as e:
         raise GblrcError(f"timing failed on {prov}: {' '.join(str(e).split())[:240]}") from None
     first = next(iter(feeds.values()), None)
@@ -239,10 +293,23 @@ def bench(paths: Sequence[str], shapes: Mapping[str, Sequence[int]], *, provider
             agreement = {"compared": False, "why": "the models' outputs differ in number or shape"}
         else:
             agreement = {"compared": True, **fidelity([a], [b]).as_dict()}
-    return BenchResult(provider=prov, threads=effective_threads(threads), repeats=repeats, sessions=sessions,
-                       warmup=warmup, cuda_graph=cuda_graph, inputs=graph_inputs(models[0]),
-                       shapes={k: tuple(v.shape) for k, v in feeds.items()}, labels=labels, paths=[str(p) for p in paths],
-                       best=t.best, medians=t.medians, batch=batch, agreement=agreement, shapes_from=shapes_from)
+    return BenchResult(
+        provider=prov,
+        threads=effective_threads(threads),
+        repeats=repeats,
+        sessions=sessions,
+        warmup=warmup,
+        cuda_graph=cuda_graph,
+        inputs=graph_inputs(models[0]),
+        shapes={k: tuple(v.shape) for k, v in feeds.items()},
+        labels=labels,
+        paths=[str(p) for p in paths],
+        best=t.best,
+        medians=t.medians,
+        batch=batch,
+        agreement=agreement,
+        shapes_from=shapes_from,
+    )
 
 
 def recorded_shapes(model: onnx.ModelProto) -> dict | None:

@@ -15,6 +15,7 @@ all-lowered model by more than :data:`TIE`; the report gives every block's measu
 1.32 CPU the fused Attention gains nothing in fp32 (0.999x on dense MiniLM), so dense Q/K/V, which cost their
 full multiply-adds, lose there; on the CUDA provider the fused Attention is where its attention kernels are.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,11 +34,28 @@ from gblrc.errors import GblrcError
 from gblrc.export.inspection import gblr_nodes, layer_name
 from gblrc.export.reference import dense_reference_model
 
-__all__ = ["FUSED_OPS", "TIE", "METADATA_KEY", "FusionReport", "ort_model_type", "attention_blocks", "ort_optimize",
-           "optimize_lowered", "fused_counts"]
+__all__ = [
+    "FUSED_OPS",
+    "TIE",
+    "METADATA_KEY",
+    "FusionReport",
+    "ort_model_type",
+    "attention_blocks",
+    "ort_optimize",
+    "optimize_lowered",
+    "fused_counts",
+]
 
-FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu",
-             "EmbedLayerNormalization", "SkipSimplifiedLayerNormalization")
+FUSED_OPS = (
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "BiasGelu",
+    "FastGelu",
+    "Gelu",
+    "EmbedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+)
 TIE = 0.02
 METADATA_KEY = "gblrc.fusion"
 # Hugging Face model types whose encoder ONNX Runtime's "bert" optimizer handles, with their Q/K/V layer names
@@ -62,21 +80,30 @@ class FusionReport:
 
     def lines(self) -> list[str]:
         fused = ", ".join(f"{k} {v}" for k, v in self.fused.items()) or "nothing"
-        out = [f"optimize: ONNX Runtime transformer optimizer (model type {self.model_type}, {self.num_heads} heads, "
-               f"hidden {self.hidden_size}): fused {fused}"]
+        out = [
+            f"optimize: ONNX Runtime transformer optimizer (model type {self.model_type}, {self.num_heads} heads, "
+            f"hidden {self.hidden_size}): fused {fused}"
+        ]
         base = self.seconds.get("lowered")
         if base and "all dense" in self.seconds:
-            out.append(f"optimize: Q/K/V/O dense in every block (all attention fused): {self.seconds['all dense'] / base:.3f}x "
-                       f"the lowered model on {self.provider}, {self.threads} threads")
+            out.append(
+                "optimize: Q/K/V/O dense in every block (all attention fused): "
+                f"{self.seconds['all dense'] / base:.3f}x "
+                f"the lowered model on {self.provider}, {self.threads} threads"
+            )
         for b in self.blocks:
             r = b.get("time_ratio")
-            out.append(f"optimize: {b['block']}: Q/K/V/O {b['qkv']}" + ("" if r is None else
-                                                                     f" (dense Q/K/V/O + fused Attention: {r:.3f}x)"))
+            out.append(
+                f"optimize: {b['block']}: Q/K/V/O {b['qkv']}"
+                + ("" if r is None else f" (dense Q/K/V/O + fused Attention: {r:.3f}x)")
+            )
         if self.note:
             out.append(f"optimize: {self.note}")
         if "final" in self.seconds and "unfused" in self.seconds:
-            out.append(f"optimize: the optimized graph runs {self.seconds['final'] / self.seconds['unfused']:.3f}x the "
-                       f"unfused lowered graph on {self.provider}, {self.threads} threads (timed on the example inputs)")
+            out.append(
+                f"optimize: the optimized graph runs {self.seconds['final'] / self.seconds['unfused']:.3f}x the "
+                f"unfused lowered graph on {self.provider}, {self.threads} threads (timed on the example inputs)"
+            )
         if self.warning:
             out.append(f"warning: {self.warning}")
         return out
@@ -91,8 +118,9 @@ def ort_model_type(module) -> tuple[str, int, int]:
     mt = getattr(cfg, "model_type", None)
     if not type(module).__module__.startswith("transformers.") or mt not in _BERT_LIKE:
         what = f"a {mt} model" if mt else "not a Hugging Face model"
-        raise GblrcError(f"--optimize supports BERT-like Hugging Face encoders ({', '.join(sorted(_BERT_LIKE))}); "
-                         f"this is {what}")
+        raise GblrcError(
+            f"--optimize supports BERT-like Hugging Face encoders ({', '.join(sorted(_BERT_LIKE))}); this is {what}"
+        )
     return "bert", int(cfg.num_attention_heads), int(cfg.hidden_size)
 
 
@@ -122,15 +150,18 @@ def ort_optimize(model: onnx.ModelProto, model_type: str, num_heads: int, hidden
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            out = optimize_model(m, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
-                                 opt_level=0, use_gpu=False).model
+            out = optimize_model(
+                m, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0, use_gpu=False
+            ).model
     except Exception as e:
-        raise GblrcError(f"ONNX Runtime's transformer optimizer failed ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]})") from None
+        raise GblrcError(
+            f"ONNX Runtime's transformer optimizer failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
     finally:
         logging.disable(logging.NOTSET)
     if any(n.domain == "com.microsoft" for n in out.graph.node) and not any(
-            o.domain == "com.microsoft" for o in out.opset_import):
+        o.domain == "com.microsoft" for o in out.opset_import
+    ):
         out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props}, **props})
     return out
@@ -140,9 +171,17 @@ def _densify(exported: onnx.ModelProto, layers: set[str]) -> onnx.ModelProto:
     return dense_reference_model(exported, only=lambda n: layer_name(n) in layers)
 
 
-def optimize_lowered(exported: onnx.ModelProto, module, lower: Callable[[onnx.ModelProto], onnx.ModelProto], feeds: dict,
-                     *, provider: str = "auto", threads: int | None = None, repeats: int = 10,
-                     sessions: int = 2) -> tuple[onnx.ModelProto, FusionReport]:
+def optimize_lowered(
+    exported: onnx.ModelProto,
+    module,
+    lower: Callable[[onnx.ModelProto], onnx.ModelProto],
+    feeds: dict,
+    *,
+    provider: str = "auto",
+    threads: int | None = None,
+    repeats: int = 10,
+    sessions: int = 2,
+) -> tuple[onnx.ModelProto, FusionReport]:
     """The lowered graph (``lower(exported)``) fused by ONNX Runtime's optimizer; the attention blocks whose
     dense Q/K/V (fused Attention) time faster get them.  Returns the graph and what was done."""
     model_type, heads, hidden = ort_model_type(module)
@@ -154,8 +193,9 @@ def optimize_lowered(exported: onnx.ModelProto, module, lower: Callable[[onnx.Mo
     if not blocks:
         rep.note = "no attention block has compressed Q/K/V/O"
     else:
-        variants["all dense"] = ort_optimize(lower(_densify(exported, {x for v in blocks.values() for x in v})),
-                                             model_type, heads, hidden)
+        variants["all dense"] = ort_optimize(
+            lower(_densify(exported, {x for v in blocks.values() for x in v})), model_type, heads, hidden
+        )
         if fused_counts(variants["all dense"]).get("Attention", 0) <= fused_counts(base).get("Attention", 0):
             rep.note = "attention does not fuse in this graph even with dense Q/K/V/O: kept lowered"
             rep.blocks = [{"block": b, "qkv": "lowered", "time_ratio": None} for b in blocks]
@@ -167,8 +207,9 @@ def optimize_lowered(exported: onnx.ModelProto, module, lower: Callable[[onnx.Mo
 
     try:
         prov = resolve_provider(provider)
-        t = best_of_sessions(variants, feeds, provider=prov, threads=threads, repeats=repeats, sessions=sessions,
-                             warmup=2)
+        t = best_of_sessions(
+            variants, feeds, provider=prov, threads=threads, repeats=repeats, sessions=sessions, warmup=2
+        )
     except Exception as e:
         raise GblrcError(f"timing the fused forms failed: {' '.join(str(e).split())[:200]}") from None
     rep.provider, rep.threads, rep.seconds = prov, effective_threads(threads), dict(t.best)
@@ -184,19 +225,29 @@ def optimize_lowered(exported: onnx.ModelProto, module, lower: Callable[[onnx.Mo
     elif len(dense_blocks) == len(blocks):
         final = variants["all dense"]
     else:
-        final = ort_optimize(lower(_densify(exported, {x for b in dense_blocks for x in blocks[b]})),
-                             model_type, heads, hidden)
+        final = ort_optimize(
+            lower(_densify(exported, {x for b in dense_blocks for x in blocks[b]})), model_type, heads, hidden
+        )
     rep.fused = fused_counts(final)
     if final is not base and final is not variants.get("all dense"):  # a mix: time it against the unfused graph
-        t2 = best_of_sessions({"unfused": unfused, "final": final}, feeds, provider=prov, threads=threads,
-                              repeats=repeats, sessions=sessions, warmup=2)
+        t2 = best_of_sessions(
+            {"unfused": unfused, "final": final},
+            feeds,
+            provider=prov,
+            threads=threads,
+            repeats=repeats,
+            sessions=sessions,
+            warmup=2,
+        )
         rep.seconds["final"] = t2.best["final"] * t.best["unfused"] / t2.best["unfused"]
     else:
         rep.seconds["final"] = t.best["all dense" if final is not base else "lowered"]
     r = rep.seconds["final"] / t.best["unfused"]
     if r > 1 + TIE:
-        rep.warning = (f"the fused graph runs {r:.3f}x the unfused lowered graph on {prov}: ONNX Runtime's fused "
-                       "kernels are slower here; without --optimize the lowered graph is faster on this provider")
+        rep.warning = (
+            f"the fused graph runs {r:.3f}x the unfused lowered graph on {prov}: ONNX Runtime's fused "
+            "kernels are slower here; without --optimize the lowered graph is faster on this provider"
+        )
     return final, rep
 
 

@@ -12,6 +12,7 @@ the export each GBLRLinear gets temporary buffers holding its packed factors and
 instance-level ``forward`` that calls the function; the forward value computed during
 tracing is the layer's own eval-mode output, so the traced shapes are the real ones.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,7 @@ import io
 import os
 import warnings
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -57,8 +58,11 @@ def _make_op(attrs: dict) -> type:
             pass
         return y
 
-    return type("GBLRLinearOnnxOp", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)})
+    return type(
+        "GBLRLinearOnnxOp",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)},
+    )
 
 
 def _make_conv_op(attrs: dict, layer: GBLRConv2d) -> type:
@@ -82,8 +86,11 @@ def _make_conv_op(attrs: dict, layer: GBLRConv2d) -> type:
             pass
         return y
 
-    return type("GBLRConvOnnxOp", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)})
+    return type(
+        "GBLRConvOnnxOp",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "symbolic": staticmethod(symbolic)},
+    )
 
 
 def _is_none(v) -> bool:
@@ -180,7 +187,9 @@ def normalize_inputs(example_inputs) -> "OrderedDict[str, torch.Tensor]":
     elif isinstance(example_inputs, (list, tuple)):
         items = [(f"input_{i}" if len(example_inputs) > 1 else "input", t) for i, t in enumerate(example_inputs)]
     else:
-        raise GblrcError(f"example inputs must be tensors, a tuple of tensors or a dict, got {type(example_inputs).__name__}")
+        raise GblrcError(
+            f"example inputs must be tensors, a tuple of tensors or a dict, got {type(example_inputs).__name__}"
+        )
     if not items:
         raise GblrcError("no example inputs given; the model needs at least one input tensor")
     for k, t in items:
@@ -213,9 +222,16 @@ def wrap_for_export(module: nn.Module, names: Sequence[str]) -> nn.Module:
     return _Wrapper(module, names, keywords=_is_hf(module))
 
 
-def export_onnx(module: nn.Module, example_inputs, path: str | os.PathLike | None = None, *, opset: int = 17,
-                input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-                dynamic_axes: Mapping | None = None) -> onnx.ModelProto:
+def export_onnx(
+    module: nn.Module,
+    example_inputs,
+    path: str | os.PathLike | None = None,
+    *,
+    opset: int = 17,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping | None = None,
+) -> onnx.ModelProto:
     """Export ``module`` (eval mode) to ONNX with one gblrc::GBLRLinear node per GBLR layer.
 
     example_inputs: a tensor, a tuple of tensors, or an ordered mapping name -> tensor (the
@@ -233,8 +249,11 @@ def export_onnx(module: nn.Module, example_inputs, path: str | os.PathLike | Non
     with _export_mode(module), torch.no_grad():
         ref = wrapper(*args)
         outs = ref if isinstance(ref, (tuple, list)) else (ref,)
-        onames = list(output_names) if output_names is not None else (
-            ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))])
+        onames = (
+            list(output_names)
+            if output_names is not None
+            else (["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))])
+        )
         if dynamic_axes is None:
             dynamic_axes = default_dynamic_axes(OrderedDict(zip(names, args)), OrderedDict(zip(onames, outs)))
         buf = io.BytesIO()
@@ -245,16 +264,27 @@ def export_onnx(module: nn.Module, example_inputs, path: str | os.PathLike | Non
             warnings.simplefilter("ignore")
             try:
                 torch.onnx.export(
-                    wrapper, args, buf, dynamo=False, opset_version=int(opset), input_names=names,
-                    output_names=onames, dynamic_axes=dict(dynamic_axes), do_constant_folding=True,
-                    custom_opsets=({ONNX_DOMAIN: 1} if any(isinstance(m, GBLRLinear) for m in module.modules()) else None),
+                    wrapper,
+                    args,
+                    buf,
+                    dynamo=False,
+                    opset_version=int(opset),
+                    input_names=names,
+                    output_names=onames,
+                    dynamic_axes=dict(dynamic_axes),
+                    do_constant_folding=True,
+                    custom_opsets=(
+                        {ONNX_DOMAIN: 1} if any(isinstance(m, GBLRLinear) for m in module.modules()) else None
+                    ),
                     export_params=True,
                 )
             except GblrcError:
                 raise
             except Exception as e:
                 msg = " ".join(str(e).split())[:300]
-                raise GblrcError(f"ONNX export failed ({type(e).__name__}: {msg}); check the model and its example inputs") from None
+                raise GblrcError(
+                    f"ONNX export failed ({type(e).__name__}: {msg}); check the model and its example inputs"
+                ) from None
     model = onnx.load_from_string(buf.getvalue())
     _materialize_factor_inputs(model)
     _check_export(module, model)
@@ -297,8 +327,10 @@ def _check_export(module: nn.Module, model: onnx.ModelProto) -> None:
     n_layers = sum(isinstance(m, GBLRLinear) for m in module.modules())
     nodes = [n for n in model.graph.node if n.domain == ONNX_DOMAIN and n.op_type in (ONNX_OP, ONNX_CONV_OP)]
     if n_layers and not nodes:
-        raise GblrcError(f"export produced no GBLRLinear node for {n_layers} GBLR layers; "
-                         "does the model's forward call its GBLR layers?")
+        raise GblrcError(
+            f"export produced no GBLRLinear node for {n_layers} GBLR layers; "
+            "does the model's forward call its GBLR layers?"
+        )
     inits = {i.name for i in model.graph.initializer}
     for n in nodes:
         for name in n.input[1:]:

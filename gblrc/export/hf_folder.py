@@ -13,6 +13,7 @@ the ONNX graph names, read the output ``last_hidden_state``) load::
 No PyTorch weights are written (the folder holds the lowered compressed model only).  The folder is built
 beside OUT and renamed into place at the end: a failure leaves nothing.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -25,11 +26,29 @@ from pathlib import Path
 
 from gblrc.errors import GblrcError
 
-__all__ = ["TOKENIZER_FILES", "ST_FILES", "OUTPUT_NAME", "check_hf_folder_target", "hf_inputs", "source_folder",
-           "source_files", "write_hf_folder"]
+__all__ = [
+    "TOKENIZER_FILES",
+    "ST_FILES",
+    "OUTPUT_NAME",
+    "check_hf_folder_target",
+    "hf_inputs",
+    "source_folder",
+    "source_files",
+    "write_hf_folder",
+]
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
 OUTPUT_NAME = "last_hidden_state"
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -40,8 +59,9 @@ def check_hf_folder_target(out: str | os.PathLike, keep_gblr_ops: bool = False) 
     from gblrc.export.options import SettingError
 
     if keep_gblr_ops:
-        raise SettingError("keep_gblr_ops", "{hf_folder} and {keep_gblr_ops} exclude each other (the loaders "
-                                            "need a lowered graph)")
+        raise SettingError(
+            "keep_gblr_ops", "{hf_folder} and {keep_gblr_ops} exclude each other (the loaders need a lowered graph)"
+        )
     p = Path(out)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise GblrcError(f"--hf-folder {str(p)!r} exists and is not an empty folder; choose a new folder")
@@ -60,8 +80,10 @@ def hf_inputs(module, examples: "OrderedDict") -> "OrderedDict":
     import torch
 
     if "input_ids" not in examples:
-        raise GblrcError("--hf-folder needs a text model with an input_ids input; this model's example inputs are: "
-                         f"{', '.join(examples) or 'none'}")
+        raise GblrcError(
+            "--hf-folder needs a text model with an input_ids input; this model's example inputs are: "
+            f"{', '.join(examples) or 'none'}"
+        )
     ids = examples["input_ids"]
     params = inspect.signature(module.forward).parameters
     out = OrderedDict(input_ids=ids)
@@ -81,8 +103,10 @@ def source_folder(module, source: str | os.PathLike | None = None) -> str | os.P
         return source
     recorded = (getattr(module, "gblrc_meta", None) or {}).get("source")
     if recorded and not Path(recorded).is_dir():
-        raise GblrcError(f"the folder the model was compressed from ({recorded!r}) is not here; give the tokenizer's "
-                         "folder with --hf-source DIR")
+        raise GblrcError(
+            f"the folder the model was compressed from ({recorded!r}) is not here; give the tokenizer's "
+            "folder with --hf-source DIR"
+        )
     return recorded
 
 
@@ -105,8 +129,9 @@ def source_files(source: Path) -> list[tuple[Path, str]]:
     return files
 
 
-def write_hf_folder(module, examples: "OrderedDict", out: str | os.PathLike, source: str | os.PathLike | None,
-                    **lower_kwargs):
+def write_hf_folder(
+    module, examples: "OrderedDict", out: str | os.PathLike, source: str | os.PathLike | None, **lower_kwargs
+):
     """Lower ``module`` (a compressed Hugging Face model) into the folder ``out`` (see the module doc).
 
     source: the Hugging Face folder the model was compressed from (tokenizer and sentence-transformers files);
@@ -117,16 +142,22 @@ def write_hf_folder(module, examples: "OrderedDict", out: str | os.PathLike, sou
     if not _is_hf(module):
         raise GblrcError("--hf-folder needs a Hugging Face model (one compressed from a Hugging Face folder)")
     if source is None:
-        raise GblrcError("--hf-folder needs the tokenizer of the source model, and the compressed model does not "
-                         "name its source folder; give it with --hf-source DIR")
+        raise GblrcError(
+            "--hf-folder needs the tokenizer of the source model, and the compressed model does not "
+            "name its source folder; give it with --hf-source DIR"
+        )
     src = Path(source)
     if not (src / "config.json").is_file():
-        raise GblrcError(f"the source folder {str(src)!r} (tokenizer and module files) is not a Hugging Face folder "
-                         "(no config.json); give the right one with --hf-source DIR")
+        raise GblrcError(
+            f"the source folder {str(src)!r} (tokenizer and module files) is not a Hugging Face folder "
+            "(no config.json); give the right one with --hf-source DIR"
+        )
     files = source_files(src)
     if not any(n in TOKENIZER_FILES for _, n in files):
-        raise GblrcError(f"the source folder {str(src)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, "
-                         "...); the loaders need them")
+        raise GblrcError(
+            f"the source folder {str(src)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, "
+            "...); the loaders need them"
+        )
     inputs = hf_inputs(module, examples)
     parent = out.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))

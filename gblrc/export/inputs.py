@@ -2,6 +2,7 @@
 calibration batches for static int8 (:func:`calibration_feeds`).  Errors are one line (GblrcError);
 those of a setting are :class:`gblrc.export.options.SettingError` (``input_shapes``, ``data``, ``calib_batches``).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -28,20 +29,25 @@ def _fit(t: torch.Tensor, shape) -> torch.Tensor:
 def reshape_inputs(examples: "OrderedDict", shapes: "OrderedDict[str, tuple[int, ...]]") -> "OrderedDict":
     """Example inputs with the shapes asked for (tiled from the stored examples, or random floats)."""
     if not examples and not shapes:
-        raise SettingError("input_shapes", "the model has no example inputs; give them with {input_shapes} "
-                                           "NAME=D0xD1,...")
+        raise SettingError(
+            "input_shapes", "the model has no example inputs; give them with {input_shapes} NAME=D0xD1,..."
+        )
     out = OrderedDict(examples)
     for name, shape in shapes.items():
         if examples and name not in examples:
-            raise SettingError("input_shapes", f"names unknown input {name!r}; the model's inputs are: "
-                                               f"{', '.join(examples)}")
+            raise SettingError(
+                "input_shapes", f"names unknown input {name!r}; the model's inputs are: {', '.join(examples)}"
+            )
         ex = examples.get(name)
         if ex is None:
             out[name] = torch.randn(shape, generator=torch.Generator().manual_seed(0))
             continue
         if len(shape) != ex.dim():
-            raise SettingError("input_shapes", f"{name}: {len(shape)} dimensions given, the input has {ex.dim()} "
-                                               f"(example shape {'x'.join(map(str, ex.shape)) or 'scalar'})")
+            raise SettingError(
+                "input_shapes",
+                f"{name}: {len(shape)} dimensions given, the input has {ex.dim()} "
+                f"(example shape {'x'.join(map(str, ex.shape)) or 'scalar'})",
+            )
         if ex.numel() == 0:
             raise GblrcError(f"the stored example for input {name!r} is empty; it cannot be resized")
         out[name] = _fit(ex, shape)
@@ -64,8 +70,10 @@ def _batches(train):
     if isinstance(train, dict) and "inputs" in train:
         x = train["inputs"]
         rows = next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
-        return ({k: v[i:i + _ROWS] for k, v in x.items()} if isinstance(x, dict) else x[i:i + _ROWS]
-                for i in range(0, rows, _ROWS))
+        return (
+            {k: v[i : i + _ROWS] for k, v in x.items()} if isinstance(x, dict) else x[i : i + _ROWS]
+            for i in range(0, rows, _ROWS)
+        )
     return iter(train() if callable(train) else train)
 
 
@@ -88,22 +96,25 @@ def _feed(b, examples: "OrderedDict") -> dict:
             raise SettingError("data", f"input {k!r} is a {type(t).__name__}, not a tensor")
         ex = examples[k]
         if t.dim() != ex.dim() or (ex.dim() and t.shape[-1] != ex.shape[-1] and ex.is_floating_point()):
-            raise SettingError("data", f"input {k!r} has shape {'x'.join(map(str, t.shape))}; the model's example "
-                                       f"has {'x'.join(map(str, ex.shape))}")
+            raise SettingError(
+                "data",
+                f"input {k!r} has shape {'x'.join(map(str, t.shape))}; the model's example "
+                f"has {'x'.join(map(str, ex.shape))}",
+            )
         feed[k] = t.detach().cpu().to(ex.dtype).numpy()
     return feed
 
 
-def calibration_feeds(data: str, model: torch.nn.Module, examples: "OrderedDict", calib_batches: int | None = None,
-                      *, trust: bool = False) -> list[dict]:
+def calibration_feeds(
+    data: str, model: torch.nn.Module, examples: "OrderedDict", calib_batches: int | None = None, *, trust: bool = False
+) -> list[dict]:
     """Up to ``calib_batches`` (default 8) batches of ``data`` (a .pt file or module:function, as
     :func:`gblrc.io.datafiles.load_data` reads) as ONNX feeds: the ``calib_feeds`` of `lower()`."""
     from gblrc.io.datafiles import load_data
 
     at_least("calib_batches", calib_batches, 1)
     n = calib_batches if calib_batches is not None else CALIB_BATCHES
-    loaded = load_data(data, SimpleNamespace(kind="module", tokenizer=None, model=model), trust=trust,
-                       batch_size=_ROWS)
+    loaded = load_data(data, SimpleNamespace(kind="module", tokenizer=None, model=model), trust=trust, batch_size=_ROWS)
     feeds = [_feed(b, examples) for b in itertools.islice(_batches(loaded.train), n)]
     if not feeds:
         raise SettingError("data", f"{data!r} gave no batches")

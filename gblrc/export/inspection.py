@@ -1,5 +1,6 @@
 """Layer structures of gblrc outputs: ONNX files (GBLRLinear nodes or lowered with gblrc metadata)
 and compressed models (.gblr.pt).  Used by `gblrc inspect` and by `gblrc.lower` (metadata)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,17 @@ from gblrc.errors import GblrcError
 from gblrc.ir.conv import ONNX_CONV_OP
 from gblrc.ir.structure import ONNX_DOMAIN, ONNX_OP, Structure, StructureError, from_onnx_attributes, to_onnx_attributes
 
-__all__ = ["gblr_nodes", "layer_name", "structures_from_onnx", "structures_from_compressed", "attach_metadata",
-           "load_onnx", "format_structures", "METADATA_KEY", "EXAMPLE_SHAPES_KEY"]
+__all__ = [
+    "gblr_nodes",
+    "layer_name",
+    "structures_from_onnx",
+    "structures_from_compressed",
+    "attach_metadata",
+    "load_onnx",
+    "format_structures",
+    "METADATA_KEY",
+    "EXAMPLE_SHAPES_KEY",
+]
 
 METADATA_KEY = "gblrc.structures"
 EXAMPLE_SHAPES_KEY = "gblrc.example_shapes"  # the example inputs' shapes `gblrc lower` checked with (JSON)
@@ -29,7 +39,7 @@ def layer_name(node: onnx.NodeProto) -> str:
     u = node.input[1] if len(node.input) > 1 else ""
     if u.endswith("._gblrc_u_flat"):
         name = u[: -len("._gblrc_u_flat")]
-        return name[len("model."):] if name.startswith("model.") else name
+        return name[len("model.") :] if name.startswith("model.") else name
     return node.name or "?"
 
 
@@ -57,8 +67,9 @@ def attach_metadata(model: onnx.ModelProto, structures: list[tuple[str, Structur
         if model.metadata_props[i].key == METADATA_KEY:
             del model.metadata_props[i]
     doc = [{"name": n, "attributes": to_onnx_attributes(s)} for n, s in structures]
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        METADATA_KEY: json.dumps(doc, separators=(",", ":"))})
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: json.dumps(doc, separators=(",", ":"))}
+    )
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
@@ -92,15 +103,19 @@ def format_structures(structures: list[tuple[str, Structure]], *, blocks: bool =
     tot, dense = 0, 0
     for name, s in structures:
         tot, dense = tot + s.cost(), dense + s.dense_cost
-        lines.append(f"{name[-44:]:<44}{f'{s.out_features}x{s.in_features}':>12}{len(s.blocks):>8}"
-                     f"{s.total_rank:>6}{s.cost():>12}{s.cost_ratio():>8.4f}")
+        lines.append(
+            f"{name[-44:]:<44}{f'{s.out_features}x{s.in_features}':>12}{len(s.blocks):>8}"
+            f"{s.total_rank:>6}{s.cost():>12}{s.cost_ratio():>8.4f}"
+        )
         if blocks:
             for i, b in enumerate(s.blocks):
-                lines.append(f"    block {i}: rows {_spans(b.rows)} x cols {_spans(b.cols)}, rank {b.rank}, "
-                             f"cost {b.cost()}")
+                lines.append(
+                    f"    block {i}: rows {_spans(b.rows)} x cols {_spans(b.cols)}, rank {b.rank}, cost {b.cost()}"
+                )
             if not s.blocks:
                 lines.append("    (no blocks: output is the bias, or zeros)")
     ratio = tot / dense if dense else 0.0
-    lines.append(f"{len(structures)} GBLR layers: cost {tot} of dense {dense} multiply-adds per vector "
-                 f"(ratio {ratio:.4f})")
+    lines.append(
+        f"{len(structures)} GBLR layers: cost {tot} of dense {dense} multiply-adds per vector (ratio {ratio:.4f})"
+    )
     return "\n".join(lines)

@@ -16,6 +16,7 @@ copy whose GBLRLinear nodes are replaced by their dense matrices (gblrc.export.r
 The PyTorch reference is computed in float64 (a float64 copy of the model) when possible,
 so the error reported is that of the ONNX model alone.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,10 +38,25 @@ from gblrc.export.reference import REFERENCE_NOTE, dense_reference_model, refere
 from gblrc.ir.conv import ONNX_CONV_OP
 from gblrc.ir.structure import ONNX_DOMAIN, ONNX_OP
 
-__all__ = ["LowerReport", "lower", "op_counts", "op_table", "run_passes", "run_tuned", "tokens_from_inputs",
-           "load_passes", "check_pass_names", "tune_config", "tokens_from_onnx", "opt_onnx", "reference_check",
-           "reference_run", "compare_models",
-           "record_example_shapes", "EXAMPLE_SHAPES_KEY"]
+__all__ = [
+    "LowerReport",
+    "lower",
+    "op_counts",
+    "op_table",
+    "run_passes",
+    "run_tuned",
+    "tokens_from_inputs",
+    "load_passes",
+    "check_pass_names",
+    "tune_config",
+    "tokens_from_onnx",
+    "opt_onnx",
+    "reference_check",
+    "reference_run",
+    "compare_models",
+    "record_example_shapes",
+    "EXAMPLE_SHAPES_KEY",
+]
 
 
 @dataclass
@@ -58,7 +74,9 @@ class LowerReport:
     precision: str = "fp32"  # "fp32", "fp16", "int8-dynamic" or "int8-static": what the file holds
     rtol: float = 1e-4  # the parity gate's tolerance (of the fp32 graph; of the fp16 graph with precision fp16)
     atol: float = 1e-5
-    fp16: dict = field(default_factory=dict)  # precision fp16: {"max_abs", "max_rel", "provider", "rtol", "atol", "fp32_ops"}
+    fp16: dict = field(
+        default_factory=dict
+    )  # precision fp16: {"max_abs", "max_rel", "provider", "rtol", "atol", "fp32_ops"}
     quantization: dict = field(default_factory=dict)  # int8: {"mode", "per_channel", "fidelity", "rows", "candidates"}
     dense_path: str = ""  # with_dense: the dense reference written beside
     dense_max_rel_err: float = float("nan")  # with_dense: its parity (fp32 graph) against PyTorch
@@ -70,9 +88,11 @@ class LowerReport:
         lines = []
         if self.fp16:
             f = self.fp16
-            lines.append(f"fp16: parity vs PyTorch (float64) on {f['provider']}: max abs error {f['max_abs']:.3g}, "
-                         f"max rel error {f['max_rel']:.3g} (fp16 tolerance rtol={f['rtol']:g}, atol={f['atol']:g}); "
-                         f"kept in fp32: {', '.join(f['fp32_ops']) or 'none'}")
+            lines.append(
+                f"fp16: parity vs PyTorch (float64) on {f['provider']}: max abs error {f['max_abs']:.3g}, "
+                f"max rel error {f['max_rel']:.3g} (fp16 tolerance rtol={f['rtol']:g}, atol={f['atol']:g}); "
+                f"kept in fp32: {', '.join(f['fp32_ops']) or 'none'}"
+            )
         if self.quantization:
             q = self.quantization
             fid = q["fidelity"]
@@ -80,9 +100,11 @@ class LowerReport:
             if len(q.get("candidates", {})) > 1:
                 c = q["candidates"]
                 how += f" (chosen by fidelity: cosine {c['on']:.4f} on, {c['off']:.4f} off)"
-            lines.append(f"int8 ({q['mode']}, {how}): fidelity to the fp32 lowered model on {q['inputs']}: "
-                         f"max rel error {fid['max_rel']:.3g}, cosine mean {fid['cosine_mean']:.4f} "
-                         f"(min {fid['cosine_min']:.4f}) over {fid['n']} rows")
+            lines.append(
+                f"int8 ({q['mode']}, {how}): fidelity to the fp32 lowered model on {q['inputs']}: "
+                f"max rel error {fid['max_rel']:.3g}, cosine mean {fid['cosine_mean']:.4f} "
+                f"(min {fid['cosine_min']:.4f}) over {fid['n']} rows"
+            )
         return lines
 
     def tune_lines(self) -> list[str]:
@@ -94,8 +116,10 @@ class LowerReport:
         return ([self.calibration] if self.calibration else []) + format_tuning(self.tuning)
 
     def parity_line(self) -> str:
-        return (f"parity vs PyTorch (float64) on {self.provider}: max abs error {self.max_abs_err:.3g}, "
-                f"max rel error {self.max_rel_err:.3g}")
+        return (
+            f"parity vs PyTorch (float64) on {self.provider}: max abs error {self.max_abs_err:.3g}, "
+            f"max rel error {self.max_rel_err:.3g}"
+        )
 
     def op_table(self) -> str:
         return op_table(self.ops_before, self.ops_after)
@@ -124,6 +148,7 @@ def load_passes():
     """The gblrc.passes module (PASSES, DEFAULT_PIPELINE, run_pipeline, PassError)."""
     try:
         from gblrc import passes
+
         passes.PASSES, passes.DEFAULT_PIPELINE, passes.run_pipeline, passes.PassError  # noqa: B018
     except (ImportError, AttributeError) as e:
         raise GblrcError(f"the ONNX passes are not available ({' '.join(str(e).split())}); reinstall gblrc") from None
@@ -145,13 +170,20 @@ def _summarise(results, used: Sequence[str]) -> list[dict]:
     summary = []
     for i, r in enumerate(results):
         name = getattr(r, "name", None) or (used[i] if i < len(used) else f"pass{i}")
-        summary.append({"name": name, "changed": bool(getattr(r, "changed", False)),
-                        "counts": dict(getattr(r, "counts", {}) or {}),
-                        "details": list(getattr(r, "details", []) or [])})
+        summary.append(
+            {
+                "name": name,
+                "changed": bool(getattr(r, "changed", False)),
+                "counts": dict(getattr(r, "counts", {}) or {}),
+                "details": list(getattr(r, "details", []) or []),
+            }
+        )
     return summary
 
 
-def run_tuned(model: onnx.ModelProto, config, names: Sequence[str] | None = None) -> tuple[onnx.ModelProto, list[dict], str]:
+def run_tuned(
+    model: onnx.ModelProto, config, names: Sequence[str] | None = None
+) -> tuple[onnx.ModelProto, list[dict], str]:
     """Autotuned passes (gblrc.passes.tune: calibrated cost model, timed lowering, cached) configured by
     ``config`` (a TuneConfig); returns the model, the pass summary and the calibration line."""
     P = load_passes()
@@ -257,12 +289,13 @@ def _generated_feeds(model: onnx.ModelProto) -> dict:
         tt = i.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tt.shape.dim]
         dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        feeds[i.name] = (np.ones(shape, dt) if np.issubdtype(dt, np.integer) else rng.standard_normal(shape).astype(dt))
+        feeds[i.name] = np.ones(shape, dt) if np.issubdtype(dt, np.integer) else rng.standard_normal(shape).astype(dt)
     return feeds
 
 
-def compare_models(src: onnx.ModelProto, new: onnx.ModelProto, *, rtol: float = 1e-4, atol: float = 1e-5,
-                   hint: str = ""):
+def compare_models(
+    src: onnx.ModelProto, new: onnx.ModelProto, *, rtol: float = 1e-4, atol: float = 1e-5, hint: str = ""
+):
     """Parity of ``new`` with ``src`` (e.g. a pass pipeline's result with its input) on generated inputs
     (:func:`_generated_feeds`); graphs with GBLRLinear nodes run as their dense matrices.  GblrcError when
     they differ, or when they cannot be run (its message ends with ``hint``).  Returns the ParityReport."""
@@ -281,8 +314,9 @@ def compare_models(src: onnx.ModelProto, new: onnx.ModelProto, *, rtol: float = 
     except Exception as e:
         raise GblrcError(f"cannot run the models to compare them ({' '.join(str(e).split())[:200]}){hint}") from None
     if not rep.ok:
-        raise GblrcError(f"the optimised model differs from the input: max rel error {rep.max_rel:.3g}; "
-                         "no file written")
+        raise GblrcError(
+            f"the optimised model differs from the input: max rel error {rep.max_rel:.3g}; no file written"
+        )
     return rep
 
 
@@ -306,13 +340,31 @@ def _torch_reference(module: torch.nn.Module, inputs) -> list[np.ndarray]:
     return [o.detach().cpu().double().numpy() for o in outs]
 
 
-def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, passes: Sequence[str] | None = None,
-          opset: int = 17, keep_gblr_ops: bool = False, rtol: float | None = None, atol: float | None = None,
-          input_names: Sequence[str] | None = None, dynamic_axes=None, tune=False, precision: str = "fp32",
-          quantize: str | None = None, quant_mode: str = "dynamic", per_channel: bool | str = "auto",
-          calib_feeds: Sequence[dict] | None = None, with_dense: str | os.PathLike | None = None,
-          attention: str = "auto", attention_provider: str = "auto", attention_threads: int | None = None,
-          output_names: Sequence[str] | None = None, optimize: bool = False) -> LowerReport:
+def lower(
+    module: torch.nn.Module,
+    example_inputs,
+    path: str | os.PathLike,
+    *,
+    passes: Sequence[str] | None = None,
+    opset: int = 17,
+    keep_gblr_ops: bool = False,
+    rtol: float | None = None,
+    atol: float | None = None,
+    input_names: Sequence[str] | None = None,
+    dynamic_axes=None,
+    tune=False,
+    precision: str = "fp32",
+    quantize: str | None = None,
+    quant_mode: str = "dynamic",
+    per_channel: bool | str = "auto",
+    calib_feeds: Sequence[dict] | None = None,
+    with_dense: str | os.PathLike | None = None,
+    attention: str = "auto",
+    attention_provider: str = "auto",
+    attention_threads: int | None = None,
+    output_names: Sequence[str] | None = None,
+    optimize: bool = False,
+) -> LowerReport:
     """Export ``module`` to ONNX at ``path`` with its GBLR layers lowered to standard ops.
 
     example_inputs: a tensor, a tuple of tensors or an ordered dict name -> tensor.  passes:
@@ -342,15 +394,25 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
 
     The settings are checked together first (:func:`gblrc.export.options.check_lower_options`).
     """
-    check_lower_options(path, opset=opset, keep_gblr_ops=keep_gblr_ops, precision=precision, quantize=quantize,
-                        quant_mode=quant_mode, calib_feeds=calib_feeds, with_dense=with_dense, optimize=optimize,
-                        tune=tune)
+    check_lower_options(
+        path,
+        opset=opset,
+        keep_gblr_ops=keep_gblr_ops,
+        precision=precision,
+        quantize=quantize,
+        quant_mode=quant_mode,
+        calib_feeds=calib_feeds,
+        with_dense=with_dense,
+        optimize=optimize,
+        tune=tune,
+    )
     rtol32, atol32, rtol, atol = _tolerances(precision, rtol, atol)
     inputs = normalize_inputs(example_inputs)
     names = list(input_names) if input_names is not None else list(inputs)
     job = _Job(module, inputs, dict(zip(names, inputs.values())), attention_provider, attention_threads)
-    exported, attn = _export(job, opset=opset, dynamic_axes=dynamic_axes, output_names=output_names,
-                             attention=attention, optimize=optimize)
+    exported, attn = _export(
+        job, opset=opset, dynamic_axes=dynamic_axes, output_names=output_names, attention=attention, optimize=optimize
+    )
     before = op_counts(exported)
     model, results, calibration, relower = _run_pipeline(exported, inputs, passes, tune, keep_gblr_ops)
     fusion = None
@@ -361,14 +423,33 @@ def lower(module: torch.nn.Module, example_inputs, path: str | os.PathLike, *, p
     ref = _torch_reference(module, inputs)
     feeds = _graph_feeds(model, job.feeds)  # inputs the graph does not use are pruned
     rep = _gate(model, feeds, ref, rtol=rtol32, atol=atol32, what="the ONNX model")
-    report = LowerReport(path=os.fspath(path), ops_before=before, ops_after=op_counts(model), passes=results,
-                         max_abs_err=rep.max_abs, max_rel_err=rep.max_rel, provider=rep.provider,
-                         gblr_layers=before.get(f"{ONNX_DOMAIN}.{ONNX_OP}", 0)
-                         + before.get(f"{ONNX_DOMAIN}.{ONNX_CONV_OP}", 0),
-                         tuning=[d for r in results for d in r.get("details", [])], calibration=calibration,
-                         rtol=rtol32, atol=atol32, attention=attn, fusion=fusion)
-    deploy = dict(feeds=feeds, ref=ref, precision=precision, quantize=quantize, quant_mode=quant_mode,
-                  per_channel=per_channel, calibration=calib_feeds, rtol=rtol, atol=atol)
+    report = LowerReport(
+        path=os.fspath(path),
+        ops_before=before,
+        ops_after=op_counts(model),
+        passes=results,
+        max_abs_err=rep.max_abs,
+        max_rel_err=rep.max_rel,
+        provider=rep.provider,
+        gblr_layers=before.get(f"{ONNX_DOMAIN}.{ONNX_OP}", 0) + before.get(f"{ONNX_DOMAIN}.{ONNX_CONV_OP}", 0),
+        tuning=[d for r in results for d in r.get("details", [])],
+        calibration=calibration,
+        rtol=rtol32,
+        atol=atol32,
+        attention=attn,
+        fusion=fusion,
+    )
+    deploy = dict(
+        feeds=feeds,
+        ref=ref,
+        precision=precision,
+        quantize=quantize,
+        quant_mode=quant_mode,
+        per_channel=per_channel,
+        calibration=calib_feeds,
+        rtol=rtol,
+        atol=atol,
+    )
     out = _deploy(model, report=report, **deploy)
     dense = None
     if with_dense is not None:
@@ -417,10 +498,15 @@ def _export(job: _Job, *, opset: int, dynamic_axes, output_names, attention: str
 
     module, names = job.module, list(job.named)
     model, attn = export_in_fastest_form(
-        module, lambda: export_onnx(module, job.inputs, opset=opset, input_names=names, output_names=output_names,
-                                    dynamic_axes=dynamic_axes),
+        module,
+        lambda: export_onnx(
+            module, job.inputs, opset=opset, input_names=names, output_names=output_names, dynamic_axes=dynamic_axes
+        ),
         attention="eager" if optimize and attention == "auto" and "eager" in attention_forms(module) else attention,
-        feeds=job.feeds, provider=job.provider, threads=job.threads)
+        feeds=job.feeds,
+        provider=job.provider,
+        threads=job.threads,
+    )
     if optimize and attention == "auto" and attn.form == "eager":
         attn.chosen_by = "rule: optimize (ONNX Runtime fuses Attention in the eager form only)"
     record_choice(model, attn)
@@ -450,8 +536,9 @@ def _optimize(job: _Job, exported: onnx.ModelProto, lowered: onnx.ModelProto, re
     """ONNX Runtime's transformer optimizer on the lowered graph (:mod:`gblrc.export.fusion`), recorded."""
     from gblrc.export.fusion import optimize_lowered, record_fusion
 
-    model, fusion = optimize_lowered(exported, job.module, relower, _graph_feeds(lowered, job.feeds),
-                                     provider=job.provider, threads=job.threads)
+    model, fusion = optimize_lowered(
+        exported, job.module, relower, _graph_feeds(lowered, job.feeds), provider=job.provider, threads=job.threads
+    )
     record_fusion(model, fusion)
     return model, fusion
 
@@ -478,13 +565,26 @@ def _graph_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
     return {k: v for k, v in feeds.items() if k in used}
 
 
-def _dense_reference(job: _Job, exported: onnx.ModelProto, report: LowerReport, path, optimize: bool,
-                     rtol32: float, atol32: float, deploy: dict) -> onnx.ModelProto:
+def _dense_reference(
+    job: _Job,
+    exported: onnx.ModelProto,
+    report: LowerReport,
+    path,
+    optimize: bool,
+    rtol32: float,
+    atol32: float,
+    deploy: dict,
+) -> onnx.ModelProto:
     """The dense reference of ``exported`` (every GBLR layer as its dense MatMul), gated like the model and
     at its precision; its path and parity go into ``report``."""
     dense = dense_reference_model(exported)
-    onnx.helper.set_model_props(dense, {**{p.key: p.value for p in dense.metadata_props},
-                                        "gblrc.reference": "dense: every GBLR layer as its dense MatMul"})
+    onnx.helper.set_model_props(
+        dense,
+        {
+            **{p.key: p.value for p in dense.metadata_props},
+            "gblrc.reference": "dense: every GBLR layer as its dense MatMul",
+        },
+    )
     if optimize:  # like for like: the dense reference through the same optimizer
         from gblrc.export.fusion import ort_model_type, ort_optimize
 
@@ -528,13 +628,27 @@ def _gate(model: onnx.ModelProto, feeds: dict, ref: list, *, rtol: float, atol: 
     except Exception as e:
         raise GblrcError(f"running {what} failed: {' '.join(str(e).split())[:300]}") from None
     if not rep.ok:
-        raise GblrcError(f"{what} does not match PyTorch: max abs error {rep.max_abs:.3g}, "
-                         f"max rel error {rep.max_rel:.3g} (tolerance rtol={rtol}, atol={atol}); no file written")
+        raise GblrcError(
+            f"{what} does not match PyTorch: max abs error {rep.max_abs:.3g}, "
+            f"max rel error {rep.max_rel:.3g} (tolerance rtol={rtol}, atol={atol}); no file written"
+        )
     return rep
 
 
-def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport, *, precision: str,
-            quantize: str | None, quant_mode: str, per_channel, calibration, rtol: float, atol: float) -> onnx.ModelProto:
+def _deploy(
+    model: onnx.ModelProto,
+    feeds: dict,
+    ref: list,
+    report: LowerReport,
+    *,
+    precision: str,
+    quantize: str | None,
+    quant_mode: str,
+    per_channel,
+    calibration,
+    rtol: float,
+    atol: float,
+) -> onnx.ModelProto:
     """The checked fp32 ``model`` at the precision asked for (fp16 gated, int8 measured); fills ``report``."""
     import json
 
@@ -551,20 +665,33 @@ def _deploy(model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport,
         rep = _gate(m16, feeds, ref, rtol=rtol, atol=atol, what="the fp16 ONNX model")
         present = {n.op_type for n in model.graph.node}
         report.precision, report.rtol, report.atol = "fp16", rtol, atol
-        report.fp16 = {"max_abs": rep.max_abs, "max_rel": rep.max_rel, "provider": rep.provider, "rtol": rtol,
-                       "atol": atol, "fp32_ops": [o for o in keep if o in present]}
+        report.fp16 = {
+            "max_abs": rep.max_abs,
+            "max_rel": rep.max_rel,
+            "provider": rep.provider,
+            "rtol": rtol,
+            "atol": atol,
+            "fp32_ops": [o for o in keep if o in present],
+        }
         return m16
     if quantize != "int8":
         return model
     calibration = [{k: np.asarray(v) for k, v in f.items() if k in feeds} for f in (calibration or [])]
     check = [feeds] + calibration
-    q, pc, fid, candidates = quantize_checked(model, check, mode=quant_mode, per_channel=per_channel,
-                                              calibration=calibration)
+    q, pc, fid, candidates = quantize_checked(
+        model, check, mode=quant_mode, per_channel=per_channel, calibration=calibration
+    )
     n_cal = len(check) - 1
     report.precision = f"int8-{quant_mode}"
-    report.quantization = {"mode": quant_mode, "per_channel": pc, "fidelity": fid.as_dict(), "candidates": candidates,
-                           "inputs": "the example inputs" + (f" and {n_cal} calibration batches" if n_cal else "")
-                           + (" (padding positions excluded)" if "attention_mask" in feeds else "")}
+    report.quantization = {
+        "mode": quant_mode,
+        "per_channel": pc,
+        "fidelity": fid.as_dict(),
+        "candidates": candidates,
+        "inputs": "the example inputs"
+        + (f" and {n_cal} calibration batches" if n_cal else "")
+        + (" (padding positions excluded)" if "attention_mask" in feeds else ""),
+    }
     props = {p.key: p.value for p in model.metadata_props}
     props.update({p.key: p.value for p in q.metadata_props})
     props["gblrc.quantization"] = json.dumps(report.quantization, separators=(",", ":"))

@@ -4,6 +4,7 @@ A bad setting raises :class:`SettingError`: an :class:`gblrc.errors.OptionError`
 its text names as its flags: ``{quant_mode}`` reads ``quant_mode`` from Python, ``--quant-mode`` from the
 CLI) that is also a :class:`gblrc.errors.GblrcError`, as the errors of `lower()` have always been.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -56,12 +57,20 @@ def check_quant_mode(mode: str | None, calibrated: bool | None = None) -> None:
     if mode is not None and mode not in QUANT_MODES:
         raise SettingError("quant_mode", f"unknown {{quant_mode}} {mode!r}; choose dynamic or static")
     if mode == "static" and calibrated is not None and not calibrated:
-        raise SettingError("quant_mode", "{quant_mode} static needs calibration batches: give {calib_feeds} "
-                                         "(or use {quant_mode} dynamic)")
+        raise SettingError(
+            "quant_mode",
+            "{quant_mode} static needs calibration batches: give {calib_feeds} (or use {quant_mode} dynamic)",
+        )
 
 
-def _check_precision(precision: str, quantize: str | None, quant_mode: str | None, keep_gblr_ops: bool,
-                     calib_feeds, calib_batches: int | None) -> None:
+def _check_precision(
+    precision: str,
+    quantize: str | None,
+    quant_mode: str | None,
+    keep_gblr_ops: bool,
+    calib_feeds,
+    calib_batches: int | None,
+) -> None:
     if precision not in PRECISIONS:
         raise SettingError("precision", f"unknown {{precision}} {precision!r}; choose fp32 or fp16")
     if quantize not in (None, "int8"):
@@ -69,22 +78,36 @@ def _check_precision(precision: str, quantize: str | None, quant_mode: str | Non
     check_quant_mode(quant_mode)
     if quantize is None:
         if keep_gblr_ops and precision != "fp32":
-            raise SettingError("precision", "fp16 and {keep_gblr_ops} exclude each other ({keep_gblr_ops} does "
-                                            "not lower)")
+            raise SettingError(
+                "precision", "fp16 and {keep_gblr_ops} exclude each other ({keep_gblr_ops} does not lower)"
+            )
         return
     if precision != "fp32":
-        raise SettingError("quantize", "int8 and {precision} fp16 exclude each other: int8 is for CPUs (ONNX "
-                                       "Runtime quantises the fp32 graph), fp16 for GPUs; choose one")
+        raise SettingError(
+            "quantize",
+            "int8 and {precision} fp16 exclude each other: int8 is for CPUs (ONNX "
+            "Runtime quantises the fp32 graph), fp16 for GPUs; choose one",
+        )
     if keep_gblr_ops:
         raise SettingError("quantize", "and {keep_gblr_ops} exclude each other ({keep_gblr_ops} does not lower)")
     check_quant_mode(quant_mode, bool(calib_feeds))
     at_least("calib_batches", calib_batches, 1)
 
 
-def check_lower_options(path: str | os.PathLike | None = None, *, opset: int = 17, keep_gblr_ops: bool = False,
-                        precision: str = "fp32", quantize: str | None = None, quant_mode: str | None = "dynamic",
-                        calib_feeds=None, calib_batches: int | None = None, with_dense=None, optimize: bool = False,
-                        tune=False) -> None:
+def check_lower_options(
+    path: str | os.PathLike | None = None,
+    *,
+    opset: int = 17,
+    keep_gblr_ops: bool = False,
+    precision: str = "fp32",
+    quantize: str | None = None,
+    quant_mode: str | None = "dynamic",
+    calib_feeds=None,
+    calib_batches: int | None = None,
+    with_dense=None,
+    optimize: bool = False,
+    tune=False,
+) -> None:
     """Check the settings of :func:`gblrc.export.lowering.lower` together, before any slow work.
 
     path: the output file (None: not checked here); calib_feeds: the calibration batches, or anything
@@ -101,8 +124,7 @@ def check_lower_options(path: str | os.PathLike | None = None, *, opset: int = 1
     _check_precision(precision, quantize, quant_mode, keep_gblr_ops, calib_feeds, calib_batches)
     if with_dense is not None:
         if keep_gblr_ops:
-            raise SettingError("with_dense", "and {keep_gblr_ops} exclude each other ({keep_gblr_ops} does not "
-                                             "lower)")
+            raise SettingError("with_dense", "and {keep_gblr_ops} exclude each other ({keep_gblr_ops} does not lower)")
         check_output_path(with_dense)
         if path is not None and Path(with_dense).resolve() == Path(path).resolve():
             raise SettingError("with_dense", "names the output file itself; choose another path")

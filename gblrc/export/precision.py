@@ -12,6 +12,7 @@
 
 No torch here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,14 +29,44 @@ import onnx
 from gblrc.errors import GblrcError
 from gblrc.export.options import check_quant_mode
 
-__all__ = ["FP32_OPS", "FP16_RTOL", "FP16_ATOL", "QUANT_OPS", "to_fp16", "quantize_int8", "quantize_checked",
-           "quantizable_nodes", "OutputAgreement", "fidelity", "float_dtype_of"]
+__all__ = [
+    "FP32_OPS",
+    "FP16_RTOL",
+    "FP16_ATOL",
+    "QUANT_OPS",
+    "to_fp16",
+    "quantize_int8",
+    "quantize_checked",
+    "quantizable_nodes",
+    "OutputAgreement",
+    "fidelity",
+    "float_dtype_of",
+]
 
 # Ops kept in fp32 inside an fp16 model (numerically sensitive: normalisation, exponentials, reductions),
 # plus Range, which has no fp16 kernel on the CUDA provider.
-FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "Softmax", "LogSoftmax",
-            "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
-            "ReduceMax", "ReduceMin", "ReduceProd", "Pow", "Sqrt", "Exp", "Log", "Range")
+FP32_OPS = (
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "Softmax",
+    "LogSoftmax",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceSumSquare",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "Pow",
+    "Sqrt",
+    "Exp",
+    "Log",
+    "Range",
+)
 
 # The parity gate of an fp16 model against PyTorch (float64): max|a - b| <= atol + rtol * max|b| per output.
 # fp16 has a 2^-11 (~5e-4) relative rounding step; after a few layers of products that round their
@@ -68,8 +99,12 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32: Sequence[str] = FP32_OPS) -> o
     src.CopyFrom(model)
     with warnings.catch_warnings():  # "values clamped to the fp16 range" (attention masks' -3.4e38): expected
         warnings.simplefilter("ignore")
-        out = convert_float_to_float16(src, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_fp32),
-                                       disable_shape_infer=False)
+        out = convert_float_to_float16(
+            src,
+            keep_io_types=True,
+            op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_fp32),
+            disable_shape_infer=False,
+        )
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     om = OnnxModel(out)
@@ -105,9 +140,14 @@ class _Batches:
         pass
 
 
-def quantize_int8(model: onnx.ModelProto, *, mode: str = "dynamic", per_channel: bool = True,
-                  calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
-                  op_types: Sequence[str] = QUANT_OPS) -> onnx.ModelProto:
+def quantize_int8(
+    model: onnx.ModelProto,
+    *,
+    mode: str = "dynamic",
+    per_channel: bool = True,
+    calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
+    op_types: Sequence[str] = QUANT_OPS,
+) -> onnx.ModelProto:
     """An int8 copy of the float32 ``model`` made by ONNX Runtime's quantiser.
 
     mode 'dynamic': weights int8 (per output channel when ``per_channel``), activations quantised at run
@@ -123,8 +163,10 @@ def quantize_int8(model: onnx.ModelProto, *, mode: str = "dynamic", per_channel:
         raise GblrcError("int8 quantisation needs a float32 model (this one is fp16); quantise the fp32 model")
     targets = quantizable_nodes(model, op_types)
     if not targets:
-        raise GblrcError(f"the model has nothing to quantise: no {'/'.join(op_types)} node with a constant float32 "
-                         "weight (int8 quantisation changes only those)")
+        raise GblrcError(
+            f"the model has nothing to quantise: no {'/'.join(op_types)} node with a constant float32 "
+            "weight (int8 quantisation changes only those)"
+        )
     check_quant_mode(mode, bool(calibration))
     extra = {"MatMulConstBOnly": True}
     if any(n.domain == "com.microsoft" for n in model.graph.node):
@@ -146,23 +188,47 @@ def quantize_int8(model: onnx.ModelProto, *, mode: str = "dynamic", per_channel:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if mode == "dynamic":
-                    quantize_dynamic(src, dst, per_channel=per_channel, weight_type=QuantType.QInt8,
-                                     op_types_to_quantize=list(op_types), extra_options=dict(extra))
+                    quantize_dynamic(
+                        src,
+                        dst,
+                        per_channel=per_channel,
+                        weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(op_types),
+                        extra_options=dict(extra),
+                    )
                 else:
-                    quantize_static(src, dst, _Batches([dict(f) for f in calibration]), quant_format=QuantFormat.QDQ,
-                                    per_channel=per_channel, activation_type=QuantType.QUInt8,
-                                    weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types),
-                                    extra_options=dict(extra))
+                    quantize_static(
+                        src,
+                        dst,
+                        _Batches([dict(f) for f in calibration]),
+                        quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel,
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(op_types),
+                        extra_options=dict(extra),
+                    )
         except GblrcError:
             raise
         except Exception as e:
-            raise GblrcError(f"ONNX Runtime quantisation failed ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:200]})") from None
+            raise GblrcError(
+                f"ONNX Runtime quantisation failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            ) from None
         finally:
             logging.disable(logging.NOTSET)
         out = onnx.load(os.fspath(dst))
-    quantized = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
-                 "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
+    quantized = {
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeLinear",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "QLinearMatMul",
+        "QLinearConv",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QGemm",
+    }
     if not any(n.op_type in quantized for n in out.graph.node):
         raise GblrcError("ONNX Runtime's quantiser changed nothing in this model; nothing to quantise")
     out.metadata_props.add(key="gblrc.export.precision", value=f"int8-{mode}")
@@ -174,21 +240,27 @@ class OutputAgreement:
     """Outputs of a model against a reference: over all outputs, the largest relative error (to each
     output's max |reference|), and the cosine similarity of rows (vectors along the last axis):
     mean and minimum; ``n`` rows compared."""
+
     max_rel: float
     cosine_mean: float
     cosine_min: float
     n: int
 
     def line(self) -> str:
-        return (f"max rel error {self.max_rel:.3g}, cosine mean {self.cosine_mean:.4f} (min {self.cosine_min:.4f}) "
-                f"over {self.n} rows")
+        return (
+            f"max rel error {self.max_rel:.3g}, cosine mean {self.cosine_mean:.4f} (min {self.cosine_min:.4f}) "
+            f"over {self.n} rows"
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def fidelity(outputs: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
-             masks: Sequence[np.ndarray | None] | None = None) -> OutputAgreement:
+def fidelity(
+    outputs: Sequence[Sequence[np.ndarray]],
+    reference: Sequence[Sequence[np.ndarray]],
+    masks: Sequence[np.ndarray | None] | None = None,
+) -> OutputAgreement:
     """The agreement over several runs: ``outputs[i]`` and ``reference[i]`` are the outputs of run i.
 
     masks[i] (optional, e.g. run i's attention mask): outputs whose leading dimensions are the mask's
@@ -226,14 +298,20 @@ def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.nda
     return make_session(model, log=False, exact=True).run(None, dict(feeds))
 
 
-def quantize_checked(model: onnx.ModelProto, check: Sequence[Mapping[str, np.ndarray]], *, mode: str = "dynamic",
-                     per_channel: bool | str = "auto", calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
-                     ) -> tuple[onnx.ModelProto, bool, OutputAgreement, dict]:
+def quantize_checked(
+    model: onnx.ModelProto,
+    check: Sequence[Mapping[str, np.ndarray]],
+    *,
+    mode: str = "dynamic",
+    per_channel: bool | str = "auto",
+    calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
+) -> tuple[onnx.ModelProto, bool, OutputAgreement, dict]:
     """:func:`quantize_int8` with its fidelity to ``model`` measured on the feeds ``check``.
 
     per_channel "auto": quantise both ways and keep the one with the higher mean cosine (per-channel
     weight scales help some models and hurt others: on MiniLM they help the dense model and hurt the
-    lowered one).  Rows at padding positions (``attention_mask`` 0) are not compared.  Returns (int8 model, per_channel used, its fidelity, {"on"/"off": mean cosine}).
+    lowered one).  Rows at padding positions (``attention_mask`` 0) are not compared.  Returns (int8 model,
+    per_channel used, its fidelity, {"on"/"off": mean cosine}).
     """
     base = [_run(model, f) for f in check]
     masks = [f.get(MASK_INPUT) for f in check]

@@ -7,6 +7,7 @@ graph runs in ONNX Runtime.  This is the definition of the node, not an optimisa
 passes in gblrc.passes do the real lowering.  (onnx.reference is not used: its GatherElements
 fails on BERT graphs.)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -74,8 +75,15 @@ def _dense_conv(n: onnx.NodeProto, g: onnx.GraphProto, inits: dict) -> onnx.Node
     name = f"{n.output[0]}__gblrc_dense_kernel"
     g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(k.astype(arr(n.input[1]).dtype)), name))
     ins = [n.input[0], name] + ([n.input[3]] if len(n.input) > 3 and n.input[3] else [])
-    return helper.make_node("Conv", ins, [n.output[0]], kernel_shape=list(geo.kernel_shape),
-                            strides=list(geo.strides), pads=list(geo.pads), dilations=list(geo.dilations))
+    return helper.make_node(
+        "Conv",
+        ins,
+        [n.output[0]],
+        kernel_shape=list(geo.kernel_shape),
+        strides=list(geo.strides),
+        pads=list(geo.pads),
+        dilations=list(geo.dilations),
+    )
 
 
 def reference_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

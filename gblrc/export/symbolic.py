@@ -12,6 +12,7 @@ models gblrc meets need.
 
 :func:`register` is idempotent; :func:`gblrc.export.lowering.lower` calls it before exporting.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Each form becomes a :class:`Data`: what the trainer receives (``train``), one sm
 inputs used to check that the data fits the model before training starts, and optionally a
 labelled set for measuring accuracy before/after.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -64,8 +65,10 @@ def _from_pt(path: Path, trust: bool) -> Data:
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         obj = {"inputs": obj[0], "targets": obj[1]}
     if not isinstance(obj, dict):
-        raise GblrcError(f"data file {str(path)!r} holds a {type(obj).__name__}; save a tensor of inputs or "
-                         f"a dict with 'inputs' (and 'targets')")
+        raise GblrcError(
+            f"data file {str(path)!r} holds a {type(obj).__name__}; save a tensor of inputs or "
+            f"a dict with 'inputs' (and 'targets')"
+        )
     if "inputs" not in obj:
         obj = {"inputs": dict(obj)}  # a dict of keyword inputs, e.g. input_ids + attention_mask
     x, y = obj["inputs"], obj.get("targets")
@@ -77,9 +80,14 @@ def _from_pt(path: Path, trust: bool) -> Data:
     ex, ey = obj.get("eval_inputs"), obj.get("eval_targets")
     held = ex is not None and ey is not None
     train = {"inputs": x} if y is None else {"inputs": x, "targets": y}
-    return Data(train=train, sample=_head(x, 2), has_targets=y is not None,
-                eval_inputs=ex if held else (x if y is not None else None),
-                eval_targets=ey if held else y, eval_name="held-out" if held else "training")
+    return Data(
+        train=train,
+        sample=_head(x, 2),
+        has_targets=y is not None,
+        eval_inputs=ex if held else (x if y is not None else None),
+        eval_targets=ey if held else y,
+        eval_name="held-out" if held else "training",
+    )
 
 
 def _empty(path) -> Data:
@@ -121,13 +129,15 @@ class TextBatches:
         self.passes += 1
         perm = torch.randperm(len(self.lines), generator=g).tolist()
         for i in range(0, len(perm), self.bs):
-            yield self.batch(perm[i:i + self.bs])
+            yield self.batch(perm[i : i + self.bs])
 
 
 def _from_text(path: Path, loaded, batch_size: int, seed: int, general: int = 0) -> Data:
     if loaded.kind != "hf" or loaded.tokenizer is None:
-        raise GblrcError(f"text data {str(path)!r} needs a Hugging Face model folder with a tokenizer; "
-                         f"for other models give a .pt file of input tensors")
+        raise GblrcError(
+            f"text data {str(path)!r} needs a Hugging Face model folder with a tokenizer; "
+            f"for other models give a .pt file of input tensors"
+        )
     try:
         lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
     except UnicodeDecodeError:
@@ -194,8 +204,9 @@ def is_text_data(spec: str | None) -> bool:
         return not f.read(4).startswith(b"PK")
 
 
-def load_data(spec: str | None, loaded, *, trust: bool = False, batch_size: int = 32, seed: int = 0,
-              general_text: int = 0) -> Data | None:
+def load_data(
+    spec: str | None, loaded, *, trust: bool = False, batch_size: int = 32, seed: int = 0, general_text: int = 0
+) -> Data | None:
     """Read ``--data``: a .pt file, a text file (HF models), or ``module:function``; None for no data.
 
     ``general_text``: add that many sentences of the built-in general text to a text file's lines
@@ -239,7 +250,9 @@ def check_fits(model, sample) -> None:
             call_model(model, sample)
     except Exception as e:
         msg = " ".join(str(e).split())[:200] or type(e).__name__
-        raise GblrcError(f"the data does not fit the model: {msg}; give inputs of the shape the model expects") from None
+        raise GblrcError(
+            f"the data does not fit the model: {msg}; give inputs of the shape the model expects"
+        ) from None
 
 
 def example_inputs(model, sample, kind: str) -> "OrderedDict[str, Any]":
@@ -254,7 +267,9 @@ def example_inputs(model, sample, kind: str) -> "OrderedDict[str, Any]":
     if mask is not None and mask.dim() == 2 and mask.shape[1] > 1:  # drop columns that are padding in all rows
         used = mask.ne(0).any(0).nonzero()
         keep_len = int(used.max()) + 1 if used.numel() else 1
-        sample = {k: (v[:, :keep_len] if v.dim() >= 2 and v.shape[1] == mask.shape[1] else v) for k, v in sample.items()}
+        sample = {
+            k: (v[:, :keep_len] if v.dim() >= 2 and v.shape[1] == mask.shape[1] else v) for k, v in sample.items()
+        }
     order = {n: i for i, n in enumerate(names)}
     keys = sorted(sample, key=lambda k: order.get(k, len(order)))
     return OrderedDict((k, sample[k].detach().clone()) for k in keys)

@@ -1,4 +1,5 @@
 """Atomic output files: an interrupted or failed run never leaves a partial file behind."""
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ allow-list of classes: nn.Module subclasses defined in ``torch.nn`` and ``gblrc`
 needs any other class would run code from the file while loading; it is refused unless the user
 passes the explicit trust flag (then ``weights_only=False``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -88,8 +89,13 @@ def _moved_pickle():
         def find_class(self, module, name):
             return super().find_class(MOVED_MODULES.get(module, module), name)
 
-    return types.SimpleNamespace(__name__="pickle", Unpickler=Unpickler, load=pickle.load, loads=pickle.loads,
-                                 UnpicklingError=pickle.UnpicklingError)
+    return types.SimpleNamespace(
+        __name__="pickle",
+        Unpickler=Unpickler,
+        load=pickle.load,
+        loads=pickle.loads,
+        UnpicklingError=pickle.UnpicklingError,
+    )
 
 
 def _unreadable(path: Path, err: BaseException) -> GblrcError:
@@ -129,7 +135,8 @@ def safe_load(path: str | os.PathLike, *, trust: bool = False, what: str = "mode
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
             raise GblrcError(
-                f"{what} {str(path)!r} needs code outside torch.nn to load; pass {TRUST_FLAG} only if you trust the file"
+                f"{what} {str(path)!r} needs code outside torch.nn to load; "
+                f"pass {TRUST_FLAG} only if you trust the file"
             ) from None
         raise _unreadable(path, e) from None
     except Exception as e:
@@ -180,9 +187,7 @@ def _load_hf(path: Path, trust: bool) -> LoadedModel:
 
     auto = hf_auto_class(cfg_dict.get("architectures"))
     try:
-        model = getattr(transformers, auto).from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=trust
-        )
+        model = getattr(transformers, auto).from_pretrained(str(path), local_files_only=True, trust_remote_code=trust)
     except Exception as e:
         msg = " ".join(str(e).split())[:200]
         raise GblrcError(f"cannot load the Hugging Face model in {str(path)!r}: {msg}") from None
@@ -201,7 +206,9 @@ def model_path(path: str | os.PathLike) -> Path:
     """``path`` as a Path to an existing model file or folder; the one-line error otherwise."""
     p = Path(path)
     if not p.exists():
-        raise GblrcError(f"model {str(p)!r} does not exist; give a .pt file saved with torch.save(model) or a Hugging Face folder")
+        raise GblrcError(
+            f"model {str(p)!r} does not exist; give a .pt file saved with torch.save(model) or a Hugging Face folder"
+        )
     return p
 
 
@@ -223,7 +230,5 @@ def load_model(path: str | os.PathLike, *, trust: bool = False) -> LoadedModel:
             f"with torch.save(model) or give a Hugging Face model folder"
         )
     if not isinstance(obj, torch.nn.Module):
-        raise GblrcError(
-            f"{str(p)!r} holds a {type(obj).__name__}, not a model; save the model with torch.save(model)"
-        )
+        raise GblrcError(f"{str(p)!r} holds a {type(obj).__name__}, not a model; save the model with torch.save(model)")
     return LoadedModel(obj.eval(), "module", p)

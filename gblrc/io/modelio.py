@@ -12,6 +12,7 @@ The file is a dict written with torch.save and readable with ``torch.load(weight
 Both carry ``example_inputs``: [[name, tensor], ...] in forward's order, set on the loaded model as
 ``model.gblrc_example_inputs`` (an OrderedDict) so `gblrc lower` needs no input flags.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,13 @@ def _gblr_layers(model) -> dict[str, dict]:
     from gblrc.nn.layer import GBLRLinear
 
     def spec(m) -> dict:
-        d = {"in_features": m.in_features, "out_features": m.out_features, "num_components": m.num_components,
-             "rank_per_component": m.rank_per_component, "bias": m.bias is not None}
+        d = {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "num_components": m.num_components,
+            "rank_per_component": m.rank_per_component,
+            "bias": m.bias is not None,
+        }
         if hasattr(m, "geometry_kwargs"):  # GBLRConv2d
             d["conv"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in m.geometry_kwargs().items()}
         return d
@@ -51,8 +57,9 @@ def _plain(obj) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def save(model, path: str | os.PathLike, *, example_inputs=None, meta: dict | None = None,
-         auto_class: str | None = None) -> Path:
+def save(
+    model, path: str | os.PathLike, *, example_inputs=None, meta: dict | None = None, auto_class: str | None = None
+) -> Path:
     """Write ``model`` (with GBLRLinear layers) to ``path`` (written as is: wrap in atomic_path for safety).
 
     example_inputs: OrderedDict / dict name -> tensor (or a single tensor) in forward's order.
@@ -71,9 +78,13 @@ def save(model, path: str | os.PathLike, *, example_inputs=None, meta: dict | No
         from gblrc.io.loading import hf_auto_class
 
         cfg = json.loads(model.config.to_json_string(use_diff=False))
-        doc.update(kind="hf", config=cfg, auto_class=auto_class or hf_auto_class(cfg.get("architectures")),
-                   gblr_layers=_gblr_layers(model),
-                   state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        doc.update(
+            kind="hf",
+            config=cfg,
+            auto_class=auto_class or hf_auto_class(cfg.get("architectures")),
+            gblr_layers=_gblr_layers(model),
+            state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        )
     else:
         doc.update(kind="module", module=model)
     stash = {k: model.__dict__.pop(k) for k in ("gblrc_example_inputs", "gblrc_meta") if k in model.__dict__}
@@ -101,10 +112,15 @@ def _rebuild_hf(doc: dict, path: Path):
         config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         model = getattr(transformers, doc["auto_class"]).from_config(config)
     except Exception as e:
-        raise GblrcError(f"cannot rebuild the Hugging Face model of {str(path)!r}: {' '.join(str(e).split())[:200]}") from None
+        raise GblrcError(
+            f"cannot rebuild the Hugging Face model of {str(path)!r}: {' '.join(str(e).split())[:200]}"
+        ) from None
     for name, spec in doc["gblr_layers"].items():
-        kw = {"num_components": spec["num_components"], "rank_per_component": spec["rank_per_component"],
-              "bias": spec["bias"]}
+        kw = {
+            "num_components": spec["num_components"],
+            "rank_per_component": spec["rank_per_component"],
+            "bias": spec["bias"],
+        }
         if "conv" in spec:
             from gblrc.nn.conv import GBLRConv2d
 
@@ -115,7 +131,9 @@ def _rebuild_hf(doc: dict, path: Path):
     try:
         model.load_state_dict(doc["state_dict"], strict=True)
     except RuntimeError as e:
-        raise GblrcError(f"{str(path)!r}: weights do not match the recorded architecture ({str(e).splitlines()[0]})") from None
+        raise GblrcError(
+            f"{str(path)!r}: weights do not match the recorded architecture ({str(e).splitlines()[0]})"
+        ) from None
     return model
 
 

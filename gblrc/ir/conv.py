@@ -9,6 +9,7 @@ exactly like ``gblrc::GBLRLinear`` (:func:`gblrc.ir.structure.to_onnx_attributes
 plus the standard ONNX Conv attributes ``kernel_shape``, ``strides``, ``pads`` (top, left, bottom,
 right) and ``dilations``.  Depends on numpy and the structure IR only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,10 @@ class ConvGeometry:
     def in_channels(self, in_features: int) -> int:
         """Input channels of a layer whose matrix has ``in_features`` columns."""
         if in_features % self.kernel_size:
-            raise StructureError(f"in_features {in_features} is not a multiple of the kernel size "
-                                 f"{self.kernel_shape[0]}x{self.kernel_shape[1]}")
+            raise StructureError(
+                f"in_features {in_features} is not a multiple of the kernel size "
+                f"{self.kernel_shape[0]}x{self.kernel_shape[1]}"
+            )
         return in_features // self.kernel_size
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
@@ -70,15 +73,24 @@ class ConvGeometry:
 def conv_to_onnx_attributes(s: Structure, g: ConvGeometry) -> dict[str, object]:
     """The GBLRLinear attributes of ``s`` plus the Conv attributes of ``g``."""
     g.in_channels(s.in_features)  # validates
-    return {**to_onnx_attributes(s), "kernel_shape": list(g.kernel_shape), "strides": list(g.strides),
-            "pads": list(g.pads), "dilations": list(g.dilations)}
+    return {
+        **to_onnx_attributes(s),
+        "kernel_shape": list(g.kernel_shape),
+        "strides": list(g.strides),
+        "pads": list(g.pads),
+        "dilations": list(g.dilations),
+    }
 
 
 def conv_from_onnx_attributes(attrs: dict) -> tuple[Structure, ConvGeometry]:
     """Inverse of :func:`conv_to_onnx_attributes`; validates the result."""
     try:
-        g = ConvGeometry(tuple(attrs["kernel_shape"]), tuple(attrs.get("strides", (1, 1))),
-                         tuple(attrs.get("pads", (0, 0, 0, 0))), tuple(attrs.get("dilations", (1, 1))))
+        g = ConvGeometry(
+            tuple(attrs["kernel_shape"]),
+            tuple(attrs.get("strides", (1, 1))),
+            tuple(attrs.get("pads", (0, 0, 0, 0))),
+            tuple(attrs.get("dilations", (1, 1))),
+        )
     except KeyError as e:
         raise StructureError(f"missing GBLRConv attribute {e}") from None
     except TypeError as e:

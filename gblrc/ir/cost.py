@@ -28,6 +28,7 @@ dense, by the estimates or by measured times.  The passes (choose-products,
 dense-fallback, lower-gblr, lower-timed) and the time budget
 (:func:`lowered_estimate`) ask it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,8 +36,20 @@ from typing import Callable, Mapping
 
 from gblrc.ir.structure import Block, Structure
 
-__all__ = ["CostModel", "DEFAULT_COST_MODEL", "TOKENS", "DENSE_MARGIN", "STACKED_MARGIN", "Segment", "plan_segments",
-           "segmented_cost", "is_full_width", "dense_by_flops", "lowering_decision", "lowered_estimate"]
+__all__ = [
+    "CostModel",
+    "DEFAULT_COST_MODEL",
+    "TOKENS",
+    "DENSE_MARGIN",
+    "STACKED_MARGIN",
+    "Segment",
+    "plan_segments",
+    "segmented_cost",
+    "is_full_width",
+    "dense_by_flops",
+    "lowering_decision",
+    "lowered_estimate",
+]
 
 TOKENS = 1024  # rows of X the estimates assume (batch x sequence)
 DENSE_MARGIN = 0.6  # a sliced / segmented lowering must be estimated below this fraction of dense to be chosen
@@ -52,7 +65,7 @@ def is_full_width(b: Block, n_in: int) -> bool:
 
 
 def dense_by_flops(s: Structure) -> bool:
-    """"Cost >= dense means dense": no blocks, or at least as many multiply-adds as the dense layer,
+    """ "Cost >= dense means dense": no blocks, or at least as many multiply-adds as the dense layer,
     so no structured lowering can be faster (nothing to estimate or time)."""
     return not s.blocks or s.cost() >= s.dense_cost
 
@@ -69,10 +82,10 @@ class CostModel:
     # Fitted by hand to the docs/design.md §3 measurements (2 cores, ORT 1.32 CPU, x 1024 x 384,
     # W 1536 x 384): dense ≈ 5.5 ms, stacked R=192 ≈ 0.4-0.6 x dense, sliced 4/8/32/96 blocks
     # ≈ 0.4/0.6/1.1/2.1 x dense (model: 0.66/0.71/1.27/2.91).  Replace by timing the provider.
-    peak_macs: float = 110e9     # multiply-adds per second of a large MatMul (2 cores)
-    bandwidth: float = 12e9      # bytes per second of a copy (Slice, Concat, Add)
-    op_overhead: float = 2e-6    # seconds per node
-    thin: float = 16.0           # inner/outer size under which a MatMul loses efficiency
+    peak_macs: float = 110e9  # multiply-adds per second of a large MatMul (2 cores)
+    bandwidth: float = 12e9  # bytes per second of a copy (Slice, Concat, Add)
+    op_overhead: float = 2e-6  # seconds per node
+    thin: float = 16.0  # inner/outer size under which a MatMul loses efficiency
     tokens: int = TOKENS
     dense_margin: float = DENSE_MARGIN  # sliced / segmented only when estimated below this x dense
     stacked_margin: float = STACKED_MARGIN  # stacked only when estimated below this x dense
@@ -94,8 +107,10 @@ class CostModel:
     def stacked(self, s: Structure, bias: bool) -> float:
         """X @ V_stacked (n_in x R) @ U_stacked (R x n_out): ignores the widths."""
         R = s.total_rank
-        return self.matmul(s.in_features, R) + self.matmul(R, s.out_features) + (
-            self.copy(s.out_features) if bias else 0.0
+        return (
+            self.matmul(s.in_features, R)
+            + self.matmul(R, s.out_features)
+            + (self.copy(s.out_features) if bias else 0.0)
         )
 
     def block_codes(self, b: Block, n_in: int, tile: bool = False) -> float:
@@ -132,12 +147,14 @@ class CostModel:
             "sliced": self.sliced(s, bias, tiles),
             "segmented": segmented_cost(self, s, bias, tiles),
         }
-        name = _fastest_below_margin(options, dense,
-                                     lambda k: self.stacked_margin if k == "stacked" else self.dense_margin)
+        name = _fastest_below_margin(
+            options, dense, lambda k: self.stacked_margin if k == "stacked" else self.dense_margin
+        )
         return name, options.get(name, dense)
 
 
 # -- the segmented lowering's plan and cost (lower_segmented.py builds it) --------------------
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -194,7 +211,7 @@ def plan_segments(s: Structure, model: CostModel) -> list[Segment]:
                 best, gain = i, g
         if best is None:
             break
-        segs[best:best + 2] = [merged(segs[best], segs[best + 1])]
+        segs[best : best + 2] = [merged(segs[best], segs[best + 1])]
     return segs
 
 
@@ -219,9 +236,16 @@ def segmented_cost(model: CostModel, s: Structure, bias: bool, tiles: frozenset[
 DEFAULT_COST_MODEL = CostModel()
 
 
-def lowering_decision(s: Structure, bias: bool, tiles: frozenset[int] = frozenset(),
-                      model: CostModel = DEFAULT_COST_MODEL, *, measured: Mapping[str, float] | None = None,
-                      margin: float = 1.0, flops: bool = True) -> tuple[str, float]:
+def lowering_decision(
+    s: Structure,
+    bias: bool,
+    tiles: frozenset[int] = frozenset(),
+    model: CostModel = DEFAULT_COST_MODEL,
+    *,
+    measured: Mapping[str, float] | None = None,
+    margin: float = 1.0,
+    flops: bool = True,
+) -> tuple[str, float]:
     """(strategy, seconds): how one GBLR layer is lowered, structured or dense -- the one place that decides.
 
     1. Dense when no structured lowering can be faster: no blocks, or (``flops``) at least as many

@@ -4,6 +4,7 @@ Merging blocks b1, b2 gives one block on rows R1 ∪ R2 and columns C1 ∪ C2 of
 rank r1 + r2 whose factors are the originals zero-padded: the dense matrix is
 unchanged exactly, the multiply-adds grow, the number of ops shrinks.
 """
+
 from __future__ import annotations
 
 import heapq

@@ -13,6 +13,7 @@ V_b (r_b x |C_b|) whose rows/columns follow the span order:
 
 Cost per input vector, in multiply-adds: sum_b r_b * (|C_b| + |R_b|).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -155,9 +156,7 @@ class Structure:
 
     def validate(self) -> "Structure":
         if self.in_features < 1 or self.out_features < 1:
-            raise StructureError(
-                f"layer shape must be positive, got in={self.in_features}, out={self.out_features}"
-            )
+            raise StructureError(f"layer shape must be positive, got in={self.in_features}, out={self.out_features}")
         for i, b in enumerate(self.blocks):
             _check_spans(b.rows, self.out_features, f"block {i} rows")
             _check_spans(b.cols, self.in_features, f"block {i} cols")
@@ -199,9 +198,7 @@ class GBLRWeights:
     def validate(self) -> "GBLRWeights":
         s = self.structure.validate()
         if len(self.U) != len(s.blocks) or len(self.V) != len(s.blocks):
-            raise StructureError(
-                f"{len(s.blocks)} blocks but {len(self.U)} U and {len(self.V)} V factors"
-            )
+            raise StructureError(f"{len(s.blocks)} blocks but {len(self.U)} U and {len(self.V)} V factors")
         for i, (b, u, v) in enumerate(zip(s.blocks, self.U, self.V)):
             if u.shape != (b.n_rows, b.rank):
                 raise StructureError(f"block {i}: U has shape {u.shape}, expected {(b.n_rows, b.rank)}")
@@ -230,7 +227,7 @@ class GBLRWeights:
 
 
 def merge_same_intervals(
-    blocks: Iterable[tuple[tuple[Span, ...], tuple[Span, ...], np.ndarray, np.ndarray]]
+    blocks: Iterable[tuple[tuple[Span, ...], tuple[Span, ...], np.ndarray, np.ndarray]],
 ) -> tuple[list[Block], list[np.ndarray], list[np.ndarray]]:
     """Group (rows, cols, U, V) components that share both intervals into one block.
 
@@ -313,9 +310,7 @@ def pack_factors(w: GBLRWeights, dtype=np.float32) -> tuple[np.ndarray, np.ndarr
     return cat(u), cat(v)
 
 
-def unpack_factors(
-    s: Structure, u_flat: np.ndarray, v_flat: np.ndarray, bias: np.ndarray | None = None
-) -> GBLRWeights:
+def unpack_factors(s: Structure, u_flat: np.ndarray, v_flat: np.ndarray, bias: np.ndarray | None = None) -> GBLRWeights:
     """Inverse of `pack_factors`; validates sizes."""
     u_flat, v_flat = np.asarray(u_flat).ravel(), np.asarray(v_flat).ravel()
     nu = sum(b.n_rows * b.rank for b in s.blocks)

@@ -5,7 +5,8 @@ how much their truncation hurts the model's output.  Here each layer's sensitivi
 for a few ratios g, the layer alone is replaced by its truncation at cost g (the data-aware truncated SVD
 of :mod:`gblrc.learn.calib`, everything else dense) and the relative MSE of the model's output against the
 dense output is recorded on a calibration batch; between and beyond those points the loss is
-interpolated through the truncation's tail energy (log-log), which the SVD gives for every rank.  The per-layer budgets then minimise
+interpolated through the truncation's tail energy (log-log), which the SVD gives for every rank.  The per-layer
+budgets then minimise
 the sum of the measured losses under the total cost (Lagrangian relaxation: one multiplier mu, each layer
 picks the grid point minimising loss + mu * cost, mu bisected to the largest total cost within budget;
 the losses are first made non-increasing in g so noise cannot buy a worse point at a higher cost).
@@ -13,6 +14,7 @@ the losses are first made non-increasing in g so noise cannot buy a worse point 
 Only linear layers (nn.Linear, HF Conv1D) are allocated; a model with convolutions keeps the uniform
 budget (:func:`allocate_budgets` returns None).
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +69,17 @@ def _interpolate(tails, measured) -> list[float]:
 
 
 @torch.no_grad()
-def sensitivity_curves(model, names, covs: dict, batches, *, grid=GRID, measure=MEASURE, rank_per_component: int = 1,
-                       progress: bool = False) -> dict[str, list[tuple[int, float]]]:
+def sensitivity_curves(
+    model,
+    names,
+    covs: dict,
+    batches,
+    *,
+    grid=GRID,
+    measure=MEASURE,
+    rank_per_component: int = 1,
+    progress: bool = False,
+) -> dict[str, list[tuple[int, float]]]:
     """{name: [(cost of the truncation at g, relative MSE of the output), ...] for g in grid}.
 
     The loss is measured at the ratios ``measure`` (forward passes on ``batches`` with only this layer
@@ -108,8 +119,10 @@ def sensitivity_curves(model, names, covs: dict, batches, *, grid=GRID, measure=
             for g in measure:
                 k = svd_rank_for_budget(n_in, n_out, g, r) * r
                 state["E"] = _truncation_error(U, S, Vh, L, k)
-                loss = sum(float(rel_mse(model_output(call_model(model, x)), t, _mask_for(x, t)))
-                           for x, t in zip(batches, outs)) / len(batches)
+                loss = sum(
+                    float(rel_mse(model_output(call_model(model, x)), t, _mask_for(x, t)))
+                    for x, t in zip(batches, outs)
+                ) / len(batches)
                 measured.append((tail(g), loss))
         finally:
             h.remove()
@@ -180,8 +193,19 @@ def choose_points(curves: dict, dense_costs: dict, budget: float) -> dict[str, i
     return {n: choice[n][2] for n in choice}
 
 
-def allocate_budgets(model, names, covs: dict, batches, budget: float, *, rank_per_component: int = 1,
-                     grid=GRID, measure=MEASURE, progress: bool = False, unit=None) -> dict[str, float] | None:
+def allocate_budgets(
+    model,
+    names,
+    covs: dict,
+    batches,
+    budget: float,
+    *,
+    rank_per_component: int = 1,
+    grid=GRID,
+    measure=MEASURE,
+    progress: bool = False,
+    unit=None,
+) -> dict[str, float] | None:
     """Per-layer FLOP ratios from measured sensitivities (module docstring), or None when not applicable.
 
     ``unit``: a :class:`gblrc.learn.budget.TimeCost` to spend ``budget`` x the layers' estimated dense
@@ -191,14 +215,23 @@ def allocate_budgets(model, names, covs: dict, batches, budget: float, *, rank_p
         return None
     from gblrc.nn.replace import as_linear
 
-    curves = sensitivity_curves(model, names, covs, batches, grid=grid, measure=measure,
-                                rank_per_component=rank_per_component,
-                                progress=progress)
+    curves = sensitivity_curves(
+        model,
+        names,
+        covs,
+        batches,
+        grid=grid,
+        measure=measure,
+        rank_per_component=rank_per_component,
+        progress=progress,
+    )
     dense = {n: as_linear(m).weight.shape[0] * as_linear(m).weight.shape[1] for n, m in mods.items()}
     if unit is None:
         return solve_allocation(curves, dense, budget)
-    shapes = {n: (as_linear(m).weight.shape[1], as_linear(m).weight.shape[0], as_linear(m).bias is not None)
-              for n, m in mods.items()}
+    shapes = {
+        n: (as_linear(m).weight.shape[1], as_linear(m).weight.shape[0], as_linear(m).bias is not None)
+        for n, m in mods.items()
+    }
     timed = {}
     for n in curves:
         n_in, n_out, bias = shapes[n]
@@ -220,4 +253,3 @@ def uniform_time_ratios(shapes: dict, budget: float, unit, rank_per_component: i
             k += r
         out[n] = min(1.0, (k * (n_in + n_out) + 0.5) / (n_in * n_out))
     return out
-

@@ -12,6 +12,7 @@ Cost of a set of GBLR layers, in one of two units (``compress(budget_unit=...)``
 One global lambda drives all layers, so the allocation of the budget across layers is learned
 (docs/design.md §1, "Training").
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,16 @@ from gblrc.ir.cost import DEFAULT_COST_MODEL, CostModel, lowered_estimate
 from gblrc.ir.structure import Block, Span, Structure
 from gblrc.nn.layer import GBLRLinear
 
-__all__ = ["cost_ratio", "LambdaController", "proximal_step", "fit_to_budget", "compact", "FlopCost", "TimeCost",
-           "cost_unit"]
+__all__ = [
+    "cost_ratio",
+    "LambdaController",
+    "proximal_step",
+    "fit_to_budget",
+    "compact",
+    "FlopCost",
+    "TimeCost",
+    "cost_unit",
+]
 
 
 def _weight(m) -> int:
@@ -55,8 +64,10 @@ class TimeCost:
 
     def _check(self, m) -> None:
         if hasattr(m, "positions"):
-            raise ValueError("the time budget (budget_unit='time') is for linear layers; this model has "
-                             "convolutions: use budget_unit='flops'")
+            raise ValueError(
+                "the time budget (budget_unit='time') is for linear layers; this model has "
+                "convolutions: use budget_unit='flops'"
+            )
 
     def _estimate(self, m) -> tuple[str, float]:
         """(lowering, estimated seconds) of ``m``'s hard structure, remembered per structure."""
@@ -160,8 +171,8 @@ def _components(layers):
         mc, mr = m.masks() if not m.training else (None, None)
         if mc is None:
             raise RuntimeError("fit_to_budget needs layers in eval mode")
-        U = m.U * mr[:, :, None]                      # (K, out, r)
-        V = m.V * mc[:, None, :]                      # (K, r, in)
+        U = m.U * mr[:, :, None]  # (K, out, r)
+        V = m.V * mc[:, None, :]  # (K, r, in)
         gram = (U.transpose(1, 2) @ U) * (V @ V.transpose(1, 2))  # (K, r, r): ||U_k V_k||^2 = sum
         energy = gram.sum((1, 2)).clamp_min(0).double()
         total = float(energy.sum()) + 1e-30
@@ -242,8 +253,10 @@ def _fit_time(layers, budget: float, unit: TimeCost) -> float:
     removed: list[tuple[int, int, torch.Tensor]] = []  # (layer, component, its widths), in removal order
 
     def weakest(li):
-        return sorted((k for (l, k) in share if l == li and float(layers[li].widths[:, k].min()) > 0),
-                      key=lambda k: share[(li, k)])
+        return sorted(
+            (k for (l, k) in share if l == li and float(layers[li].widths[:, k].min()) > 0),
+            key=lambda k: share[(li, k)],
+        )
 
     def move(li):
         """(energy removed per second saved, components, new time) of the layer's cheapest drop, or None."""
@@ -292,9 +305,15 @@ def compact(layer: GBLRLinear) -> GBLRLinear:
     if hasattr(layer, "new_like"):  # GBLRConv2d: same geometry and recorded positions
         new = layer.new_like(num_components=int(keep.numel()))
     else:
-        new = GBLRLinear(layer.in_features, layer.out_features, num_components=int(keep.numel()),
-                         rank_per_component=layer.rank_per_component, bias=layer.bias is not None,
-                         device=p.device, dtype=p.dtype)
+        new = GBLRLinear(
+            layer.in_features,
+            layer.out_features,
+            num_components=int(keep.numel()),
+            rank_per_component=layer.rank_per_component,
+            bias=layer.bias is not None,
+            device=p.device,
+            dtype=p.dtype,
+        )
     new.U.copy_(layer.U[keep])
     new.V.copy_(layer.V[keep])
     if layer.bias is not None:

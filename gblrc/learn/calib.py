@@ -9,6 +9,7 @@ Convolutions (nn.Conv2d / GBLRConv2d): the "inputs" of the kernel matrix W (out 
 receptive fields, so X is the im2col of the layer's input (``F.unfold`` with the layer's geometry,
 asymmetric padding included), one row per output position.
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,6 +53,7 @@ def input_covariances(model, names, batches, device=None) -> dict[str, torch.Ten
             x = layer_rows(_m, inp[0])
             sums[name] = sums.get(name, 0) + x.t() @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return hook
 
     for n in names:
@@ -81,8 +83,8 @@ def whiten_layer(layer: GBLRLinear, W: torch.Tensor, C: torch.Tensor, damp: floa
     dt = layer.U.dtype
     layer.U.zero_()
     layer.V.zero_()
-    layer.U[:m].copy_(Uf[:, :m * r].t().reshape(m, r, n_out).transpose(1, 2).to(dt))
-    layer.V[:m].copy_(Vf[:m * r].reshape(m, r, n_in).to(dt))
+    layer.U[:m].copy_(Uf[:, : m * r].t().reshape(m, r, n_out).transpose(1, 2).to(dt))
+    layer.V[:m].copy_(Vf[: m * r].reshape(m, r, n_in).to(dt))
     return True
 
 
@@ -114,10 +116,12 @@ def call_groups(model, names, batch) -> list[list[str]]:
     (e.g. the query, key and value projections of one attention layer)."""
     seen, alive, hooks = {}, [], []
     for n in names:
+
         def hook(_m, inp, n=n):
             if n not in seen:
                 seen[n] = id(inp[0])
                 alive.append(inp[0])  # kept alive so that no later tensor reuses its id
+
         hooks.append(get_module(model, n).register_forward_pre_hook(hook))
     try:
         call_model(model, batch)

@@ -13,6 +13,7 @@ Both are a sequence of named stages over one :class:`Run` (the model and what ea
 Settings come as one :class:`~gblrc.learn.config.CompressConfig` (:func:`check_options` makes one from the
 keyword form).
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,11 +44,30 @@ from gblrc.learn.refine import refine_blocks
 from gblrc.learn.report import structure_movement
 from gblrc.learn.train import Trainer
 
-__all__ = ["compress", "prepare", "finalize", "CompressConfig", "TrainingConfig", "Options", "Run", "check_options",
-           "start", "read_data", "calibrate", "allocate", "initialise", "refine", "train", "harden", "make_report"]
+__all__ = [
+    "compress",
+    "prepare",
+    "finalize",
+    "CompressConfig",
+    "TrainingConfig",
+    "Options",
+    "Run",
+    "check_options",
+    "start",
+    "read_data",
+    "calibrate",
+    "allocate",
+    "initialise",
+    "refine",
+    "train",
+    "harden",
+    "make_report",
+]
 
-NO_DATA_WARNING = ("no data given: the GBLR layers are only initialised from the dense weights (no training); "
-                   "give data for better accuracy")
+NO_DATA_WARNING = (
+    "no data given: the GBLR layers are only initialised from the dense weights (no training); "
+    "give data for better accuracy"
+)
 
 
 def _io(m) -> tuple[int, int]:
@@ -57,8 +77,13 @@ def _io(m) -> tuple[int, int]:
 
 def _norm_params(model) -> list:
     """The affine parameters of the model's normalisation layers (LayerNorm, RMSNorm, BatchNorm ...)."""
-    return [p for m in model.modules() if "Norm" in type(m).__name__ and not isinstance(m, GBLRLinear)
-            for p in m.parameters(recurse=False) if p.is_floating_point()]
+    return [
+        p
+        for m in model.modules()
+        if "Norm" in type(m).__name__ and not isinstance(m, GBLRLinear)
+        for p in m.parameters(recurse=False)
+        if p.is_floating_point()
+    ]
 
 
 def _rest_params(model, layers) -> list:
@@ -76,7 +101,9 @@ def _check_fits(model, x, y, distill: bool) -> None:
         raise
     except Exception as e:
         msg = " ".join(str(e).split())[:200] or type(e).__name__
-        raise ValueError(f"the data does not fit the model: {msg}; give inputs of the shape the model expects") from None
+        raise ValueError(
+            f"the data does not fit the model: {msg}; give inputs of the shape the model expects"
+        ) from None
     if y is not None and not distill:
         task_loss(out, y)  # raises ValueError when the targets do not fit
 
@@ -84,17 +111,33 @@ def _check_fits(model, x, y, distill: bool) -> None:
 def _report(budget, layers: dict, curve, steps: int, warn: list) -> dict:
     rows = []
     for name, m in layers.items():
-        rows.append({"name": name, "shape": [m.out_features, m.in_features], "dense_cost": m.dense_flops(),
-                     "gblr_cost": m.flops(), "blocks": len(m.structure().structure.blocks),
-                     "ratio": m.flops() / m.dense_flops()})
+        rows.append(
+            {
+                "name": name,
+                "shape": [m.out_features, m.in_features],
+                "dense_cost": m.dense_flops(),
+                "gblr_cost": m.flops(),
+                "blocks": len(m.structure().structure.blocks),
+                "ratio": m.flops() / m.dense_flops(),
+            }
+        )
     dense = sum(r["dense_cost"] for r in rows)
     cost = sum(r["gblr_cost"] for r in rows)
-    return {"budget": budget, "achieved_ratio": cost / dense, "dense_cost": dense, "gblr_cost": cost,
-            "steps": steps, "layers": rows, "loss_curve": curve, "warnings": warn}
+    return {
+        "budget": budget,
+        "achieved_ratio": cost / dense,
+        "dense_cost": dense,
+        "gblr_cost": cost,
+        "steps": steps,
+        "layers": rows,
+        "loss_curve": curve,
+        "warnings": warn,
+    }
 
 
-def compress(model: nn.Module, config: CompressConfig | float | None = None, *, data=None, eval_data=None,
-             **options) -> tuple[nn.Module, dict]:
+def compress(
+    model: nn.Module, config: CompressConfig | float | None = None, *, data=None, eval_data=None, **options
+) -> tuple[nn.Module, dict]:
     """Replace ``model``'s linear layers (in place) by GBLR layers whose total cost is <= the budget, and
     train them with gblrc's own loop.
 
@@ -131,8 +174,9 @@ def compress(model: nn.Module, config: CompressConfig | float | None = None, *, 
     return run.model, make_report(run)
 
 
-def prepare(model: nn.Module, config: CompressConfig | float | None = None, *, data=None, eval_data=None,
-            **options) -> tuple[nn.Module, Controller]:
+def prepare(
+    model: nn.Module, config: CompressConfig | float | None = None, *, data=None, eval_data=None, **options
+) -> tuple[nn.Module, Controller]:
     """Replace ``model``'s linear layers (in place) by GBLR layers initialised from the dense weights,
     for training in your own loop; returns (model, controller).
 
@@ -186,8 +230,9 @@ def _prepared_run(obj) -> "Run":
             obj = obj.module  # DistributedDataParallel, accelerate wrappers
         run = _PREPARED.get(obj)
     if run is None:
-        raise ValueError("finalize() needs a model returned by gblrc.prepare (or its controller) that was not "
-                         "finalized yet")
+        raise ValueError(
+            "finalize() needs a model returned by gblrc.prepare (or its controller) that was not finalized yet"
+        )
     return run
 
 
@@ -247,12 +292,18 @@ def resolve_device(model: nn.Module, device: str | None) -> torch.device:
     if device is None:
         return next(model.parameters()).device
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but torch sees no CUDA device here (torch "
-                         f"{torch.__version__}); use device 'cpu' or 'auto'")
+        raise ValueError(
+            "device 'cuda' asked for but torch sees no CUDA device here (torch "
+            f"{torch.__version__}); use device 'cpu' or 'auto'"
+        )
     if device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1
-                        else torch.cuda.current_device())
+    return torch.device(
+        "cuda",
+        int(os.environ.get("LOCAL_RANK", "0"))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1
+        else torch.cuda.current_device(),
+    )
 
 
 def start(model: nn.Module, opt: CompressConfig, *, data=None, eval_data=None, own_loop: bool = False) -> Run:
@@ -265,18 +316,35 @@ def start(model: nn.Module, opt: CompressConfig, *, data=None, eval_data=None, o
     judge = Fidelity(model, eval_batches(eval_data)) if eval_data is not None else None
     pairs = find_linears(model, opt.include, opt.exclude)
     if not pairs:
-        raise ValueError("no compressible layer: the model has no compressible linear layer (nn.Linear / Conv1D / Conv2d)"
-                         + (" matching include/exclude" if opt.include or opt.exclude else "")
-                         + "; nothing to compress")
+        raise ValueError(
+            "no compressible layer: the model has no compressible linear layer (nn.Linear / Conv1D / Conv2d)"
+            + (" matching include/exclude" if opt.include or opt.exclude else "")
+            + "; nothing to compress"
+        )
     if opt.budget_unit == "time" and any(not is_linear(m) for _, m in pairs):
-        raise ValueError("budget_unit='time' is for linear layers (the cost model times MatMuls); this model has "
-                         "convolutions: use budget_unit='flops' or exclude them")
+        raise ValueError(
+            "budget_unit='time' is for linear layers (the cost model times MatMuls); this model has "
+            "convolutions: use budget_unit='flops' or exclude them"
+        )
     rank, world = dist.setup(dev)
     torch.manual_seed(opt.seed)
     random.seed(opt.seed)
     np.random.seed(opt.seed)
-    return Run(model, opt, [n for n, _ in pairs], pairs, dev, rank, world, steps=int(opt.steps), judge=judge,
-               unit=cost_unit(opt.budget_unit), own_loop=own_loop, given_data=data, given_eval=eval_data)
+    return Run(
+        model,
+        opt,
+        [n for n, _ in pairs],
+        pairs,
+        dev,
+        rank,
+        world,
+        steps=int(opt.steps),
+        judge=judge,
+        unit=cost_unit(opt.budget_unit),
+        own_loop=own_loop,
+        given_data=data,
+        given_eval=eval_data,
+    )
 
 
 def read_data(run: Run) -> None:
@@ -304,8 +372,10 @@ def read_data(run: Run) -> None:
             run.teacher = copy.deepcopy(run.model).eval().requires_grad_(False)
     t = o.training
     if run.steps == 0 and (t.hidden_loss > 0 or t.augment > 0 or t.train_rest):
-        run.warn("hidden-state loss, token augmentation and train_rest are training options; with no training steps "
-                 "they do nothing")
+        run.warn(
+            "hidden-state loss, token augmentation and train_rest are training options; with no training steps "
+            "they do nothing"
+        )
 
 
 def calibrate(run: Run) -> None:
@@ -328,17 +398,29 @@ def allocate(run: Run) -> None:
     o = run.opt
     run.budgets = {n: o.budget for n in run.names}
     if o.budget_unit == "time":  # uniform in time: each layer the largest low rank within budget x its time
-        run.budgets = uniform_time_ratios({n: (*_io(m), as_linear(m).bias is not None) for n, m in run.pairs},
-                                          o.budget, run.unit, o.rank_per_component)
+        run.budgets = uniform_time_ratios(
+            {n: (*_io(m), as_linear(m).bias is not None) for n, m in run.pairs},
+            o.budget,
+            run.unit,
+            o.rank_per_component,
+        )
     if o.allocate not in ("auto", "sensitivity"):
         return
     alloc = None
     if run.covs is not None:
         cap = o.training.allocate_cap
         grid = [g for g in GRID if cap is None or g <= cap * o.budget + 1e-9] or [min(GRID)]
-        alloc = allocate_budgets(run.model, run.names, run.covs, run.xs[:max(1, o.training.sensitivity_batches)], o.budget,
-                                 grid=grid, rank_per_component=o.rank_per_component,
-                                 progress=o.progress and run.rank == 0, unit=run.unit if o.budget_unit == "time" else None)
+        alloc = allocate_budgets(
+            run.model,
+            run.names,
+            run.covs,
+            run.xs[: max(1, o.training.sensitivity_batches)],
+            o.budget,
+            grid=grid,
+            rank_per_component=o.rank_per_component,
+            progress=o.progress and run.rank == 0,
+            unit=run.unit if o.budget_unit == "time" else None,
+        )
         alloc = dist.broadcast_object(alloc, run.world) if alloc is not None else None
     if alloc is None and o.allocate == "sensitivity" and run.data is not None:
         run.warn("sensitivity allocation needs data, a data-aware init and linear layers only; kept uniform")
@@ -358,7 +440,9 @@ def initialise(run: Run) -> None:
         # smallest layer for every layer, as before, started small budgets far above: +0.07-0.08 on every layer
         # of the families' ViT and Mixer, budget 0.15 from about 0.22)
         one = {n: o.rank_per_component * sum(_io(m)) / (_io(m)[0] * _io(m)[1]) for n, m in run.pairs}
-        init_budgets = {n: min(1.0, b * (o.training.init_factor if learn else 1.0) + one[n]) for n, b in run.budgets.items()}
+        init_budgets = {
+            n: min(1.0, b * (o.training.init_factor if learn else 1.0) + one[n]) for n, b in run.budgets.items()
+        }
     # full-width truncated SVD for low rank and as the base of the data-aware init; else gblrc.nn.layer.fit_dense
     fit = svd_layer if (o.structure == "lowrank" or run.covs is not None) else None
     run.layers = replace_linears(model, run.names, init_budgets, fit=fit, rank_per_component=o.rank_per_component)
@@ -381,7 +465,8 @@ def initialise(run: Run) -> None:
 
 
 def refine(run: Run) -> None:
-    """The end of :func:`initialise` (``refine_steps`` > 0): block-level refinement on the calibration batches, each block's
+    """The end of :func:`initialise` (``refine_steps`` > 0): block-level refinement on the calibration batches,
+    each block's
     compressed layers trained to give the dense block's output from the compressed model's own inputs
     (:mod:`gblrc.learn.refine`)."""
     o, t = run.opt, run.opt.training
@@ -392,11 +477,18 @@ def refine(run: Run) -> None:
         run.warn("block refinement needs data and a data-aware init (init 'data' or 'sequential'); skipped")
         return
     if run.steps == 0 and o.structure == "gblr":  # post-training: refine the structure that is kept (the init's
-        for m in run.layers.values():           # margin component of each layer is trimmed first, not after)
+        for m in run.layers.values():  # margin component of each layer is trimmed first, not after)
             m.eval()
         fit_to_budget(list(run.layers.values()), o.budget, run.unit)
-    run.refined = refine_blocks(run.model, dense, run.layers, run.xs, steps=t.refine_steps, lr=t.refine_lr,
-                                progress=run.opt.progress and run.rank == 0)
+    run.refined = refine_blocks(
+        run.model,
+        dense,
+        run.layers,
+        run.xs,
+        steps=t.refine_steps,
+        lr=t.refine_lr,
+        progress=run.opt.progress and run.rank == 0,
+    )
     if run.judge is not None:
         run.fidelity["refined"] = run.judge(run.model)
 
@@ -411,8 +503,13 @@ def _controller(run: Run) -> Controller:
         budget = sum(min(1.0, run.budgets[n]) * d for n, d in dense.items()) / sum(dense.values())
         fit_budget = o.budget
     t = o.training
-    extra = _rest_params(run.model, run.layers.values()) if t.train_rest else _norm_params(run.model) if t.tune_norms \
+    extra = (
+        _rest_params(run.model, run.layers.values())
+        if t.train_rest
+        else _norm_params(run.model)
+        if t.tune_norms
         else ()
+    )
     return Controller(run.layers, o, steps=run.steps, budget=budget, fit_budget=fit_budget, extra_params=extra)
 
 
@@ -422,22 +519,47 @@ def train(run: Run) -> None:
     if run.steps <= 0:
         return
     run.controller = _controller(run)
-    obj = Objective(run.model, run.teacher, run.names, t.layer_loss, hidden_weight=t.hidden_loss, augment=t.augment,
-                    seed=o.seed)
+    obj = Objective(
+        run.model, run.teacher, run.names, t.layer_loss, hidden_weight=t.hidden_loss, augment=t.augment, seed=o.seed
+    )
     for msg in obj.inapplicable(run.x):
         run.warn(msg)
-    sig = {"structure": o.structure, "init_factor": t.init_factor, "allocate": o.allocate, "loss": o.loss,
-           "allocate_cap": t.allocate_cap, "tune_norms": t.tune_norms, "train_rest": t.train_rest,
-           "layer_loss": t.layer_loss, "init": o.init, "hidden_loss": t.hidden_loss, "augment": t.augment,
-           "rank_per_component": o.rank_per_component, "world": run.world, "tile": int(o.tile),
-           "refine_steps": t.refine_steps, "refine_lr": t.refine_lr}
+    sig = {
+        "structure": o.structure,
+        "init_factor": t.init_factor,
+        "allocate": o.allocate,
+        "loss": o.loss,
+        "allocate_cap": t.allocate_cap,
+        "tune_norms": t.tune_norms,
+        "train_rest": t.train_rest,
+        "layer_loss": t.layer_loss,
+        "init": o.init,
+        "hidden_loss": t.hidden_loss,
+        "augment": t.augment,
+        "rank_per_component": o.rank_per_component,
+        "world": run.world,
+        "tile": int(o.tile),
+        "refine_steps": t.refine_steps,
+        "refine_lr": t.refine_lr,
+    }
     t0 = time.perf_counter()
     try:
-        run.curve = Trainer(run.model, run.controller, obj, run.data, batch_size=o.batch_size, seed=o.seed,
-                            mixed_precision=o.mixed_precision,
-                            checkpoint_dir=str(t.checkpoint_dir) if t.checkpoint_dir else None,
-                            checkpoint_every=t.checkpoint_every, resume=t.resume, progress=o.progress,
-                            rank=run.rank, world=run.world, extra_signature=sig).run()
+        run.curve = Trainer(
+            run.model,
+            run.controller,
+            obj,
+            run.data,
+            batch_size=o.batch_size,
+            seed=o.seed,
+            mixed_precision=o.mixed_precision,
+            checkpoint_dir=str(t.checkpoint_dir) if t.checkpoint_dir else None,
+            checkpoint_every=t.checkpoint_every,
+            resume=t.resume,
+            progress=o.progress,
+            rank=run.rank,
+            world=run.world,
+            extra_signature=sig,
+        ).run()
     finally:
         obj.close()
     run.train_seconds = time.perf_counter() - t0
@@ -479,15 +601,18 @@ def make_report(run: Run) -> dict:
     report["allocate"] = run.allocated  # how the budget was split across layers before training
     report["allocated_ratios"] = {n: round(float(b), 4) for n, b in run.budgets.items()}
     # how far training and the final fit moved the structure from the initialisation
-    report["structure_moved"] = structure_movement(run.initial, {n: m.structure().structure
-                                                                 for n, m in run.layers.items()})
+    report["structure_moved"] = structure_movement(
+        run.initial, {n: m.structure().structure for n, m in run.layers.items()}
+    )
     if run.judge is not None:
         run.fidelity["final"] = run.judge(run.model)
         report["fidelity"] = run.fidelity
     if run.opt.budget_unit == "time":  # the time fit stops over budget only when nothing more can be removed
         if report["achieved_ratio"] > budget * (1 + 1e-9):  # (the fit's own relative tolerance)
-            raise ValueError(f"budget {budget} (time) is below the estimated time of the smallest structure "
-                             f"({report['achieved_ratio']:.3f} of dense); raise the budget")
+            raise ValueError(
+                f"budget {budget} (time) is below the estimated time of the smallest structure "
+                f"({report['achieved_ratio']:.3f} of dense); raise the budget"
+            )
     elif report["achieved_ratio"] > budget + 1e-12:  # cannot happen after fit_to_budget; lowrank is floor()ed
         raise RuntimeError(f"internal error: cost ratio {report['achieved_ratio']} over budget {budget}")
     return report

@@ -7,6 +7,7 @@ form ``gblrc.compress(model, 0.4, steps=300, warmup=0.2)`` still works: :func:`f
 flat name onto its field (``warmup`` -> ``training.warmup``) and names the field of an unknown keyword.
 Values are checked when the object is made (ValueError, one line).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,12 @@ def _choice(name: str, value, allowed) -> None:
 
 
 def _fraction(name: str, value, *, low: float = 0.0, high: float = 1.0, open_low: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and value <= high and (
-        value > low if open_low else value >= low)
+    ok = (
+        isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value <= high
+        and (value > low if open_low else value >= low)
+    )
     if not ok:
         raise OptionError(name, f"must be a number in {'(' if open_low else '['}{low:g}, {high:g}]; got {value!r}")
 
@@ -86,8 +91,9 @@ class TrainingConfig:
         _fraction("warmup", self.warmup)
         _fraction("cooldown", self.cooldown)
         if self.warmup + self.cooldown > 1.0:
-            raise ValueError(f"warmup + cooldown must be at most 1 (fractions of the steps); got "
-                             f"{self.warmup} + {self.cooldown}")
+            raise ValueError(
+                f"warmup + cooldown must be at most 1 (fractions of the steps); got {self.warmup} + {self.cooldown}"
+            )
         _fraction("lr_min", self.lr_min)
         _fraction("augment", self.augment, high=0.9)
         if self.lr_struct is not None:
@@ -196,8 +202,10 @@ def from_kwargs(budget=None, *, base: CompressConfig | None = None, **kw) -> Com
         elif k == "training":
             raise TypeError("give training= as part of a CompressConfig, or its fields as keywords")
         else:
-            raise TypeError(f"unknown compress option {k!r}: CompressConfig has {', '.join(sorted(_TOP))} and "
-                            f"training.{{{', '.join(sorted(_NESTED))}}}")
+            raise TypeError(
+                f"unknown compress option {k!r}: CompressConfig has {', '.join(sorted(_TOP))} and "
+                f"training.{{{', '.join(sorted(_NESTED))}}}"
+            )
     if budget is not None:
         top["budget"] = budget
     if base is None:

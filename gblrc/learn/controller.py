@@ -17,6 +17,7 @@ everything that is not in the model's own state dict.  The controller only touch
 themselves, so the model may be wrapped (DistributedDataParallel, ``accelerate``): the widths receive the
 same averaged gradients on every rank, and every rank takes the same proximal steps.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,9 +77,25 @@ class TrainConfig:
         return self.lr * (self.lr_min + (1.0 - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
     def signature(self) -> dict:
-        return {k: getattr(self, k) for k in ("steps", "budget", "batch_size", "lr", "lr_struct", "seed", "lr_min",
-                                              "learn_structure", "hard_forward", "warmup", "cooldown", "sigma_max",
-                                              "budget_unit", "fit_budget")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "steps",
+                "budget",
+                "batch_size",
+                "lr",
+                "lr_struct",
+                "seed",
+                "lr_min",
+                "learn_structure",
+                "hard_forward",
+                "warmup",
+                "cooldown",
+                "sigma_max",
+                "budget_unit",
+                "fit_budget",
+            )
+        }
 
 
 class Controller:
@@ -89,18 +106,37 @@ class Controller:
     (normalisation layers, or the rest of the model).
     """
 
-    def __init__(self, layers: dict, config: CompressConfig, *, steps: int | None = None,
-                 budget: float | None = None, fit_budget: float | None = None, extra_params=()):
+    def __init__(
+        self,
+        layers: dict,
+        config: CompressConfig,
+        *,
+        steps: int | None = None,
+        budget: float | None = None,
+        fit_budget: float | None = None,
+        extra_params=(),
+    ):
         self.layers, self.config = dict(layers), config
         self.mods = list(self.layers.values())
         t = config.training
         steps = int(config.steps if steps is None else steps)
-        self.schedule = TrainConfig(steps=steps, budget=config.budget if budget is None else budget,
-                                    fit_budget=fit_budget, batch_size=config.batch_size, lr=config.lr,
-                                    lr_struct=config.lr_struct, seed=config.seed,
-                                    learn_structure=config.structure == "gblr", hard_forward=t.hard_forward,
-                                    lam_step=t.lam_step, lr_min=t.lr_min, warmup=t.warmup, cooldown=t.cooldown,
-                                    sigma_max=t.sigma_max, budget_unit=config.budget_unit)
+        self.schedule = TrainConfig(
+            steps=steps,
+            budget=config.budget if budget is None else budget,
+            fit_budget=fit_budget,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            lr_struct=config.lr_struct,
+            seed=config.seed,
+            learn_structure=config.structure == "gblr",
+            hard_forward=t.hard_forward,
+            lam_step=t.lam_step,
+            lr_min=t.lr_min,
+            warmup=t.warmup,
+            cooldown=t.cooldown,
+            sigma_max=t.sigma_max,
+            budget_unit=config.budget_unit,
+        )
         s = self.schedule
         self.unit = cost_unit(config.budget_unit)
         self.struct = [p for m in self.mods for p in (m.widths, m.locations)]
@@ -143,8 +179,15 @@ class Controller:
         lr = self.config.lr if lr is None else float(lr)
         groups = [{"params": self.content + self.extra, "lr": lr, "weight_decay": float(weight_decay)}]
         if self.schedule.learn_structure:
-            groups.append({"params": self.struct, "lr": self.schedule.lr_struct, "betas": (0.0, 0.999),
-                           "weight_decay": 0.0, STRUCTURE_GROUP: True})
+            groups.append(
+                {
+                    "params": self.struct,
+                    "lr": self.schedule.lr_struct,
+                    "betas": (0.0, 0.999),
+                    "weight_decay": 0.0,
+                    STRUCTURE_GROUP: True,
+                }
+            )
         return groups
 
     def trainable(self) -> list:
@@ -186,8 +229,13 @@ class Controller:
         if s.learn_structure and not self.cooled and self.step_count >= s.cool_start:
             self.cool(trim=True)
         self._set_sigma()
-        rec = {"step": self.step_count, "loss": None if loss is None else float(loss), "cost": cost_ratio(self.mods),
-               "sigma": float(sigma), "lambda": float(lam)}
+        rec = {
+            "step": self.step_count,
+            "loss": None if loss is None else float(loss),
+            "cost": cost_ratio(self.mods),
+            "sigma": float(sigma),
+            "lambda": float(lam),
+        }
         self.history.append(rec)
         return rec
 
@@ -221,14 +269,21 @@ class Controller:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """What is not in the model's state dict: the step, lambda, the cool-down flag, the history."""
-        return {"step": self.step_count, "cooled": self.cooled, "lambda": self.lam.state_dict(),
-                "history": [dict(r) for r in self.history], "steps": self.schedule.steps}
+        return {
+            "step": self.step_count,
+            "cooled": self.cooled,
+            "lambda": self.lam.state_dict(),
+            "history": [dict(r) for r in self.history],
+            "steps": self.schedule.steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (after the model's own weights are restored)."""
         if int(state["steps"]) != self.schedule.steps:
-            raise ValueError(f"the saved gblrc schedule is for {state['steps']} steps, this one for "
-                             f"{self.schedule.steps}; resume with the same number of steps")
+            raise ValueError(
+                f"the saved gblrc schedule is for {state['steps']} steps, this one for "
+                f"{self.schedule.steps}; resume with the same number of steps"
+            )
         self.step_count = int(state["step"])
         self.lam.load_state_dict(state["lambda"])
         self.history = [dict(r) for r in state["history"]]

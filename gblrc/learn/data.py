@@ -13,6 +13,7 @@ The batch of step ``s`` depends only on ``(data, batch_size, seed, s)``, so a re
 batches as an uninterrupted one.  Under data parallelism each rank takes its share of every batch
 (rows ``rank::world``).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,8 +23,18 @@ import torch
 
 from gblrc.io.datafiles import call_model  # re-exported: the stages call models through it
 
-__all__ = ["Batch", "Replay", "replayable", "batch_stream", "split_batch", "to_device", "batch_rows", "call_model",
-           "model_output", "check_finite"]
+__all__ = [
+    "Batch",
+    "Replay",
+    "replayable",
+    "batch_stream",
+    "split_batch",
+    "to_device",
+    "batch_rows",
+    "call_model",
+    "model_output",
+    "check_finite",
+]
 
 Batch = tuple[Any, Any]  # (inputs: Tensor | dict[str, Tensor], targets: Tensor | None)
 
@@ -62,8 +73,9 @@ def normalize_batch(b) -> Batch:
             if isinstance(x, dict) and "inputs" in x:
                 x = x["inputs"]
             return x, y
-    raise ValueError(f"a data batch must be a Tensor, a dict of tensors or an (inputs, targets) tuple, "
-                     f"got {type(b).__name__}")
+    raise ValueError(
+        f"a data batch must be a Tensor, a dict of tensors or an (inputs, targets) tuple, got {type(b).__name__}"
+    )
 
 
 def split_batch(batch: Batch, rank: int, world: int) -> Batch:
@@ -111,7 +123,7 @@ def _tensor_stream(inputs, targets, batch_size: int, seed: int, start: int) -> I
         if e != epoch:
             g = torch.Generator().manual_seed(int(seed) * 1_000_003 + e)
             perm, epoch = torch.randperm(n, generator=g), e
-        idx = perm[j * bs:(j + 1) * bs]
+        idx = perm[j * bs : (j + 1) * bs]
         yield _rows(inputs, idx), (None if targets is None else targets[idx])
 
 
@@ -160,8 +172,13 @@ class Replay:
 
 def replayable(data):
     """``data`` itself, or a :class:`Replay` of it when it is a one-shot iterator (a generator)."""
-    if not callable(data) and not torch.is_tensor(data) and not isinstance(data, dict) \
-            and hasattr(data, "__iter__") and iter(data) is data:
+    if (
+        not callable(data)
+        and not torch.is_tensor(data)
+        and not isinstance(data, dict)
+        and hasattr(data, "__iter__")
+        and iter(data) is data
+    ):
         return Replay(data)
     return data
 
@@ -181,8 +198,10 @@ def batch_stream(data, batch_size: int, seed: int, start: int = 0) -> Iterator[B
         return _tensor_stream(x, y, batch_size, seed, start)
     if callable(data) or hasattr(data, "__iter__"):
         return _iter_stream(data, start)
-    raise ValueError(f"unsupported data of type {type(data).__name__}: give a Tensor, a dict with 'inputs' "
-                     f"(and 'targets'), or an iterable of batches")
+    raise ValueError(
+        f"unsupported data of type {type(data).__name__}: give a Tensor, a dict with 'inputs' "
+        f"(and 'targets'), or an iterable of batches"
+    )
 
 
 def model_output(out) -> torch.Tensor:

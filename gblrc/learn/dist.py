@@ -1,6 +1,7 @@
 """Data parallelism for compression under ``torchrun`` or ``accelerate launch`` (WORLD_SIZE > 1): the
 process group from the launcher's environment, torch's DistributedDataParallel for the gradients, and
 parameters broadcast from rank 0 at the end, so every rank ends with the identical structure."""
+
 from __future__ import annotations
 
 import os

@@ -17,6 +17,7 @@ In a ``transformers.Trainer``, override ``compute_loss``::
 
 Targets (``labels``) in a batch are ignored: the teacher's outputs are the targets.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,17 +33,21 @@ __all__ = ["DistillationLoss"]
 class DistillationLoss:
     """loss(batch, model=None) of ``student`` imitating ``teacher`` (its dense self, frozen here)."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, *, layer_weight: float = 1.0,
-                 hidden_weight: float = 0.0):
+    def __init__(
+        self, teacher: nn.Module, student: nn.Module, *, layer_weight: float = 1.0, hidden_weight: float = 0.0
+    ):
         if teacher is student:
-            raise ValueError("the teacher must be a dense copy made before gblrc.prepare (copy.deepcopy(model)), "
-                             "not the student itself")
+            raise ValueError(
+                "the teacher must be a dense copy made before gblrc.prepare (copy.deepcopy(model)), "
+                "not the student itself"
+            )
         self.teacher = teacher.eval().requires_grad_(False)
         teacher_names = {n for n, _ in teacher.named_modules()}
         names = [n for n, m in student.named_modules() if isinstance(m, GBLRLinear) and n in teacher_names]
         if not names:
-            raise ValueError("the student has no GBLR layer that the teacher also has; call gblrc.prepare on the "
-                             "student first")
+            raise ValueError(
+                "the student has no GBLR layer that the teacher also has; call gblrc.prepare on the student first"
+            )
         self.objective = Objective(student, self.teacher, names, layer_weight, hidden_weight=hidden_weight)
 
     def __call__(self, batch, model: nn.Module | None = None) -> torch.Tensor:

@@ -11,6 +11,7 @@ an evaluation set once and then scores any model against them:
 * ``relative_error``: ||y - y_dense|| / ||y_dense|| over the set;
 * ``accuracy`` (with integer class targets): top-1 accuracy, the task metric, beside the dense one.
 """
+
 from __future__ import annotations
 
 import torch
@@ -85,15 +86,21 @@ class Fidelity:
         try:
             p = next(model.parameters(), None)
             dev = p.device if p is not None else torch.device("cpu")  # judged where the model is; scored on the CPU
-            outs = [_pooled(model_output(call_model(model, to_device(x, dev))).float().cpu(), x) for x, _ in self.batches]
+            outs = [
+                _pooled(model_output(call_model(model, to_device(x, dev))).float().cpu(), x) for x, _ in self.batches
+            ]
         finally:
             model.train(was)
         return torch.cat(outs)
 
     def _score(self, out, ref) -> dict:
         cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
-        res = {"cosine": float(cos.mean()), "cosine_min": float(cos.min()),
-               "relative_error": float((out - ref).norm() / ref.norm().clamp_min(1e-30)), "examples": int(out.shape[0])}
+        res = {
+            "cosine": float(cos.mean()),
+            "cosine_min": float(cos.min()),
+            "relative_error": float((out - ref).norm() / ref.norm().clamp_min(1e-30)),
+            "examples": int(out.shape[0]),
+        }
         t = self.targets
         if t is not None and not t.is_floating_point() and t.dim() == 1 and out.dim() == 2 and len(t) == len(out):
             res["accuracy"] = float((out.argmax(1) == t).float().mean())

@@ -21,6 +21,7 @@ number).  An optimiser that does not hold the structure's parameters, decays the
 content (the Trainer's own optimiser) is warned about: the structure needs its own group
 (``ctrl.param_groups()``).
 """
+
 from __future__ import annotations
 
 import os
@@ -47,14 +48,19 @@ class GBLRCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         ctrl = self.controller
         if state.max_steps and state.max_steps != ctrl.schedule.steps and ctrl.step_count == 0:
-            warnings.warn(f"gblrc: the controller was prepared for {ctrl.schedule.steps} steps, the Trainer runs "
-                          f"{state.max_steps}; the sigma homotopy and cool-down follow the Trainer's", stacklevel=2)
+            warnings.warn(
+                f"gblrc: the controller was prepared for {ctrl.schedule.steps} steps, the Trainer runs "
+                f"{state.max_steps}; the sigma homotopy and cool-down follow the Trainer's",
+                stacklevel=2,
+            )
             ctrl.reschedule(state.max_steps)
         if state.global_step > 0 and ctrl.step_count != state.global_step:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
             if not os.path.exists(path):
-                raise ValueError(f"resuming at step {state.global_step} but {path} is missing (gblrc's schedule "
-                                 f"state); resume from a checkpoint written with GBLRCallback")
+                raise ValueError(
+                    f"resuming at step {state.global_step} but {path} is missing (gblrc's schedule "
+                    f"state); resume from a checkpoint written with GBLRCallback"
+                )
             ctrl.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         if optimizer is not None and ctrl.schedule.learn_structure and not ctrl.cooled:
             _check_optimizer(optimizer, ctrl)
@@ -80,11 +86,18 @@ def _check_optimizer(optimizer, ctrl: Controller) -> None:
     groups = [g for g in optimizer.param_groups if any(id(p) in sid for p in g["params"])]
     fix = "build it from ctrl.param_groups() and pass optimizers=(optimizer, None) to the Trainer"
     if not groups:
-        warnings.warn(f"gblrc: the optimizer does not hold the GBLR widths and locations, so the structure will not "
-                      f"learn; {fix}", stacklevel=3)
+        warnings.warn(
+            f"gblrc: the optimizer does not hold the GBLR widths and locations, so the structure will not learn; {fix}",
+            stacklevel=3,
+        )
     elif any(g.get("weight_decay", 0.0) > 0 for g in groups):
-        warnings.warn(f"gblrc: the optimizer decays the GBLR widths (weight_decay > 0), which shrinks every block; "
-                      f"{fix}", stacklevel=3)
+        warnings.warn(
+            f"gblrc: the optimizer decays the GBLR widths (weight_decay > 0), which shrinks every block; {fix}",
+            stacklevel=3,
+        )
     elif not all(g.get(STRUCTURE_GROUP) for g in groups):
-        warnings.warn(f"gblrc: the optimizer trains the GBLR widths and locations as content (the content's lr and "
-                      f"betas, not the structure's own lr with beta1 = 0); {fix}", stacklevel=3)
+        warnings.warn(
+            f"gblrc: the optimizer trains the GBLR widths and locations as content (the content's lr and "
+            f"betas, not the structure's own lr with beta1 = 0); {fix}",
+            stacklevel=3,
+        )

@@ -5,6 +5,7 @@ last_hidden_state), plus ``layer_weight`` x the mean relative MSE between each c
 and the output of the same layer in the teacher (layer-wise targets keep the student's activations on
 the teacher's track).  Relative MSE = sum (s - t)^2 / sum t^2 over the real tokens (attention_mask).
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,10 @@ def task_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy for integer targets (class index per example or per token), MSE for float ones."""
     if not y.is_floating_point():
         if out.dim() < 2 or tuple(out.shape[:-1]) != tuple(y.shape):
-            raise ValueError(f"integer targets of shape {tuple(y.shape)} do not fit outputs of shape "
-                             f"{tuple(out.shape)}; give one class index per output row")
+            raise ValueError(
+                f"integer targets of shape {tuple(y.shape)} do not fit outputs of shape "
+                f"{tuple(out.shape)}; give one class index per output row"
+            )
         return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1).long(), ignore_index=-100)
     if out.numel() != y.numel():
         raise ValueError(f"float targets of shape {tuple(y.shape)} do not fit outputs of shape {tuple(out.shape)}")
@@ -77,15 +80,26 @@ class Objective:
     different draw at every step, seeded), so that the student imitates the teacher beyond the data.
     """
 
-    def __init__(self, student, teacher=None, layer_names=(), layer_weight: float = 1.0, *,
-                 hidden_weight: float = 0.0, augment: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        student,
+        teacher=None,
+        layer_names=(),
+        layer_weight: float = 1.0,
+        *,
+        hidden_weight: float = 0.0,
+        augment: float = 0.0,
+        seed: int = 0,
+    ):
         self.student, self.teacher, self.layer_weight = student, teacher, float(layer_weight)
         self.runner = None  # what the student's forward goes through (a DistributedDataParallel wrapper); None: itself
         self.hidden_weight, self.augment = float(hidden_weight), float(augment)
         self._gen = torch.Generator().manual_seed(int(seed) + 7919)
         self._vocab = _vocab_size(student) if self.augment > 0 else None
-        self._hidden_ok = self.hidden_weight > 0 and ("output_hidden_states" in forward_order(student) or
-                                                      hasattr(getattr(student, "config", None), "output_hidden_states"))
+        self._hidden_ok = self.hidden_weight > 0 and (
+            "output_hidden_states" in forward_order(student)
+            or hasattr(getattr(student, "config", None), "output_hidden_states")
+        )
         self._s, self._t, self._hooks = {}, {}, []
         if teacher is not None and self.layer_weight > 0:
             for name in layer_names:
@@ -96,12 +110,15 @@ class Objective:
         """Why options asked for cannot apply to this model and data (warnings; empty when all apply)."""
         out = []
         if self.teacher is None and (self.hidden_weight > 0 or self.augment > 0):
-            out.append("hidden-state loss and token augmentation apply to distillation only (the data has "
-                       "targets): ignored")
+            out.append(
+                "hidden-state loss and token augmentation apply to distillation only (the data has targets): ignored"
+            )
             return out
         if self.hidden_weight > 0 and not (self._hidden_ok and isinstance(x, dict)):
-            out.append("the hidden-state loss needs a Hugging Face model called with keyword inputs "
-                       "(output_hidden_states): ignored")
+            out.append(
+                "the hidden-state loss needs a Hugging Face model called with keyword inputs "
+                "(output_hidden_states): ignored"
+            )
         if self.augment > 0 and not (isinstance(x, dict) and "input_ids" in x and self._vocab):
             out.append("token augmentation needs token ids (input_ids) and a model with a vocabulary: ignored")
         return out
@@ -110,6 +127,7 @@ class Objective:
     def _rec(store, name):
         def hook(_mod, _inp, out):
             store[name] = out
+
         return hook
 
     def __call__(self, x, y) -> torch.Tensor:

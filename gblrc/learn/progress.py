@@ -3,6 +3,7 @@
 On a terminal: a tqdm bar.  Otherwise (a log file, CI, a pipe): plain lines, one at each tenth of the
 work and one at the end, instead of a carriage-return update per step.
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,8 +35,11 @@ class LineProgress:
         self._last = self.n
         pct = 100.0 * self.n / self.total if self.total else 100.0
         tail = f" {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {self.n}/{self.total} ({pct:.0f}%) {time.perf_counter() - self.t0:.0f}s{tail}",
-              file=self.file, flush=True)
+        print(
+            f"{self.desc}: {self.n}/{self.total} ({pct:.0f}%) {time.perf_counter() - self.t0:.0f}s{tail}",
+            file=self.file,
+            flush=True,
+        )
 
     def close(self) -> None:
         pass

@@ -12,6 +12,7 @@ The loss is the relative MSE over real tokens (the batch's attention mask), as t
 Opt-in for now (``TrainingConfig(refine_steps=N)``, ``gblrc compress --refine-steps N``); the structure
 (widths, locations) stays as initialised.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ def find_blocks(model: nn.Module, layer_names) -> list[str]:
         block = name
         for j in range(len(parts) - 1, -1, -1):  # the innermost container above the layer
             if ".".join(parts[:j]) in containers:
-                block = ".".join(parts[:j + 1])
+                block = ".".join(parts[: j + 1])
                 break
         if block not in blocks:
             blocks.append(block)
@@ -70,8 +71,12 @@ def _inputs(model: nn.Module, block: str, xs) -> list[tuple]:
     got = []
 
     def hook(_m, args, kwargs):
-        got.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args),
-                    {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
+        got.append(
+            (
+                tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+                {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
+            )
+        )
         raise _Stop
 
     h = model.get_submodule(block).register_forward_pre_hook(hook, with_kwargs=True)
@@ -108,8 +113,9 @@ def _train_block(mod: nn.Module, params: list, inputs, targets, masks, steps: in
     return first, last
 
 
-def refine_blocks(model: nn.Module, dense: nn.Module, layers: dict, xs, *, steps: int, lr: float = 3e-4,
-                  progress: bool = False) -> dict:
+def refine_blocks(
+    model: nn.Module, dense: nn.Module, layers: dict, xs, *, steps: int, lr: float = 3e-4, progress: bool = False
+) -> dict:
     """Refine ``model``'s blocks in call order (see module doc) on the calibration batches ``xs``;
     ``layers`` {name: GBLR layer} are the compressed ones, ``dense`` the dense model (unchanged).
     Returns {"blocks": [{"name", "layers", "loss_before", "loss_after"}], "seconds", "steps"}."""
@@ -126,7 +132,9 @@ def refine_blocks(model: nn.Module, dense: nn.Module, layers: dict, xs, *, steps
     try:
         for block in names:
             inside = [n for n in layers if n == block or n.startswith(block + ".")]
-            params = [p for n in inside for name, p in layers[n].named_parameters() if name not in ("widths", "locations")]
+            params = [
+                p for n in inside for name, p in layers[n].named_parameters() if name not in ("widths", "locations")
+            ]
             keep = [(p, p.requires_grad) for p in model.parameters()]
             for p, _ in keep:
                 p.requires_grad_(False)
@@ -140,7 +148,9 @@ def refine_blocks(model: nn.Module, dense: nn.Module, layers: dict, xs, *, steps
             finally:
                 for p, r in keep:
                     p.requires_grad_(r)
-            rows.append({"name": block, "layers": len(inside), "loss_before": round(first, 6), "loss_after": round(last, 6)})
+            rows.append(
+                {"name": block, "layers": len(inside), "loss_before": round(first, 6), "loss_after": round(last, 6)}
+            )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(block=block, loss=f"{first:.3g}->{last:.3g}")

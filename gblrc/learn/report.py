@@ -1,4 +1,5 @@
 """Side files of `gblrc compress`: the JSON report and a picture of every layer's learned blocks."""
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,11 @@ def structure_movement(before: dict, after: dict) -> dict:
     c0 = sum(s.cost() for s in before.values()) or 1
     c1 = sum(after[n].cost() for n in before) or 1
     moved_cost = sum(max(0.0, after[n].cost() / c1 - before[n].cost() / c0) for n in before)
-    return {"blocks_changed": round(changed / total, 6) if total else 0.0, "cost_moved": round(moved_cost, 6),
-            "layers_changed": layers}
+    return {
+        "blocks_changed": round(changed / total, 6) if total else 0.0,
+        "cost_moved": round(moved_cost, 6),
+        "layers_changed": layers,
+    }
 
 
 def draw_structure(model, path: str | os.PathLike, *, title: str = "", fmt: str = "png") -> int:
@@ -87,11 +91,13 @@ def draw_structure(model, path: str | os.PathLike, *, title: str = "", fmt: str 
     n = max(len(layers), 1)
     cols = min(n, 6)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 1, 2.6 * rows + 0.8), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.6 * cols + 1, 2.6 * rows + 0.8), squeeze=False, layout="constrained"
+    )
     max_rank = max([b.rank for _, s in layers for b in s.blocks] or [1])
     norm = Normalize(vmin=1, vmax=max(max_rank, 2))
     cmap = plt.get_cmap("viridis")
-    for ax in axes.flat[len(layers):]:
+    for ax in axes.flat[len(layers) :]:
         ax.axis("off")
     for ax, (name, s) in zip(axes.flat, layers):
         import numpy as np
@@ -104,18 +110,29 @@ def draw_structure(model, path: str | os.PathLike, *, title: str = "", fmt: str 
                 for c in b.cols:
                     rects.append(Rectangle((c.start, r.start), len(c), len(r)))
                     colors.append(cmap(norm(b.rank)))
-        ax.imshow(depth, cmap="Greys", aspect="auto", interpolation="nearest",
-                  extent=(0, s.in_features, s.out_features, 0), vmin=0, vmax=max(depth.max(), 1))
+        ax.imshow(
+            depth,
+            cmap="Greys",
+            aspect="auto",
+            interpolation="nearest",
+            extent=(0, s.in_features, s.out_features, 0),
+            vmin=0,
+            vmax=max(depth.max(), 1),
+        )
         ax.add_collection(PatchCollection(rects, facecolors="none", edgecolors=colors, linewidths=0.6))
         ax.set_xlim(0, s.in_features)
         ax.set_ylim(s.out_features, 0)
-        ax.set_title(f"{name}\n{len(s.blocks)} blocks, cost {s.cost_ratio():.2f}, depth<={int(depth.max())}",
-                     fontsize=7)
+        ax.set_title(
+            f"{name}\n{len(s.blocks)} blocks, cost {s.cost_ratio():.2f}, depth<={int(depth.max())}", fontsize=7
+        )
         ax.tick_params(labelsize=6)
     if not layers:
         axes.flat[0].text(0.5, 0.5, "no GBLR layers", ha="center", va="center")
-    fig.suptitle((title + "\n" if title else "") + "GBLR blocks: x = input column, y = output row\n"
-                 "outline = block (colour: rank), grey = total rank per entry", fontsize=8)
+    fig.suptitle(
+        (title + "\n" if title else "") + "GBLR blocks: x = input column, y = output row\n"
+        "outline = block (colour: rank), grey = total rank per entry",
+        fontsize=8,
+    )
     sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
     fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.6, label="block rank")
     fig.savefig(str(Path(path)), format=fmt, dpi=90)

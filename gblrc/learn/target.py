@@ -14,6 +14,7 @@ Fidelity is the mean cosine to the dense model's outputs on ``eval_data`` (:mod:
 held out from ``data`` when no ``eval_data`` is given.  A target not met at the largest budget is a
 ValueError, never a silent dense model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,10 @@ def holdout(data, fraction: float = 0.15):
         tr, ev = slice(0, n - k), slice(n - k, n)
         if torch.is_tensor(data):
             return _rows(x, tr), _rows(x, ev)
-        return ({"inputs": _rows(x, tr), **({} if y is None else {"targets": y[tr]})},
-                {"inputs": _rows(x, ev), **({} if y is None else {"targets": y[ev]})})
+        return (
+            {"inputs": _rows(x, tr), **({} if y is None else {"targets": y[tr]})},
+            {"inputs": _rows(x, ev), **({} if y is None else {"targets": y[ev]})},
+        )
     if hasattr(data, "lines") and hasattr(data, "with_lines"):  # gblrc.io.datafiles.TextBatches
         lines = data.lines
         k = max(1, int(round(len(lines) * fraction)))
@@ -74,9 +77,20 @@ def check_target(target, has_data: bool, resume: bool = False) -> float:
     return t
 
 
-def compress_to_fidelity(model, target: float, *, data, eval_data=None, max_budget: float | None = None,
-                         steps: int | None = None, tolerance: float = 0.005, max_evals: int = 10, log=None,
-                         config=None, **kw):
+def compress_to_fidelity(
+    model,
+    target: float,
+    *,
+    data,
+    eval_data=None,
+    max_budget: float | None = None,
+    steps: int | None = None,
+    tolerance: float = 0.005,
+    max_evals: int = 10,
+    log=None,
+    config=None,
+    **kw,
+):
     """Compress a copy of ``model`` at the smallest budget whose held-out fidelity is >= ``target``.
 
     The settings of every run: ``config`` (a CompressConfig: its budget is the largest allowed, its steps
@@ -89,7 +103,8 @@ def compress_to_fidelity(model, target: float, *, data, eval_data=None, max_budg
     from gblrc.learn.config import as_config
 
     base = as_config(config if config is not None else 1.0, kw).replace(
-        **{k: v for k, v in (("budget", max_budget), ("steps", steps)) if v is not None})
+        **{k: v for k, v in (("budget", max_budget), ("steps", steps)) if v is not None}
+    )
     max_budget, steps = base.budget, base.steps
     target = check_target(target, data is not None, base.training.resume)
     held = "given" if eval_data is not None else "held out from the data"
@@ -103,8 +118,15 @@ def compress_to_fidelity(model, target: float, *, data, eval_data=None, max_budg
     def run(b: float, n_steps: int):
         m, rep = compress(copy.deepcopy(model), base.replace(budget=b, steps=n_steps), data=data)
         f = judge(m)
-        curve.append({"budget": round(b, 4), "achieved_ratio": rep["achieved_ratio"], "cosine": f["cosine"],
-                      "cosine_min": f["cosine_min"], "trained": n_steps > 0})
+        curve.append(
+            {
+                "budget": round(b, 4),
+                "achieved_ratio": rep["achieved_ratio"],
+                "cosine": f["cosine"],
+                "cosine_min": f["cosine_min"],
+                "trained": n_steps > 0,
+            }
+        )
         say(f"  budget {b:.3f}: fidelity {f['cosine']:.4f}" + (f" after {n_steps} steps" if n_steps else " (init)"))
         return m, rep, f["cosine"]
 
@@ -112,9 +134,11 @@ def compress_to_fidelity(model, target: float, *, data, eval_data=None, max_budg
     m, rep, f_hi = run(hi, 0)
     kept[hi] = (m, rep)
     if f_hi < target and steps == 0:
-        raise ValueError(f"fidelity {target} is out of reach: {f_hi:.4f} at budget {hi:g} "
-                         f"(the largest allowed); lower the target or allow a larger budget")
-    lo, f_lo = MIN_BUDGET, None
+        raise ValueError(
+            f"fidelity {target} is out of reach: {f_hi:.4f} at budget {hi:g} "
+            f"(the largest allowed); lower the target or allow a larger budget"
+        )
+    lo = MIN_BUDGET
     if f_hi >= target:
         for _ in range(max_evals):
             if f_hi - target <= tolerance or hi / lo < 1.05:
@@ -125,7 +149,7 @@ def compress_to_fidelity(model, target: float, *, data, eval_data=None, max_budg
                 hi, f_hi = mid, f
                 kept = {hi: (m, rep)}
             else:
-                lo, f_lo = mid, f
+                lo = mid
     inits = sorted((p["budget"], p["cosine"]) for p in curve if not p["trained"])
     chosen = hi
     if steps > 0:
@@ -135,9 +159,11 @@ def compress_to_fidelity(model, target: float, *, data, eval_data=None, max_budg
             f_t = f_hi
             say(f"  training lowered the held-out fidelity at budget {hi:.3f}; kept the initialisation")
         if f_t < target:
-            raise ValueError(f"fidelity {target} is out of reach: {f_t:.4f} after training at budget {hi:g}"
-                             + (" (the largest allowed)" if hi >= max_budget else "")
-                             + "; lower the target, allow a larger budget or train longer")
+            raise ValueError(
+                f"fidelity {target} is out of reach: {f_t:.4f} after training at budget {hi:g}"
+                + (" (the largest allowed)" if hi >= max_budget else "")
+                + "; lower the target, allow a larger budget or train longer"
+            )
         kept = {hi: (m, rep)}
         gain = _log_gap(f_hi) - _log_gap(f_t)  # how much training closed the gap, in log(1 - cosine)
         if f_t - target > 2 * tolerance and gain > 0:
@@ -151,8 +177,12 @@ def compress_to_fidelity(model, target: float, *, data, eval_data=None, max_budg
     rep = dict(rep)
     final = judge(m)
     rep["fidelity"] = {"examples": judge.examples, "dense": judge.dense, "final": final}
-    rep["fidelity_search"] = {"target": target, "chosen_budget": round(chosen, 4), "eval_set": held,
-                              "curve": sorted(curve, key=lambda p: (p["trained"], p["budget"]))}
+    rep["fidelity_search"] = {
+        "target": target,
+        "chosen_budget": round(chosen, 4),
+        "eval_set": held,
+        "curve": sorted(curve, key=lambda p: (p["trained"], p["budget"])),
+    }
     return m, rep
 
 

@@ -18,6 +18,7 @@ student is wrapped in torch's DistributedDataParallel: each rank takes its rows 
 averages the gradients, and every rank takes the same steps.  ``mixed_precision="bf16"``: the forward
 passes under ``torch.autocast`` (bfloat16 matrix products; masks, parameters, optimiser and loss fp32).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,9 +40,24 @@ CKPT_NAME = "checkpoint.pt"
 class Trainer:
     """Runs ``controller``'s schedule on ``data`` with ``objective`` (loss(x, y)) over ``model``."""
 
-    def __init__(self, model, controller: Controller, objective, data, *, batch_size: int, seed: int = 0,
-                 mixed_precision: str = "no", checkpoint_dir=None, checkpoint_every: int = 50, resume: bool = False,
-                 progress: bool = True, rank: int = 0, world: int = 1, extra_signature: dict | None = None):
+    def __init__(
+        self,
+        model,
+        controller: Controller,
+        objective,
+        data,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        mixed_precision: str = "no",
+        checkpoint_dir=None,
+        checkpoint_every: int = 50,
+        resume: bool = False,
+        progress: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        extra_signature: dict | None = None,
+    ):
         self.model, self.ctrl, self.objective, self.data = model, controller, objective, data
         self.cfg: TrainConfig = controller.schedule
         self.batch_size, self.seed, self.mixed_precision = int(batch_size), int(seed), mixed_precision
@@ -52,8 +68,14 @@ class Trainer:
         self._frozen = [p for p in model.parameters() if id(p) not in keep and p.requires_grad]
         self.opt = torch.optim.AdamW(controller.param_groups())
         self.curve: list = []
-        self.signature = dict(self.cfg.signature(), batch_size=self.batch_size, seed=self.seed,
-                              mixed_precision=mixed_precision, layers=list(controller.layers), **(extra_signature or {}))
+        self.signature = dict(
+            self.cfg.signature(),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            mixed_precision=mixed_precision,
+            layers=list(controller.layers),
+            **(extra_signature or {}),
+        )
         self._wrapped, self._wrapped_cooled = None, None
 
     @property
@@ -69,9 +91,15 @@ class Trainer:
         if path is None or self.rank != 0:
             return
         os.makedirs(self.checkpoint_dir, exist_ok=True)
-        state = {"signature": self.signature, "step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                 "controller": self.ctrl.state_dict(), "curve": self.curve,
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}}
+        state = {
+            "signature": self.signature,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "controller": self.ctrl.state_dict(),
+            "curve": self.curve,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        }
         tmp = path + f".tmp{os.getpid()}"
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -83,10 +111,14 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise ValueError(f"cannot read the checkpoint {path!r} ({type(e).__name__}); delete it to start over") from None
+            raise ValueError(
+                f"cannot read the checkpoint {path!r} ({type(e).__name__}); delete it to start over"
+            ) from None
         if state.get("signature") != self.signature or "controller" not in state:
-            raise ValueError(f"the checkpoint in {self.checkpoint_dir!r} was made with other settings; "
-                             f"rerun with the same settings or delete it to start over")
+            raise ValueError(
+                f"the checkpoint in {self.checkpoint_dir!r} was made with other settings; "
+                f"rerun with the same settings or delete it to start over"
+            )
         self.model.load_state_dict(state["model"])
         self.ctrl.load_state_dict(state["controller"])
         self.opt.load_state_dict(state["opt"])
@@ -132,8 +164,12 @@ class Trainer:
                     _, loss, ratio, sigma, lam = self.curve[-1]
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4g}", cost=f"{ratio:.3f}", sigma=f"{sigma:.3g}", lam=f"{lam:.3g}")
-                if self.checkpoint_dir and self.checkpoint_every > 0 and self.step % self.checkpoint_every == 0 \
-                        and self.step < cfg.steps:
+                if (
+                    self.checkpoint_dir
+                    and self.checkpoint_every > 0
+                    and self.step % self.checkpoint_every == 0
+                    and self.step < cfg.steps
+                ):
                     self.save_checkpoint()
         finally:
             for p in self._frozen:

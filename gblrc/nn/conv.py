@@ -8,6 +8,7 @@ differ.  Cost: the matrix's multiply-adds per vector times the number of output 
 (the ``positions`` buffer, recorded by every forward; 1 before the first one), so that the global cost
 ratio of a model mixing convolutions and linear layers counts real multiply-adds.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,12 @@ def conv_pads(conv: nn.Module) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) zero padding of an nn.Conv2d or a GBLRConv2d."""
     if isinstance(conv, GBLRConv2d):
         return conv.padding
-    return _pads(conv.padding, _pair(conv.kernel_size, "kernel_size"), _pair(conv.dilation, "dilation"),
-                 _pair(conv.stride, "stride"))
+    return _pads(
+        conv.padding,
+        _pair(conv.kernel_size, "kernel_size"),
+        _pair(conv.dilation, "dilation"),
+        _pair(conv.stride, "stride"),
+    )
 
 
 def unsupported_conv(conv: nn.Module) -> str | None:
@@ -74,8 +79,14 @@ def conv_geometry(conv: nn.Conv2d) -> dict:
     why = unsupported_conv(conv)
     if why is not None:
         raise ValueError(f"cannot make a GBLR convolution from this layer: {why}")
-    return {"in_channels": conv.in_channels, "out_channels": conv.out_channels, "kernel_size": conv.kernel_size,
-            "stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+    }
 
 
 def conv_as_linear(conv: nn.Conv2d) -> nn.Linear:
@@ -99,9 +110,22 @@ class GBLRConv2d(GBLRLinear):
     is cheaper than the dense kernel, else one convolution with the dense kernel ``conv_weight()``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, *, num_components: int | None = None, rank_per_component: int = 1,
-                 bias: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        *,
+        num_components: int | None = None,
+        rank_per_component: int = 1,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
         if groups != 1:
             raise ValueError(f"GBLRConv2d supports only groups=1 convolutions, got groups={groups}")
         kernel = _pair(kernel_size, "kernel_size")
@@ -109,8 +133,15 @@ class GBLRConv2d(GBLRLinear):
         pads = _pads(padding, kernel, dilation, stride)
         if int(in_channels) < 1 or int(out_channels) < 1:
             raise ValueError(f"GBLRConv2d needs positive channel counts, got ({in_channels}, {out_channels})")
-        super().__init__(int(in_channels) * kernel[0] * kernel[1], int(out_channels), num_components=num_components,
-                         rank_per_component=rank_per_component, bias=bias, device=device, dtype=dtype)
+        super().__init__(
+            int(in_channels) * kernel[0] * kernel[1],
+            int(out_channels),
+            num_components=num_components,
+            rank_per_component=rank_per_component,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size, self.stride, self.dilation, self.padding = kernel, stride, dilation, pads
         self.groups = 1
@@ -121,8 +152,14 @@ class GBLRConv2d(GBLRLinear):
         return ConvGeometry(self.kernel_size, self.stride, self.padding, self.dilation)
 
     def geometry_kwargs(self) -> dict:
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": self.kernel_size,
-                "stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+        }
 
     def conv_weight(self) -> torch.Tensor:
         """The dense kernel (out, in, kh, kw) this layer applies in its current mode."""
@@ -162,25 +199,43 @@ class GBLRConv2d(GBLRLinear):
     def new_like(self, *, num_components: int) -> "GBLRConv2d":
         """An empty layer with this geometry, sizes, dtype, device and recorded positions."""
         p = self.U
-        new = GBLRConv2d(**self.geometry_kwargs(), num_components=num_components,
-                         rank_per_component=self.rank_per_component, bias=self.bias is not None,
-                         device=p.device, dtype=p.dtype)
+        new = GBLRConv2d(
+            **self.geometry_kwargs(),
+            num_components=num_components,
+            rank_per_component=self.rank_per_component,
+            bias=self.bias is not None,
+            device=p.device,
+            dtype=p.dtype,
+        )
         new.positions.copy_(self.positions)
         return new
 
     @classmethod
     @torch.no_grad()
-    def from_gblr(cls, layer: GBLRLinear, *, in_channels: int, out_channels: int, kernel_size, stride=1,
-                  padding=0, dilation=1) -> "GBLRConv2d":
+    def from_gblr(
+        cls, layer: GBLRLinear, *, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1
+    ) -> "GBLRConv2d":
         """A GBLRConv2d with the factors and structure of ``layer`` (in_features = in*kh*kw)."""
         kh, kw = _pair(kernel_size, "kernel_size")
         if layer.in_features != in_channels * kh * kw or layer.out_features != out_channels:
-            raise ValueError(f"a {layer.out_features}x{layer.in_features} GBLR matrix is not the kernel of a "
-                             f"{in_channels}->{out_channels} {kh}x{kw} convolution")
+            raise ValueError(
+                f"a {layer.out_features}x{layer.in_features} GBLR matrix is not the kernel of a "
+                f"{in_channels}->{out_channels} {kh}x{kw} convolution"
+            )
         p = layer.U
-        new = cls(in_channels, out_channels, (kh, kw), stride, padding, dilation,
-                  num_components=layer.num_components, rank_per_component=layer.rank_per_component,
-                  bias=layer.bias is not None, device=p.device, dtype=p.dtype)
+        new = cls(
+            in_channels,
+            out_channels,
+            (kh, kw),
+            stride,
+            padding,
+            dilation,
+            num_components=layer.num_components,
+            rank_per_component=layer.rank_per_component,
+            bias=layer.bias is not None,
+            device=p.device,
+            dtype=p.dtype,
+        )
         for name in ("U", "V", "widths", "locations", "sigma") + (("bias",) if layer.bias is not None else ()):
             getattr(new, name).copy_(getattr(layer, name))
         if isinstance(layer, GBLRConv2d):
@@ -211,6 +266,8 @@ class GBLRConv2d(GBLRLinear):
 
     def extra_repr(self) -> str:
         pads = self.padding if self.padding[:2] != self.padding[2:] else self.padding[:2]
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={pads}, dilation={self.dilation}, num_components={self.num_components}, "
-                f"rank_per_component={self.rank_per_component}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={pads}, dilation={self.dilation}, num_components={self.num_components}, "
+            f"rank_per_component={self.rank_per_component}, bias={self.bias is not None}"
+        )

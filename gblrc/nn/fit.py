@@ -11,6 +11,7 @@ The result is a :class:`Fitted` (integer intervals and zero-padded factors); ``G
 turns it into a layer and ``GBLRLinear.from_dense`` / :func:`gblrc.nn.layer.fit_dense` do both, so this
 module never needs the layer class.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,16 @@ from torch import nn
 
 from gblrc.nn.pursuit import pursuit
 
-__all__ = ["Fitted", "fit_weight", "svd_fit", "svd_rank_for_budget", "relative_error", "check_budget",
-           "weight_and_bias", "FIT_OPTIONS"]
+__all__ = [
+    "Fitted",
+    "fit_weight",
+    "svd_fit",
+    "svd_rank_for_budget",
+    "relative_error",
+    "check_budget",
+    "weight_and_bias",
+    "FIT_OPTIONS",
+]
 
 
 def check_budget(budget) -> float:
@@ -101,8 +110,8 @@ def svd_fit(W: torch.Tensor, budget: float, r: int = 1) -> Fitted:
     Us = torch.zeros(K, n_out, r, dtype=torch.float64)
     Vs = torch.zeros(K, r, n_in, dtype=torch.float64)
     m = k // r if r else 0
-    Us[:m] = (U[:, :m * r] * s[:m * r]).T.reshape(m, r, n_out).transpose(1, 2)
-    Vs[:m] = (Vh[:m * r] * s[:m * r, None]).reshape(m, r, n_in)
+    Us[:m] = (U[:, : m * r] * s[: m * r]).T.reshape(m, r, n_out).transpose(1, 2)
+    Vs[:m] = (Vh[: m * r] * s[: m * r, None]).reshape(m, r, n_in)
     return Fitted(n_in, n_out, r, (n_in,) * K, (0,) * K, (n_out,) * K, (0,) * K, Us, Vs)
 
 
@@ -122,8 +131,17 @@ def _from_families(fams, n_in: int, n_out: int, r: int) -> Fitted:
     for k, (rs, a, cs, bl, u, v) in enumerate(comps):
         U[k, (rs + torch.arange(a)) % n_out, :] = u.double().cpu()
         V[k, :, (cs + torch.arange(bl)) % n_in] = v.double().cpu()
-    return Fitted(n_in, n_out, r, tuple(c[3] for c in comps), tuple(c[2] for c in comps),
-                  tuple(c[1] for c in comps), tuple(c[0] for c in comps), U, V)
+    return Fitted(
+        n_in,
+        n_out,
+        r,
+        tuple(c[3] for c in comps),
+        tuple(c[2] for c in comps),
+        tuple(c[1] for c in comps),
+        tuple(c[0] for c in comps),
+        U,
+        V,
+    )
 
 
 FIT_OPTIONS = {"method": "gblr", "scales": (1, 2, 4), "shift": True, "rounds": 8, "sweeps": 2, "threads": 1}
@@ -179,8 +197,16 @@ def _fit(W: torch.Tensor, budget: float, r: int, opt: dict) -> Fitted:
     for seed_rank in sorted({0, seed}):
         # seeded with SVD only the leftover is spent (a round or two): finer tiles are affordable
         sc = scales if seed_rank == 0 else scales + (2 * scales[-1],)
-        fams, _ = pursuit(W64, cap, r, scales=sc, shift=bool(opt["shift"]),
-                          rounds=int(opt["rounds"]), sweeps=int(opt["sweeps"]), seed_rank=seed_rank)
+        fams, _ = pursuit(
+            W64,
+            cap,
+            r,
+            scales=sc,
+            shift=bool(opt["shift"]),
+            rounds=int(opt["rounds"]),
+            sweeps=int(opt["sweeps"]),
+            seed_rank=seed_rank,
+        )
         cand = _from_families(fams, n_in, n_out, r)
         if cand.flops() > budget * n_in * n_out:  # cannot happen by construction; never exceed the budget
             continue

@@ -35,6 +35,7 @@ C_d = C + 0.01 mean(diag C) I = L L^T (Cholesky; the damping ``_DAMP``).
 The result is a :class:`gblrc.nn.fit.Fitted`; ``GBLRLinear.from_dense(linear, budget, inputs=X)`` uses it.
 Measured on MiniLM (docs/results.md, "Data-aware structure"): 2-6% below whitened SVD's held-out error per layer.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,10 +47,10 @@ from gblrc.nn.fit import Fitted, check_budget, svd_rank_for_budget
 
 __all__ = ["fit_inputs", "whitened_decomposition", "whitened_svd", "whitened_svd_fit", "output_error", "second_moment"]
 
-_DAMP = 1e-2    # C_d = C + _DAMP * mean(diag C) I: the metric every fit here is solved in
-_PER_ROW = 2    # blocks one output row may take in one greedy pass
-_STALE = 0.7    # a block on rows taken earlier in the pass is kept if exact gain/cost >= _STALE x its score
-_TINY = 1e-30   # gains at or below this are no gain
+_DAMP = 1e-2  # C_d = C + _DAMP * mean(diag C) I: the metric every fit here is solved in
+_PER_ROW = 2  # blocks one output row may take in one greedy pass
+_STALE = 0.7  # a block on rows taken earlier in the pass is kept if exact gain/cost >= _STALE x its score
+_TINY = 1e-30  # gains at or below this are no gain
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -157,8 +158,17 @@ def _pack(comps: list[_Component], n_out: int, n_in: int, r: int) -> Fitted:
     for k, c in enumerate(comps):
         U[k][c.rows] = c.U.double()
         V[k][:, c.cols] = c.V.double()
-    return Fitted(n_in, n_out, r, tuple(int(c.cw) for c in comps), tuple(int(c.cs) % n_in for c in comps),
-                  tuple(int(c.rw) for c in comps), tuple(int(c.rs) % n_out for c in comps), U, V)
+    return Fitted(
+        n_in,
+        n_out,
+        r,
+        tuple(int(c.cw) for c in comps),
+        tuple(int(c.cs) % n_in for c in comps),
+        tuple(int(c.rw) for c in comps),
+        tuple(int(c.rs) % n_out for c in comps),
+        U,
+        V,
+    )
 
 
 def second_moment(X: torch.Tensor) -> torch.Tensor:
@@ -173,8 +183,10 @@ def _svd_comps(W: torch.Tensor, C: torch.Tensor, k: int, r: int, damp: float) ->
         return []
     n_out, n_in = W.shape
     Uf, Vf = whitened_svd(W, C, k * r, damp)
-    return [_Component(0, n_out, 0, n_in, Uf[:, i * r:(i + 1) * r], Vf[i * r:(i + 1) * r], n_out, n_in)
-            for i in range(Uf.shape[1] // r)]
+    return [
+        _Component(0, n_out, 0, n_in, Uf[:, i * r : (i + 1) * r], Vf[i * r : (i + 1) * r], n_out, n_in)
+        for i in range(Uf.shape[1] // r)
+    ]
 
 
 def whitened_svd_fit(W: torch.Tensor, C: torch.Tensor, budget: float, r: int = 1, damp: float = _DAMP) -> Fitted:
@@ -230,8 +242,9 @@ class _Search:
         by_w = {}
         for s, w in self.rows:
             by_w.setdefault(w, []).append(s)
-        self.row_groups = [(w, torch.tensor(st), torch.stack([_cyc(s, w, self.n_out) for s in st]))
-                           for w, st in sorted(by_w.items())]
+        self.row_groups = [
+            (w, torch.tensor(st), torch.stack([_cyc(s, w, self.n_out) for s in st])) for w, st in sorted(by_w.items())
+        ]
         # tile-aligned rows (all starts and widths multiples of t, t | n_out): column Grams by prefix sums
         t = max(1, min(int(tile), self.n_out))
         self.row_tile = t if (self.n_out % t == 0 and all(s % t == 0 and w % t == 0 for s, w in self.rows)) else 0
@@ -277,26 +290,30 @@ class _Search:
                 if c > remaining:
                     continue
                 if w <= cw:
-                    Zr = Z[gidx]                                   # (nR, w, cw)
+                    Zr = Z[gidx]  # (nR, w, cw)
                     B = Zr @ Zr.transpose(1, 2)
                 elif self.row_tile:
-                    if P is None:                                  # prefix sums of tile Grams
+                    if P is None:  # prefix sums of tile Grams
                         T = Z.reshape(-1, self.row_tile, cw)
-                        T = T.transpose(1, 2) @ T                  # (ntiles, cw, cw)
+                        T = T.transpose(1, 2) @ T  # (ntiles, cw, cw)
                         P = torch.cat([torch.zeros(1, cw, cw, dtype=Z.dtype), T.cumsum(0)])
                     t = self.row_tile
                     a = starts // t
                     b = a + w // t
                     nt = P.shape[0] - 1
-                    B = torch.where((b <= nt)[:, None, None], P[b.clamp(max=nt)] - P[a],
-                                    P[nt] - P[a] + P[(b - nt).clamp(min=0)])
+                    B = torch.where(
+                        (b <= nt)[:, None, None], P[b.clamp(max=nt)] - P[a], P[nt] - P[a] + P[(b - nt).clamp(min=0)]
+                    )
                 else:
                     Zr = Z[gidx]
                     B = Zr.transpose(1, 2) @ Zr
                 g = _topr_power(B, r)
                 ratios.append(g / c)
-                metas.append(torch.stack([g, starts.double(), torch.full_like(g, w), torch.full_like(g, cs),
-                                          torch.full_like(g, cw)], 1))
+                metas.append(
+                    torch.stack(
+                        [g, starts.double(), torch.full_like(g, w), torch.full_like(g, cs), torch.full_like(g, cw)], 1
+                    )
+                )
         if not ratios:
             return []
         ratio = torch.cat(ratios)
@@ -315,7 +332,7 @@ def _extend_low_rank(S: _Search, comps: list[_Component], EC, cands, remaining: 
     bar = nxt[0] if nxt is not None else 0.0
     Uw, Sw, Vw = S.whitened_svd(EC)
     fc = r * (n_in + n_out)
-    gains = (Sw ** 2).reshape(-1)[: (Sw.numel() // r) * r].reshape(-1, r).sum(1)
+    gains = (Sw**2).reshape(-1)[: (Sw.numel() // r) * r].reshape(-1, r).sum(1)
     m = int(((gains / fc) >= bar).sum().clamp(min=1))
     m = min(m, remaining // fc)
     for i in range(m):
@@ -331,7 +348,7 @@ def _accept_blocks(S: _Search, comps: list[_Component], EC, cands, remaining: in
     """Step 3, one pass down the ranking: solve each candidate that fits exactly and accept it unless its
     rows are saturated (``_PER_ROW``) or, on rows already taken this pass, its exact gain went stale
     (``_STALE``).  Returns the cost spent (0: nothing accepted)."""
-    taken_rows = torch.zeros(S.n_out, dtype=torch.long)      # blocks accepted on each row this pass
+    taken_rows = torch.zeros(S.n_out, dtype=torch.long)  # blocks accepted on each row this pass
     spent = 0
     for ratio, gain, rs, rw, cs, cw in cands:
         cost = S.r * (rw + cw)
@@ -342,7 +359,7 @@ def _accept_blocks(S: _Search, comps: list[_Component], EC, cands, remaining: in
         if hit >= _PER_ROW:
             continue
         Ub, Vb, g = S.solve_block(EC, rs, rw, cs, cw)
-        if hit > 0 and g / cost < _STALE * ratio:              # stale gain: rows changed this pass
+        if hit > 0 and g / cost < _STALE * ratio:  # stale gain: rows changed this pass
             continue
         c = S.component(rs, rw, cs, cw, Ub, Vb)
         S.apply(EC, c, +1)
@@ -385,14 +402,14 @@ def _joint_refit(S: _Search, comps: list[_Component], EC, rounds: int) -> list[_
         full = [i for i, c in enumerate(comps) if c.full]
         if full:
             for i in full:
-                S.apply(EC, comps[i], -1)                      # add back to residual
+                S.apply(EC, comps[i], -1)  # add back to residual
             Uw, Sw, Vw = S.whitened_svd(EC)
             k = len(full) * r
             s = Sw[:k].sqrt()
             Uf = Uw[:, :k] * s
             Vf = torch.linalg.solve_triangular(S.L, Vw[:k] * s[:, None], upper=False, left=False)
             for j, i in enumerate(full):
-                comps[i] = replace(comps[i], U=Uf[:, j * r:(j + 1) * r], V=Vf[j * r:(j + 1) * r])
+                comps[i] = replace(comps[i], U=Uf[:, j * r : (j + 1) * r], V=Vf[j * r : (j + 1) * r])
                 S.apply(EC, comps[i], +1)
         for i, c in enumerate(comps):
             if not c.full:
@@ -403,8 +420,17 @@ def _joint_refit(S: _Search, comps: list[_Component], EC, rounds: int) -> list[_
     return comps
 
 
-def fit_inputs(W: torch.Tensor, C: torch.Tensor, budget: float, r: int = 1, *, tile: int = 32,
-               seed_frac: float = 0.85, refit_rounds: int = 3, return_info: bool = False):
+def fit_inputs(
+    W: torch.Tensor,
+    C: torch.Tensor,
+    budget: float,
+    r: int = 1,
+    *,
+    tile: int = 32,
+    seed_frac: float = 0.85,
+    refit_rounds: int = 3,
+    return_info: bool = False,
+):
     """Data-aware GBLR fit of W (out, in) for inputs with second-moment C (in, in) at ``budget``.
 
     Experimental: an opt-in research search (``GBLRLinear.from_dense(..., inputs=X)``); its options,
@@ -423,7 +449,7 @@ def fit_inputs(W: torch.Tensor, C: torch.Tensor, budget: float, r: int = 1, *, t
     r = int(r)
     cap = int(math.floor(float(budget) * n_in * n_out))
     k_svd = svd_rank_for_budget(n_in, n_out, budget, r)
-    base = _svd_comps(W, C, k_svd, r, _DAMP)                   # step 1, the fallback
+    base = _svd_comps(W, C, k_svd, r, _DAMP)  # step 1, the fallback
     e_base = _cal_err(W, C, base)
     info = {"cal_err_svd": e_base}
     if k_svd == 0 and cap < r * 2:
@@ -432,14 +458,21 @@ def fit_inputs(W: torch.Tensor, C: torch.Tensor, budget: float, r: int = 1, *, t
 
     S = _Search(W, C, r, tile)
     k0 = int(math.floor(seed_frac * k_svd))
-    comps = _svd_comps(W, C, k0, r, _DAMP)                     # step 2, the seed
+    comps = _svd_comps(W, C, k0, r, _DAMP)  # step 2, the seed
     EC = (W - _dense(comps, W)) @ S.Cd
     info["passes"] = _greedy_fill(S, comps, EC, cap)
     info["cal_err_greedy"] = _cal_err(W, C, comps)
     comps = _joint_refit(S, comps, EC, refit_rounds)
-    e_fit = _cal_err(W, C, comps)                              # step 5, the choice
-    info.update(cal_err_fit=e_fit, n_blocks=sum(not c.full for c in comps), n_full=sum(c.full for c in comps),
-                k_svd=k_svd, k0=k0, cost=_cost(comps, r), cap=cap)
+    e_fit = _cal_err(W, C, comps)  # step 5, the choice
+    info.update(
+        cal_err_fit=e_fit,
+        n_blocks=sum(not c.full for c in comps),
+        n_full=sum(c.full for c in comps),
+        k_svd=k_svd,
+        k0=k0,
+        cost=_cost(comps, r),
+        cap=cap,
+    )
     if _cost(comps, r) > cap:  # cannot happen: every accepted block fits in what is left
         comps = base
     best = comps if e_fit < e_base else base

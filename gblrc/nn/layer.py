@@ -1,4 +1,5 @@
 """GBLRLinear: a linear layer whose weight is a Generalized Block Low-Rank matrix."""
+
 from __future__ import annotations
 
 import math
@@ -139,7 +140,9 @@ class GBLRLinear(nn.Module):
     def set_intervals(self, col_widths, col_starts, row_widths, row_starts) -> "GBLRLinear":
         """Set the structure from integer widths/starts (in elements), each of length K."""
         n_in, n_out = self.in_features, self.out_features
-        t = lambda v: torch.as_tensor(np.asarray(v, dtype=np.float64), dtype=self.widths.dtype, device=self.widths.device)
+        t = lambda v: torch.as_tensor(
+            np.asarray(v, dtype=np.float64), dtype=self.widths.dtype, device=self.widths.device
+        )
         self.widths[0].copy_(t(col_widths) / n_in)
         self.widths[1].copy_(t(row_widths) / n_out)
         self.locations[0].copy_(torch.remainder(t(col_starts), n_in) / n_in)
@@ -157,8 +160,9 @@ class GBLRLinear(nn.Module):
                 continue
             key = (cyclic_spans(lr[k], wr[k], self.out_features), cyclic_spans(lc[k], wc[k], self.in_features))
             ranks[key] = ranks.get(key, 0) + self.rank_per_component
-        return Structure(self.in_features, self.out_features,
-                         tuple(Block(rows, cols, r) for (rows, cols), r in ranks.items()))
+        return Structure(
+            self.in_features, self.out_features, tuple(Block(rows, cols, r) for (rows, cols), r in ranks.items())
+        )
 
     @torch.no_grad()
     def structure(self) -> GBLRWeights:
@@ -185,8 +189,15 @@ class GBLRLinear(nn.Module):
     def from_fitted(cls, f: Fitted, bias: torch.Tensor | None = None, *, dtype=None, device=None) -> "GBLRLinear":
         """A layer holding the fitted components ``f`` (and ``bias``); one empty component if ``f`` has none."""
         K = f.num_components
-        layer = cls(f.n_in, f.n_out, num_components=max(K, 1), rank_per_component=f.r, bias=bias is not None,
-                    dtype=dtype, device=device)
+        layer = cls(
+            f.n_in,
+            f.n_out,
+            num_components=max(K, 1),
+            rank_per_component=f.r,
+            bias=bias is not None,
+            dtype=dtype,
+            device=device,
+        )
         layer.U.zero_()
         layer.V.zero_()
         if K == 0:
@@ -200,8 +211,9 @@ class GBLRLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, budget: float, *, rank_per_component: int = 1, inputs=None,
-                   **kwargs) -> "GBLRLinear":
+    def from_dense(
+        cls, linear: nn.Linear, budget: float, *, rank_per_component: int = 1, inputs=None, **kwargs
+    ) -> "GBLRLinear":
         """A GBLR layer fitted to ``linear``'s weight at ``budget`` x its dense multiply-adds, in eval mode.
 
         Without ``inputs``: in Frobenius norm, never worse than truncated SVD (options:

@@ -1,4 +1,5 @@
 """Gaudi masks (docs/design.md §1): frequency-domain masks differentiable in width and location."""
+
 from __future__ import annotations
 
 import math
@@ -74,7 +75,9 @@ def hard_locations(location: torch.Tensor, n: int, step: int = 1) -> torch.Tenso
     return torch.remainder(_grid(location.detach().double() * n, n, step), n).long()
 
 
-def boxcar_mask(width: torch.Tensor, location: torch.Tensor, n: int, dtype=torch.float32, step: int = 1) -> torch.Tensor:
+def boxcar_mask(
+    width: torch.Tensor, location: torch.Tensor, n: int, dtype=torch.float32, step: int = 1
+) -> torch.Tensor:
     """Hard cyclic boxcar masks from fractional widths/locations (eval mode)."""
     wi = hard_widths(width, n, step)
     li = hard_locations(location, n, step)

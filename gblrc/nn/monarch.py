@@ -25,6 +25,7 @@ largest one not above the budget, and the achieved ratio is reported as it is.
 The forward pass uses only Pad (when n_in is not a multiple of b), Reshape, Transpose, MatMul, Slice
 (when n_out is not a multiple of b) and Add, so it exports to ONNX with standard ops.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,15 @@ from torch import nn
 
 from gblrc.nn.replace import as_linear, find_linears, is_linear, set_module
 
-__all__ = ["MonarchLinear", "monarch_shapes", "monarch_cost", "monarch_links", "monarch_project",
-           "nblocks_for_budget", "replace_with_monarch"]
+__all__ = [
+    "MonarchLinear",
+    "monarch_shapes",
+    "monarch_cost",
+    "monarch_links",
+    "monarch_project",
+    "nblocks_for_budget",
+    "replace_with_monarch",
+]
 
 
 def monarch_shapes(n_in: int, n_out: int, nblocks: int) -> tuple[int, int, int]:
@@ -73,8 +81,7 @@ class MonarchLinear(nn.Module):
     Parameters: ``blkdiag1`` = R, shape (b, q, p); ``blkdiag2`` = L, shape (b, s, q); ``bias`` (out,).
     """
 
-    def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.nblocks = int(in_features), int(out_features), int(nblocks)
         p, q, s = monarch_shapes(in_features, out_features, nblocks)
@@ -99,10 +106,10 @@ class MonarchLinear(nn.Module):
         pad = b * p - self.in_features
         if pad:
             x = nn.functional.pad(x, (0, pad))
-        h = x.reshape(-1, b, p).transpose(0, 1)                    # (b, N, p)
-        h = torch.matmul(h, self.blkdiag1.transpose(1, 2))          # (b, N, q): block k of R
-        h = h.transpose(0, 1).reshape(-1, q, b).permute(2, 0, 1)   # (b, N, q): j = k*q+i -> (r, l) -> l
-        h = torch.matmul(h, self.blkdiag2.transpose(1, 2))          # (b, N, s): block l of L
+        h = x.reshape(-1, b, p).transpose(0, 1)  # (b, N, p)
+        h = torch.matmul(h, self.blkdiag1.transpose(1, 2))  # (b, N, q): block k of R
+        h = h.transpose(0, 1).reshape(-1, q, b).permute(2, 0, 1)  # (b, N, q): j = k*q+i -> (r, l) -> l
+        h = torch.matmul(h, self.blkdiag2.transpose(1, 2))  # (b, N, s): block l of L
         y = h.transpose(0, 1).reshape(-1, b * s)
         if b * s != self.out_features:
             y = y[:, : self.out_features]
@@ -132,8 +139,7 @@ class MonarchLinear(nn.Module):
         """The Monarch projection of a linear layer (nn.Linear or HF Conv1D), bias copied."""
         lin = as_linear(linear)
         w = lin.weight.detach()
-        m = cls(lin.in_features, lin.out_features, nblocks, bias=lin.bias is not None,
-                device=w.device, dtype=w.dtype)
+        m = cls(lin.in_features, lin.out_features, nblocks, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
         r, l = monarch_project(w, nblocks)
         with torch.no_grad():
             m.blkdiag1.copy_(r)
@@ -143,8 +149,10 @@ class MonarchLinear(nn.Module):
         return m
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, nblocks={self.nblocks}, "
-                f"bias={self.bias is not None}, cost_ratio={self.flops() / self.dense_flops():.3f}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nblocks={self.nblocks}, "
+            f"bias={self.bias is not None}, cost_ratio={self.flops() / self.dense_flops():.3f}"
+        )
 
 
 @torch.no_grad()
@@ -166,7 +174,7 @@ def monarch_project(weight: torch.Tensor, nblocks: int) -> tuple[torch.Tensor, t
             pairs = links[l][k]
             if not pairs:
                 continue
-            tile = wp[l * s:(l + 1) * s, k * p:(k + 1) * p]
+            tile = wp[l * s : (l + 1) * s, k * p : (k + 1) * p]
             u, sv, vh = torch.linalg.svd(tile, full_matrices=False)
             for c, (r, i) in enumerate(pairs):
                 if c >= sv.numel():
@@ -190,13 +198,17 @@ def nblocks_for_budget(n_in: int, n_out: int, budget: float) -> int:
         if c <= limit + 1e-9 and c > best_cost:
             best, best_cost = b, c
     if best is None:
-        raise ValueError(f"no Monarch block count fits a {n_out}x{n_in} layer under budget {budget} "
-                         f"(the cheapest costs {min(monarch_cost(n_in, n_out, b) for b in range(1, max(n_in, n_out) + 1)) / (n_in * n_out):.3f})")
+        raise ValueError(
+            f"no Monarch block count fits a {n_out}x{n_in} layer under budget {budget} "
+            f"(the cheapest costs "
+            f"{min(monarch_cost(n_in, n_out, b) for b in range(1, max(n_in, n_out) + 1)) / (n_in * n_out):.3f})"
+        )
     return best
 
 
-def replace_with_monarch(model: nn.Module, budget: float, include: str | None = None,
-                         exclude: str | None = None) -> tuple[nn.Module, dict]:
+def replace_with_monarch(
+    model: nn.Module, budget: float, include: str | None = None, exclude: str | None = None
+) -> tuple[nn.Module, dict]:
     """Replace (in place) the linear layers that :func:`gblrc.nn.replace.find_linears` selects by their
     Monarch projections, each at the block count of :func:`nblocks_for_budget`.
 
@@ -217,13 +229,28 @@ def replace_with_monarch(model: nn.Module, budget: float, include: str | None = 
             continue
         new = MonarchLinear.from_dense(lin, b)
         set_module(model, name, new)
-        rows.append({"name": name, "shape": [lin.out_features, lin.in_features], "nblocks": b,
-                     "dense_cost": new.dense_flops(), "monarch_cost": new.flops(),
-                     "ratio": new.flops() / new.dense_flops()})
+        rows.append(
+            {
+                "name": name,
+                "shape": [lin.out_features, lin.in_features],
+                "nblocks": b,
+                "dense_cost": new.dense_flops(),
+                "monarch_cost": new.flops(),
+                "ratio": new.flops() / new.dense_flops(),
+            }
+        )
     if not rows:
-        raise ValueError("no linear layer could be replaced by a Monarch layer under budget "
-                         f"{budget}" + (f" ({skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""))
+        raise ValueError(
+            "no linear layer could be replaced by a Monarch layer under budget "
+            f"{budget}" + (f" ({skipped[0]['name']}: {skipped[0]['reason']})" if skipped else "")
+        )
     dense = sum(r["dense_cost"] for r in rows)
     cost = sum(r["monarch_cost"] for r in rows)
-    return model, {"budget": float(budget), "achieved_ratio": cost / dense, "dense_cost": dense,
-                   "monarch_cost": cost, "layers": rows, "skipped": skipped}
+    return model, {
+        "budget": float(budget),
+        "achieved_ratio": cost / dense,
+        "dense_cost": dense,
+        "monarch_cost": cost,
+        "layers": rows,
+        "skipped": skipped,
+    }

@@ -14,6 +14,7 @@ carries k_t components of rank r (cost r * (|rows_t| + |cols_t|) each, exactly G
 Every step is an exact minimisation over one family's factors, so ||R|| never increases.  Seeding the
 (1, 1) family with the truncated-SVD rank makes the result never worse than truncated SVD.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,15 +47,15 @@ def _index(parts: list[tuple[int, int]], n: int, device) -> torch.Tensor:
 
 @dataclass
 class Family:
-    rows: list[tuple[int, int]]        # (start, length) per row tile
+    rows: list[tuple[int, int]]  # (start, length) per row tile
     cols: list[tuple[int, int]]
-    ridx: torch.Tensor                 # (p, a) padded cyclic indices
-    cidx: torch.Tensor                 # (q, b)
-    cost: torch.Tensor                 # (p, q) cost of one rank-r component in each tile
-    kmax: torch.Tensor                 # (p, q) most components per tile
-    alloc: torch.Tensor                # (p, q) components allocated
-    B: torch.Tensor | None = None      # current dense term (None while nothing is allocated)
-    factors: tuple | None = None       # (L, Rt) of the last refit, see refit()
+    ridx: torch.Tensor  # (p, a) padded cyclic indices
+    cidx: torch.Tensor  # (q, b)
+    cost: torch.Tensor  # (p, q) cost of one rank-r component in each tile
+    kmax: torch.Tensor  # (p, q) most components per tile
+    alloc: torch.Tensor  # (p, q) components allocated
+    B: torch.Tensor | None = None  # current dense term (None while nothing is allocated)
+    factors: tuple | None = None  # (L, Rt) of the last refit, see refit()
 
     def tiles(self, P: torch.Tensor) -> torch.Tensor:
         n_out, n_in = P.shape
@@ -79,11 +80,11 @@ class Family:
         keep = (torch.arange(min(a, b), device=P.device) < (self.alloc * r)[..., None]).to(T.dtype)
         if a <= b:
             E = torch.linalg.eigh(T @ T.transpose(-1, -2))[1].flip(-1) * keep[..., None, :]
-            L, Rt = E, E.transpose(-1, -2) @ T               # (a, m) orthonormal, (m, b) = S V^T
-            s = Rt.norm(dim=-1)                               # singular values
+            L, Rt = E, E.transpose(-1, -2) @ T  # (a, m) orthonormal, (m, b) = S V^T
+            s = Rt.norm(dim=-1)  # singular values
         else:
             E = torch.linalg.eigh(T.transpose(-1, -2) @ T)[1].flip(-1) * keep[..., None, :]
-            L, Rt = T @ E, E.transpose(-1, -2)                # (a, m) = U S, (m, b) orthonormal
+            L, Rt = T @ E, E.transpose(-1, -2)  # (a, m) = U S, (m, b) orthonormal
             s = L.norm(dim=-2)
         d = torch.where(s > 0, s, torch.ones_like(s)).sqrt()
         if a <= b:
@@ -117,8 +118,17 @@ def make_families(n_out: int, n_in: int, r: int, scales=(1, 2, 4), shift: bool =
                 b = torch.tensor([ln for _, ln in cols], device=device)
                 cost = r * (a[:, None] + b[None, :])
                 kmax = torch.minimum(a[:, None], b[None, :]) // r
-                fams.append(Family(rows, cols, _index(rows, n_out, device), _index(cols, n_in, device),
-                                   cost, kmax, torch.zeros_like(cost)))
+                fams.append(
+                    Family(
+                        rows,
+                        cols,
+                        _index(rows, n_out, device),
+                        _index(cols, n_in, device),
+                        cost,
+                        kmax,
+                        torch.zeros_like(cost),
+                    )
+                )
     return fams
 
 
@@ -129,7 +139,7 @@ def _proposal(f: Family, ev: torch.Tensor, r: int, chunk: int, left: int):
     if kmax == 0:
         return None
     ev = torch.nn.functional.pad(ev, (0, kmax * r - m)) if kmax * r > m else ev[..., : kmax * r]
-    g = ev.reshape(p, q, kmax, r).sum(-1)                          # energy per component
+    g = ev.reshape(p, q, kmax, r).sum(-1)  # energy per component
     j = torch.arange(kmax, device=ev.device)
     ok = (j >= f.alloc[..., None]) & (j < f.kmax[..., None])
     ratio = torch.where(ok, g / f.cost[..., None], torch.full_like(g, -1.0)).flatten()
@@ -150,8 +160,9 @@ def _proposal(f: Family, ev: torch.Tensor, r: int, chunk: int, left: int):
     return f.alloc + add, added
 
 
-def pursuit(W: torch.Tensor, cap: int, r: int, *, scales=(1, 2, 4), shift=True, rounds=8, sweeps=2,
-            seed_rank: int = 0) -> tuple[list[Family], float]:
+def pursuit(
+    W: torch.Tensor, cap: int, r: int, *, scales=(1, 2, 4), shift=True, rounds=8, sweeps=2, seed_rank: int = 0
+) -> tuple[list[Family], float]:
     """Fit W (float64) under total cost <= cap.  Returns (families, squared residual norm).
 
     ``seed_rank``: components of the (1, 1) family allocated (and fitted) before the greedy rounds.
@@ -200,4 +211,3 @@ def pursuit(W: torch.Tensor, cap: int, r: int, *, scales=(1, 2, 4), shift=True, 
             P = R + f.B
             R = P - f.refit(P, r)
     return [f for f in fams if f.B is not None and int(f.alloc.sum()) > 0], float((R * R).sum())
-

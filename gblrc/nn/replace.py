@@ -20,6 +20,7 @@ Default selection rule (``find_linears`` without ``include``): a linear layer is
 name.  ``include`` replaces the default rule (any matching linear layer is selected, whatever its
 size or name); ``exclude`` then removes matches.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,10 +31,21 @@ from torch import nn
 from gblrc.nn.conv import GBLRConv2d, conv_as_linear, conv_geometry, unsupported_conv
 from gblrc.nn.layer import GBLRLinear
 
-__all__ = ["HEAD_NAMES", "is_linear", "is_conv2d", "is_compressible", "as_linear", "find_linears", "replace_linears", "set_module", "get_module"]
+__all__ = [
+    "HEAD_NAMES",
+    "is_linear",
+    "is_conv2d",
+    "is_compressible",
+    "as_linear",
+    "find_linears",
+    "replace_linears",
+    "set_module",
+    "get_module",
+]
 
-HEAD_NAMES = frozenset({"lm_head", "classifier", "head", "heads", "score", "qa_outputs", "cls", "pooler",
-                        "output_head"})
+HEAD_NAMES = frozenset(
+    {"lm_head", "classifier", "head", "heads", "score", "qa_outputs", "cls", "pooler", "output_head"}
+)
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -107,8 +119,9 @@ def _is_hf(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def find_linears(model: nn.Module, include: str | None = None, exclude: str | None = None,
-                 min_features: int = 16) -> list[tuple[str, nn.Module]]:
+def find_linears(
+    model: nn.Module, include: str | None = None, exclude: str | None = None, min_features: int = 16
+) -> list[tuple[str, nn.Module]]:
     """[(qualified name, module)] of the linear layers to compress, in registration order (rule above)."""
     try:
         inc = re.compile(include) if include else None
@@ -134,7 +147,9 @@ def find_linears(model: nn.Module, include: str | None = None, exclude: str | No
     return out
 
 
-def replace_linears(model: nn.Module, names_or_pairs, budget: float, *, fit=None, **fit_kwargs) -> dict[str, GBLRLinear]:
+def replace_linears(
+    model: nn.Module, names_or_pairs, budget: float, *, fit=None, **fit_kwargs
+) -> dict[str, GBLRLinear]:
     """Replace the named linear layers of ``model`` in place by GBLR layers fitted at ``budget``.
 
     ``names_or_pairs``: qualified names, or (name, module) pairs as returned by :func:`find_linears`;
