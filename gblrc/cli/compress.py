@@ -306,32 +306,15 @@ def compress(
     model,
     budget,
     target_fidelity,
+    data,
     eval_data,
     general_text,
-    refine_steps,
-    hidden_loss,
-    augment,
-    data,
-    steps,
-    batch_size,
-    lr,
-    include,
-    exclude,
-    rank_per_component,
-    tile,
-    structure,
-    allocate,
-    tune_norms,
-    budget_unit,
-    train_rest,
-    device,
-    mixed_precision,
-    seed,
     output,
     checkpoint_every,
     resume,
     trust,
     quiet,
+    **settings,
 ):
     """Replace MODEL's nn.Linear layers by learned Generalized Block Low-Rank layers whose total cost
     is at most BUDGET x the dense cost, and write the compressed model.
@@ -349,54 +332,14 @@ def compress(
       gblrc compress path/to/hf_folder --budget 0.5 --data sentences.txt --include '^encoder\\.'
     Then: gblrc lower <OUT> -o model.onnx
     """
-    from gblrc.learn.compress import CompressConfig
-    from gblrc.learn.target import check_target
-
-    if budget is None and target_fidelity is None:
-        raise GblrcError("give --budget B (a fraction of the dense cost), or --target-fidelity F to choose it")
-    settings = dict(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        include=include,
-        exclude=exclude,
-        seed=seed,
-        rank_per_component=rank_per_component,
-        tile=tile,
-        structure=structure,
-        allocate=allocate,
-        tune_norms=tune_norms,
-        train_rest=train_rest,
-        budget_unit=budget_unit,
-        device=device,
-        mixed_precision=mixed_precision,
-        hidden_loss=hidden_loss,
-        augment=augment,
-        refine_steps=refine_steps,
-    )
-    with api_errors(failed=_FAILED):  # every value is checked once, by the API; its errors name the flags here
-        if target_fidelity is not None:
-            check_target(target_fidelity, data is not None, resume)
-        cfg = CompressConfig(budget=1.0 if budget is None else budget).replace(
-            checkpoint_every=max(checkpoint_every, 1), progress=not quiet, **settings
-        )
+    cfg = _config(budget, target_fidelity, data is not None, resume, checkpoint_every, quiet, settings)
     from gblrc.io.loading import model_path
 
     mpath = model_path(model)  # before the output paths derived from it
     out = Path(output) if output else default_output(mpath)
-    check_output(out, mpath)
-    side = [Path(f"{out}.report.json"), Path(f"{out}.structure.png")]
-    for p in side:
-        check_output(p, mpath)
+    side = _checked_outputs(out, mpath)
     ckpt = Path(f"{out}.ckpt")
-    if resume and not ckpt.is_dir():
-        click.echo(f"warning: no checkpoint in {ckpt}; starting from the beginning", err=True)
-        resume = False
-    if not resume and ckpt.exists():
-        raise GblrcError(
-            f"a checkpoint of an interrupted run exists in {str(ckpt)!r}; rerun with --resume to "
-            f"continue it, or delete that folder to start over"
-        )
+    resume = _check_resume(ckpt, resume)
     if checkpoint_every > 0:
         cfg = cfg.replace(checkpoint_dir=str(ckpt), resume=resume)
     inputs = read_inputs(mpath, data, eval_data, general_text, trust=trust, quiet=quiet, cfg=cfg)
@@ -409,6 +352,43 @@ def compress(
         if ckpt.is_dir():
             shutil.rmtree(ckpt, ignore_errors=True)
         print_summary(full, report, inputs, out, side, quiet)
+
+
+def _config(budget, target_fidelity, has_data: bool, resume: bool, checkpoint_every: int, quiet: bool, settings: dict):
+    """The CompressConfig of the command's settings (its options that are CompressConfig fields), checked by the API."""
+    from gblrc.learn.compress import CompressConfig
+    from gblrc.learn.target import check_target
+
+    if budget is None and target_fidelity is None:
+        raise GblrcError("give --budget B (a fraction of the dense cost), or --target-fidelity F to choose it")
+    with api_errors(failed=_FAILED):  # every value is checked once, by the API; its errors name the flags here
+        if target_fidelity is not None:
+            check_target(target_fidelity, has_data, resume)
+        return CompressConfig(budget=1.0 if budget is None else budget).replace(
+            checkpoint_every=max(checkpoint_every, 1), progress=not quiet, **settings
+        )
+
+
+def _checked_outputs(out: Path, mpath: Path) -> list[Path]:
+    """Check OUT and its side files (report, picture) can be written; return the side files."""
+    check_output(out, mpath)
+    side = [Path(f"{out}.report.json"), Path(f"{out}.structure.png")]
+    for p in side:
+        check_output(p, mpath)
+    return side
+
+
+def _check_resume(ckpt: Path, resume: bool) -> bool:
+    """Whether to resume: --resume without a checkpoint warns and starts over; a stale checkpoint is an error."""
+    if resume and not ckpt.is_dir():
+        click.echo(f"warning: no checkpoint in {ckpt}; starting from the beginning", err=True)
+        resume = False
+    if not resume and ckpt.exists():
+        raise GblrcError(
+            f"a checkpoint of an interrupted run exists in {str(ckpt)!r}; rerun with --resume to "
+            f"continue it, or delete that folder to start over"
+        )
+    return resume
 
 
 @dataclass

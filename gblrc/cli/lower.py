@@ -242,32 +242,22 @@ def lower(
       gblrc bench m8.onnx --against d8.onnx --shape input_ids=8x128 --shape attention_mask=8x128
     """
     from gblrc.export.inputs import calibration_feeds
-    from gblrc.export.options import check_lower_options
 
     out = _lower_target(Path(model), output, hf_folder, hf_source, keep_gblr_ops)
-    _only_with(
-        "--quantize int8",
+    _check_flags(
+        None if hf_folder is not None else out,
+        opset,
+        keep_gblr_ops,
+        precision,
         quantize,
-        ("--quant-mode", quant_mode),
-        ("--per-channel", per_channel),
-        ("--data", data_spec),
-        ("--calib-batches", calib_batches),
+        quant_mode,
+        per_channel,
+        data_spec,
+        calib_batches,
+        with_dense,
+        optimize,
+        tune,
     )
-    _only_with("--data", data_spec is not None, ("--calib-batches", calib_batches))
-    with api_errors(_FLAGS):
-        check_lower_options(
-            None if hf_folder is not None else out,
-            opset=int(opset) if opset.isdigit() else opset,
-            keep_gblr_ops=keep_gblr_ops,
-            precision=precision,
-            quantize=quantize,
-            quant_mode=quant_mode,
-            calib_feeds=data_spec,
-            calib_batches=calib_batches,
-            with_dense=with_dense,
-            optimize=optimize,
-            tune=tune,
-        )
     config = _tune_config(tune, tokens, threads, provider)
     names = _split_passes(passes)
     if names is not None and not keep_gblr_ops:
@@ -277,24 +267,8 @@ def lower(
     m, inputs = _model_and_inputs(model, input_shapes, trust)
     with api_errors(_FLAGS):
         calibration = None if data_spec is None else calibration_feeds(data_spec, m, inputs, calib_batches, trust=trust)
-    kw = dict(
-        passes=names,
-        opset=int(opset),
-        keep_gblr_ops=keep_gblr_ops,
-        rtol=rtol,
-        atol=atol,
-        tune=config if config is not None else False,
-        precision=precision,
-        quantize=quantize,
-        quant_mode=quant_mode or "dynamic",
-        per_channel={"on": True, "off": False}.get(per_channel, "auto"),
-        calib_feeds=calibration,
-        with_dense=with_dense,
-        attention=attention,
-        optimize=optimize,
-        attention_provider=config.provider if config is not None else "auto",
-        attention_threads=(config.threads or None) if config is not None else None,
-    )
+    kw = _api_kwargs(names, config, opset, keep_gblr_ops, rtol, atol, precision, quantize, quant_mode, per_channel)
+    kw.update(calib_feeds=calibration, with_dense=with_dense, attention=attention, optimize=optimize)
     if hf_folder is not None:
         from gblrc.export.hf_folder import source_folder, write_hf_folder
 
@@ -307,6 +281,68 @@ def lower(
 
 
 _FLAGS = {"input_shapes": "--input-shape", "calib_feeds": "--data"}  # settings whose flag is not --setting-name
+
+
+def _check_flags(
+    out,
+    opset: str,
+    keep_gblr_ops,
+    precision,
+    quantize,
+    quant_mode,
+    per_channel,
+    data_spec,
+    calib_batches,
+    with_dense,
+    optimize,
+    tune,
+) -> None:
+    """`lower`'s option checks before any loading: flags that need another, then the API's (out None: --hf-folder)."""
+    from gblrc.export.options import check_lower_options
+
+    _only_with(
+        "--quantize int8",
+        quantize,
+        ("--quant-mode", quant_mode),
+        ("--per-channel", per_channel),
+        ("--data", data_spec),
+        ("--calib-batches", calib_batches),
+    )
+    _only_with("--data", data_spec is not None, ("--calib-batches", calib_batches))
+    with api_errors(_FLAGS):
+        check_lower_options(
+            out,
+            opset=int(opset) if opset.isdigit() else opset,
+            keep_gblr_ops=keep_gblr_ops,
+            precision=precision,
+            quantize=quantize,
+            quant_mode=quant_mode,
+            calib_feeds=data_spec,
+            calib_batches=calib_batches,
+            with_dense=with_dense,
+            optimize=optimize,
+            tune=tune,
+        )
+
+
+def _api_kwargs(
+    names, config, opset: str, keep_gblr_ops, rtol, atol, precision, quantize, quant_mode, per_channel
+) -> dict:
+    """The keywords of `gblrc.lower` / `write_hf_folder` from `lower`'s flags (`lower` adds calibration, attention)."""
+    return dict(
+        passes=names,
+        opset=int(opset),
+        keep_gblr_ops=keep_gblr_ops,
+        rtol=rtol,
+        atol=atol,
+        tune=config if config is not None else False,
+        precision=precision,
+        quantize=quantize,
+        quant_mode=quant_mode or "dynamic",
+        per_channel={"on": True, "off": False}.get(per_channel, "auto"),
+        attention_provider=config.provider if config is not None else "auto",
+        attention_threads=(config.threads or None) if config is not None else None,
+    )
 
 
 def _lower_target(src: Path, output, hf_folder, hf_source, keep_gblr_ops: bool) -> Path:

@@ -167,29 +167,10 @@ def export_in_fastest_form(
     for form in forms:
         with attention_form(module, form):
             graphs[form] = export()
-    from gblrc.export.reference import dense_reference_model
-    from gblrc.runtime.timing import best_of_sessions, effective_threads, resolve_provider
+    from gblrc.runtime.timing import effective_threads
 
-    try:
-        prov = resolve_provider(provider)
-    except ValueError as e:
-        raise GblrcError(str(e)) from None
     feeds = dict(feeds or {})
-    try:
-        t = best_of_sessions(
-            {f: dense_reference_model(g) for f, g in graphs.items()},
-            feeds,
-            provider=prov,
-            threads=threads,
-            repeats=repeats,
-            sessions=sessions,
-            warmup=2,
-        )
-    except Exception as e:
-        raise GblrcError(
-            f"timing the attention forms failed on {prov}: {' '.join(str(e).split())[:200]}; "
-            "choose one with --attention eager|sdpa"
-        ) from None
+    prov, t = _time_dense_references(graphs, feeds, provider, threads, repeats, sessions)
     nodes = {f: len(g.graph.node) for f, g in graphs.items()}
     fast, slow = sorted(forms, key=lambda f: t.best[f])
     if t.best[slow] - t.best[fast] <= TIE * t.best[slow]:
@@ -207,6 +188,33 @@ def export_in_fastest_form(
         nodes=nodes,
     )
     return graphs[form], choice
+
+
+def _time_dense_references(graphs: dict, feeds: dict, provider: str, threads, repeats: int, sessions: int):
+    """(resolved provider, best-of-sessions times) of the dense reference of each form's graph on ``feeds``."""
+    from gblrc.export.reference import dense_reference_model
+    from gblrc.runtime.timing import best_of_sessions, resolve_provider
+
+    try:
+        prov = resolve_provider(provider)
+    except ValueError as e:
+        raise GblrcError(str(e)) from None
+    try:
+        t = best_of_sessions(
+            {f: dense_reference_model(g) for f, g in graphs.items()},
+            feeds,
+            provider=prov,
+            threads=threads,
+            repeats=repeats,
+            sessions=sessions,
+            warmup=2,
+        )
+    except Exception as e:
+        raise GblrcError(
+            f"timing the attention forms failed on {prov}: {' '.join(str(e).split())[:200]}; "
+            "choose one with --attention eager|sdpa"
+        ) from None
+    return prov, t
 
 
 def record_choice(model: onnx.ModelProto, choice: AttentionChoice) -> None:

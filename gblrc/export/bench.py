@@ -242,24 +242,7 @@ def bench(
             shapes, shapes_from = recorded, f"the example shapes `gblrc lower` recorded in {paths[0]!r}"
     feeds = make_feeds(models[0], shapes)
     per_model = [feeds]
-    for p, m in zip(paths[1:], models[1:]):
-        specs = graph_inputs(m)
-        names = {s.name for s in specs}
-        if names != set(feeds):
-            raise GblrcError(
-                f"{p!r} has inputs {', '.join(sorted(names)) or 'none'}; {paths[0]!r} has "
-                f"{', '.join(feeds) or 'none'}: bench compares models with the same inputs"
-            )
-        f = OrderedDict()
-        for s in specs:  # same values, in this model's types (an fp16-input model gets the same numbers)
-            f[s.name] = feeds[s.name].astype(s.dtype)
-            for axis, d in enumerate(s.dims):
-                if isinstance(d, int) and d > 0 and (axis >= feeds[s.name].ndim or feeds[s.name].shape[axis] != d):
-                    raise GblrcError(
-                        f"{p!r}: input {s.name!r} is fixed at {'x'.join(map(str, s.dims))}, "
-                        f"fed {'x'.join(map(str, feeds[s.name].shape))}"
-                    )
-        per_model.append(f)
+    per_model += [_same_feeds(p, m, feeds, paths[0]) for p, m in zip(paths[1:], models[1:])]
     labels = _labels(paths)
     for p, m, f in zip(paths, models, per_model):  # one session each first: a model that cannot run is named
         try:
@@ -284,15 +267,7 @@ def bench(
         raise GblrcError(f"timing failed on {prov}: {' '.join(str(e).split())[:240]}") from None
     first = next(iter(feeds.values()), None)
     batch = int(first.shape[0]) if first is not None and first.ndim >= 1 else None
-    agreement: dict = {}
-    if len(paths) == 2:
-        from gblrc.export.precision import fidelity
-
-        a, b = (t.outputs[k] for k in labels)
-        if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-            agreement = {"compared": False, "why": "the models' outputs differ in number or shape"}
-        else:
-            agreement = {"compared": True, **fidelity([a], [b]).as_dict()}
+    agreement = _agreement(t.outputs, labels) if len(paths) == 2 else {}
     return BenchResult(
         provider=prov,
         threads=effective_threads(threads),
@@ -310,6 +285,38 @@ def bench(
         agreement=agreement,
         shapes_from=shapes_from,
     )
+
+
+def _same_feeds(path: str, model: onnx.ModelProto, feeds: dict, first: str) -> OrderedDict:
+    """``feeds`` (of the first model, from ``first``) for ``model``: the same values in its input types;
+    GblrcError when its inputs differ in names or fixed dimensions."""
+    specs = graph_inputs(model)
+    names = {s.name for s in specs}
+    if names != set(feeds):
+        raise GblrcError(
+            f"{path!r} has inputs {', '.join(sorted(names)) or 'none'}; {first!r} has "
+            f"{', '.join(feeds) or 'none'}: bench compares models with the same inputs"
+        )
+    f = OrderedDict()
+    for s in specs:  # same values, in this model's types (an fp16-input model gets the same numbers)
+        f[s.name] = feeds[s.name].astype(s.dtype)
+        for axis, d in enumerate(s.dims):
+            if isinstance(d, int) and d > 0 and (axis >= feeds[s.name].ndim or feeds[s.name].shape[axis] != d):
+                raise GblrcError(
+                    f"{path!r}: input {s.name!r} is fixed at {'x'.join(map(str, s.dims))}, "
+                    f"fed {'x'.join(map(str, feeds[s.name].shape))}"
+                )
+    return f
+
+
+def _agreement(outputs: dict, labels: Sequence[str]) -> dict:
+    """How the two models' kept outputs agree (fidelity of the first to the second), or why they were not compared."""
+    from gblrc.export.precision import fidelity
+
+    a, b = (outputs[k] for k in labels)
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return {"compared": False, "why": "the models' outputs differ in number or shape"}
+    return {"compared": True, **fidelity([a], [b]).as_dict()}
 
 
 def recorded_shapes(model: onnx.ModelProto) -> dict | None:

@@ -407,20 +407,31 @@ def lower(
         tune=tune,
     )
     rtol32, atol32, rtol, atol = _tolerances(precision, rtol, atol)
-    inputs = normalize_inputs(example_inputs)
-    names = list(input_names) if input_names is not None else list(inputs)
-    job = _Job(module, inputs, dict(zip(names, inputs.values())), attention_provider, attention_threads)
+    job = _Job.of(module, example_inputs, input_names, attention_provider, attention_threads)
     exported, attn = _export(
         job, opset=opset, dynamic_axes=dynamic_axes, output_names=output_names, attention=attention, optimize=optimize
     )
+    model, report, feeds, ref = _lower_and_gate(
+        job, exported, attn, path, passes, tune, keep_gblr_ops, optimize, rtol32, atol32
+    )
+    deploy = dict(feeds=feeds, ref=ref, precision=precision, quantize=quantize, quant_mode=quant_mode)
+    deploy.update(per_channel=per_channel, calibration=calib_feeds, rtol=rtol, atol=atol)
+    return _deploy_and_write(job, exported, model, report, deploy, path, with_dense, optimize, rtol32, atol32)
+
+
+def _lower_and_gate(
+    job: "_Job", exported, attn, path, passes, tune, keep_gblr_ops: bool, optimize: bool, rtol32, atol32
+):
+    """``exported`` through the passes (and the optimizer), recorded, validated and gated against PyTorch at
+    the fp32 tolerances: the lowered model, its report, the graph's feeds and PyTorch's outputs."""
     before = op_counts(exported)
-    model, results, calibration, relower = _run_pipeline(exported, inputs, passes, tune, keep_gblr_ops)
+    model, results, calibration, relower = _run_pipeline(exported, job.inputs, passes, tune, keep_gblr_ops)
     fusion = None
     if optimize:
         model, fusion = _optimize(job, exported, model, relower)
     _record(model, attn, job.named, structures=structures_from_onnx(exported))
     _check_valid(model, "the lowered ONNX model")
-    ref = _torch_reference(module, inputs)
+    ref = _torch_reference(job.module, job.inputs)
     feeds = _graph_feeds(model, job.feeds)  # inputs the graph does not use are pruned
     rep = _gate(model, feeds, ref, rtol=rtol32, atol=atol32, what="the ONNX model")
     report = LowerReport(
@@ -439,17 +450,15 @@ def lower(
         attention=attn,
         fusion=fusion,
     )
-    deploy = dict(
-        feeds=feeds,
-        ref=ref,
-        precision=precision,
-        quantize=quantize,
-        quant_mode=quant_mode,
-        per_channel=per_channel,
-        calibration=calib_feeds,
-        rtol=rtol,
-        atol=atol,
-    )
+    return model, report, feeds, ref
+
+
+def _deploy_and_write(
+    job: "_Job", exported, model, report: LowerReport, deploy: dict, path, with_dense, optimize: bool, rtol32, atol32
+) -> LowerReport:
+    """The gated ``model`` (and the dense reference, with ``with_dense``) at the precision asked for, its
+    metadata recorded again, both written (or neither); ``report`` filled in and returned."""
+    attn, fusion = report.attention, report.fusion
     out = _deploy(model, report=report, **deploy)
     dense = None
     if with_dense is not None:
@@ -480,6 +489,13 @@ class _Job:
     @property
     def feeds(self) -> dict:
         return {n: t.detach().cpu().numpy() for n, t in self.named.items()}
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, example_inputs, input_names, provider: str, threads: int | None) -> "_Job":
+        """The job of ``module`` on ``example_inputs`` (normalised), named by ``input_names`` (default: their keys)."""
+        inputs = normalize_inputs(example_inputs)
+        names = list(input_names) if input_names is not None else list(inputs)
+        return cls(module, inputs, dict(zip(names, inputs.values())), provider, threads)
 
 
 def _tolerances(precision: str, rtol: float | None, atol: float | None) -> tuple[float, float, float, float]:

@@ -156,8 +156,6 @@ def quantize_int8(
     uint8, weights int8.  Only nodes of ``op_types`` with constant float32 weights are quantised;
     GblrcError when there are none.
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-
     check_quant_mode(str(mode))
     if float_dtype_of(model) != "fp32":
         raise GblrcError("int8 quantisation needs a float32 model (this one is fp16); quantise the fp32 model")
@@ -183,39 +181,7 @@ def quantize_int8(
         except Exception:  # pragma: no cover - shapes are a help to the quantiser, not a need
             pass
         onnx.save(m, os.fspath(src))
-        logging.disable(logging.WARNING)  # the quantiser logs advice on the root logger ("consider pre-processing")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if mode == "dynamic":
-                    quantize_dynamic(
-                        src,
-                        dst,
-                        per_channel=per_channel,
-                        weight_type=QuantType.QInt8,
-                        op_types_to_quantize=list(op_types),
-                        extra_options=dict(extra),
-                    )
-                else:
-                    quantize_static(
-                        src,
-                        dst,
-                        _Batches([dict(f) for f in calibration]),
-                        quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel,
-                        activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8,
-                        op_types_to_quantize=list(op_types),
-                        extra_options=dict(extra),
-                    )
-        except GblrcError:
-            raise
-        except Exception as e:
-            raise GblrcError(
-                f"ONNX Runtime quantisation failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-            ) from None
-        finally:
-            logging.disable(logging.NOTSET)
+        _run_quantiser(src, dst, mode, per_channel, calibration, op_types, extra)
         out = onnx.load(os.fspath(dst))
     quantized = {
         "MatMulInteger",
@@ -233,6 +199,46 @@ def quantize_int8(
         raise GblrcError("ONNX Runtime's quantiser changed nothing in this model; nothing to quantise")
     out.metadata_props.add(key="gblrc.export.precision", value=f"int8-{mode}")
     return out
+
+
+def _run_quantiser(src: Path, dst: Path, mode: str, per_channel: bool, calibration, op_types, extra: dict) -> None:
+    """ONNX Runtime's quantiser from file ``src`` to file ``dst`` (dynamic, or static QDQ calibrated on
+    ``calibration``), its log advice and warnings silenced; its failures as GblrcError."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    logging.disable(logging.WARNING)  # the quantiser logs advice on the root logger ("consider pre-processing")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if mode == "dynamic":
+                quantize_dynamic(
+                    src,
+                    dst,
+                    per_channel=per_channel,
+                    weight_type=QuantType.QInt8,
+                    op_types_to_quantize=list(op_types),
+                    extra_options=dict(extra),
+                )
+            else:
+                quantize_static(
+                    src,
+                    dst,
+                    _Batches([dict(f) for f in calibration]),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    op_types_to_quantize=list(op_types),
+                    extra_options=dict(extra),
+                )
+    except GblrcError:
+        raise
+    except Exception as e:
+        raise GblrcError(
+            f"ONNX Runtime quantisation failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 @dataclass

@@ -98,8 +98,6 @@ def compress_to_fidelity(
     1.0) and ``steps`` (default 200) override them.  Returns (model, report); report["fidelity_search"]
     holds the measured curve [{"budget", "cosine", "trained"}], the chosen budget and the held-out set.
     """
-    from gblrc.learn.compress import compress
-
     from gblrc.learn.config import as_config
 
     base = as_config(config if config is not None else 1.0, kw).replace(
@@ -112,24 +110,9 @@ def compress_to_fidelity(
         data, eval_data = holdout(data)
     judge = Fidelity(model, eval_batches(eval_data))  # ``model`` stays dense: every run compresses a copy
     say = log or (lambda s: None)
-    curve: list[dict] = []
+    run = _Runs(model, base, data, judge, say)
+    curve = run.curve
     kept: dict[float, tuple] = {}
-
-    def run(b: float, n_steps: int):
-        m, rep = compress(copy.deepcopy(model), base.replace(budget=b, steps=n_steps), data=data)
-        f = judge(m)
-        curve.append(
-            {
-                "budget": round(b, 4),
-                "achieved_ratio": rep["achieved_ratio"],
-                "cosine": f["cosine"],
-                "cosine_min": f["cosine_min"],
-                "trained": n_steps > 0,
-            }
-        )
-        say(f"  budget {b:.3f}: fidelity {f['cosine']:.4f}" + (f" after {n_steps} steps" if n_steps else " (init)"))
-        return m, rep, f["cosine"]
-
     hi = float(max_budget)
     m, rep, f_hi = run(hi, 0)
     kept[hi] = (m, rep)
@@ -138,18 +121,8 @@ def compress_to_fidelity(
             f"fidelity {target} is out of reach: {f_hi:.4f} at budget {hi:g} "
             f"(the largest allowed); lower the target or allow a larger budget"
         )
-    lo = MIN_BUDGET
     if f_hi >= target:
-        for _ in range(max_evals):
-            if f_hi - target <= tolerance or hi / lo < 1.05:
-                break
-            mid = math.sqrt(lo * hi)
-            m, rep, f = run(mid, 0)
-            if f >= target:
-                hi, f_hi = mid, f
-                kept = {hi: (m, rep)}
-            else:
-                lo = mid
+        hi, f_hi, kept = _bisect(run, target, hi, f_hi, kept, tolerance, max_evals)
     inits = sorted((p["budget"], p["cosine"]) for p in curve if not p["trained"])
     chosen = hi
     if steps > 0:
@@ -174,8 +147,57 @@ def compress_to_fidelity(
                 if f2 >= target:
                     chosen, kept = b2, {b2: (m2, rep2)}
     m, rep = kept[chosen]
+    return m, _with_search(rep, judge(m), judge, target, chosen, held, curve)
+
+
+class _Runs:
+    """The search's runs: each compresses a copy of the dense ``model`` at one budget (trained for some
+    steps or not), judges it and adds the point to ``curve``; called as ``run(budget, steps)``."""
+
+    def __init__(self, model, base, data, judge: Fidelity, say):
+        self.model, self.base, self.data, self.judge, self.say = model, base, data, judge, say
+        self.curve: list[dict] = []
+
+    def __call__(self, b: float, n_steps: int):
+        from gblrc.learn.compress import compress
+
+        m, rep = compress(copy.deepcopy(self.model), self.base.replace(budget=b, steps=n_steps), data=self.data)
+        f = self.judge(m)
+        self.curve.append(
+            {
+                "budget": round(b, 4),
+                "achieved_ratio": rep["achieved_ratio"],
+                "cosine": f["cosine"],
+                "cosine_min": f["cosine_min"],
+                "trained": n_steps > 0,
+            }
+        )
+        self.say(
+            f"  budget {b:.3f}: fidelity {f['cosine']:.4f}" + (f" after {n_steps} steps" if n_steps else " (init)")
+        )
+        return m, rep, f["cosine"]
+
+
+def _bisect(run: _Runs, target: float, hi: float, f_hi: float, kept: dict, tolerance: float, max_evals: int):
+    """Bisect log-budget between MIN_BUDGET and ``hi`` (which meets ``target``, fidelity ``f_hi``) with
+    untrained runs: the smallest budget found meeting the target, its fidelity and {budget: (model, report)}."""
+    lo = MIN_BUDGET
+    for _ in range(max_evals):
+        if f_hi - target <= tolerance or hi / lo < 1.05:
+            break
+        mid = math.sqrt(lo * hi)
+        m, rep, f = run(mid, 0)
+        if f >= target:
+            hi, f_hi = mid, f
+            kept = {hi: (m, rep)}
+        else:
+            lo = mid
+    return hi, f_hi, kept
+
+
+def _with_search(rep: dict, final: dict, judge: Fidelity, target: float, chosen: float, held: str, curve) -> dict:
+    """A copy of the chosen run's report with its final fidelity and the search (target, budget, curve)."""
     rep = dict(rep)
-    final = judge(m)
     rep["fidelity"] = {"examples": judge.examples, "dense": judge.dense, "final": final}
     rep["fidelity_search"] = {
         "target": target,
@@ -183,7 +205,7 @@ def compress_to_fidelity(
         "eval_set": held,
         "curve": sorted(curve, key=lambda p: (p["trained"], p["budget"])),
     }
-    return m, rep
+    return rep
 
 
 def _budget_at(points: list[tuple[float, float]], f: float) -> float | None:
