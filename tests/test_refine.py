@@ -115,3 +115,55 @@ def test_cli_refine_steps_reports_the_blocks_and_rejects_bad_values(tmp_path, on
     r = CliRunner().invoke(main, base + ["--refine-steps", "-3", "-o", str(tmp_path / "bad.gblr.pt")])
     last = r.output.strip().splitlines()[-1]
     assert r.exit_code != 0 and last.startswith("Error: --refine-steps") and not list(tmp_path.glob("bad*"))
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [dict(refine_norms=True), dict(refine_target="local"), dict(refine_batches=2)],
+    ids=["norms", "local-target", "two-batches"],
+)
+def test_refine_recipe_options_lower_the_held_out_error(setting, one_thread):
+    dense = bert()
+    data, held = ids(96, 1), ids(48, 2)
+    kw = dict(data=data, steps=0, batch_size=16, calib_batches=4, progress=False, include=r"^encoder\.")
+    base, _ = gblrc.compress(copy.deepcopy(dense), 0.3, **kw)
+    refined, rep = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=60, refine_lr=3e-3, **kw, **setting)
+    assert all(b["loss_after"] < b["loss_before"] for b in rep["refine"]["blocks"])
+    assert held_out_error(refined, dense, held) < 0.95 * held_out_error(base, dense, held)
+    norms = [n for n, p in refined.named_parameters() if "LayerNorm" in n and "encoder" in n]
+    moved = any(not torch.equal(refined.get_parameter(n), dense.get_parameter(n)) for n in norms)
+    assert moved == bool(setting.get("refine_norms"))  # the norms train only when asked
+
+
+def test_refine_batches_beyond_the_calibration_batches_are_used(one_thread):
+    """refine_batches draws its own batches (more than calib_batches): a different result than 2."""
+    dense = bert()
+    kw = dict(data=ids(96, 1), steps=0, batch_size=16, calib_batches=2, progress=False, include=r"^encoder\.")
+    a, _ = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=12, refine_batches=2, **kw)
+    b, _ = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=12, refine_batches=6, **kw)
+    assert not torch.equal(a.encoder.layer[0].attention.self.query.U, b.encoder.layer[0].attention.self.query.U)
+
+
+def test_refine_structure_moves_gblr_widths_within_the_budget(one_thread):
+    dense = bert()
+    kw = dict(data=ids(96, 1), steps=0, batch_size=16, calib_batches=4, progress=False, include=r"^encoder\.")
+    _, rep = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=40, refine_lr=3e-3, refine_structure=True, **kw)
+    moved = rep["refine"]["structure_moved"]
+    assert moved["blocks_changed"] > 0, moved  # widths / locations took part
+    assert rep["achieved_ratio"] <= 0.3 + 1e-12
+    assert all(b["loss_after"] < b["loss_before"] for b in rep["refine"]["blocks"])
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("refine_batches", 0, "refine_batches"),
+        ("refine_target", "teacher", "refine_target"),
+        ("refine_norms", "yes", "refine_norms"),
+        ("refine_structure", 1, "refine_structure"),
+    ],
+)
+def test_bad_refine_settings_are_one_line_errors(field, value, match):
+    with pytest.raises(ValueError, match=match) as e:
+        gblrc.TrainingConfig(**{field: value})
+    assert "\n" not in str(e.value)

@@ -40,7 +40,7 @@ from gblrc.nn.layer import svd_layer
 from gblrc.learn.calib import input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import as_linear, find_linears, is_linear, replace_linears, set_module
-from gblrc.learn.refine import refine_blocks
+from gblrc.learn.refine import refine_blocks, refine_settings
 from gblrc.learn.report import structure_movement
 from gblrc.learn.train import Trainer
 
@@ -268,6 +268,7 @@ class Run:
     dense_w: dict | None = None  # name -> dense weight (data-aware init)
     covs: dict | None = None  # name -> input covariance of the dense model
     xs: list | None = None  # calibration batches
+    refine_xs: list | None = None  # the batches block refinement trains on (the calibration batches and more)
     budgets: dict = field(default_factory=dict)  # name -> cost ratio before training
     allocated: str = "uniform"
     layers: dict = field(default_factory=dict)  # name -> GBLRLinear
@@ -388,8 +389,11 @@ def calibrate(run: Run) -> None:
     if o.init == "sequential" or o.training.refine_steps > 0:  # the sequential refit and refine() use it
         run.dense_ref = run.teacher or copy.deepcopy(run.model).eval()
     it = batch_stream(run.data, o.batch_size, o.seed)
-    run.xs = [to_device(next(it)[0], run.device) for _ in range(o.training.calib_batches)]
-    check_finite(run.xs, "a calibration batch of the data")
+    t = o.training
+    n = max(t.calib_batches, t.refine_batches if t.refine_steps > 0 else 0)
+    xs = [to_device(next(it)[0], run.device) for _ in range(n)]
+    check_finite(xs, "a calibration batch of the data")
+    run.xs, run.refine_xs = xs[: t.calib_batches], xs
     run.covs = input_covariances(run.model, run.names, run.xs)
 
 
@@ -460,8 +464,8 @@ def initialise(run: Run) -> None:
             run.warn(f"layer {n}: sequential refit not applicable, kept the data-aware initialisation")
     if run.judge is not None:
         run.fidelity = {"examples": run.judge.examples, "dense": run.judge.dense, "init": run.judge(model)}
-    refine(run)
     run.initial = {n: m.structure().structure for n, m in run.layers.items()}
+    refine(run)  # (structure_moved counts what refinement moves too)
 
 
 def refine(run: Run) -> None:
@@ -484,11 +488,16 @@ def refine(run: Run) -> None:
         run.model,
         dense,
         run.layers,
-        run.xs,
-        steps=t.refine_steps,
-        lr=t.refine_lr,
+        run.refine_xs,
+        **refine_settings(t),
         progress=run.opt.progress and run.rank == 0,
     )
+    if t.refine_structure:
+        if run.steps == 0:  # the moved structure, fitted to the budget again
+            fit_to_budget(list(run.layers.values()), o.budget, run.unit)
+        run.refined["structure_moved"] = structure_movement(
+            run.initial, {n: m.structure().structure for n, m in run.layers.items()}
+        )
     if run.judge is not None:
         run.fidelity["refined"] = run.judge(run.model)
 

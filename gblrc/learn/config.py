@@ -26,6 +26,7 @@ LOSSES = ("auto", "task", "distill")
 UNITS = ("flops", "time")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("no", "bf16")
+REFINE_TARGETS = ("dense", "local")
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -62,7 +63,10 @@ class TrainingConfig:
     ``train_rest`` (every parameter outside the compressed layers).
     Checkpoints of compress's own loop: ``checkpoint_dir``, ``checkpoint_every``, ``resume``.
     Block-level refinement after the initialisation (:mod:`gblrc.learn.refine`; needs data and a data-aware
-    init): ``refine_steps`` Adam steps per block (0: off), at ``refine_lr`` (cosine to 0).
+    init): ``refine_steps`` Adam steps per block (0: off), at ``refine_lr`` (cosine to 0), on ``refine_batches``
+    batches of the data; ``refine_norms`` (the blocks' normalisation layers train too), ``refine_target``
+    ("dense": the dense block's output on the dense inputs; "local": on the compressed model's inputs),
+    ``refine_structure`` (GBLR widths and locations move too, with their own sigma schedule).
     """
 
     lr_struct: float | None = None
@@ -86,6 +90,10 @@ class TrainingConfig:
     resume: bool = False
     refine_steps: int = 0
     refine_lr: float = 3e-4
+    refine_batches: int = 64
+    refine_norms: bool = False
+    refine_target: str = "dense"
+    refine_structure: bool = False
 
     def __post_init__(self):
         _fraction("warmup", self.warmup)
@@ -112,6 +120,12 @@ class TrainingConfig:
         if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
             raise OptionError("refine_steps", f"must be a whole number >= 0 (0: off); got {self.refine_steps!r}")
         _fraction("refine_lr", self.refine_lr, high=math.inf, open_low=True)
+        if not isinstance(self.refine_batches, int) or isinstance(self.refine_batches, bool) or self.refine_batches < 1:
+            raise OptionError("refine_batches", f"must be a whole number >= 1; got {self.refine_batches!r}")
+        _choice("refine_target", self.refine_target, REFINE_TARGETS)
+        for name in ("refine_norms", "refine_structure"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(name, f"must be True or False; got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,16 @@ import time
 import torch
 from torch import nn
 
+from gblrc.learn.budget import LambdaController, cost_ratio, proximal_step
 from gblrc.learn.data import call_model, model_output
 from gblrc.learn.objective import _mask_for, rel_mse
 
-__all__ = ["find_blocks", "refine_blocks"]
+__all__ = ["find_blocks", "refine_blocks", "refine_settings"]
+
+_NORMS = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupNorm) if c is not None)
+
+
+_JUDGED = 16  # the batches the report's block losses (before / after) are the mean over
 
 
 class _Stop(Exception):
@@ -56,10 +62,18 @@ def _main(out) -> torch.Tensor:
 def _targets(dense: nn.Module, block: str, xs) -> list[torch.Tensor]:
     """The dense block's outputs on the dense model's own inputs, one per calibration batch."""
     got = []
-    h = dense.get_submodule(block).register_forward_hook(lambda m, a, o: got.append(_main(o).detach()))
+
+    def hook(_m, _a, out):
+        got.append(_main(out).detach())
+        raise _Stop  # the rest of the model is not needed
+
+    h = dense.get_submodule(block).register_forward_hook(hook)
     try:
         for x in xs:
-            call_model(dense, x)
+            try:
+                call_model(dense, x)
+            except _Stop:
+                pass
     finally:
         h.remove()
     return got
@@ -91,34 +105,104 @@ def _inputs(model: nn.Module, block: str, xs) -> list[tuple]:
     return got
 
 
-def _train_block(mod: nn.Module, params: list, inputs, targets, masks, steps: int, lr: float) -> tuple[float, float]:
-    """Adam on ``params`` (lr cosine to 0) so that mod(inputs) matches targets; (first, last) mean loss."""
-    opt = torch.optim.Adam(params, lr=lr)
+def _train_block(mod: nn.Module, groups: list, inputs, targets, masks, steps: int, on_step=None) -> tuple[float, float]:
+    """Adam on the param ``groups`` (each lr cosine to 0) so that mod(inputs) matches targets; (first, last)
+    mean loss.  ``on_step(step)`` runs before each step (the structure's sigma and budget)."""
+    opt = torch.optim.Adam(groups)
+    base = [g["lr"] for g in opt.param_groups]
 
     def loss_at(i):
         args, kwargs = inputs[i]
         return rel_mse(_main(mod(*args, **kwargs)), targets[i], masks[i])
 
+    judged = range(min(len(inputs), _JUDGED))
+
     with torch.no_grad():
-        first = sum(float(loss_at(i)) for i in range(len(inputs))) / len(inputs)
+        first = sum(float(loss_at(i)) for i in judged) / len(judged)
     for step in range(steps):
-        for g in opt.param_groups:
+        for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
+        if on_step is not None:
+            on_step(step, opt)
         loss = loss_at(step % len(inputs))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
-        last = sum(float(loss_at(i)) for i in range(len(inputs))) / len(inputs)
+        last = sum(float(loss_at(i)) for i in judged) / len(judged)
     return first, last
 
 
+def refine_settings(t) -> dict:
+    """:func:`refine_blocks`' keyword arguments from a :class:`gblrc.TrainingConfig` (its ``refine_*`` fields;
+    the structure's sigma rises to the config's ``sigma_max``).  The batches: the data's first
+    ``t.refine_batches``."""
+    return {
+        "steps": t.refine_steps,
+        "lr": t.refine_lr,
+        "norms": t.refine_norms,
+        "target": t.refine_target,
+        "structure": t.refine_structure,
+        "lr_struct": t.lr_struct,
+        "sigma": (min(10.0, t.sigma_max), t.sigma_max),
+    }
+
+
+def _structure_hook(mods: list, steps: int, lr_struct: float, sigma0: float, sigma_max: float):
+    """The structure's schedule within one block: sigma rising geometrically from ``sigma0`` to ``sigma_max``
+    over the steps, widths kept at the block's initial cost by a proximal shrink whose lambda grows while the
+    cost is above it (the method's own controller, reference = the start)."""
+    start = cost_ratio(mods)
+    lam = LambdaController(start, start, 1, lam0=2e-4)
+
+    def on_step(step: int, opt) -> None:
+        sigma = sigma0 * (sigma_max / sigma0) ** (step / max(1, steps - 1))
+        with torch.no_grad():
+            for m in mods:
+                m.sigma.fill_(sigma)
+            shrink = lam.update(step, cost_ratio(mods)) * opt.param_groups[-1]["lr"]
+            proximal_step(mods, shrink)
+
+    return on_step
+
+
+def _block_params(mod: nn.Module, inside: list, layers: dict, norms: bool, structure: bool):
+    """(content, structure) parameters of a block: the compressed layers' U, V, bias (+ the block's
+    normalisation layers' weights with ``norms``); their widths and locations with ``structure``."""
+    content = [p for n in inside for name, p in layers[n].named_parameters() if name not in ("widths", "locations")]
+    if norms:
+        content += [p for m in mod.modules() if isinstance(m, _NORMS) for p in m.parameters()]
+    struct = [getattr(layers[n], a) for n in inside for a in ("widths", "locations")] if structure else []
+    return content, struct
+
+
 def refine_blocks(
-    model: nn.Module, dense: nn.Module, layers: dict, xs, *, steps: int, lr: float = 3e-4, progress: bool = False
+    model: nn.Module,
+    dense: nn.Module,
+    layers: dict,
+    xs,
+    *,
+    steps: int,
+    lr: float = 3e-4,
+    norms: bool = False,
+    target: str = "dense",
+    structure: bool = False,
+    lr_struct: float | None = None,
+    sigma: tuple = (10.0, 100.0),
+    progress: bool = False,
 ) -> dict:
     """Refine ``model``'s blocks in call order (see module doc) on the calibration batches ``xs``;
     ``layers`` {name: GBLR layer} are the compressed ones, ``dense`` the dense model (unchanged).
+
+    ``norms``: the block's LayerNorm / RMSNorm weights train too.  ``target``: "dense" (the dense block's
+    output on the dense model's inputs: anchored to the dense model) or "local" (the dense block applied to
+    the compressed model's own inputs: each block only undoes its own error).  ``structure``: the GBLR
+    layers' widths and locations train too (lr ``lr_struct``, default 5 x lr, Gaudi masks with sigma rising
+    from ``sigma[0]`` to ``sigma[1]``, each block's cost held at its start); the structure is left hard
+    (eval-mode masks), the caller fits it to the budget.
     Returns {"blocks": [{"name", "layers", "loss_before", "loss_after"}], "seconds", "steps"}."""
+    if target not in ("dense", "local"):
+        raise ValueError(f"refine target must be 'dense' or 'local'; got {target!r}")
     t0 = time.perf_counter()
     rows = []
     names = find_blocks(model, list(layers))
@@ -131,31 +215,52 @@ def refine_blocks(
         bar = progress_bar(len(names), "gblrc refine")
     try:
         for block in names:
-            inside = [n for n in layers if n == block or n.startswith(block + ".")]
-            params = [
-                p for n in inside for name, p in layers[n].named_parameters() if name not in ("widths", "locations")
-            ]
-            keep = [(p, p.requires_grad) for p in model.parameters()]
-            for p, _ in keep:
-                p.requires_grad_(False)
-            for p in params:
-                p.requires_grad_(True)
-            try:
-                targets = _targets(dense, block, xs)
-                inputs = _inputs(model, block, xs)
-                masks = [_mask_for(x, t) for x, t in zip(xs, targets)]
-                first, last = _train_block(model.get_submodule(block), params, inputs, targets, masks, steps, lr)
-            finally:
-                for p, r in keep:
-                    p.requires_grad_(r)
             rows.append(
-                {"name": block, "layers": len(inside), "loss_before": round(first, 6), "loss_after": round(last, 6)}
+                _refine_one(model, dense, layers, block, xs, steps, lr, norms, target, structure, lr_struct, sigma)
             )
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(block=block, loss=f"{first:.3g}->{last:.3g}")
+                bar.set_postfix(block=block, loss=f"{rows[-1]['loss_before']:.3g}->{rows[-1]['loss_after']:.3g}")
     finally:
         if bar is not None:
             bar.close()
         model.train(was)
     return {"blocks": rows, "steps": int(steps), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _refine_one(model, dense, layers, block, xs, steps, lr, norms, target, structure, lr_struct, sigma) -> dict:
+    """One block: cache its inputs and targets, train its parameters; the row of the report."""
+    mod = model.get_submodule(block)
+    inside = [n for n in layers if n == block or n.startswith(block + ".")]
+    content, struct = _block_params(mod, inside, layers, norms, structure)
+    keep = [(p, p.requires_grad) for p in model.parameters()]
+    mods = [layers[n] for n in inside]
+    for p, _ in keep:
+        p.requires_grad_(False)
+    for p in content + struct:
+        p.requires_grad_(True)
+    try:
+        inputs = _inputs(model, block, xs)
+        if target == "dense":
+            targets = _targets(dense, block, xs)
+        else:
+            with torch.no_grad():
+                dmod = dense.get_submodule(block)
+                targets = [_main(dmod(*a, **k)).detach() for a, k in inputs]
+        masks = [_mask_for(x, t) for x, t in zip(xs, targets)]
+        groups = [{"params": content, "lr": lr}]
+        hook = None
+        if struct:
+            ls = 5.0 * lr if lr_struct is None else lr_struct
+            groups.append({"params": struct, "lr": ls, "betas": (0.0, 0.999)})
+            hook = _structure_hook(mods, steps, ls, *sigma)
+            for m in mods:
+                m.train()
+                m.hard_forward = True
+        first, last = _train_block(mod, groups, inputs, targets, masks, steps, hook)
+    finally:
+        for p, r in keep:
+            p.requires_grad_(r)
+        for m in mods:
+            m.eval()
+    return {"name": block, "layers": len(inside), "loss_before": round(first, 6), "loss_after": round(last, 6)}
