@@ -61,7 +61,7 @@ def _fidelity_lines(report: dict, eval_spec) -> None:
         for p in search["curve"]:
             how = "trained" if p["trained"] else "init"
             click.echo(f"  budget {p['budget']:.4f} ({how}): cosine {p['cosine']:.4f} (min {p['cosine_min']:.3f})")
-        click.echo(f"chosen budget: {search['chosen_budget']:g}")
+        click.echo(_chosen_line(search, fid))
     if fid:
         where = eval_spec or "held-out part of the data"
         parts = [f"after init {fid['init']['cosine']:.4f}"] if "init" in fid else []
@@ -70,6 +70,21 @@ def _fidelity_lines(report: dict, eval_spec) -> None:
         if acc is not None:
             parts.append(f"accuracy {acc:.4f} (dense {fid['dense'].get('accuracy', float('nan')):.4f})")
         click.echo(f"fidelity on {where} ({fid['examples']} examples), cosine to the dense model: " + ", ".join(parts))
+
+
+def _chosen_line(search: dict, fid: dict | None) -> str:
+    """``chosen budget 0.45: fidelity 0.9620; lowered fp32 0.61x dense time, + int8 0.38x (ONNX Runtime ...)``."""
+    from gblrc.export.speed import speed_line
+
+    line = f"chosen budget {search['chosen_budget']:g}"
+    if fid:
+        line += f": fidelity {fid['final']['cosine']:.4f}"
+    low = search.get("lowered")
+    if low and "skipped" in low:
+        line += "; speed of the lowered model not measured (see the warning)"
+    elif low:
+        line += "; " + speed_line(low)
+    return line
 
 
 def _summary(report: dict) -> None:
@@ -137,6 +152,14 @@ def _summary(report: dict) -> None:
     "on --eval-data, or on a part of --data held out) is at least F, e.g. 0.98. Searches "
     "budgets with the cheap initialisation, then trains at the chosen one; prints the "
     "curve and records it in the report.",
+)
+@click.option(
+    "--speed/--no-speed",
+    default=None,
+    help="With --target-fidelity: lower the result to ONNX as `gblrc lower` does, with its dense "
+    "reference and an int8 (dynamic) copy, and time the three on ONNX Runtime (CPU, one thread "
+    "per core) at the example inputs; prints and records (fidelity_search.lowered) the fp32 and "
+    "int8 time ratios to dense. Costs an export and a few seconds of timing. [default: --speed]",
 )
 @click.option(
     "--data",
@@ -306,6 +329,7 @@ def compress(
     model,
     budget,
     target_fidelity,
+    speed,
     data,
     eval_data,
     general_text,
@@ -333,6 +357,8 @@ def compress(
     Then: gblrc lower <OUT> -o model.onnx
     """
     cfg = _config(budget, target_fidelity, data is not None, resume, checkpoint_every, quiet, settings)
+    if speed is not None and target_fidelity is None:
+        raise GblrcError(f"--{'' if speed else 'no-'}speed only applies with --target-fidelity")
     from gblrc.io.loading import model_path
 
     mpath = model_path(model)  # before the output paths derived from it
@@ -344,7 +370,7 @@ def compress(
         cfg = cfg.replace(checkpoint_dir=str(ckpt), resume=resume)
     inputs = read_inputs(mpath, data, eval_data, general_text, trust=trust, quiet=quiet, cfg=cfg)
     t0 = time.perf_counter()
-    cmodel, report = train(inputs, cfg, target_fidelity, ckpt, quiet)
+    cmodel, report = train(inputs, cfg, target_fidelity, ckpt, quiet, speed=speed is not False)
     full = full_report(
         report, inputs, cfg, seconds=time.perf_counter() - t0 + inputs.seconds, resumed=resume, target=target_fidelity
     )
@@ -464,11 +490,17 @@ def read_inputs(mpath, data_spec, eval_spec, general_text, *, trust, quiet, cfg)
     return Inputs(mpath, loaded, data, data_spec, eval_spec, evald, ex, judge, general_text, time.perf_counter() - t0)
 
 
-def train(inputs: Inputs, cfg, target, ckpt, quiet):
-    """gblrc.compress (or the search for the budget with --target-fidelity) on the loaded model."""
+def train(inputs: Inputs, cfg, target, ckpt, quiet, speed: bool = True):
+    """gblrc.compress (or the search for the budget with --target-fidelity, and with ``speed`` the timing of
+    its result lowered to ONNX) on the loaded model."""
+    from gblrc.export.speed import measure_speed
     from gblrc.learn.compress import compress as compress_model
+    from gblrc.learn.dist import rank_world
     from gblrc.learn.target import compress_to_fidelity
 
+    speed = speed and target is not None and rank_world()[0] == 0  # under torchrun: rank 0 measures
+    if speed and inputs.example is None:
+        click.echo("warning: speed of the lowered model not measured: no example inputs to time it at", err=True)
     data = None if inputs.data is None else inputs.data.train
     evs = None if inputs.evald is None else inputs.evald.train
     try:
@@ -481,14 +513,18 @@ def train(inputs: Inputs, cfg, target, ckpt, quiet):
                 click.echo(
                     f"searching the smallest budget <= {cfg.budget:g} with held-out fidelity >= {target}", err=True
                 )
-            return compress_to_fidelity(
+            log = None if quiet else (lambda s: click.echo(s, err=True))
+            cmodel, report = compress_to_fidelity(
                 inputs.loaded.model,
                 target,
                 data=data,
                 eval_data=evs,
                 config=cfg.replace(progress=False, checkpoint_dir=None),
-                log=None if quiet else (lambda s: click.echo(s, err=True)),
+                log=log,
             )
+            if speed and inputs.example is not None:
+                measure_speed(cmodel, report, inputs.example, log=log)
+            return cmodel, report
     except KeyboardInterrupt:
         hint = f"; rerun with --resume to continue from {ckpt}" if ckpt.is_dir() else ""
         raise GblrcError(f"interrupted{hint}") from None
