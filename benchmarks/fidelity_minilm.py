@@ -8,6 +8,7 @@ source (in domain) and on sentences of every other source (out of domain).  Sour
     stdlib-a  docstrings of one half of the standard library's modules (a stable split by file name)
     stdlib-b  docstrings of the other half
     packages  docstrings of installed third-party packages (transformers, scikit-learn, SciPy, ...)
+    readme, sklearn, changelog   other genres (gblrc.io.genres): README prose, dataset descriptions, changelogs
 
     .venv/bin/python benchmarks/fidelity_minilm.py --train pydoc --eval stdlib-b,packages \\
         --variants "lowrank,gblr" --steps 300
@@ -30,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import gblrc  # noqa: E402
+from gblrc.io.genres import GENRES, genre_sentences  # noqa: E402
 from gblrc.io.zoo import docstring_sentences, english_sentences, load_minilm, package_sentences  # noqa: E402
 
 from benchmarks.compress_minilm import batches, embed  # noqa: E402  (the same tokenising and pooling)
@@ -45,8 +47,10 @@ def source(name: str, n: int | None = None, seed: int = 0) -> list[str]:
         s = docstring_sentences(part=(k, 2), exclude=other)
     elif name.startswith("packages"):
         s = package_sentences(limit=int(name.split(":")[1]) if ":" in name else 30000)
+    elif name in GENRES:
+        s = genre_sentences(name)
     else:
-        raise SystemExit(f"unknown source {name!r}: pydoc, stdlib-a, stdlib-b, packages[:N]")
+        raise SystemExit(f"unknown source {name!r}: pydoc, stdlib-a, stdlib-b, packages[:N], {', '.join(GENRES)}")
     s = list(s)
     random.Random(seed).shuffle(s)
     return s[:n] if n else s

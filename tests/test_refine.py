@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_refinement_lowers_the_error_on_held_out_inputs(one_thread):
     dense = bert()
     data, held = ids(96, 1), ids(48, 2)
     kw = dict(data=data, steps=0, batch_size=16, calib_batches=6, progress=False, include=r"^encoder\.")
-    base, rep0 = gblrc.compress(copy.deepcopy(dense), 0.3, **kw)
+    base, rep0 = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=0, **kw)
     refined, rep = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=60, refine_lr=3e-3, **kw)
     assert "refine" not in rep0
     blocks = rep["refine"]["blocks"]
@@ -71,13 +72,38 @@ def test_refinement_lowers_the_error_on_held_out_inputs(one_thread):
     assert rep["achieved_ratio"] == rep0["achieved_ratio"]  # the structure is untouched: same cost
 
 
-def test_refine_steps_zero_is_todays_compress_and_bad_values_are_one_line_errors(one_thread):
+FIXTURE = Path(__file__).parent / "fixtures" / "steps0-c50b11e-bert.pt"
+
+
+@pytest.mark.parametrize("structure", ["lowrank", "gblr"])
+def test_refine_steps_zero_reproduces_the_steps0_result_before_refinement_existed(structure, one_thread):
+    """The fixture is `compress --steps 0` of commit c50b11e (before refinement was on by default): the same
+    layers, weights and outputs with refine_steps=0 (to float32 round-off of another BLAS)."""
+    exp = torch.load(FIXTURE, weights_only=True)
+    cm, rep = gblrc.compress(
+        bert(),
+        0.3,
+        data=ids(96, 1),
+        steps=0,
+        batch_size=16,
+        calib_batches=4,
+        progress=False,
+        include=r"^encoder\.",
+        structure=structure,
+        refine_steps=0,
+    )
+    assert "refine" not in rep and rep["achieved_ratio"] == exp[structure]["achieved_ratio"]
+    state = {k: v for k, v in cm.state_dict().items() if "encoder" in k}
+    assert state.keys() == exp[structure]["state"].keys()
+    for k, v in state.items():
+        torch.testing.assert_close(v, exp[structure]["state"][k], rtol=1e-6, atol=1e-7, msg=k)
+    with torch.no_grad():
+        y = cm(**exp["inputs"]).last_hidden_state
+    torch.testing.assert_close(y, exp[structure]["output"], rtol=1e-6, atol=1e-6)
+
+
+def test_bad_refine_steps_are_one_line_errors_and_no_data_warns(one_thread):
     dense = bert()
-    kw = dict(data=ids(64, 1), steps=0, batch_size=16, calib_batches=4, progress=False, include=r"^encoder\.")
-    a, _ = gblrc.compress(copy.deepcopy(dense), 0.4, **kw)
-    b, _ = gblrc.compress(copy.deepcopy(dense), 0.4, refine_steps=0, **kw)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="refine_steps") as e:
             gblrc.CompressConfig(budget=0.4, training=gblrc.TrainingConfig(refine_steps=bad))
@@ -126,7 +152,7 @@ def test_refine_recipe_options_lower_the_held_out_error(setting, one_thread):
     dense = bert()
     data, held = ids(96, 1), ids(48, 2)
     kw = dict(data=data, steps=0, batch_size=16, calib_batches=4, progress=False, include=r"^encoder\.")
-    base, _ = gblrc.compress(copy.deepcopy(dense), 0.3, **kw)
+    base, _ = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=0, **kw)
     refined, rep = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=60, refine_lr=3e-3, **kw, **setting)
     assert all(b["loss_after"] < b["loss_before"] for b in rep["refine"]["blocks"])
     assert held_out_error(refined, dense, held) < 0.95 * held_out_error(base, dense, held)

@@ -200,12 +200,12 @@ def _summary(report: dict) -> None:
 @click.option(
     "--refine-steps",
     type=int,
-    default=0,
-    show_default=True,
+    default=None,
     metavar="N",
     help="Block-level refinement after the initialisation (needs --data): each block (transformer layer) "
-    "trains its compressed layers' content for N steps so that, fed the compressed model's own "
-    "inputs, it gives the dense block's output. 0: off. Opt-in while it is measured.",
+    "trains its compressed layers' content for N steps on 64 batches of the data so that, fed the "
+    "compressed model's own inputs, it gives the dense block's output (on MiniLM at 0.4, --steps 0: "
+    "+0.07 cosine in domain and on other genres for ~5 min on 2 cores). [default: 256 with --data; 0: off]",
 )
 @click.option(
     "--hidden-loss",
@@ -556,7 +556,7 @@ def full_report(report, inputs: Inputs, cfg, *, seconds, resumed, target) -> dic
             "mixed_precision": cfg.mixed_precision,
             "hidden_loss": t.hidden_loss,
             "augment": t.augment,
-            "refine_steps": t.refine_steps,
+            "refine_steps": report.get("refine", {}).get("steps", 0),
             "general_text": inputs.general_text,
             "eval_data": inputs.eval_spec,
             "resumed": resumed,

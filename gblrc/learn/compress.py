@@ -386,11 +386,11 @@ def calibrate(run: Run) -> None:
     if o.init == "svd" or run.data is None:
         return
     run.dense_w = {n: as_linear(m).weight.detach().clone() for n, m in run.pairs}
-    if o.init == "sequential" or o.training.refine_steps > 0:  # the sequential refit and refine() use it
+    if o.init == "sequential" or o.training.refine_wanted():  # the sequential refit and refine() use it
         run.dense_ref = run.teacher or copy.deepcopy(run.model).eval()
     it = batch_stream(run.data, o.batch_size, o.seed)
     t = o.training
-    n = max(t.calib_batches, t.refine_batches if t.refine_steps > 0 else 0)
+    n = max(t.calib_batches, t.refine_batches if t.refine_wanted() else 0)
     xs = [to_device(next(it)[0], run.device) for _ in range(n)]
     check_finite(xs, "a calibration batch of the data")
     run.xs, run.refine_xs = xs[: t.calib_batches], xs
@@ -469,16 +469,16 @@ def initialise(run: Run) -> None:
 
 
 def refine(run: Run) -> None:
-    """The end of :func:`initialise` (``refine_steps`` > 0): block-level refinement on the calibration batches,
-    each block's
-    compressed layers trained to give the dense block's output from the compressed model's own inputs
-    (:mod:`gblrc.learn.refine`)."""
+    """The end of :func:`initialise`: block-level refinement on the refinement batches, each block's compressed
+    layers trained to give the dense block's output from the compressed model's own inputs
+    (:mod:`gblrc.learn.refine`).  ``refine_steps`` None (auto): on when there is data and a data-aware init."""
     o, t = run.opt, run.opt.training
     dense, run.dense_ref = run.dense_ref, None  # not needed after this stage
-    if t.refine_steps <= 0:
+    if not t.refine_wanted():
         return
     if dense is None or not run.xs:
-        run.warn("block refinement needs data and a data-aware init (init 'data' or 'sequential'); skipped")
+        if t.refine_steps is not None:  # asked for explicitly: say why it does not run
+            run.warn("block refinement needs data and a data-aware init (init 'data' or 'sequential'); skipped")
         return
     if run.steps == 0 and o.structure == "gblr":  # post-training: refine the structure that is kept (the init's
         for m in run.layers.values():  # margin component of each layer is trimmed first, not after)
@@ -500,6 +500,14 @@ def refine(run: Run) -> None:
         )
     if run.judge is not None:
         run.fidelity["refined"] = run.judge(run.model)
+
+
+def refine_steps_used(run: Run) -> int:
+    """The refinement steps per block this run takes (auto resolved)."""
+    t = run.opt.training
+    if run.refined is not None:
+        return int(run.refined["steps"])
+    return 0 if t.refine_steps is None else int(t.refine_steps)
 
 
 def _controller(run: Run) -> Controller:
@@ -548,7 +556,7 @@ def train(run: Run) -> None:
         "rank_per_component": o.rank_per_component,
         "world": run.world,
         "tile": int(o.tile),
-        "refine_steps": t.refine_steps,
+        "refine_steps": refine_steps_used(run),
         "refine_lr": t.refine_lr,
     }
     t0 = time.perf_counter()

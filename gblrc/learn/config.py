@@ -27,6 +27,7 @@ UNITS = ("flops", "time")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("no", "bf16")
 REFINE_TARGETS = ("dense", "local")
+REFINE_STEPS = 256  # block refinement's steps per block when refine_steps is None (auto) and there is data
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -63,7 +64,8 @@ class TrainingConfig:
     ``train_rest`` (every parameter outside the compressed layers).
     Checkpoints of compress's own loop: ``checkpoint_dir``, ``checkpoint_every``, ``resume``.
     Block-level refinement after the initialisation (:mod:`gblrc.learn.refine`; needs data and a data-aware
-    init): ``refine_steps`` Adam steps per block (0: off), at ``refine_lr`` (cosine to 0), on ``refine_batches``
+    init): ``refine_steps`` Adam steps per block (None: :data:`REFINE_STEPS` when there is data and a data-aware
+    init, else off; 0: off), at ``refine_lr`` (cosine to 0), on ``refine_batches``
     batches of the data; ``refine_norms`` (the blocks' normalisation layers train too), ``refine_target``
     ("dense": the dense block's output on the dense inputs; "local": on the compressed model's inputs),
     ``refine_structure`` (GBLR widths and locations move too, with their own sigma schedule).
@@ -88,12 +90,16 @@ class TrainingConfig:
     checkpoint_dir: object = None
     checkpoint_every: int = 50
     resume: bool = False
-    refine_steps: int = 0
-    refine_lr: float = 3e-4
+    refine_steps: int | None = None
+    refine_lr: float = 1e-3
     refine_batches: int = 64
     refine_norms: bool = False
     refine_target: str = "dense"
     refine_structure: bool = False
+
+    def refine_wanted(self) -> bool:
+        """Refinement asked for (explicitly, or auto: then it runs when there is data and a data-aware init)."""
+        return self.refine_steps is None or self.refine_steps > 0
 
     def __post_init__(self):
         _fraction("warmup", self.warmup)
@@ -117,8 +123,9 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if int(self.checkpoint_every) < 0:
             raise OptionError("checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
-        if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
-            raise OptionError("refine_steps", f"must be a whole number >= 0 (0: off); got {self.refine_steps!r}")
+        r = self.refine_steps
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
+            raise OptionError("refine_steps", f"must be a whole number >= 0 (0: off) or None (auto); got {r!r}")
         _fraction("refine_lr", self.refine_lr, high=math.inf, open_low=True)
         if not isinstance(self.refine_batches, int) or isinstance(self.refine_batches, bool) or self.refine_batches < 1:
             raise OptionError("refine_batches", f"must be a whole number >= 1; got {self.refine_batches!r}")
