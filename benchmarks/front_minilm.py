@@ -72,10 +72,15 @@ def recipe_config(structure: str, budget: float, recipe: str) -> gblrc.CompressC
     raise SystemExit(f"unknown recipe {recipe!r}: choose from {', '.join(RECIPES)}")
 
 
+def cache_paths(structure: str, budget: float, recipe: str, a) -> tuple[Path, Path]:
+    """(model, facts) paths of one grid point in the cache."""
+    stem = Path(a.cache) / f"{structure}_{budget:g}_{recipe}{'_quick' if a.quick_init else ''}"
+    return stem.with_name(stem.name + ".gblr.pt"), stem.with_name(stem.name + ".json")
+
+
 def cached_model(dense, train_b, structure: str, budget: float, recipe: str, a) -> tuple:
     """(compressed model, facts): loaded from ``a.cache`` when there, else compressed and saved there."""
-    stem = Path(a.cache) / f"{structure}_{budget:g}_{recipe}{'_quick' if a.quick_init else ''}"
-    path, info_path = stem.with_name(stem.name + ".gblr.pt"), stem.with_name(stem.name + ".json")
+    path, info_path = cache_paths(structure, budget, recipe, a)
     if path.is_file() and info_path.is_file():
         info = json.loads(info_path.read_text())
         info["cached"] = True
@@ -166,7 +171,12 @@ def gblrc_points(dense, train_b, ex, P, parity_batch, a, notes: list) -> list[di
     for recipe in a.recipes:
         for structure in a.structures:
             for b in a.budgets:
+                if a.cached_only and not cache_paths(structure, b, recipe, a)[0].is_file():
+                    notes.append(f"{structure} {b:g} {recipe}: not in the cache, left out (--cached-only)")
+                    continue
                 cm, info = cached_model(dense, train_b, structure, b, recipe, a)
+                if a.compress_only:
+                    continue
                 name = f"{structure} {b:g} {recipe}" + (" quick-init" if a.quick_init else "")
                 key = f"{structure}_{b:g}_{recipe}"
                 r = gblrc.lower(cm, ex, P(key), attention_threads=a.threads)
@@ -332,6 +342,16 @@ def parse_args(argv=None):
         help="smoke runs only (with --recipes steps0): compress by plain truncated SVD with no data, in seconds; "
         "cached as ..._quick.gblr.pt",
     )
+    ap.add_argument(
+        "--compress-only",
+        action="store_true",
+        help="only fill the cache (compress the grid's missing models); no lowering, judging or timing",
+    )
+    ap.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="only the grid points already in the cache (the others are listed as left out), none compressed",
+    )
     a = ap.parse_args(argv)
     if a.quick_init and a.recipes != ["steps0"]:
         ap.error("--quick-init is for smoke runs of --recipes steps0 only")
@@ -379,8 +399,11 @@ def main(argv=None):
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         P = lambda k: os.path.join(tmp, f"{k}.onnx")  # noqa: E731
-        rows = dense_points(d["dense"], d["ex"], d["time_feeds"], P, a)
+        rows = [] if a.compress_only else dense_points(d["dense"], d["ex"], d["time_feeds"], P, a)
         rows += gblrc_points(d["dense"], d["train_b"], d["ex"], P, d["sets"]["in domain"][0], a, notes)
+        if a.compress_only:
+            print("\n".join(notes + [f"cache filled: {display_path(a.cache)}"]), flush=True)
+            return
         print(f"judging {len(rows)} ONNX graphs ...", flush=True)
         for r in rows:
             r["fid"] = judge(P(r["key"]), d["sets_np"], d["refs"])

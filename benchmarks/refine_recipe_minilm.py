@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import random
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +40,7 @@ from gblrc.learn.refine import refine_blocks  # noqa: E402
 from gblrc.learn.report import structure_movement  # noqa: E402
 from gblrc.nn.layer import GBLRLinear  # noqa: E402
 
-from benchmarks.common import provenance  # noqa: E402
+from benchmarks.common import display_path, provenance  # noqa: E402
 from benchmarks.compress_minilm import batches, embed  # noqa: E402
 from benchmarks.fidelity_minilm import _value, source  # noqa: E402
 
@@ -105,6 +107,7 @@ def main():
     ap.add_argument("--general", type=int, default=12000, help="package sentences mixed in (the CLI's default)")
     ap.add_argument("--cache", default=".cache/refine_recipe", help="folder for the cached initialisations")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--init-from", metavar="M.gblr.pt", help="start from this saved steps0 model (with its .json)")
     args = ap.parse_args()
     print(provenance(args.threads or None), flush=True)
     if args.threads:
@@ -123,7 +126,13 @@ def main():
     )
     os.makedirs(args.cache, exist_ok=True)
     path = os.path.join(args.cache, f"{args.structure}_{args.budget}_{args.general}.pt")
-    if os.path.exists(path):
+    if args.init_from:  # e.g. a steps0 model benchmarks.front_minilm cached (same training text)
+        base, times = (
+            gblrc.load(args.init_from),
+            {"front cache": json.loads(Path(args.init_from[: -len(".gblr.pt")] + ".json").read_text())["compress_s"]},
+        )
+        print(f"initialisation from {display_path(args.init_from)} (made in {times['front cache']} s)", flush=True)
+    elif os.path.exists(path):
         base, times = torch.load(path, weights_only=False)
         print(f"initialisation from the cache ({path}); it took {times}", flush=True)
     else:

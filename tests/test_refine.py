@@ -193,3 +193,9 @@ def test_bad_refine_settings_are_one_line_errors(field, value, match):
     with pytest.raises(ValueError, match=match) as e:
         gblrc.TrainingConfig(**{field: value})
     assert "\n" not in str(e.value)
+
+
+def test_refine_structure_with_low_rank_is_a_one_line_error():
+    with pytest.raises(ValueError, match="refine_structure.*lowrank") as e:
+        gblrc.CompressConfig(budget=0.4, structure="lowrank", training=gblrc.TrainingConfig(refine_structure=True))
+    assert "\n" not in str(e.value)

@@ -197,6 +197,12 @@ class CompressConfig:
                     raise OptionError(name, f"{pattern!r} is not a valid regular expression: {e}") from None
         if not isinstance(self.training, TrainingConfig):
             raise ValueError(f"training must be a gblrc.TrainingConfig, got {type(self.training).__name__}")
+        if self.training.refine_structure and self.structure != "gblr":
+            raise OptionError(
+                "refine_structure",
+                f"moves GBLR widths and locations; structure {self.structure!r} has none to move "
+                "(use structure='gblr', or refine_structure=False)",
+            )
 
     @property
     def lr_struct(self) -> float:
