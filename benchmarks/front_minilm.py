@@ -4,7 +4,8 @@ Points: dense fp32 (the fastest dense export, as every MiniLM benchmark's baseli
 per-tensor and per-channel; gblrc at each --budgets x --structures x --recipes, each lowered fp32
 (`gblrc.lower`, default pipeline) and + int8 dynamic (as `gblrc lower --quantize int8`: per-channel chosen
 by fidelity).  Recipes: steps0 = ``compress --steps 0`` without block refinement; refine = the same with
-refinement (:data:`REFINE`); distill = :data:`DISTILL` steps of distillation with refinement.  The
+refinement (:data:`REFINE`); distill = :data:`DISTILL` steps of distillation with refinement;
+distill-norefine = the same without refinement (the default compress before refinement existed).  The
 training text is refine_recipe_minilm's (stdlib-a docstrings mixed half and half with --general package
 sentences).  Compressed models are cached in --cache as ``<structure>_<budget>_<recipe>.gblr.pt`` (with
 a .json of how long the compression took), so the grid can be run in pieces and extended.
@@ -55,7 +56,7 @@ from benchmarks.refine_recipe_minilm import EVAL_GENRES, judge_sets, training_te
 
 REFINE = dict()  # the "refine" recipe's TrainingConfig settings: the defaults (block refinement on, with data)
 DISTILL = dict(steps=300, lr=1e-3, batch_size=32)  # as benchmarks/fidelity_minilm.py distils
-RECIPES = ("steps0", "refine", "distill")
+RECIPES = ("steps0", "refine", "distill", "distill-norefine")
 TARGET = 0.95  # the other-genre fidelity the verdict asks for
 PARITY_MAX_REL = 1e-4  # lowered fp32 vs the PyTorch compressed model (lower's own fp32 gate)
 
@@ -67,6 +68,8 @@ def recipe_config(structure: str, budget: float, recipe: str) -> gblrc.CompressC
         return gblrc.CompressConfig(steps=0, training=gblrc.TrainingConfig(refine_steps=0), **common)
     if recipe == "refine":
         return gblrc.CompressConfig(steps=0, training=gblrc.TrainingConfig(**REFINE), **common)
+    if recipe == "distill-norefine":  # the default compress before refinement existed
+        return gblrc.CompressConfig(training=gblrc.TrainingConfig(refine_steps=0), **DISTILL, **common)
     if recipe == "distill":
         return gblrc.CompressConfig(training=gblrc.TrainingConfig(**REFINE), **DISTILL, **common)
     raise SystemExit(f"unknown recipe {recipe!r}: choose from {', '.join(RECIPES)}")
@@ -218,7 +221,7 @@ def other_mean(fid: dict):
 
 DENSE_MARKERS = {"fp32": "*", "int8 per-tensor": "v", "int8 per-channel": "^"}
 STRUCTURE_MARKERS = {"lowrank": "o", "gblr": "D"}
-RECIPE_COLORS = {"steps0": "tab:blue", "refine": "tab:orange", "distill": "tab:green"}
+RECIPE_COLORS = {"steps0": "tab:blue", "refine": "tab:orange", "distill": "tab:green", "distill-norefine": "tab:olive"}
 
 
 def _style(r: dict) -> dict:
