@@ -22,7 +22,8 @@ vs other-genre fidelity, the Pareto front marked).
         --eval-n 20 --heldout 32 --general 2000 --sessions 1 --repeats 2 --threads 1 \\
         --cache /tmp/front_smoke --out /tmp/front_smoke/front       # smoke run (~1 min)
 
-One real ``--steps 0`` compression of MiniLM takes ~6 min at 2 threads (benchmarks/results/refine_minilm.txt);
+One real ``--steps 0`` compression of MiniLM takes 3-4 min at 2 threads, its refinement 4-5 more, 300 steps of
+distillation ~9 more (benchmarks/results/front_minilm.txt, "compress s");
 --quick-init (plain SVD, no data) replaces it in smoke runs only.
 """
 
