@@ -119,7 +119,7 @@ def refined_from_steps0(dense, train_b, structure: str, budget: float, a, path, 
     """The "refine" point: the (cached) steps0 model refined by the stage compress runs at the end of its
     initialisation (gblrc.learn.refine, the config's settings, its first refine_batches batches), fitted to
     the budget again when the structure moves; its compress seconds = the steps0 model's + the stage's."""
-    from gblrc.learn.budget import fit_to_budget
+    from gblrc.learn.budget import cost_ratio, fit_to_budget
     from gblrc.learn.refine import refine_blocks, refine_settings
     from gblrc.nn.layer import GBLRLinear
 
@@ -130,7 +130,7 @@ def refined_from_steps0(dense, train_b, structure: str, budget: float, a, path, 
     rep = refine_blocks(cm, dense, layers, train_b[: t.refine_batches], **refine_settings(t))
     if t.refine_structure:
         fit_to_budget(list(layers.values()), budget)
-    ratio = sum(m.flops() for m in layers.values()) / sum(m.dense_flops() for m in layers.values())
+    ratio = cost_ratio(layers.values())
     info = {**{k: v for k, v in base.items() if k != "cached"}, "refine_s": rep["seconds"], "achieved_ratio": ratio}
     info["compress_s"] = round(base["compress_s"] + rep["seconds"], 1)
     with atomic_path(path) as tmp:

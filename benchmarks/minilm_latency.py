@@ -22,6 +22,7 @@ import torch
 from gblrc import GBLRLinear, lower
 
 from benchmarks.compress_minilm import export_dense_fastest  # noqa: E402
+from gblrc.learn.budget import cost_ratio
 from gblrc.nn.layer import fit_dense, svd_layer
 from gblrc.runtime import timing
 from gblrc.io.zoo import english_sentences, load_minilm, minilm_linears
@@ -59,7 +60,7 @@ def main():
     fit_s = time.perf_counter() - t0
     torch.set_num_threads(a.threads)
     layers = [m for m in model.modules() if isinstance(m, GBLRLinear)]
-    flop_ratio = sum(m.flops() for m in layers) / sum(m.dense_flops() for m in layers)
+    flop_ratio = cost_ratio(layers)
 
     with tempfile.TemporaryDirectory() as d:
         p_dense, p_gblr = os.path.join(d, "dense.onnx"), os.path.join(d, "gblr.onnx")

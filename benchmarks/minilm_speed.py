@@ -27,7 +27,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 import gblrc  # noqa: E402
-from gblrc.learn.budget import TimeCost  # noqa: E402
+from gblrc.learn.budget import TimeCost, cost_ratio  # noqa: E402
 from gblrc.nn.layer import GBLRLinear  # noqa: E402
 from gblrc.runtime import timing  # noqa: E402
 from gblrc.passes import run_pipeline  # noqa: E402
@@ -120,7 +120,7 @@ def main():
             model = gblrc.load(path)
             cos = torch.nn.functional.cosine_similarity(embed(model, held_b), ref).mean().item()
             layers = {n: m for n, m in model.named_modules() if isinstance(m, GBLRLinear)}
-            flop = sum(m.flops() for m in layers.values()) / sum(m.dense_flops() for m in layers.values())
+            flop = cost_ratio(layers.values())
             p_gblr = os.path.join(d, "gblr.onnx")
             rep = gblrc.lower(model, ex, p_gblr)
             whole = best_of_sessions({"dense": p_dense, "gblr": p_gblr}, feeds, a.repeats, a.threads)

@@ -35,7 +35,7 @@ import gblrc  # noqa: E402
 from gblrc.io.genres import genre_sentences  # noqa: E402
 from gblrc.io.zoo import load_minilm, mix_text  # noqa: E402
 from gblrc.learn import compress as C  # noqa: E402
-from gblrc.learn.budget import fit_to_budget  # noqa: E402
+from gblrc.learn.budget import cost_ratio, fit_to_budget  # noqa: E402
 from gblrc.learn.refine import refine_blocks  # noqa: E402
 from gblrc.learn.report import structure_movement  # noqa: E402
 from gblrc.nn.layer import GBLRLinear  # noqa: E402
@@ -154,7 +154,7 @@ def main():
             fit_to_budget(list(layers.values()), args.budget)
             rep["structure_moved"] = structure_movement(before, {n: m.hard_structure() for n, m in layers.items()})
         secs = time.perf_counter() - t0
-        ratio = sum(m.flops() for m in layers.values()) / sum(m.dense_flops() for m in layers.values())
+        ratio = cost_ratio(layers.values())
         row = fidelity(model, sets, refs)
         losses = " ".join(f"{b['loss_before']:.3f}>{b['loss_after']:.3f}" for b in rep["blocks"])
         print(

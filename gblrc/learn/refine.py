@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from gblrc.learn.budget import LambdaController, cost_ratio, proximal_step
+from gblrc.learn.config import REFINE_STEPS
 from gblrc.learn.data import call_model, model_output
 from gblrc.learn.objective import _mask_for, rel_mse
 
@@ -162,8 +163,6 @@ def refine_settings(t) -> dict:
     """:func:`refine_blocks`' keyword arguments from a :class:`gblrc.TrainingConfig` (its ``refine_*`` fields;
     the structure's sigma rises to the config's ``sigma_max``).  The batches: the data's first
     ``t.refine_batches``."""
-    from gblrc.learn.config import REFINE_STEPS
-
     return {
         "steps": REFINE_STEPS if t.refine_steps is None else t.refine_steps,
         "lr": t.refine_lr,
