@@ -168,6 +168,17 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _new_file_mode(fd: int, tmp: str) -> None:
+    """Give mkstemp's file (0600) the permissions of ``open(path, "w")``: ``0o666 & ~umask`` (as
+    gblrc.io.fileio.output_mode, which gblrc.passes may not import)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, 0o666 & ~mask)
+    else:
+        os.chmod(tmp, 0o666 & ~mask)
+
+
 def write_json(path: Path, data: Mapping[str, Any]) -> bool:
     """Write ``data`` atomically (temporary file + rename); a failure is a warning, returns False."""
     tmp = None
@@ -175,6 +186,7 @@ def write_json(path: Path, data: Mapping[str, Any]) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            _new_file_mode(f.fileno(), tmp)
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
         return True

@@ -161,3 +161,68 @@ def test_cuda_provider_missing_is_a_clear_error(pair):
         run("bench", pair[0], "--provider", "cuda", "--shape", "input=2x3x12", *FAST),
         match="the CUDA provider is not available",
     )
+
+
+def _renamed_inputs(src, dst, names):
+    """``src`` with its graph inputs renamed (position by position) to ``names``."""
+    m = onnx.load(str(src))
+    inits = {t.name for t in m.graph.initializer}
+    real = [i for i in m.graph.input if i.name not in inits]
+    rename = {i.name: n for i, n in zip(real, names)}
+    for i in real:
+        i.name = rename[i.name]
+    for node in m.graph.node:
+        for k, n in enumerate(node.input):
+            if n in rename:
+                node.input[k] = rename[n]
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_bench_pairs_differently_named_inputs_by_position(pair, tmp_path):
+    """`--against my_dense.onnx` whose single input is `x` (the lowered model's is `input`): the same shapes,
+    so bench pairs them by position and says so (it refused: 'bench compares models with the same inputs')."""
+    low, dense = pair
+    mine = _renamed_inputs(dense, tmp_path / "my_dense.onnx", ["x"])
+    out = tmp_path / "b.json"
+    text = ok(run("bench", low, "--against", mine, "--shape", "input=4x16x12", "--json", out, *FAST))
+    assert text.count("inputs paired by position: input -> x") == 1, text
+    assert "time ratio low.onnx / my_dense.onnx" in text
+    assert "outputs of low.onnx vs my_dense.onnx: max rel difference" in text
+    data = json.loads(out.read_text())
+    assert data["input_pairing"] == {"input": "x"} and data["outputs"]["max_rel"] < 1e-4
+    # the other way round: --shape names the first model's inputs
+    text = ok(run("bench", mine, "--against", low, "--shape", "x=2x3x12", *FAST))
+    assert "inputs paired by position: x -> input" in text
+    same = ok(run("bench", low, "--against", dense, "--shape", "input=2x3x12", *FAST))
+    assert "paired by position" not in same  # same names: paired by name, nothing said
+
+
+def _two_input_model(path, names, shapes, dtype=TensorProto.FLOAT):
+    g = helper.make_graph(
+        [helper.make_node("Add", list(names), ["y"])],
+        "g",
+        [helper.make_tensor_value_info(n, dtype, s) for n, s in zip(names, shapes)],
+        [helper.make_tensor_value_info("y", dtype, None)],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_bench_positional_pairing_of_several_inputs_and_its_refusals(tmp_path):
+    a = _two_input_model(tmp_path / "a.onnx", ["p", "q"], [[2, 3], [2, 3]])
+    b = _two_input_model(tmp_path / "b.onnx", ["u", "v"], [[2, 3], [2, 3]])
+    text = ok(run("bench", a, "--against", b, *FAST))
+    assert "inputs paired by position: p -> u, q -> v" in text and "max rel difference 0" in text
+    cases = {
+        "count": _two_input_model(tmp_path / "one.onnx", ["u", "u"], [[2, 3], [2, 3]]),  # one graph input
+        "shape": _two_input_model(tmp_path / "shape.onnx", ["u", "v"], [[2, 3], [2, 4]]),
+        "dtype": _two_input_model(tmp_path / "int.onnx", ["u", "v"], [[2, 3], [2, 3]], TensorProto.INT64),
+        "crossed": _two_input_model(tmp_path / "crossed.onnx", ["q", "w"], [[2, 3], [2, 3]]),  # q moved
+    }
+    m = onnx.load(str(cases["count"]))
+    del m.graph.input[1]
+    onnx.save(m, str(cases["count"]))
+    for why, other in cases.items():
+        line = clean_failure(run("bench", a, "--against", other, *FAST), match="bench compares models")
+        assert str(other.name) in line, (why, line)

@@ -100,3 +100,87 @@ def test_the_gblr_nodes_property_says_false_with_a_reason_instead_of_raising():
     assert "gblrc::GBLRLinear" in VIOLATIONS["standard-ops-only"](g)
     good = import_graph(gblr_model(random_weights(np.random.default_rng(9), 20, 30, 3, 1)))
     assert PROPERTIES["gblr-nodes-valid"](good) is True and VIOLATIONS["gblr-nodes-valid"](good) is None
+
+
+# ----------------------------------------------------------------- issue 27: rough edges
+def _umask(mask):
+    """Set the umask; returns the old one (restore it with os.umask)."""
+    import os
+
+    return os.umask(mask)
+
+
+@pytest.mark.skipif(__import__("os").name != "posix", reason="POSIX permission bits")
+def test_output_files_honour_the_umask_not_mkstemp_0600(tmp_path):
+    """atomic_path made its temporary file with tempfile.mkstemp (mode 0600) and renamed it into place: every
+    .onnx that `gblrc lower` wrote was unreadable to other users, unlike the 0644 .gblr.pt."""
+    import os
+    import stat
+    from collections import OrderedDict
+
+    from test_cli_lower import ok, run
+    from test_export import mlp as small_mlp
+
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
+    old = _umask(0o022)
+    try:
+        src = tmp_path / "m.gblr.pt"
+        gblrc.save(small_mlp(seed=1), src, example_inputs=OrderedDict(input=torch.randn(2, 12)))
+        low, dense = tmp_path / "m.onnx", tmp_path / "dense.onnx"
+        ok(run("lower", src, "-o", low, "--with-dense", dense))
+        assert mode(src) == 0o644
+        assert mode(low) == 0o644 and mode(dense) == 0o644  # before: 0o600 both
+        out = tmp_path / "b.json"
+        ok(run("bench", low, "--json", out, "--threads", "1", "--repeats", "1", "--sessions", "1", "--warmup", "0"))
+        assert mode(out) == 0o644
+        from gblrc.io.fileio import atomic_path, output_mode
+
+        assert output_mode() == 0o644
+        _umask(0o027)
+        assert output_mode() == 0o640
+        with atomic_path(tmp_path / "x.bin") as tmp:
+            tmp.write_bytes(b"x")
+        assert mode(tmp_path / "x.bin") == 0o640
+        assert not list(tmp_path.glob(".x.bin.*"))
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(__import__("os").name != "posix", reason="POSIX permission bits")
+def test_timing_cache_files_honour_the_umask(tmp_path):
+    import os
+    import stat
+
+    from gblrc.passes.timing import read_json, write_json
+
+    old = _umask(0o022)
+    try:
+        p = tmp_path / "cache" / "t.json"
+        assert write_json(p, {"a": 1}) and read_json(p) == {"a": 1}
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o644  # before: 0o600 (mkstemp)
+        assert not list(p.parent.glob(".t.json.*"))
+    finally:
+        os.umask(old)
+
+
+def test_project_license_is_an_spdx_string_for_pep_639():
+    """`license = { text = "MIT" }` (a TOML table) made setuptools warn on every build that such tables stop
+    building on 2027-02-18; PEP 639 wants an SPDX expression string (setuptools >= 77)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = None
+    if tomllib is not None:
+        data = tomllib.loads(text)
+        assert data["project"]["license"] == "MIT"
+        requires = data["build-system"]["requires"]
+    else:
+        assert re.search(r'^license\s*=\s*"MIT"\s*(#.*)?$', text, re.M)
+        requires = re.findall(r'"(setuptools[^"]*)"', text)
+    (st,) = [r for r in requires if r.startswith("setuptools")]
+    m = re.fullmatch(r"setuptools\s*>=\s*(\d+)(\.\d+)*", st)
+    assert m and int(m.group(1)) >= 77, st  # the first setuptools that reads PEP 639 license strings

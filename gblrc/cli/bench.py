@@ -19,7 +19,8 @@ _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     "--against",
     metavar="OTHER.onnx",
     help="Time this model too (e.g. the dense reference from `gblrc lower --with-dense`) and print the "
-    "time ratio MODEL / OTHER and how far MODEL's outputs are from OTHER's.",
+    "time ratio MODEL / OTHER and how far MODEL's outputs are from OTHER's. Inputs are paired by name, or "
+    "by position (said on a line) when the names differ but the counts, dimensions and element kinds agree.",
 )
 @click.option(
     "--provider",

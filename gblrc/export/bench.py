@@ -138,6 +138,7 @@ class BenchResult:
     batch: int | None
     agreement: dict = field(default_factory=dict)  # with two models: fidelity of the first to the second
     shapes_from: str = ""  # where the shapes came from when not given ("" = given or fixed in the graph)
+    input_pairing: dict = field(default_factory=dict)  # first model's input -> second's, when paired by position
 
     def ratio(self) -> float | None:
         return self.best[self.labels[0]] / self.best[self.labels[1]] if len(self.labels) == 2 else None
@@ -156,6 +157,8 @@ class BenchResult:
             out.insert(
                 1, f"no --shape given: inputs shaped as {self.shapes_from} ({fed}); --shape NAME=DIMS sets others"
             )
+        if self.input_pairing:
+            out.append("inputs paired by position: " + ", ".join(f"{a} -> {b}" for a, b in self.input_pairing.items()))
         w = max(12, *(len(k) for k in self.labels))
         out.append(f"{'model':<{w}}  {'time/run':>11}  {'runs/s':>9}" + (f"  {'samples/s':>10}" if self.batch else ""))
         for k in self.labels:
@@ -200,6 +203,7 @@ class BenchResult:
             "time_ratio": self.ratio(),
             "outputs": self.agreement or None,
             "shapes_from": self.shapes_from or None,
+            "input_pairing": self.input_pairing or None,  # first model's input -> OTHER's, paired by position
         }
 
 
@@ -241,8 +245,10 @@ def bench(
         if recorded:
             shapes, shapes_from = recorded, f"the example shapes `gblrc lower` recorded in {paths[0]!r}"
     feeds = make_feeds(models[0], shapes)
-    per_model = [feeds]
-    per_model += [_same_feeds(p, m, feeds, paths[0]) for p, m in zip(paths[1:], models[1:])]
+    per_model, pairing = [feeds], {}
+    for p, m in zip(paths[1:], models[1:]):
+        f, pairing = _same_feeds(p, m, feeds, paths[0], graph_inputs(models[0]))
+        per_model.append(f)
     labels = _labels(paths)
     for p, m, f in zip(paths, models, per_model):  # one session each first: a model that cannot run is named
         try:
@@ -284,29 +290,73 @@ def bench(
         batch=batch,
         agreement=agreement,
         shapes_from=shapes_from,
+        input_pairing=pairing,
     )
 
 
-def _same_feeds(path: str, model: onnx.ModelProto, feeds: dict, first: str) -> OrderedDict:
-    """``feeds`` (of the first model, from ``first``) for ``model``: the same values in its input types;
-    GblrcError when its inputs differ in names or fixed dimensions."""
-    specs = graph_inputs(model)
-    names = {s.name for s in specs}
-    if names != set(feeds):
-        raise GblrcError(
-            f"{path!r} has inputs {', '.join(sorted(names)) or 'none'}; {first!r} has "
-            f"{', '.join(feeds) or 'none'}: bench compares models with the same inputs"
+def _kind(dt: np.dtype) -> str:
+    return {"f": "float", "i": "integer", "u": "integer", "b": "bool"}.get(dt.kind, dt.name)
+
+
+def _fits(a: InputSpec, b: InputSpec) -> bool:
+    """Whether ``a`` and ``b`` can be fed the same array: the same rank, the same size on the dimensions
+    both fix, the same kind of element (float, integer, bool: an fp16-input model gets the same numbers)."""
+    return (
+        len(a.dims) == len(b.dims)
+        and _kind(a.dtype) == _kind(b.dtype)
+        and all(
+            not (isinstance(x, int) and x > 0 and isinstance(y, int) and y > 0) or x == y
+            for x, y in zip(a.dims, b.dims)
         )
+    )
+
+
+def _pairing(specs: list[InputSpec], firsts: list[InputSpec], path: str, first: str) -> dict:
+    """This model's input for each of the first model's: by name when the names agree, else by position when
+    the counts agree, each pair can take the same array and no name both have sits at two positions;
+    GblrcError (one line, saying why) otherwise.  Returns {first model's name: this model's name}."""
+    names, first_names = [s.name for s in specs], [s.name for s in firsts]
+    if set(names) == set(first_names):
+        return {n: n for n in first_names}
+    why = None
+    if len(specs) != len(firsts):
+        why = f"{len(specs)} input{'s' if len(specs) != 1 else ''} against {len(firsts)}"
+    else:
+        for a, b in zip(firsts, specs):
+            if not _fits(a, b):
+                why = f"by position, {a.describe()} and {b.describe()} differ"
+                break
+            if a.name != b.name and (a.name in names or b.name in first_names):
+                shared = a.name if a.name in names else b.name
+                why = f"by position, {a.name!r} would feed {b.name!r}, though both models have an input {shared!r}"
+                break
+    if why is not None:
+        raise GblrcError(
+            f"{path!r} has inputs {', '.join(s.describe() for s in specs) or 'none'}; {first!r} has "
+            f"{', '.join(s.describe() for s in firsts) or 'none'}: bench compares models with the same inputs, "
+            f"paired by name or by position ({why})"
+        )
+    return {a.name: b.name for a, b in zip(firsts, specs)}
+
+
+def _same_feeds(path: str, model: onnx.ModelProto, feeds: dict, first: str, firsts: list[InputSpec]) -> tuple:
+    """``feeds`` (of the first model, from ``first``, whose inputs are ``firsts``) for ``model``: the same values
+    in its input types, paired by name or else by position (:func:`_pairing`); GblrcError when its inputs
+    cannot be paired or differ in fixed dimensions.  Returns (feeds, pairing): pairing maps the first model's
+    input names to this model's when they were paired by position, else is empty."""
+    specs = graph_inputs(model)
+    pairs = _pairing(specs, firsts, path, first)
+    fed = {pairs[k]: v for k, v in feeds.items()}
     f = OrderedDict()
     for s in specs:  # same values, in this model's types (an fp16-input model gets the same numbers)
-        f[s.name] = feeds[s.name].astype(s.dtype)
+        f[s.name] = fed[s.name].astype(s.dtype)
         for axis, d in enumerate(s.dims):
-            if isinstance(d, int) and d > 0 and (axis >= feeds[s.name].ndim or feeds[s.name].shape[axis] != d):
+            if isinstance(d, int) and d > 0 and (axis >= fed[s.name].ndim or fed[s.name].shape[axis] != d):
                 raise GblrcError(
                     f"{path!r}: input {s.name!r} is fixed at {'x'.join(map(str, s.dims))}, "
-                    f"fed {'x'.join(map(str, feeds[s.name].shape))}"
+                    f"fed {'x'.join(map(str, fed[s.name].shape))}"
                 )
-    return f
+    return f, ({} if all(a == b for a, b in pairs.items()) else pairs)
 
 
 def _agreement(outputs: dict, labels: Sequence[str]) -> dict:
