@@ -3,7 +3,7 @@
 Benchmarks run as modules from the repository root, so they import each other as ``benchmarks.NAME``
 and need no ``sys.path`` edits::
 
-    .venv/bin/python -m benchmarks.minilm_speed DIR/*.gblr.pt --threads 2
+    .venv/bin/python -m benchmarks.minilm speed DIR/*.gblr.pt --threads 2
 
 ``samples/`` and ``tests/`` are folders of scripts, not packages: :func:`sample` and :func:`test_helper`
 load one of their modules by path, once.  :func:`provenance` is the header every results file starts

@@ -5,7 +5,7 @@ same cost, the cost actually used, and the wall-clock and CPU seconds of fit_den
 markdown table (per budget: median / max GBLR/SVD error ratio, layers where GBLR < SVD strictly,
 seconds per layer).  Exits non-zero if any ratio is above 1 or any layer is over budget.
 
-    .venv/bin/python benchmarks/init_minilm.py [--budgets 0.2 0.4 0.6] [--threads 1] [--limit N]
+    .venv/bin/python -m benchmarks.init_minilm [--budgets 0.2 0.4 0.6] [--threads 1] [--limit N]
 """
 
 from __future__ import annotations

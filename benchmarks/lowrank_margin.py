@@ -3,7 +3,7 @@ static cost model estimate?  Per layer shape and FLOP ratio: measured time / den
 interleaved, best of 3 sessions' medians, same run) beside the cost model's estimate / dense, and which
 lowering the default pipeline picks (DENSE_MARGIN).
 
-    .venv/bin/python benchmarks/lowrank_margin.py [--threads 1 2] [--tokens 1024] [--ratios 0.4 ... 0.9]
+    .venv/bin/python -m benchmarks.lowrank_margin [--threads 1 2] [--tokens 1024] [--ratios 0.4 ... 0.9]
 """
 
 from __future__ import annotations

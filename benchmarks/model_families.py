@@ -22,7 +22,7 @@ over their dense multiply-adds (gblrc's report for GBLR/low rank; Monarch's cost
 count, so it lands under the budget, sometimes well under).
 
     .venv/bin/python -m benchmarks.model_families --plot out/families.png     # full run (~10 min, 2 shared cores)
-    .venv/bin/python benchmarks/model_families.py --quick --plot /tmp/families.png   # smoke run (~20 s)
+    .venv/bin/python -m benchmarks.model_families --quick --plot /tmp/families.png   # smoke run (~20 s)
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ type, and the seconds per fit.  With --time B: every layer's data-aware GBLR fit
 whitened SVD lowered by the default `gblrc lower` pipeline, timed against the dense MatMul
 (ONNX Runtime CPU, --threads, best of 3 sessions' medians; ratios from the same run).
 
-    .venv/bin/python benchmarks/structure_minilm.py [--budgets 0.2 0.4 0.6] [--limit N] [--time 0.4]
+    .venv/bin/python -m benchmarks.structure_minilm [--budgets 0.2 0.4 0.6] [--limit N] [--time 0.4]
         [--opts '{"seed_frac": 0.5, "refit_rounds": 25}']
 """
 
