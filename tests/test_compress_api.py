@@ -1,6 +1,7 @@
 """gblrc.compress end to end on tiny models: budget bar, errors, warnings, seeds, checkpoints."""
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -199,3 +200,52 @@ def test_compress_stays_a_function_after_the_implementation_module_is_imported()
     assert gblrc.compress is not mod and callable(gblrc.compress)
     with pytest.raises(ValueError, match="budget"):
         gblrc.compress(mlp(), 2.0)
+
+
+def _interrupted(tmp_path, monkeypatch, data, **kw):
+    """A compress run stopped at step 5 with a checkpoint at step 4 in tmp_path; the Trainer restored after."""
+    from gblrc.learn import train
+
+    orig = train.Trainer._one_step
+
+    def crash(self, *a):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return orig(self, *a)
+
+    monkeypatch.setattr(train.Trainer, "_one_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        gblrc.compress(mlp(), 0.35, data=data, checkpoint_dir=tmp_path, **kw)
+    monkeypatch.setattr(train.Trainer, "_one_step", orig)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"data": "other"}, {"warmup": 0.3}, {"refine_lr": 3e-4}, {"refine_batches": 3}, {"calib_batches": 2}],
+    ids=lambda c: next(iter(c)),
+)
+def test_resume_with_changed_data_or_setting_is_refused(tmp_path, monkeypatch, change):
+    x, y = mlp_data()
+    kw = dict(steps=8, checkpoint_every=2, progress=False, init="data")
+    _interrupted(tmp_path, monkeypatch, {"inputs": x, "targets": y}, **kw)
+    data = {"inputs": x, "targets": y}
+    if change.get("data") == "other":  # the same shapes, one value changed: only the fingerprint tells
+        x2 = x.clone()
+        x2[0, 0] += 1.0
+        data = {"inputs": x2, "targets": y}
+    opts = {**kw, **{k: v for k, v in change.items() if k != "data"}}
+    with pytest.raises(ValueError, match="other settings"):
+        gblrc.compress(mlp(), 0.35, data=data, checkpoint_dir=tmp_path, resume=True, **opts)
+    # the same data and settings resume (progress is not a result-affecting setting)
+    gblrc.compress(mlp(), 0.35, data={"inputs": x, "targets": y}, checkpoint_dir=tmp_path, resume=True, **kw)
+
+
+def test_report_settings_are_the_configs_result_fields():
+    from gblrc.learn.config import RESULT_NEUTRAL, CompressConfig, result_settings
+
+    s = result_settings(CompressConfig(budget=0.4, progress=False))
+    fields = {f.name for f in dataclasses.fields(CompressConfig)} | {
+        f.name for f in dataclasses.fields(gblrc.TrainingConfig)
+    }
+    assert set(s) == fields - {"training"} - set(RESULT_NEUTRAL)
+    assert {"refine_batches", "refine_norms", "refine_target", "refine_structure", "calib_batches", "warmup"} <= set(s)

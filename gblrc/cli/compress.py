@@ -532,31 +532,17 @@ def train(inputs: Inputs, cfg, target, ckpt, quiet, speed: bool = True):
 
 def full_report(report, inputs: Inputs, cfg, *, seconds, resumed, target) -> dict:
     """The report written beside the model: compress's, plus the settings and the agreement on the probe."""
+    from gblrc.learn.config import result_settings
+
     full = dict(report)
-    t = cfg.training
     full.update(
         model=str(inputs.path),
         data=inputs.data_spec,
         seconds=round(seconds, 2),
-        settings={
-            "steps": cfg.steps,
-            "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
-            "include": cfg.include,
-            "exclude": cfg.exclude,
-            "seed": cfg.seed,
-            "rank_per_component": cfg.rank_per_component,
-            "tile": cfg.tile,
-            "structure": cfg.structure,
-            "allocate": cfg.allocate,
-            "tune_norms": t.tune_norms,
-            "train_rest": t.train_rest,
-            "budget_unit": cfg.budget_unit,
+        settings={  # every result-affecting setting of the config (one list: gblrc.learn.config), then the CLI's
+            **result_settings(cfg),
             "device": cfg.device,
-            "mixed_precision": cfg.mixed_precision,
-            "hidden_loss": t.hidden_loss,
-            "augment": t.augment,
-            "refine_steps": report.get("refine", {}).get("steps", 0),
+            "refine_steps": report.get("refine", {}).get("steps", 0),  # auto resolved
             "general_text": inputs.general_text,
             "eval_data": inputs.eval_spec,
             "resumed": resumed,

@@ -119,6 +119,12 @@ class TextBatches:
         """The same batcher over other lines (e.g. a held-out part)."""
         return TextBatches(lines, self.tok, self.model, self.bs, self.seed)
 
+    def fingerprint(self) -> str:
+        """What the batches are made of (the lines, batch size and seed), without iterating (which shuffles)."""
+        import hashlib
+
+        return hashlib.sha256(f"{self.bs} {self.seed}\n{chr(10).join(self.lines)}".encode()).hexdigest()
+
     def batch(self, idx) -> dict:
         return tokenize(self.tok, [self.lines[i] for i in idx], self.model)
 

@@ -29,11 +29,19 @@ import torch
 from torch import nn
 
 from gblrc.learn import dist
-from gblrc.learn.config import CompressConfig, TrainingConfig, as_config, from_kwargs
+from gblrc.learn.config import CompressConfig, TrainingConfig, as_config, from_kwargs, result_settings
 from gblrc.learn.controller import Controller
 from gblrc.learn.allocate import GRID, allocate_budgets, uniform_time_ratios
 from gblrc.learn.budget import FLOPS, TimeCost, compact, cost_ratio, cost_unit, fit_to_budget
-from gblrc.learn.data import batch_stream, check_finite, replayable, call_model, model_output, to_device
+from gblrc.learn.data import (
+    batch_stream,
+    call_model,
+    check_finite,
+    fingerprint,
+    model_output,
+    replayable,
+    to_device,
+)
 from gblrc.learn.fidelity import Fidelity, eval_batches
 from gblrc.learn.objective import Objective, task_loss
 from gblrc.nn.layer import svd_layer
@@ -541,23 +549,11 @@ def train(run: Run) -> None:
     )
     for msg in obj.inapplicable(run.x):
         run.warn(msg)
-    sig = {
-        "structure": o.structure,
-        "init_factor": t.init_factor,
-        "allocate": o.allocate,
-        "loss": o.loss,
-        "allocate_cap": t.allocate_cap,
-        "tune_norms": t.tune_norms,
-        "train_rest": t.train_rest,
-        "layer_loss": t.layer_loss,
-        "init": o.init,
-        "hidden_loss": t.hidden_loss,
-        "augment": t.augment,
-        "rank_per_component": o.rank_per_component,
+    sig = {  # every result-affecting setting, the data, and what this run resolved
+        **result_settings(o),
+        "data": fingerprint(run.data),
         "world": run.world,
-        "tile": int(o.tile),
-        "refine_steps": refine_steps_used(run),
-        "refine_lr": t.refine_lr,
+        "refine_steps_used": refine_steps_used(run),
     }
     t0 = time.perf_counter()
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from gblrc.errors import OptionError
 
-__all__ = ["CompressConfig", "TrainingConfig", "from_kwargs", "as_config"]
+__all__ = ["CompressConfig", "TrainingConfig", "from_kwargs", "as_config", "result_settings", "RESULT_NEUTRAL"]
 
 STRUCTURES = ("gblr", "lowrank")
 INITS = ("data", "sequential", "svd")
@@ -28,6 +28,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("no", "bf16")
 REFINE_TARGETS = ("dense", "local")
 REFINE_STEPS = 256  # block refinement's steps per block when refine_steps is None (auto) and there is data
+# The fields that cannot change a run's result (where it shows progress, where and how often it checkpoints,
+# whether it resumes, which device of the same numerics it runs on); every other field is in result_settings().
+RESULT_NEUTRAL = ("progress", "checkpoint_dir", "checkpoint_every", "resume", "device")
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -254,3 +257,11 @@ def as_config(config, kw: dict) -> CompressConfig:
     if "budget" in kw:
         raise TypeError("the budget is given twice: as the second argument and as budget=")
     return from_kwargs(config, **kw)
+
+
+def result_settings(config: CompressConfig) -> dict:
+    """Every field of ``config`` that can change the result, flat (``training``'s fields beside the top
+    level ones), minus :data:`RESULT_NEUTRAL`: the checkpoint signature and the report's settings."""
+    flat = dataclasses.asdict(config)
+    flat.update(flat.pop("training"))
+    return {k: v for k, v in flat.items() if k not in RESULT_NEUTRAL}

@@ -217,3 +217,44 @@ def model_output(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
         return out[0]
     raise ValueError(f"cannot find the output tensor in the model's output ({type(out).__name__})")
+
+
+_FINGERPRINT_BATCHES = 16  # the batches of an iterable that its fingerprint reads
+
+
+def _hash_into(h, v) -> None:
+    if torch.is_tensor(v):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(v, dict):
+        for k in sorted(v, key=str):
+            h.update(repr(k).encode())
+            _hash_into(h, v[k])
+    elif isinstance(v, (list, tuple)):
+        h.update(f"{type(v).__name__}{len(v)}".encode())
+        for item in v:
+            _hash_into(h, item)
+    else:
+        h.update(repr(v).encode())
+
+
+def fingerprint(data) -> str:
+    """A sha256 of the training data (part of the checkpoint signature: resuming on other data is refused).
+    In-memory tensors and dicts: all of them; an object with a ``fingerprint()`` method: its own; any other
+    iterable: its first 16 batches (a :class:`Replay` replays them, so nothing is consumed)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if hasattr(data, "fingerprint"):
+        h.update(str(data.fingerprint()).encode())
+    elif torch.is_tensor(data) or isinstance(data, dict):
+        _hash_into(h, data)
+    elif callable(data) and not hasattr(data, "__iter__"):
+        h.update(getattr(data, "__qualname__", repr(data)).encode())
+    else:
+        for i, b in enumerate(data):
+            if i >= _FINGERPRINT_BATCHES:
+                break
+            _hash_into(h, b)
+    return h.hexdigest()

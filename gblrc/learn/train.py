@@ -68,14 +68,14 @@ class Trainer:
         self._frozen = [p for p in model.parameters() if id(p) not in keep and p.requires_grad]
         self.opt = torch.optim.AdamW(controller.param_groups())
         self.curve: list = []
-        self.signature = dict(
-            self.cfg.signature(),
-            batch_size=self.batch_size,
-            seed=self.seed,
-            mixed_precision=mixed_precision,
-            layers=list(controller.layers),
+        self.signature = {  # the caller's settings, then what this schedule resolved from them
             **(extra_signature or {}),
-        )
+            **self.cfg.signature(),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "mixed_precision": mixed_precision,
+            "layers": list(controller.layers),
+        }
         self._wrapped, self._wrapped_cooled = None, None
 
     @property
