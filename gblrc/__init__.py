@@ -33,6 +33,7 @@ _LAZY = {
     "StructureError": "gblrc.ir.structure",
     "CompressConfig": "gblrc.learn.config",
     "TrainingConfig": "gblrc.learn.config",
+    "LowerConfig": "gblrc.export.options",
     "Controller": "gblrc.learn.controller",
     "GBLRCallback": "gblrc.learn.hf",
     "DistillationLoss": "gblrc.learn.distill",
@@ -95,12 +96,13 @@ def save(model, path, *, example_inputs=None, meta=None, auto_class=None):
     return _save(model, path, example_inputs=example_inputs, meta=meta, auto_class=auto_class)
 
 
-def lower(module, example_inputs, path, **kwargs):
+def lower(module, example_inputs, path, config=None, **kwargs):
     """Export ``module`` to ONNX with its GBLR layers lowered to standard ops, checked against
-    PyTorch (see :func:`gblrc.export.lowering.lower`); returns a LowerReport."""
+    PyTorch, as ``config`` (a :class:`LowerConfig`; or its fields as keywords) says (see
+    :func:`gblrc.export.lowering.lower`); returns a LowerReport."""
     from gblrc.export.lowering import lower as _lower
 
-    return _lower(module, example_inputs, path, **kwargs)
+    return _lower(module, example_inputs, path, config, **kwargs)
 
 
 __all__ = [
@@ -115,6 +117,7 @@ __all__ = [
     "StructureError",
     "CompressConfig",
     "TrainingConfig",
+    "LowerConfig",
     "Controller",
     "GBLRCallback",
     "DistillationLoss",

@@ -52,6 +52,24 @@ def tiny_bert():
     return cm, OrderedDict(input_ids=ids, attention_mask=mask)
 
 
+def _fake_timing(monkeypatch, seconds: dict, default: float):
+    """gblrc.runtime.timing.best_of_sessions measuring ``seconds`` (model name -> seconds, ``default`` for the
+    others) without running anything: the fusion's choices made on times the test sets."""
+    import gblrc.runtime.timing as timing
+
+    def fake(models, feeds, **kw):
+        best = {k: seconds.get(k, default) for k in models}
+        return timing.Timing(best=best, medians={k: [v] for k, v in best.items()})
+
+    monkeypatch.setattr(timing, "best_of_sessions", fake)
+
+
+@pytest.fixture
+def fused_faster(monkeypatch):
+    """The optimized graph times faster than the unfused one; dense Q/K/V help no block."""
+    _fake_timing(monkeypatch, {"unfused": 1.0}, 0.5)
+
+
 def _run(path, ex):
     (y,) = make_session(path, log=False).run(None, {k: v.numpy() for k, v in ex.items()})
     return y
@@ -117,8 +135,14 @@ def test_attention_option_on_a_model_with_one_form(tmp_path):
         gblrc.lower(net, x, tmp_path / "n.onnx", attention="flash")
 
 
-def test_optimize_keeps_the_fusions_and_the_parity(tiny_bert, tmp_path):
+def test_optimize_keeps_the_fusions_and_the_parity(tiny_bert, tmp_path, monkeypatch):
     model, ex = tiny_bert
+    # block 0's dense Q/K/V (fused Attention) time faster, block 1's do not; the mix beats the unfused graph
+    _fake_timing(
+        monkeypatch,
+        {"unfused": 1.0, "lowered": 0.8, "all dense": 0.7, "encoder.layer.0.attention": 0.7, "final": 0.75},
+        0.8,
+    )
     rep = gblrc.lower(model, ex, tmp_path / "m.onnx", optimize=True, with_dense=tmp_path / "d.onnx")
     assert rep.max_rel_err <= 1e-4
     assert rep.attention.form == "eager" and rep.attention.chosen_by.startswith("rule: optimize")
@@ -129,13 +153,16 @@ def test_optimize_keeps_the_fusions_and_the_parity(tiny_bert, tmp_path):
     # every attention block was timed both ways and its choice follows its measured ratio
     assert [b["block"] for b in f.blocks] == ["encoder.layer.0.attention", "encoder.layer.1.attention"]
     assert set(f.seconds) == {"unfused", "lowered", "all dense", "final", *[b["block"] for b in f.blocks]}
-    r = f.seconds["final"] / f.seconds["unfused"]  # measured against the unfused lowered graph, warned when slower
-    assert bool(f.warning) == (r > 1.02) and any("the optimized graph runs" in x for x in f.lines())
+    assert f.seconds["final"] / f.seconds["unfused"] == pytest.approx(0.75)  # measured against the unfused graph
+    assert f.kept == "fused" and "optimize: kept the optimized (fused) graph" in f.lines()
+    assert any("the optimized graph runs 0.750x" in x for x in f.lines())
     for b in f.blocks:
         assert b["qkv"] == ("dense (Attention fused)" if b["time_ratio"] < 0.98 else "lowered")
     n_dense = sum(b["qkv"].startswith("dense") for b in f.blocks)
+    assert n_dense == 1
     assert ops.get("com.microsoft.Attention", 0) == n_dense == f.fused.get("Attention", 0)
-    assert json.loads(_props(tmp_path / "m.onnx")["gblrc.fusion"])["blocks"] == f.blocks
+    recorded = json.loads(_props(tmp_path / "m.onnx")["gblrc.fusion"])
+    assert recorded["blocks"] == f.blocks and recorded["kept"] == "fused"
     # the dense reference went through the same optimizer (and its attention fuses)
     assert op_counts(onnx.load(str(tmp_path / "d.onnx")))["com.microsoft.Attention"] == 2
     y, ref = _run(tmp_path / "m.onnx", ex), _torch(model, ex)
@@ -143,7 +170,38 @@ def test_optimize_keeps_the_fusions_and_the_parity(tiny_bert, tmp_path):
     assert np.abs(y - ref)[keep].max() <= 1e-4 * np.abs(ref[keep]).max()
 
 
-def test_optimize_then_int8(tiny_bert, tmp_path):
+def test_optimize_keeps_the_unfused_graph_when_the_fused_one_is_slower(tiny_bert, tmp_path, monkeypatch):
+    """Issue 27: a fused graph measured slower than the unfused one is not written; the report says so."""
+    model, ex = tiny_bert
+    _fake_timing(monkeypatch, {"unfused": 1.0}, 1.25)  # every optimized variant 1.25x the unfused graph
+    rep = gblrc.lower(model, ex, tmp_path / "m.onnx", optimize=True, with_dense=tmp_path / "d.onnx")
+    f = rep.fusion
+    assert f.kept == "unfused" and f.seconds["final"] / f.seconds["unfused"] == pytest.approx(1.25)
+    assert f.fused["SkipLayerNormalization"] == 4  # what the optimizer fused, in the graph not kept
+    assert any(x.startswith("optimize: kept the unfused lowered graph: the optimized one is slower") for x in f.lines())
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    assert not any(n.domain == "com.microsoft" for n in m.graph.node)  # the unfused lowered graph
+    assert op_counts(m) == rep.ops_after and "MatMul" in rep.ops_after
+    assert json.loads(_props(tmp_path / "m.onnx")["gblrc.fusion"])["kept"] == "unfused"
+    # like for like: the dense reference is not optimized either
+    assert not any(n.domain == "com.microsoft" for n in onnx.load(str(tmp_path / "d.onnx")).graph.node)
+    y, ref = _run(tmp_path / "m.onnx", ex), _torch(model, ex)
+    keep = ex["attention_mask"].numpy().astype(bool)
+    assert np.abs(y - ref)[keep].max() <= 1e-4 * np.abs(ref[keep]).max()
+
+
+def test_cli_lower_optimize_says_which_graph_it_kept(tiny_bert, tmp_path, monkeypatch):
+    model, ex = tiny_bert
+    gblrc.save(model, tmp_path / "m.gblr.pt", example_inputs=ex)
+    _fake_timing(monkeypatch, {"unfused": 1.0}, 1.3)
+    r = CliRunner().invoke(main, ["lower", str(tmp_path / "m.gblr.pt"), "-o", str(tmp_path / "o.onnx"), "--optimize"])
+    assert r.exit_code == 0, r.output
+    assert "optimize: the optimized graph runs 1.300x the unfused lowered graph" in r.output
+    assert "optimize: kept the unfused lowered graph" in r.output
+    assert not any(n.domain == "com.microsoft" for n in onnx.load(str(tmp_path / "o.onnx")).graph.node)
+
+
+def test_optimize_then_int8(tiny_bert, tmp_path, fused_faster):
     model, ex = tiny_bert
     rep = gblrc.lower(model, ex, tmp_path / "m8.onnx", optimize=True, quantize="int8")
     ops = op_counts(onnx.load(str(tmp_path / "m8.onnx")))
@@ -232,6 +290,7 @@ def test_cli_lower_attention_and_optimize(tiny_bert, tmp_path):
     assert r.exit_code == 0, r.output
     assert "optimize: ONNX Runtime transformer optimizer (model type bert, 4 heads, hidden 64): fused" in r.output
     assert "encoder.layer.1.attention: Q/K/V" in r.output
+    assert "optimize: kept the " in r.output  # real timings: whichever graph was faster, named
     r = CliRunner().invoke(
         main, ["lower", str(tmp_path / "m.gblr.pt"), "-o", str(tmp_path / "x.onnx"), "--attention", "flash"]
     )
@@ -242,7 +301,7 @@ def test_cli_lower_attention_and_optimize(tiny_bert, tmp_path):
     assert r.exit_code != 0 and "exclude each other" in r.output and not (tmp_path / "x.onnx").exists()
 
 
-def test_optimize_then_fp16_with_fused_attention(tiny_bert, tmp_path):
+def test_optimize_then_fp16_with_fused_attention(tiny_bert, tmp_path, fused_faster):
     """fp16 of an optimized graph whose attention is fused (the dense reference: every block fuses)."""
     model, ex = tiny_bert
     rep = gblrc.lower(

@@ -144,6 +144,8 @@ BAD_LOWER = [
     (["--input-shape", "input=2xx"], None, "NAME=D0xD1"),
     (["--input-shape", "input=2x0x12"], None, "at least 1"),
     (["--opset", "99"], None, "--opset must be"),
+    (["--opset", "abc"], None, "--opset must be an integer from 14 to 20 (default 17), got 'abc'"),
+    (["--rtol", "-1"], None, "--rtol must be a number >= 0"),
 ]
 
 

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
 from gblrc.cli._errors import api_errors
 from gblrc.errors import GblrcError
 from gblrc.export.inputs import reshape_inputs
+from gblrc.export.options import ATOL, ATTENTION_OPTIONS, PRECISIONS, QUANT_MODES, RTOL, LowerConfig, at_least
 
 __all__ = ["lower", "opt", "passes_cmd", "inspect_cmd", "parse_input_shapes", "reshape_inputs"]
 
 _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# `lower`'s defaults are LowerConfig's (written once, in the dataclass)
+_DEFAULTS = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(LowerConfig)})
+_PER_CHANNEL = {"on": True, "off": False, "auto": "auto"}
+_PER_CHANNEL_DEFAULT = next(k for k, v in _PER_CHANNEL.items() if v == _DEFAULTS.per_channel)
 _TRUST = click.option(
     "--trust-pickle",
     "trust",
@@ -108,7 +115,9 @@ def parse_input_shapes(specs: tuple[str, ...], option: str = "--input-shape") ->
 @click.command("lower", context_settings=_CTX)
 @click.argument("model", metavar="IN")
 @click.option("-o", "--output", metavar="OUT.onnx", help="Output ONNX file [default: IN's name with .onnx].")
-@click.option("--opset", default="17", show_default=True, metavar="N", help="ONNX opset (14 to 20).")
+@click.option(
+    "--opset", type=str, default=_DEFAULTS.opset, show_default=True, metavar="N", help="ONNX opset (14 to 20)."
+)
 @click.option(
     "--input-shape",
     "input_shapes",
@@ -117,19 +126,24 @@ def parse_input_shapes(specs: tuple[str, ...], option: str = "--input-shape") ->
     help="Example input shapes for export and the parity check (default: the stored examples).",
 )
 @click.option("--passes", "passes", metavar="a,b,...", help="Pass pipeline [default: the default pipeline].")
-@click.option("--keep-gblr-ops", is_flag=True, help="Do not lower: keep gblrc.GBLRLinear nodes (not runnable in ORT).")
+@click.option(
+    "--keep-gblr-ops",
+    is_flag=True,
+    default=_DEFAULTS.keep_gblr_ops,
+    help="Do not lower: keep gblrc.GBLRLinear nodes (not runnable in ORT).",
+)
 @click.option(
     "--rtol",
     type=float,
     default=None,
-    help="Parity tolerance, relative to max |output| [default: 1e-4; with --precision fp16: 1e-2 for the "
-    "fp16 graph, the fp32 graph still at 1e-4].",
+    help=f"Parity tolerance, relative to max |output| [default: {RTOL:g}; with --precision fp16: 1e-2 for the "
+    f"fp16 graph, the fp32 graph still at {RTOL:g}].",
 )
-@click.option("--atol", type=float, default=None, help="Parity tolerance, absolute [default: 1e-5; fp16: 1e-3].")
+@click.option("--atol", type=float, default=None, help=f"Parity tolerance, absolute [default: {ATOL:g}; fp16: 1e-3].")
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16"]),
-    default="fp32",
+    type=click.Choice(PRECISIONS),
+    default=_DEFAULTS.precision,
     show_default=True,
     help="fp16: weights and compute in half precision (ONNX Runtime's float16 converter; LayerNorm, "
     "Softmax and reductions stay fp32; inputs/outputs keep their types), for the CUDA provider. "
@@ -144,17 +158,17 @@ def parse_input_shapes(specs: tuple[str, ...], option: str = "--input-shape") ->
 )
 @click.option(
     "--quant-mode",
-    type=click.Choice(["dynamic", "static"]),
+    type=click.Choice(QUANT_MODES),
     default=None,
     help="With --quantize: dynamic (activations quantised at run time; no data) or static QDQ "
-    "(activation ranges calibrated on --data) [default: dynamic].",
+    f"(activation ranges calibrated on --data) [default: {_DEFAULTS.quant_mode}].",
 )
 @click.option(
     "--per-channel",
-    type=click.Choice(["auto", "on", "off"]),
+    type=click.Choice(list(_PER_CHANNEL)),
     default=None,
     help="With --quantize: per-output-channel weight scales; auto quantises both ways and keeps the one "
-    "closer to the fp32 graph [default: auto].",
+    f"closer to the fp32 graph [default: {_PER_CHANNEL_DEFAULT}].",
 )
 @click.option(
     "--data",
@@ -175,8 +189,8 @@ def parse_input_shapes(specs: tuple[str, ...], option: str = "--input-shape") ->
 )
 @click.option(
     "--attention",
-    type=click.Choice(["auto", "eager", "sdpa"]),
-    default="auto",
+    type=click.Choice(ATTENTION_OPTIONS),
+    default=_DEFAULTS.attention,
     show_default=True,
     help="Attention form of models that have several (Hugging Face eager / SDPA): auto exports both and "
     "keeps the one the provider runs faster (timed on the example inputs; the dense reference is "
@@ -185,9 +199,11 @@ def parse_input_shapes(specs: tuple[str, ...], option: str = "--input-shape") ->
 @click.option(
     "--optimize",
     is_flag=True,
-    help="Run ONNX Runtime's transformer optimizer on the lowered graph (BERT-like encoders) and keep "
-    "its fusions (SkipLayerNormalization, BiasGelu; Attention where dense Q/K/V time faster, per "
-    "block); the result has com.microsoft ops.",
+    default=_DEFAULTS.optimize,
+    help="Run ONNX Runtime's transformer optimizer on the lowered graph (BERT-like encoders): its fusions "
+    "(SkipLayerNormalization, BiasGelu; Attention where dense Q/K/V time faster, per block), with "
+    "com.microsoft ops, are kept unless that graph times slower than the unfused one on the provider "
+    "(then the unfused graph is written; the output says which).",
 )
 @click.option(
     "--hf-folder",
@@ -244,62 +260,6 @@ def lower(
     from gblrc.export.inputs import calibration_feeds
 
     out = _lower_target(Path(model), output, hf_folder, hf_source, keep_gblr_ops)
-    _check_flags(
-        None if hf_folder is not None else out,
-        opset,
-        keep_gblr_ops,
-        precision,
-        quantize,
-        quant_mode,
-        per_channel,
-        data_spec,
-        calib_batches,
-        with_dense,
-        optimize,
-        tune,
-    )
-    config = _tune_config(tune, tokens, threads, provider)
-    names = _split_passes(passes)
-    if names is not None and not keep_gblr_ops:
-        from gblrc.export.lowering import check_pass_names
-
-        names = check_pass_names(names)  # before the (slow) loading and export
-    m, inputs = _model_and_inputs(model, input_shapes, trust)
-    with api_errors(_FLAGS):
-        calibration = None if data_spec is None else calibration_feeds(data_spec, m, inputs, calib_batches, trust=trust)
-    kw = _api_kwargs(names, config, opset, keep_gblr_ops, rtol, atol, precision, quantize, quant_mode, per_channel)
-    kw.update(calib_feeds=calibration, with_dense=with_dense, attention=attention, optimize=optimize)
-    if hf_folder is not None:
-        from gblrc.export.hf_folder import source_folder, write_hf_folder
-
-        rep = write_hf_folder(m, inputs, hf_folder, source_folder(m, hf_source), **kw)
-    else:
-        from gblrc.export.lowering import lower as lower_api
-
-        rep = lower_api(m, inputs, out, **kw)
-    _print_lowered(rep, out, keep_gblr_ops, hf_folder)
-
-
-_FLAGS = {"input_shapes": "--input-shape", "calib_feeds": "--data"}  # settings whose flag is not --setting-name
-
-
-def _check_flags(
-    out,
-    opset: str,
-    keep_gblr_ops,
-    precision,
-    quantize,
-    quant_mode,
-    per_channel,
-    data_spec,
-    calib_batches,
-    with_dense,
-    optimize,
-    tune,
-) -> None:
-    """`lower`'s option checks before any loading: flags that need another, then the API's (out None: --hf-folder)."""
-    from gblrc.export.options import check_lower_options
-
     _only_with(
         "--quantize int8",
         quantize,
@@ -309,40 +269,50 @@ def _check_flags(
         ("--calib-batches", calib_batches),
     )
     _only_with("--data", data_spec is not None, ("--calib-batches", calib_batches))
+    tuning = _tune_config(tune, tokens, threads, provider)
     with api_errors(_FLAGS):
-        check_lower_options(
-            out,
+        at_least("calib_batches", calib_batches, 1)  # calibration_feeds's own setting, checked before the loading
+        config = LowerConfig(
+            passes=_split_passes(passes),
             opset=int(opset) if opset.isdigit() else opset,
             keep_gblr_ops=keep_gblr_ops,
+            rtol=rtol,
+            atol=atol,
+            tune=tuning if tuning is not None else False,
             precision=precision,
             quantize=quantize,
-            quant_mode=quant_mode,
-            calib_feeds=data_spec,
-            calib_batches=calib_batches,
+            quant_mode=quant_mode or _DEFAULTS.quant_mode,
+            per_channel=_PER_CHANNEL[per_channel] if per_channel is not None else _DEFAULTS.per_channel,
+            calib_feeds=_DATA_TO_COME if data_spec is not None else None,
             with_dense=with_dense,
+            attention=attention,
+            attention_provider=tuning.provider if tuning is not None else _DEFAULTS.attention_provider,
+            attention_threads=(tuning.threads or None) if tuning is not None else _DEFAULTS.attention_threads,
             optimize=optimize,
-            tune=tune,
         )
+        config.check_paths(None if hf_folder is not None else out)
+    if config.passes is not None and not keep_gblr_ops:
+        from gblrc.export.lowering import check_pass_names
+
+        check_pass_names(config.passes)  # before the (slow) loading and export
+    m, inputs = _model_and_inputs(model, input_shapes, trust)
+    with api_errors(_FLAGS):
+        calibration = None if data_spec is None else calibration_feeds(data_spec, m, inputs, calib_batches, trust=trust)
+        config = config.replace(calib_feeds=calibration)
+    if hf_folder is not None:
+        from gblrc.export.hf_folder import source_folder, write_hf_folder
+
+        rep = write_hf_folder(m, inputs, hf_folder, source_folder(m, hf_source), config=config)
+    else:
+        from gblrc.export.lowering import lower as lower_api
+
+        rep = lower_api(m, inputs, out, config)
+    _print_lowered(rep, out, keep_gblr_ops, hf_folder)
 
 
-def _api_kwargs(
-    names, config, opset: str, keep_gblr_ops, rtol, atol, precision, quantize, quant_mode, per_channel
-) -> dict:
-    """The keywords of `gblrc.lower` / `write_hf_folder` from `lower`'s flags (`lower` adds calibration, attention)."""
-    return dict(
-        passes=names,
-        opset=int(opset),
-        keep_gblr_ops=keep_gblr_ops,
-        rtol=rtol,
-        atol=atol,
-        tune=config if config is not None else False,
-        precision=precision,
-        quantize=quantize,
-        quant_mode=quant_mode or "dynamic",
-        per_channel={"on": True, "off": False}.get(per_channel, "auto"),
-        attention_provider=config.provider if config is not None else "auto",
-        attention_threads=(config.threads or None) if config is not None else None,
-    )
+_FLAGS = {"input_shapes": "--input-shape", "calib_feeds": "--data"}  # settings whose flag is not --setting-name
+# what LowerConfig holds for --data's calibration batches until the model is loaded and they can be cut from it
+_DATA_TO_COME = ({},)
 
 
 def _lower_target(src: Path, output, hf_folder, hf_source, keep_gblr_ops: bool) -> Path:

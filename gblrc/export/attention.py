@@ -23,13 +23,14 @@ records that.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import onnx
 
 from gblrc.errors import GblrcError
+from gblrc.export.metadata import get_json, set_metadata
+from gblrc.export.options import ATTENTION_OPTIONS
 
 __all__ = [
     "FORMS",
@@ -44,8 +45,8 @@ __all__ = [
     "read_choice",
 ]
 
-FORMS = ("eager", "sdpa")
-OPTIONS = ("auto",) + FORMS
+OPTIONS = ATTENTION_OPTIONS  # "auto", then the forms (gblrc.export.options: LowerConfig checks it)
+FORMS = OPTIONS[1:]
 TIE = 0.02  # relative time difference under which two forms count as equally fast
 METADATA_KEY = "gblrc.attention"
 
@@ -219,14 +220,9 @@ def _time_dense_references(graphs: dict, feeds: dict, provider: str, threads, re
 
 def record_choice(model: onnx.ModelProto, choice: AttentionChoice) -> None:
     """Write the choice into ``model``'s metadata (``gblrc.attention``)."""
-    props = {p.key: p.value for p in model.metadata_props}
-    props[METADATA_KEY] = json.dumps(choice.as_dict(), separators=(",", ":"))
-    onnx.helper.set_model_props(model, props)
+    set_metadata(model, {METADATA_KEY: choice.as_dict()})
 
 
 def read_choice(model: onnx.ModelProto) -> dict | None:
     """The recorded choice of a model gblrc wrote (None when it has none)."""
-    for p in model.metadata_props:
-        if p.key == METADATA_KEY:
-            return json.loads(p.value)
-    return None
+    return get_json(model, METADATA_KEY)

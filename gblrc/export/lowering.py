@@ -33,12 +33,14 @@ from gblrc.errors import GblrcError
 from gblrc.export.graph import export_onnx, normalize_inputs, wrap_for_export
 from gblrc.io.fileio import atomic_path
 from gblrc.export.inspection import EXAMPLE_SHAPES_KEY, attach_metadata, structures_from_onnx
-from gblrc.export.options import PRECISIONS, SettingError, at_least, check_lower_options  # noqa: F401
+from gblrc.export.metadata import get_metadata, set_metadata
+from gblrc.export.options import ATOL, PRECISIONS, RTOL, LowerConfig, SettingError, as_lower_config, at_least  # noqa: F401
 from gblrc.export.reference import REFERENCE_NOTE, dense_reference_model, reference_run
 from gblrc.ir.conv import ONNX_CONV_OP
 from gblrc.ir.structure import ONNX_DOMAIN, ONNX_OP
 
 __all__ = [
+    "LowerConfig",
     "LowerReport",
     "lower",
     "op_counts",
@@ -72,8 +74,8 @@ class LowerReport:
     tuning: list[dict] = field(default_factory=list)  # with tune: per layer, the measured times and the choice
     calibration: str = ""  # with tune: how the cost model was calibrated
     precision: str = "fp32"  # "fp32", "fp16", "int8-dynamic" or "int8-static": what the file holds
-    rtol: float = 1e-4  # the parity gate's tolerance (of the fp32 graph; of the fp16 graph with precision fp16)
-    atol: float = 1e-5
+    rtol: float = RTOL  # the parity gate's tolerance (of the fp32 graph; of the fp16 graph with precision fp16)
+    atol: float = ATOL
     fp16: dict = field(
         default_factory=dict
     )  # precision fp16: {"max_abs", "max_rel", "provider", "rtol", "atol", "fp32_ops"}
@@ -294,7 +296,7 @@ def _generated_feeds(model: onnx.ModelProto) -> dict:
 
 
 def compare_models(
-    src: onnx.ModelProto, new: onnx.ModelProto, *, rtol: float = 1e-4, atol: float = 1e-5, hint: str = ""
+    src: onnx.ModelProto, new: onnx.ModelProto, *, rtol: float = RTOL, atol: float = ATOL, hint: str = ""
 ):
     """Parity of ``new`` with ``src`` (e.g. a pass pipeline's result with its input) on generated inputs
     (:func:`_generated_feeds`); graphs with GBLRLinear nodes run as their dense matrices.  GblrcError when
@@ -344,90 +346,55 @@ def lower(
     module: torch.nn.Module,
     example_inputs,
     path: str | os.PathLike,
-    *,
-    passes: Sequence[str] | None = None,
-    opset: int = 17,
-    keep_gblr_ops: bool = False,
-    rtol: float | None = None,
-    atol: float | None = None,
-    input_names: Sequence[str] | None = None,
-    dynamic_axes=None,
-    tune=False,
-    precision: str = "fp32",
-    quantize: str | None = None,
-    quant_mode: str = "dynamic",
-    per_channel: bool | str = "auto",
-    calib_feeds: Sequence[dict] | None = None,
-    with_dense: str | os.PathLike | None = None,
-    attention: str = "auto",
-    attention_provider: str = "auto",
-    attention_threads: int | None = None,
-    output_names: Sequence[str] | None = None,
-    optimize: bool = False,
+    config: LowerConfig | None = None,
+    **options,
 ) -> LowerReport:
-    """Export ``module`` to ONNX at ``path`` with its GBLR layers lowered to standard ops.
+    """Export ``module`` to ONNX at ``path`` with its GBLR layers lowered to standard ops, as ``config`` (a
+    :class:`gblrc.export.options.LowerConfig`; None: the defaults) says.
 
-    example_inputs: a tensor, a tuple of tensors or an ordered dict name -> tensor.  passes:
-    pass names (default: the default pipeline).  keep_gblr_ops: skip the passes (the file keeps
-    gblrc::GBLRLinear nodes; ONNX Runtime cannot run it without the passes).  The result must
-    match PyTorch within ``max|a-b| <= atol + rtol * max|b|`` per output, else GblrcError and
-    no file is written.  tune: True or a gblrc.passes.TuneConfig: calibrate the cost model on the
-    provider and time each layer's candidate lowerings (dense among them), keep the fastest, cache
-    the times (see gblrc.passes.tune); its tokens default to the example inputs' rows.
+    example_inputs: a tensor, a tuple of tensors or an ordered dict name -> tensor.  The older keyword form
+    (``lower(m, x, path, precision="fp16")``) still works: ``options`` are LowerConfig's fields, applied on top
+    of ``config``; an unknown one is a TypeError naming the fields.
 
-    precision: "fp32" or "fp16" (:func:`gblrc.export.precision.to_fp16`; the fp32 graph is checked first, at
-    rtol 1e-4 / atol 1e-5, then the fp16 graph at ``rtol``/``atol``, default FP16_RTOL / FP16_ATOL).
-    quantize: None or "int8" (:func:`gblrc.export.precision.quantize_int8` with ``quant_mode`` "dynamic" or
-    "static", the latter calibrated on ``calib_feeds``, a list of feeds name -> array);
-    ``per_channel`` True, False or "auto" (both, keeping the one closer to the fp32 graph); its fidelity
-    to the fp32 lowered graph, on the example inputs and the calibration feeds, is measured and recorded
-    in the file's metadata (``gblrc.quantization``).  with_dense: also write there the dense reference:
-    the exported graph with every GBLR layer as its dense MatMul, checked, at the same precision.
+    The result must match PyTorch within ``max|a-b| <= atol + rtol * max|b|`` per output, else GblrcError and
+    no file is written.  keep_gblr_ops: skip the passes (the file keeps gblrc::GBLRLinear nodes; ONNX Runtime
+    cannot run it without the passes).  tune: True or a gblrc.passes.TuneConfig: calibrate the cost model on
+    the provider and time each layer's candidate lowerings (dense among them), keep the fastest, cache the
+    times (see gblrc.passes.tune); its tokens default to the example inputs' rows.
 
-    attention: the attention form of models that have several ("auto": the faster on
-    ``attention_provider`` with ``attention_threads``, timed on the example inputs; "eager"; "sdpa";
-    :mod:`gblrc.export.attention`), recorded in the metadata (``gblrc.attention``) of the file and of the
-    dense reference, which is exported in the same form.  The example inputs' shapes are recorded too
-    (``gblrc.example_shapes``: what `gblrc bench` feeds when given no shapes).  output_names: the graph's
-    output names (default ``output``).  optimize: run ONNX Runtime's transformer optimizer on the lowered
-    graph (:mod:`gblrc.export.fusion`; Hugging Face BERT-like encoders), keep what it fuses, gate it.
+    precision "fp16" (:func:`gblrc.export.precision.to_fp16`): the fp32 graph is checked first, at rtol
+    1e-4 / atol 1e-5, then the fp16 graph at ``rtol``/``atol``, default FP16_RTOL / FP16_ATOL.  quantize
+    "int8" (:func:`gblrc.export.precision.quantize_int8` with ``quant_mode`` "dynamic" or "static", the latter
+    calibrated on ``calib_feeds``; ``per_channel`` True, False or "auto"): its fidelity to the fp32 lowered
+    graph, on the example inputs and the calibration feeds, is measured and recorded in the file's metadata
+    (``gblrc.quantization``).  with_dense: also write there the dense reference: the exported graph with
+    every GBLR layer as its dense MatMul, checked, at the same precision.
 
-    The settings are checked together first (:func:`gblrc.export.options.check_lower_options`).
+    attention: the attention form of models that have several (:mod:`gblrc.export.attention`), recorded in
+    the metadata (``gblrc.attention``) of the file and of the dense reference, which is exported in the same
+    form.  The example inputs' shapes are recorded too (``gblrc.example_shapes``: what `gblrc bench` feeds
+    when given no shapes).  optimize: run ONNX Runtime's transformer optimizer on the lowered graph
+    (:mod:`gblrc.export.fusion`; Hugging Face BERT-like encoders) and keep its graph unless it times slower
+    than the unfused one (then the unfused graph is written; the report says which).
+
+    The settings are checked when the config is made; the paths before any slow work.
     """
-    check_lower_options(
-        path,
-        opset=opset,
-        keep_gblr_ops=keep_gblr_ops,
-        precision=precision,
-        quantize=quantize,
-        quant_mode=quant_mode,
-        calib_feeds=calib_feeds,
-        with_dense=with_dense,
-        optimize=optimize,
-        tune=tune,
-    )
-    rtol32, atol32, rtol, atol = _tolerances(precision, rtol, atol)
-    job = _Job.of(module, example_inputs, input_names, attention_provider, attention_threads)
-    exported, attn = _export(
-        job, opset=opset, dynamic_axes=dynamic_axes, output_names=output_names, attention=attention, optimize=optimize
-    )
-    model, report, feeds, ref = _lower_and_gate(
-        job, exported, attn, path, passes, tune, keep_gblr_ops, optimize, rtol32, atol32
-    )
-    deploy = dict(feeds=feeds, ref=ref, precision=precision, quantize=quantize, quant_mode=quant_mode)
-    deploy.update(per_channel=per_channel, calibration=calib_feeds, rtol=rtol, atol=atol)
-    return _deploy_and_write(job, exported, model, report, deploy, path, with_dense, optimize, rtol32, atol32)
+    config = as_lower_config(config, options)
+    config.check_paths(path)
+    job = _Job.of(module, example_inputs, config)
+    exported, attn = _export(job, config)
+    model, report, feeds, ref = _lower_and_gate(job, config, exported, attn, path)
+    return _deploy_and_write(job, config, exported, model, report, feeds, ref, path)
 
 
-def _lower_and_gate(
-    job: "_Job", exported, attn, path, passes, tune, keep_gblr_ops: bool, optimize: bool, rtol32, atol32
-):
+def _lower_and_gate(job: "_Job", config: LowerConfig, exported, attn, path):
     """``exported`` through the passes (and the optimizer), recorded, validated and gated against PyTorch at
     the fp32 tolerances: the lowered model, its report, the graph's feeds and PyTorch's outputs."""
+    rtol32, atol32, _, _ = _tolerances(config)
     before = op_counts(exported)
-    model, results, calibration, relower = _run_pipeline(exported, job.inputs, passes, tune, keep_gblr_ops)
+    model, results, calibration, relower = _run_pipeline(exported, job.inputs, config)
     fusion = None
-    if optimize:
+    if config.optimize:
         model, fusion = _optimize(job, exported, model, relower)
     _record(model, attn, job.named, structures=structures_from_onnx(exported))
     _check_valid(model, "the lowered ONNX model")
@@ -454,15 +421,15 @@ def _lower_and_gate(
 
 
 def _deploy_and_write(
-    job: "_Job", exported, model, report: LowerReport, deploy: dict, path, with_dense, optimize: bool, rtol32, atol32
+    job: "_Job", config: LowerConfig, exported, model, report: LowerReport, feeds: dict, ref: list, path
 ) -> LowerReport:
     """The gated ``model`` (and the dense reference, with ``with_dense``) at the precision asked for, its
     metadata recorded again, both written (or neither); ``report`` filled in and returned."""
     attn, fusion = report.attention, report.fusion
-    out = _deploy(model, report=report, **deploy)
+    out = _deploy(model, feeds, ref, report, config)
     dense = None
-    if with_dense is not None:
-        dense = _dense_reference(job, exported, report, with_dense, optimize, rtol32, atol32, deploy)
+    if config.with_dense is not None:
+        dense = _dense_reference(job, config, exported, report, feeds, ref)
     for m in (out, dense):
         if m is not None:  # the precision step rebuilt the graph: the facts again
             _record(m, attn, job.named)
@@ -470,7 +437,7 @@ def _deploy_and_write(
         from gblrc.export.fusion import record_fusion
 
         record_fusion(out, fusion)
-    _write(path, out, with_dense, dense)
+    _write(path, out, config.with_dense, dense)
     report.ops_after = op_counts(out)
     return report
 
@@ -491,32 +458,43 @@ class _Job:
         return {n: t.detach().cpu().numpy() for n, t in self.named.items()}
 
     @classmethod
-    def of(cls, module: torch.nn.Module, example_inputs, input_names, provider: str, threads: int | None) -> "_Job":
-        """The job of ``module`` on ``example_inputs`` (normalised), named by ``input_names`` (default: their keys)."""
+    def of(cls, module: torch.nn.Module, example_inputs, config: LowerConfig) -> "_Job":
+        """The job of ``module`` on ``example_inputs`` (normalised), named by ``config.input_names`` (default: their
+        keys), timed on ``config.attention_provider`` with ``config.attention_threads``."""
         inputs = normalize_inputs(example_inputs)
-        names = list(input_names) if input_names is not None else list(inputs)
-        return cls(module, inputs, dict(zip(names, inputs.values())), provider, threads)
+        names = list(config.input_names) if config.input_names is not None else list(inputs)
+        named = dict(zip(names, inputs.values()))
+        return cls(module, inputs, named, config.attention_provider, config.attention_threads)
 
 
-def _tolerances(precision: str, rtol: float | None, atol: float | None) -> tuple[float, float, float, float]:
+def _tolerances(config: LowerConfig) -> tuple[float, float, float, float]:
     """(rtol, atol) of the fp32 graph's gate, then of the file's (the fp16 graph's with precision fp16)."""
     from gblrc.export.precision import FP16_ATOL, FP16_RTOL
 
-    if precision == "fp16":
-        return 1e-4, 1e-5, (rtol if rtol is not None else FP16_RTOL), (atol if atol is not None else FP16_ATOL)
-    rtol32, atol32 = (rtol if rtol is not None else 1e-4), (atol if atol is not None else 1e-5)
+    if config.precision == "fp16":
+        rtol = config.rtol if config.rtol is not None else FP16_RTOL
+        return RTOL, ATOL, rtol, (config.atol if config.atol is not None else FP16_ATOL)
+    rtol32 = config.rtol if config.rtol is not None else RTOL
+    atol32 = config.atol if config.atol is not None else ATOL
     return rtol32, atol32, rtol32, atol32
 
 
-def _export(job: _Job, *, opset: int, dynamic_axes, output_names, attention: str, optimize: bool):
+def _export(job: _Job, config: LowerConfig):
     """The exported graph (one GBLRLinear node per layer) in the attention form chosen, and that choice."""
     from gblrc.export.attention import attention_forms, export_in_fastest_form, record_choice
 
     module, names = job.module, list(job.named)
+    attention, optimize = config.attention, config.optimize
+    outputs = list(config.output_names) if config.output_names is not None else None
     model, attn = export_in_fastest_form(
         module,
         lambda: export_onnx(
-            module, job.inputs, opset=opset, input_names=names, output_names=output_names, dynamic_axes=dynamic_axes
+            module,
+            job.inputs,
+            opset=config.opset,
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes=config.dynamic_axes,
         ),
         attention="eager" if optimize and attention == "auto" and "eager" in attention_forms(module) else attention,
         feeds=job.feeds,
@@ -530,20 +508,21 @@ def _export(job: _Job, *, opset: int, dynamic_axes, output_names, attention: str
     return model, attn
 
 
-def _run_pipeline(model: onnx.ModelProto, inputs, passes, tune, keep_gblr_ops: bool):
+def _run_pipeline(model: onnx.ModelProto, inputs, config: LowerConfig):
     """(lowered model, pass summary, calibration line, how to lower another graph the same way)."""
-    if keep_gblr_ops:
+    if config.keep_gblr_ops:
         return model, [], "", None
+    tune, passes = config.tune, (list(config.passes) if config.passes is not None else None)
     if tune:
         import dataclasses
 
         from gblrc.passes import TuneConfig
 
-        config = tune if isinstance(tune, TuneConfig) else TuneConfig()
-        if config.tokens is None:
-            config = dataclasses.replace(config, tokens=tokens_from_inputs(inputs))
-        out, results, calibration = run_tuned(model, config, passes)
-        return out, results, calibration, lambda g: run_tuned(g, config, passes)[0]  # the timings are cached
+        tc = tune if isinstance(tune, TuneConfig) else TuneConfig()
+        if tc.tokens is None:
+            tc = dataclasses.replace(tc, tokens=tokens_from_inputs(inputs))
+        out, results, calibration = run_tuned(model, tc, passes)
+        return out, results, calibration, lambda g: run_tuned(g, tc, passes)[0]  # the timings are cached
     out, results = run_passes(model, passes)
     return out, results, "", lambda g: run_passes(g, passes)[0]
 
@@ -582,32 +561,21 @@ def _graph_feeds(model: onnx.ModelProto, feeds: dict) -> dict:
 
 
 def _dense_reference(
-    job: _Job,
-    exported: onnx.ModelProto,
-    report: LowerReport,
-    path,
-    optimize: bool,
-    rtol32: float,
-    atol32: float,
-    deploy: dict,
+    job: _Job, config: LowerConfig, exported: onnx.ModelProto, report: LowerReport, feeds: dict, ref: list
 ) -> onnx.ModelProto:
     """The dense reference of ``exported`` (every GBLR layer as its dense MatMul), gated like the model and
     at its precision; its path and parity go into ``report``."""
+    rtol32, atol32, _, _ = _tolerances(config)
     dense = dense_reference_model(exported)
-    onnx.helper.set_model_props(
-        dense,
-        {
-            **{p.key: p.value for p in dense.metadata_props},
-            "gblrc.reference": "dense: every GBLR layer as its dense MatMul",
-        },
-    )
-    if optimize:  # like for like: the dense reference through the same optimizer
+    set_metadata(dense, {"gblrc.reference": "dense: every GBLR layer as its dense MatMul"})
+    if report.fusion is not None and report.fusion.kept == "fused":
+        # like for like: the dense reference through the same optimizer (not when the unfused graph was kept)
         from gblrc.export.fusion import ort_model_type, ort_optimize
 
         dense = ort_optimize(dense, *ort_model_type(job.module))
-    drep = _gate(dense, deploy["feeds"], deploy["ref"], rtol=rtol32, atol=atol32, what="the dense reference")
-    report.dense_path, report.dense_max_rel_err = os.fspath(path), drep.max_rel
-    return _deploy(dense, report=LowerReport(path="", ops_before={}, ops_after={}), **deploy)
+    drep = _gate(dense, feeds, ref, rtol=rtol32, atol=atol32, what="the dense reference")
+    report.dense_path, report.dense_max_rel_err = os.fspath(config.with_dense), drep.max_rel
+    return _deploy(dense, feeds, ref, LowerReport(path="", ops_before={}, ops_after={}), config)
 
 
 def _write(path, model: onnx.ModelProto, dense_path, dense: onnx.ModelProto | None) -> None:
@@ -621,13 +589,8 @@ def _write(path, model: onnx.ModelProto, dense_path, dense: onnx.ModelProto | No
 
 def record_example_shapes(model: onnx.ModelProto, inputs) -> None:
     """Record the example inputs' shapes (graph inputs only) in the metadata: `gblrc bench`'s default shapes."""
-    import json
-
     used = {i.name for i in model.graph.input}
-    shapes = {k: list(t.shape) for k, t in inputs.items() if k in used}
-    props = {p.key: p.value for p in model.metadata_props}
-    props[EXAMPLE_SHAPES_KEY] = json.dumps(shapes, separators=(",", ":"))
-    onnx.helper.set_model_props(model, props)
+    set_metadata(model, {EXAMPLE_SHAPES_KEY: {k: list(t.shape) for k, t in inputs.items() if k in used}})
 
 
 def _gate(model: onnx.ModelProto, feeds: dict, ref: list, *, rtol: float, atol: float, what: str):
@@ -652,25 +615,14 @@ def _gate(model: onnx.ModelProto, feeds: dict, ref: list, *, rtol: float, atol: 
 
 
 def _deploy(
-    model: onnx.ModelProto,
-    feeds: dict,
-    ref: list,
-    report: LowerReport,
-    *,
-    precision: str,
-    quantize: str | None,
-    quant_mode: str,
-    per_channel,
-    calibration,
-    rtol: float,
-    atol: float,
+    model: onnx.ModelProto, feeds: dict, ref: list, report: LowerReport, config: LowerConfig
 ) -> onnx.ModelProto:
-    """The checked fp32 ``model`` at the precision asked for (fp16 gated, int8 measured); fills ``report``."""
-    import json
-
+    """The checked fp32 ``model`` at ``config``'s precision (fp16 gated, int8 measured); fills ``report``."""
     from gblrc.export.precision import FP32_OPS, quantize_checked, to_fp16
 
-    if precision == "fp16":
+    _, _, rtol, atol = _tolerances(config)
+    quant_mode = config.quant_mode
+    if config.precision == "fp16":
         keep = FP32_OPS
         if any(n.domain == "com.microsoft" for n in model.graph.node):
             # an optimized graph (optimize=True): ORT's fused SkipLayerNormalization accumulates in fp32 itself, and
@@ -690,12 +642,12 @@ def _deploy(
             "fp32_ops": [o for o in keep if o in present],
         }
         return m16
-    if quantize != "int8":
+    if config.quantize != "int8":
         return model
-    calibration = [{k: np.asarray(v) for k, v in f.items() if k in feeds} for f in (calibration or [])]
+    calibration = [{k: np.asarray(v) for k, v in f.items() if k in feeds} for f in (config.calib_feeds or ())]
     check = [feeds] + calibration
     q, pc, fid, candidates = quantize_checked(
-        model, check, mode=quant_mode, per_channel=per_channel, calibration=calibration
+        model, check, mode=quant_mode, per_channel=config.per_channel, calibration=calibration
     )
     n_cal = len(check) - 1
     report.precision = f"int8-{quant_mode}"
@@ -708,8 +660,5 @@ def _deploy(
         + (f" and {n_cal} calibration batches" if n_cal else "")
         + (" (padding positions excluded)" if "attention_mask" in feeds else ""),
     }
-    props = {p.key: p.value for p in model.metadata_props}
-    props.update({p.key: p.value for p in q.metadata_props})
-    props["gblrc.quantization"] = json.dumps(report.quantization, separators=(",", ":"))
-    onnx.helper.set_model_props(q, props)
+    set_metadata(q, {**get_metadata(model), **get_metadata(q), "gblrc.quantization": report.quantization})
     return q
