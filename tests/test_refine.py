@@ -96,7 +96,11 @@ def test_refine_steps_zero_reproduces_the_steps0_result_before_refinement_existe
     state = {k: v for k, v in cm.state_dict().items() if "encoder" in k}
     assert state.keys() == exp[structure]["state"].keys()
     for k, v in state.items():
-        torch.testing.assert_close(v, exp[structure]["state"][k], rtol=1e-6, atol=1e-7, msg=k)
+        # factors of a float32 SVD agree to round-off of their largest entry, not entrywise (another CPU's BLAS
+        # moves single entries by ~3e-6 of the tensor's max); the function below is held to 1e-6
+        want = exp[structure]["state"][k]
+        scale = want.abs().max().item() if want.is_floating_point() and want.numel() else 1.0
+        torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-5 * scale, msg=k)
     with torch.no_grad():
         y = cm(**exp["inputs"]).last_hidden_state
     torch.testing.assert_close(y, exp[structure]["output"], rtol=1e-6, atol=1e-6)
