@@ -202,14 +202,15 @@ def test_compress_stays_a_function_after_the_implementation_module_is_imported()
         gblrc.compress(mlp(), 2.0)
 
 
-def _interrupted(tmp_path, monkeypatch, data, **kw):
-    """A compress run stopped at step 5 with a checkpoint at step 4 in tmp_path; the Trainer restored after."""
+def interrupted(tmp_path, monkeypatch, data, at_step=5, **kw):
+    """A compress run of mlp() at budget 0.35 stopped at step ``at_step`` (checkpoints in tmp_path); the Trainer
+    restored after."""
     from gblrc.learn import train
 
     orig = train.Trainer._one_step
 
     def crash(self, *a):
-        if self.step == 5:
+        if self.step == at_step:
             raise KeyboardInterrupt
         return orig(self, *a)
 
@@ -227,7 +228,7 @@ def _interrupted(tmp_path, monkeypatch, data, **kw):
 def test_resume_with_changed_data_or_setting_is_refused(tmp_path, monkeypatch, change):
     x, y = mlp_data()
     kw = dict(steps=8, checkpoint_every=2, progress=False, init="data")
-    _interrupted(tmp_path, monkeypatch, {"inputs": x, "targets": y}, **kw)
+    interrupted(tmp_path, monkeypatch, {"inputs": x, "targets": y}, **kw)
     data = {"inputs": x, "targets": y}
     if change.get("data") == "other":  # the same shapes, one value changed: only the fingerprint tells
         x2 = x.clone()

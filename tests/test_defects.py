@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import gblrc
 from _onnx_builders import gblr_model, random_weights
 from gblrc.passes.base import PROPERTIES, established_properties, import_graph
-from test_compress_api import mlp, mlp_data
+from test_compress_api import interrupted, mlp, mlp_data
 
 
 def test_nan_in_the_data_is_a_one_line_error_not_a_cholesky_traceback(tmp_path):
@@ -53,21 +53,10 @@ def test_time_budget_with_many_decimals_is_not_an_internal_error(monkeypatch):
 
 
 def test_resume_with_another_loss_is_refused(tmp_path, monkeypatch):
-    from gblrc.learn import train
-
     x, y = mlp_data()
-    kw = dict(data={"inputs": x, "targets": y}, steps=8, checkpoint_every=2, checkpoint_dir=tmp_path, progress=False)
-    orig = train.Trainer._one_step
-
-    def crash(self, *a):
-        if self.step == 5:
-            raise KeyboardInterrupt
-        return orig(self, *a)
-
-    monkeypatch.setattr(train.Trainer, "_one_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        gblrc.compress(mlp(), 0.35, loss="task", **kw)
-    monkeypatch.setattr(train.Trainer, "_one_step", orig)
+    kw = dict(data={"inputs": x, "targets": y}, steps=8, checkpoint_every=2, progress=False)
+    interrupted(tmp_path, monkeypatch, loss="task", **kw)
+    kw["checkpoint_dir"] = tmp_path
     with pytest.raises(ValueError, match="other settings"):
         gblrc.compress(mlp(), 0.35, loss="distill", resume=True, **kw)
 
