@@ -52,7 +52,8 @@ from gblrc.runtime import timing  # noqa: E402
 from gblrc.learn.data import batch_stream, call_model, model_output  # noqa: E402
 from gblrc.nn.monarch import MonarchLinear, replace_with_monarch  # noqa: E402
 from gblrc.learn.objective import task_loss  # noqa: E402
-from gblrc.learn.train import TrainConfig  # noqa: E402
+from gblrc.learn.config import CompressConfig  # noqa: E402
+from gblrc.learn.train import Schedule  # noqa: E402
 from benchmarks.common import provenance  # noqa: E402
 
 METHODS = ("gblr", "lowrank", "monarch")
@@ -199,7 +200,9 @@ def finetune_monarch(model, data, *, steps, batch_size, lr, seed=0):
 def train_like_compress(model, params, data, *, steps, batch_size, lr, seed=0):
     """Train only ``params`` the way gblrc's trainer trains the content: task loss on the same batches
     (``batch_stream``, same seed), AdamW with weight decay 0, cosine lr to 0.1 x lr, model in eval mode."""
-    cfg = TrainConfig(steps=steps, budget=1.0, batch_size=batch_size, lr=lr, seed=seed, learn_structure=False)
+    cfg = Schedule.of(
+        CompressConfig(budget=1.0, steps=steps, batch_size=batch_size, lr=lr, seed=seed, structure="lowrank")
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:

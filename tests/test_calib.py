@@ -11,7 +11,8 @@ from torch import nn
 import gblrc
 from gblrc.learn.calib import call_order, input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import svd_layer
-from gblrc.learn.train import TrainConfig
+from gblrc.learn.config import CompressConfig
+from gblrc.learn.train import Schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,11 +81,13 @@ def test_sequential_init_through_compress_runs_and_keeps_the_budget():
 
 
 def test_content_lr_decays_by_cosine_to_lr_min():
-    cfg = TrainConfig(steps=101, budget=0.5, lr=1e-3, lr_min=0.1)
+    cfg = Schedule.of(CompressConfig(budget=0.5, steps=101, lr=1e-3).replace(lr_min=0.1))
     assert cfg.content_lr(0) == pytest.approx(1e-3)
     assert cfg.content_lr(50) == pytest.approx(0.55e-3)
     assert cfg.content_lr(100) == pytest.approx(1e-4)
-    assert TrainConfig(steps=10, budget=0.5, lr=1e-3, lr_min=1.0).content_lr(7) == pytest.approx(1e-3)
+    assert Schedule.of(CompressConfig(budget=0.5, steps=10, lr=1e-3).replace(lr_min=1.0)).content_lr(
+        7
+    ) == pytest.approx(1e-3)
 
 
 def test_layers_that_share_an_input_are_grouped():

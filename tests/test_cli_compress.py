@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -388,3 +389,32 @@ def test_allocate_option_splits_the_budget(files, tmp_path, allocate):
     if allocate == "uniform":  # the same number of whole components fits each 48-wide layer
         assert max(ratios) - min(ratios) < 0.1
     assert rep["allocate"] == allocate
+
+
+def test_every_config_option_defaults_to_the_dataclass_value_and_its_choices():
+    """The CLI's defaults and choices are the config's (one source): each option that is a CompressConfig or
+    TrainingConfig field defaults to the field's default, a choice option offers the config's allowed values."""
+    import dataclasses
+
+    from gblrc.cli.compress import compress
+    from gblrc.learn import config as C
+
+    fields = {f.name: f for c in (C.CompressConfig, C.TrainingConfig) for f in dataclasses.fields(c)}
+    allowed = {
+        "structure": C.STRUCTURES,
+        "allocate": C.ALLOCATIONS,
+        "budget_unit": C.UNITS,
+        "device": C.DEVICES,
+        "mixed_precision": C.PRECISIONS,
+    }
+    seen = set()
+    for p in compress.params:
+        if p.name not in fields or p.name == "budget":
+            continue
+        seen.add(p.name)
+        want = C.CLI_DEVICE if p.name == "device" else fields[p.name].default
+        default = None if p.default is getattr(click.core, "UNSET", object()) else p.default  # click's "none given"
+        assert default == want, p.name
+        if p.name in allowed:
+            assert tuple(p.type.choices) == allowed[p.name], p.name
+    assert {"steps", "lr", "batch_size", "structure", "allocate", "refine_steps", "checkpoint_every"} <= seen

@@ -14,6 +14,7 @@ also loaded with ``SentenceTransformer(OUT, backend="onnx")`` and ``ORTModelForF
 from __future__ import annotations
 
 import json
+import stat
 import os
 import shutil
 import subprocess
@@ -137,6 +138,10 @@ def test_the_folder_has_what_the_loaders_read(compressed, tmp_path):
     export, kw = backend_should_export(out, True, {}, "model.onnx", "*.onnx", "ONNX")
     assert export is False and kw.get("subfolder") == "onnx"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary folder left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask  # a served folder, not mkdtemp's 0700
+    assert stat.S_IMODE(os.stat(out / "onnx" / "model.onnx").st_mode) == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("extra", [(), ("--quantize", "int8"), ("--optimize",)])

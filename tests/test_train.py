@@ -8,7 +8,8 @@ from gblrc.learn.budget import LambdaController, compact, cost_ratio, fit_to_bud
 from gblrc.learn.data import batch_stream, split_batch
 from gblrc.nn.layer import GBLRLinear
 from gblrc.learn.objective import Objective, task_loss
-from gblrc.learn.train import TrainConfig
+from gblrc.learn.config import CompressConfig
+from gblrc.learn.train import Schedule
 
 
 def layer(n_in=40, n_out=24, K=12, seed=0):
@@ -48,7 +49,7 @@ def test_lambda_controller_rises_above_reference_and_drops_to_zero_below():
 
 
 def test_sigma_schedule():
-    cfg = TrainConfig(steps=100, budget=0.5, warmup=0.1, cooldown=0.2, sigma_max=100.0)
+    cfg = Schedule.of(CompressConfig(budget=0.5, steps=100).replace(warmup=0.1, cooldown=0.2, sigma_max=100.0))
     assert cfg.warm_end == 10 and cfg.cool_start == 80
     assert cfg.sigma(0) == 1.0 and cfg.sigma(9) == 1.0
     assert 1.0 < cfg.sigma(40) < 100.0 and cfg.sigma(79) == pytest.approx(100.0)
@@ -147,3 +148,19 @@ def test_generator_data_is_replayed_from_the_start():
     first = next(batch_stream(data, 8, 0))[0][0, 0].item()
     again = [b[0][0, 0].item() for _, b in zip(range(6), batch_stream(data, 8, 0))]
     assert first == 0 and again == [0, 1, 2, 3, 0, 1]
+
+
+def test_schedule_reads_every_setting_from_the_config_and_copies_none():
+    import dataclasses
+
+    from gblrc.learn.config import result_settings
+
+    assert [f.name for f in dataclasses.fields(Schedule)] == ["config", "steps", "budget", "fit_budget"]
+    cfg = CompressConfig(budget=0.3, steps=40, lr=2e-3, structure="lowrank").replace(warmup=0.25, sigma_max=7.0)
+    s = Schedule.of(cfg, steps=20)
+    assert (s.steps, s.budget, s.lr, s.warmup, s.sigma_max, s.lr_struct) == (20, 0.3, 2e-3, 0.25, 7.0, 1e-2)
+    assert not s.learn_structure and s.cool_start == 0
+    sig = s.signature()
+    assert sig == {**result_settings(cfg), "steps": 20, "budget": 0.3, "fit_budget": None}
+    with pytest.raises(AttributeError, match="no setting 'nope'"):
+        s.nope

@@ -3,21 +3,42 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import dataclasses
 import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
 from gblrc.cli._errors import api_errors
 from gblrc.errors import GblrcError
+from gblrc.learn.config import (
+    ALLOCATIONS,
+    CLI_DEVICE,
+    DEVICES,
+    PRECISIONS,
+    REFINE_STEPS,
+    STRUCTURES,
+    UNITS,
+    CompressConfig,
+    TrainingConfig,
+)
 
 __all__ = ["compress"]
 
 _FAILED = "compression failed"  # the message of an API error that has none
+# `compress`'s defaults are CompressConfig's and TrainingConfig's (written once, in the dataclasses)
+_DEFAULTS = SimpleNamespace(
+    **{
+        f.name: f.default
+        for c in (TrainingConfig, CompressConfig)
+        for f in dataclasses.fields(c)
+        if f.name != "training"
+    }
+)
 
 
 def default_output(model_path: Path) -> Path:
@@ -46,11 +67,7 @@ def atomic_outputs(*paths: Path):
 
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_path(p)) for p in paths]  # exits in reverse: paths[0] last
-        yield tmps
-        umask = os.umask(0)
-        os.umask(umask)
-        for t in tmps:  # mkstemp makes 0600 files; give them the usual permissions
-            os.chmod(t, 0o666 & ~umask)
+        yield tmps  # (atomic_path gives them a new file's permissions)
 
 
 def _fidelity_lines(report: dict, eval_spec) -> None:
@@ -182,7 +199,7 @@ def _summary(report: dict) -> None:
 @click.option(
     "--steps",
     type=click.IntRange(min=0),
-    default=200,
+    default=_DEFAULTS.steps,
     show_default=True,
     help="Training steps. 0 with --data: post-training compression only (data-aware "
     "initialisation, sequential refit and budget allocation, no fine-tuning).",
@@ -203,58 +220,58 @@ def _summary(report: dict) -> None:
     default=None,
     metavar="N",
     help="Block-level refinement after the initialisation (needs --data): each block (transformer layer) "
-    "trains its compressed layers' content for N steps on 64 batches of the data so that, fed the "
-    "compressed model's own inputs, it gives the dense block's output (on MiniLM at 0.4, --steps 0: "
-    "+0.07 cosine in domain and on other genres for ~5 min on 2 cores). [default: 256 with --data; 0: off]",
+    f"trains its compressed layers' content for N steps on {_DEFAULTS.refine_batches} batches of the data so "
+    "that, fed the compressed model's own inputs, it gives the dense block's output (on MiniLM at 0.4, --steps 0: "
+    f"+0.07 cosine in domain and on other genres for ~5 min on 2 cores). [default: {REFINE_STEPS} with --data; 0: off]",
 )
 @click.option(
     "--hidden-loss",
     type=click.FloatRange(min=0),
-    default=0.0,
+    default=_DEFAULTS.hidden_loss,
     show_default=True,
     help="Distillation: weight of matching every block's hidden state (Hugging Face models).",
 )
 @click.option(
     "--augment",
     type=click.FloatRange(min=0, max=0.9),
-    default=0.0,
+    default=_DEFAULTS.augment,
     show_default=True,
     help="Distillation: fraction of tokens replaced by random ones in every training batch "
     "(text models), so the student imitates the teacher beyond the training text.",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=_DEFAULTS.batch_size, show_default=True)
 @click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate."
+    "--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True, help="Learning rate."
 )
 @click.option("--include", metavar="REGEX", help="Compress only Linear layers whose name matches REGEX.")
 @click.option("--exclude", metavar="REGEX", help="Leave Linear layers whose name matches REGEX dense.")
 @click.option(
     "--rank-per-component",
     type=click.IntRange(min=1),
-    default=1,
+    default=_DEFAULTS.rank_per_component,
     show_default=True,
     help="Rank of each GBLR component (above 1 gives fewer, larger blocks that lower faster).",
 )
 @click.option(
     "--tile",
     type=click.IntRange(min=1),
-    default=1,
+    default=_DEFAULTS.tile,
     show_default=True,
     help="Block widths and starts become multiples of this many rows/columns (e.g. 32: a coarser "
     "structure that lowers to fewer, larger slices).",
 )
 @click.option(
     "--structure",
-    type=click.Choice(["gblr", "lowrank"]),
-    default="gblr",
+    type=click.Choice(STRUCTURES),
+    default=_DEFAULTS.structure,
     show_default=True,
     help="gblr: learn block widths and locations (the method); lowrank: truncated SVD at the same "
     "cost with the same fine-tuning (full fixed widths), a baseline to compare against.",
 )
 @click.option(
     "--allocate",
-    type=click.Choice(["auto", "sensitivity", "uniform"]),
-    default="auto",
+    type=click.Choice(ALLOCATIONS),
+    default=_DEFAULTS.allocate,
     show_default=True,
     help="How the budget is split across layers before training: sensitivity measures how much "
     "truncating each layer alone changes the output (a few forward passes per layer) and gives "
@@ -263,14 +280,14 @@ def _summary(report: dict) -> None:
 )
 @click.option(
     "--tune-norms/--no-tune-norms",
-    default=False,
+    default=_DEFAULTS.tune_norms,
     show_default=True,
     help="Also fine-tune the LayerNorm (and other normalisation) parameters; free at inference.",
 )
 @click.option(
     "--budget-unit",
-    type=click.Choice(["flops", "time"]),
-    default="flops",
+    type=click.Choice(UNITS),
+    default=_DEFAULTS.budget_unit,
     show_default=True,
     help="What BUDGET is a fraction of: flops, the layers' dense multiply-adds; time, their dense "
     "time as the compiler's cost model estimates it, each layer charged as the default "
@@ -280,26 +297,27 @@ def _summary(report: dict) -> None:
 @click.option(
     "--train-rest",
     is_flag=True,
+    default=_DEFAULTS.train_rest,
     help="Also train every parameter outside the compressed layers (embeddings, norms, heads that "
     "are not compressed): for training structured layers from scratch, where those start random.",
 )
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
+    type=click.Choice(DEVICES),
+    default=CLI_DEVICE,
     show_default=True,
     help="Where to train: auto is CUDA when torch sees a GPU, else the CPU; cuda without one is an "
     "error. Under torchrun / accelerate launch each process takes its LOCAL_RANK GPU.",
 )
 @click.option(
     "--mixed-precision",
-    type=click.Choice(["no", "bf16"]),
-    default="no",
+    type=click.Choice(PRECISIONS),
+    default=_DEFAULTS.mixed_precision,
     show_default=True,
     help="bf16: the matrix products run in bfloat16 (torch.autocast); the Gaudi masks, widths, "
     "locations, the proximal step, optimizer state and losses stay fp32. For GPUs with bf16.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option(
     "-o",
     "--output",
@@ -311,11 +329,16 @@ def _summary(report: dict) -> None:
 @click.option(
     "--checkpoint-every",
     type=click.IntRange(min=0),
-    default=50,
+    default=_DEFAULTS.checkpoint_every,
     show_default=True,
     help="Save a checkpoint in OUT.ckpt/ every N steps (0: never); removed after success.",
 )
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint in OUT.ckpt/.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=_DEFAULTS.resume,
+    help="Continue an interrupted run from its checkpoint in OUT.ckpt/.",
+)
 @click.option(
     "--trust-pickle",
     "--trust-remote-code",

@@ -371,15 +371,11 @@ def _agreement(outputs: dict, labels: Sequence[str]) -> dict:
 
 def recorded_shapes(model: onnx.ModelProto) -> dict | None:
     """The example input shapes `gblrc lower` recorded in the model's metadata (None when there are none)."""
-    import json
-
     from gblrc.export.inspection import EXAMPLE_SHAPES_KEY
+    from gblrc.export.metadata import get_json
 
-    for p in model.metadata_props:
-        if p.key == EXAMPLE_SHAPES_KEY:
-            try:
-                d = json.loads(p.value)
-                return {str(k): tuple(int(x) for x in v) for k, v in d.items()}
-            except (ValueError, TypeError, AttributeError):
-                raise GblrcError(f"the model's {EXAMPLE_SHAPES_KEY} metadata is not valid; give --shape") from None
-    return None
+    try:
+        d = get_json(model, EXAMPLE_SHAPES_KEY)
+        return None if d is None else {str(k): tuple(int(x) for x in v) for k, v in d.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise GblrcError(f"the model's {EXAMPLE_SHAPES_KEY} metadata is not valid; give --shape") from None

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from gblrc.errors import GblrcError
+from gblrc.io.fileio import output_mode
 
 __all__ = [
     "TOKENIZER_FILES",
@@ -162,6 +163,7 @@ def write_hf_folder(
     parent = out.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
+        os.chmod(tmp, output_mode(folder=True))  # mkdtemp makes it 0700; the served folder is read by others
         (tmp / "onnx").mkdir()
         rep = lower(module, inputs, tmp / "onnx" / "model.onnx", output_names=[OUTPUT_NAME], **lower_kwargs)
         module.config.to_json_file(os.fspath(tmp / "config.json"))

@@ -3,7 +3,6 @@ and compressed models (.gblr.pt).  Used by `gblrc inspect` and by `gblrc.lower` 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import onnx
 from gblrc.errors import GblrcError
 from gblrc.ir.conv import ONNX_CONV_OP
 from gblrc.ir.structure import ONNX_DOMAIN, ONNX_OP, Structure, StructureError, from_onnx_attributes, to_onnx_attributes
+from gblrc.export.metadata import get_json, set_metadata
 
 __all__ = [
     "gblr_nodes",
@@ -53,9 +53,9 @@ def structures_from_onnx(model: onnx.ModelProto) -> list[tuple[str, Structure]]:
     try:
         if nodes:
             return [(layer_name(n), from_onnx_attributes(_attrs(n))) for n in nodes]
-        for p in model.metadata_props:
-            if p.key == METADATA_KEY:
-                return [(d["name"], from_onnx_attributes(d["attributes"])) for d in json.loads(p.value)]
+        recorded = get_json(model, METADATA_KEY)
+        if recorded is not None:
+            return [(d["name"], from_onnx_attributes(d["attributes"])) for d in recorded]
     except (StructureError, KeyError, TypeError, ValueError) as e:
         raise GblrcError(f"the ONNX file has an invalid GBLRLinear structure ({e})") from None
     return []
@@ -63,13 +63,7 @@ def structures_from_onnx(model: onnx.ModelProto) -> list[tuple[str, Structure]]:
 
 def attach_metadata(model: onnx.ModelProto, structures: list[tuple[str, Structure]]) -> None:
     """Record the layer structures in the model's metadata (survives lowering)."""
-    for i in reversed(range(len(model.metadata_props))):
-        if model.metadata_props[i].key == METADATA_KEY:
-            del model.metadata_props[i]
-    doc = [{"name": n, "attributes": to_onnx_attributes(s)} for n, s in structures]
-    onnx.helper.set_model_props(
-        model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: json.dumps(doc, separators=(",", ":"))}
-    )
+    set_metadata(model, {METADATA_KEY: [{"name": n, "attributes": to_onnx_attributes(s)} for n, s in structures]})
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:

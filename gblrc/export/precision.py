@@ -28,6 +28,7 @@ import onnx
 
 from gblrc.errors import GblrcError
 from gblrc.export.options import check_quant_mode
+from gblrc.export.metadata import set_metadata
 
 __all__ = [
     "FP32_OPS",
@@ -110,7 +111,7 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32: Sequence[str] = FP32_OPS) -> o
     om = OnnxModel(out)
     om.topological_sort()  # the converter appends the Casts of graph inputs at the end
     out = om.model
-    out.metadata_props.add(key="gblrc.export.precision", value="fp16")
+    set_metadata(out, {"gblrc.export.precision": "fp16"})
     return out
 
 
@@ -197,7 +198,7 @@ def quantize_int8(
     }
     if not any(n.op_type in quantized for n in out.graph.node):
         raise GblrcError("ONNX Runtime's quantiser changed nothing in this model; nothing to quantise")
-    out.metadata_props.add(key="gblrc.export.precision", value=f"int8-{mode}")
+    set_metadata(out, {"gblrc.export.precision": f"int8-{mode}"})
     return out
 
 

@@ -44,9 +44,10 @@ def _umask() -> int:
     return mask
 
 
-def output_mode() -> int:
-    """The permission bits of a new output file: those of ``open(path, "w")``, ``0o666 & ~umask``."""
-    return 0o666 & ~_umask()
+def output_mode(folder: bool = False) -> int:
+    """The permission bits of a new output file: those of ``open(path, "w")``, ``0o666 & ~umask``; of a new
+    output folder (``folder``): those of ``os.mkdir``, ``0o777 & ~umask``."""
+    return (0o777 if folder else 0o666) & ~_umask()
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from gblrc.learn import dist
-from gblrc.learn.config import CompressConfig, TrainingConfig, as_config, from_kwargs, result_settings
+from gblrc.learn.config import CompressConfig, TrainingConfig, as_config, from_kwargs
 from gblrc.learn.controller import Controller
 from gblrc.learn.allocate import GRID, allocate_budgets, uniform_time_ratios
 from gblrc.learn.budget import FLOPS, TimeCost, compact, cost_ratio, cost_unit, fit_to_budget
@@ -549,29 +549,11 @@ def train(run: Run) -> None:
     )
     for msg in obj.inapplicable(run.x):
         run.warn(msg)
-    sig = {  # every result-affecting setting, the data, and what this run resolved
-        **result_settings(o),
-        "data": fingerprint(run.data),
-        "world": run.world,
-        "refine_steps_used": refine_steps_used(run),
-    }
+    sig = {"data": fingerprint(run.data), "world": run.world, "refine_steps_used": refine_steps_used(run)}
     t0 = time.perf_counter()
     try:
         run.curve = Trainer(
-            run.model,
-            run.controller,
-            obj,
-            run.data,
-            batch_size=o.batch_size,
-            seed=o.seed,
-            mixed_precision=o.mixed_precision,
-            checkpoint_dir=str(t.checkpoint_dir) if t.checkpoint_dir else None,
-            checkpoint_every=t.checkpoint_every,
-            resume=t.resume,
-            progress=o.progress,
-            rank=run.rank,
-            world=run.world,
-            extra_signature=sig,
+            run.model, run.controller, obj, run.data, rank=run.rank, world=run.world, extra_signature=sig
         ).run()
     finally:
         obj.close()

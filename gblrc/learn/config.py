@@ -25,6 +25,9 @@ ALLOCATIONS = ("auto", "uniform", "sensitivity")
 LOSSES = ("auto", "task", "distill")
 UNITS = ("flops", "time")
 DEVICES = ("auto", "cpu", "cuda")
+# The CLI's device: it loads the model from a file onto the CPU, so the API's None (where the model is) would
+# never use a GPU; the CLI trains where "auto" says instead.
+CLI_DEVICE = "auto"
 PRECISIONS = ("no", "bf16")
 REFINE_TARGETS = ("dense", "local")
 REFINE_STEPS = 256  # block refinement's steps per block when refine_steps is None (auto) and there is data

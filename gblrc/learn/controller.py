@@ -27,36 +27,58 @@ from dataclasses import dataclass
 import torch
 
 from gblrc.learn.budget import LambdaController, cost_ratio, cost_unit, fit_to_budget, proximal_step
-from gblrc.learn.config import CompressConfig
+from gblrc.learn.config import CompressConfig, TrainingConfig, result_settings
 
-__all__ = ["Controller", "TrainConfig"]
+__all__ = ["Controller", "Schedule"]
 
 STRUCTURE_GROUP = "gblrc_structure"  # key marking the structure's optimiser group
 
 
-@dataclass
-class TrainConfig:
-    """The schedule of one run, derived from a CompressConfig (sigma by step, phases, content lr)."""
+@dataclass(frozen=True)
+class Schedule:
+    """The schedule of one run over ``steps`` optimiser steps: sigma by step, the phases, the content lr.
 
+    Every setting is read from ``config`` (a :class:`CompressConfig`; ``schedule.warmup`` is
+    ``config.training.warmup``, ``schedule.lr`` is ``config.lr``): nothing is copied.  Only what one run
+    resolves differently from the config is held here: ``steps`` (the user's loop may run another number),
+    ``budget`` (the FLOP ratio lambda steers toward) and ``fit_budget`` (what the cool-down's exact fit
+    lands on, in ``config.budget_unit``; None: ``budget``).  A time budget is not steered directly: a
+    layer's estimated time is flat in the widths (a stacked lowering pays for whole components), so lambda
+    would grow until every width collapses at once.
+    """
+
+    config: CompressConfig
     steps: int
     budget: float
-    batch_size: int = 32
-    lr: float = 1e-3
-    lr_struct: float = 5e-3
-    seed: int = 0
-    learn_structure: bool = True
-    warmup: float = 0.1
-    cooldown: float = 0.2
-    sigma_max: float = 100.0
-    hard_forward: bool = True  # train on the eval-mode (boxcar) weights, Gaudi gradients for the structure
-    lam_step: float = 2e-4  # width shrink per step when lambda first switches on (lam0 * lr_struct)
-    lr_min: float = 0.1  # the content lr decays (cosine) from lr to lr_min x lr over the run; 1 = constant
-    # The lambda controller steers the multiply-adds toward ``budget`` (a FLOP ratio); the cool-down's exact
-    # fit lands on ``fit_budget`` (None: ``budget``) in ``budget_unit`` ("flops" or "time", gblrc.learn.budget).
-    # A time budget is not steered directly: a layer's estimated time is flat in the widths (a stacked
-    # lowering pays for whole components), so lambda would grow until every width collapses at once.
-    budget_unit: str = "flops"
     fit_budget: float | None = None
+
+    @classmethod
+    def of(cls, config: CompressConfig, steps=None, budget=None, fit_budget=None) -> "Schedule":
+        """``config``'s schedule, with its steps and budget unless others are given."""
+        return cls(
+            config,
+            int(config.steps if steps is None else steps),
+            float(config.budget if budget is None else budget),
+            fit_budget,
+        )
+
+    def __getattr__(self, name):  # the config's settings, top level first, then training's
+        if name.startswith("_") or name == "config":
+            raise AttributeError(name)
+        config = self.config
+        for holder in (config, config.training):
+            if name in _FIELDS[type(holder)]:
+                return getattr(holder, name)
+        raise AttributeError(f"{type(self).__name__} has no setting {name!r}")
+
+    @property
+    def lr_struct(self) -> float:
+        """The structure's learning rate as resolved (training.lr_struct, or 5 x lr)."""
+        return self.config.lr_struct
+
+    @property
+    def learn_structure(self) -> bool:
+        return self.config.structure == "gblr"
 
     @property
     def warm_end(self) -> int:
@@ -73,29 +95,21 @@ class TrainConfig:
         return 1.0 + (self.sigma_max - 1.0) * min(1.0, (step - self.warm_end + 1) / span)
 
     def content_lr(self, step: int) -> float:
+        """The content lr: cosine from lr to lr_min x lr over the run (lr_min = 1: constant)."""
         t = min(1.0, step / max(1, self.steps - 1))
         return self.lr * (self.lr_min + (1.0 - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
     def signature(self) -> dict:
+        """Every result-affecting setting (:func:`result_settings`) with this run's steps and budgets."""
         return {
-            k: getattr(self, k)
-            for k in (
-                "steps",
-                "budget",
-                "batch_size",
-                "lr",
-                "lr_struct",
-                "seed",
-                "lr_min",
-                "learn_structure",
-                "hard_forward",
-                "warmup",
-                "cooldown",
-                "sigma_max",
-                "budget_unit",
-                "fit_budget",
-            )
+            **result_settings(self.config),
+            "steps": self.steps,
+            "budget": self.budget,
+            "fit_budget": self.fit_budget,
         }
+
+
+_FIELDS = {c: frozenset(f.name for f in dataclasses.fields(c)) for c in (CompressConfig, TrainingConfig)}
 
 
 class Controller:
@@ -118,25 +132,7 @@ class Controller:
     ):
         self.layers, self.config = dict(layers), config
         self.mods = list(self.layers.values())
-        t = config.training
-        steps = int(config.steps if steps is None else steps)
-        self.schedule = TrainConfig(
-            steps=steps,
-            budget=config.budget if budget is None else budget,
-            fit_budget=fit_budget,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            lr_struct=config.lr_struct,
-            seed=config.seed,
-            learn_structure=config.structure == "gblr",
-            hard_forward=t.hard_forward,
-            lam_step=t.lam_step,
-            lr_min=t.lr_min,
-            warmup=t.warmup,
-            cooldown=t.cooldown,
-            sigma_max=t.sigma_max,
-            budget_unit=config.budget_unit,
-        )
+        self.schedule = Schedule.of(config, steps, budget, fit_budget)
         s = self.schedule
         self.unit = cost_unit(config.budget_unit)
         self.struct = [p for m in self.mods for p in (m.widths, m.locations)]

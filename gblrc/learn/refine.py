@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from gblrc.learn.budget import LambdaController, cost_ratio, proximal_step
-from gblrc.learn.config import REFINE_STEPS
+from gblrc.learn.config import REFINE_STEPS, TrainingConfig
 from gblrc.learn.data import call_model, model_output
 from gblrc.learn.objective import _mask_for, rel_mse
 
@@ -208,14 +208,8 @@ def refine_blocks(
     layers: dict,
     xs,
     *,
-    steps: int,
-    lr: float = 1e-3,
-    norms: bool = False,
-    target: str = "dense",
-    structure: bool = False,
-    lr_struct: float | None = None,
-    sigma: tuple = (10.0, 100.0),
     progress: bool = False,
+    **settings,
 ) -> dict:
     """Refine ``model``'s blocks in call order (see module doc) on the calibration batches ``xs``;
     ``layers`` {name: GBLR layer} are the compressed ones, ``dense`` the dense model (unchanged).
@@ -226,7 +220,16 @@ def refine_blocks(
     layers' widths and locations train too (lr ``lr_struct``, default 5 x lr, Gaudi masks with sigma rising
     from ``sigma[0]`` to ``sigma[1]``, each block's cost held at its start); the structure is left hard
     (eval-mode masks), the caller fits it to the budget.
+    The settings (``steps``, ``lr``, ``norms``, ``target``, ``structure``, ``lr_struct``, ``sigma``) default to
+    :func:`refine_settings` of the default :class:`gblrc.TrainingConfig`.
     Returns {"blocks": [{"name", "layers", "loss_before", "loss_after"}], "seconds", "steps"}."""
+    defaults = refine_settings(TrainingConfig())
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise TypeError(f"refine_blocks: unknown setting(s) {sorted(unknown)}; it takes {sorted(defaults)}")
+    kw = {**defaults, **settings}
+    steps, lr, norms, target = kw["steps"], kw["lr"], kw["norms"], kw["target"]
+    structure, lr_struct, sigma = kw["structure"], kw["lr_struct"], kw["sigma"]
     if target not in ("dense", "local"):
         raise ValueError(f"refine target must be 'dense' or 'local'; got {target!r}")
     t0 = time.perf_counter()

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from gblrc.learn import dist
-from gblrc.learn.controller import Controller, TrainConfig
+from gblrc.learn.controller import Controller, Schedule
 from gblrc.learn.data import batch_stream, split_batch, to_device
 
-__all__ = ["TrainConfig", "Trainer"]
+__all__ = ["Schedule", "Trainer"]
 
 CKPT_NAME = "checkpoint.pt"
 
@@ -47,35 +47,25 @@ class Trainer:
         objective,
         data,
         *,
-        batch_size: int,
-        seed: int = 0,
-        mixed_precision: str = "no",
-        checkpoint_dir=None,
-        checkpoint_every: int = 50,
-        resume: bool = False,
-        progress: bool = True,
         rank: int = 0,
         world: int = 1,
         extra_signature: dict | None = None,
     ):
+        """Batch size, seed, precision, checkpoints and progress are the controller's config's."""
         self.model, self.ctrl, self.objective, self.data = model, controller, objective, data
-        self.cfg: TrainConfig = controller.schedule
-        self.batch_size, self.seed, self.mixed_precision = int(batch_size), int(seed), mixed_precision
-        self.checkpoint_dir, self.checkpoint_every, self.resume = checkpoint_dir, int(checkpoint_every), resume
-        self.progress, self.rank, self.world = progress, rank, world
+        self.cfg: Schedule = controller.schedule
+        o, t = controller.config, controller.config.training
+        self.batch_size, self.seed, self.mixed_precision = int(o.batch_size), int(o.seed), o.mixed_precision
+        self.checkpoint_dir = str(t.checkpoint_dir) if t.checkpoint_dir else None
+        self.checkpoint_every, self.resume = int(t.checkpoint_every), t.resume
+        self.progress, self.rank, self.world = o.progress, rank, world
         # everything else is frozen while training (no wasted gradients), and restored after
         keep = {id(p) for p in controller.trainable()} | {id(p) for p in controller.struct}
         self._frozen = [p for p in model.parameters() if id(p) not in keep and p.requires_grad]
         self.opt = torch.optim.AdamW(controller.param_groups())
         self.curve: list = []
-        self.signature = {  # the caller's settings, then what this schedule resolved from them
-            **(extra_signature or {}),
-            **self.cfg.signature(),
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "mixed_precision": mixed_precision,
-            "layers": list(controller.layers),
-        }
+        # every result-affecting setting with this run's steps and budgets, what the caller adds, the layers
+        self.signature = {**self.cfg.signature(), **(extra_signature or {}), "layers": list(controller.layers)}
         self._wrapped, self._wrapped_cooled = None, None
 
     @property
