@@ -1,0 +1,97 @@
+"""Block-sparse FFN pairs by neurons (gblrc.learn.neurons): the permutation keeps the function, pruning keeps
+the neurons that carry the output, the least-squares refit beats keeping the pruned pair's weights as they are."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gblrc.learn.neurons import neuron_scores, permute_pair, prune_pair
+
+
+def _ffn(d=12, f=40, act=nn.GELU, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, f, bias=bias), act(), nn.Linear(f, d, bias=bias)).double()
+
+
+@pytest.mark.parametrize("act", [nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh])
+def test_permuting_the_neurons_leaves_the_function_unchanged(act):
+    m = _ffn(act=act)
+    x = torch.randn(64, 12, dtype=torch.float64)
+    y = m(x)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3))
+    permute_pair(m[0], m[2], order)
+    assert torch.allclose(m(x), y, rtol=0, atol=1e-6 * float(y.abs().max()))
+    assert not torch.equal(m[0].weight, _ffn(act=act)[0].weight)  # the weights did move
+
+
+def test_the_transformer_ffn_of_a_bert_layer_permutes_without_change():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=48,
+        vocab_size=50,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval().double()
+    ids = torch.randint(0, 50, (3, 10))
+    y = model(input_ids=ids).last_hidden_state
+    layer = model.encoder.layer[0]
+    permute_pair(layer.intermediate.dense, layer.output.dense, torch.randperm(48))
+    assert torch.allclose(model(input_ids=ids).last_hidden_state, y, rtol=0, atol=1e-6)
+
+
+def _acts(m, x):
+    return m[1](m[0](x))
+
+
+def test_pruning_keeps_the_neurons_that_carry_the_output_and_refits():
+    m = _ffn(f=40)
+    with torch.no_grad():  # ten neurons carry the output, the others almost nothing
+        m[2].weight[:, 10:] *= 0.1
+    x = torch.randn(512, 12, dtype=torch.float64)
+    y = m(x)
+    acts = _acts(m, x)
+    assert set(torch.argsort(neuron_scores(m[2], acts), descending=True)[:10].tolist()) == set(range(10))
+    plain = copy.deepcopy(m)
+    with torch.no_grad():  # the same ten kept, the rest dropped, no refit
+        plain[2].weight[:, 10:] = 0
+    order = prune_pair(m[0], m[2], acts, 10)
+    assert set(order[:10].tolist()) == set(range(10))
+    assert torch.count_nonzero(m[0].weight[10:]) == 0 and torch.count_nonzero(m[2].weight[:, 10:]) == 0
+    err = lambda mod: ((mod(x) - y).norm() / y.norm()).item()
+    assert err(m) < 0.8 * err(plain)
+
+
+def test_the_refit_is_least_squares_on_the_kept_activations():
+    m = _ffn(f=30, bias=True)
+    x = torch.randn(400, 12, dtype=torch.float64)
+    y = m(x)
+    acts = _acts(m, x)
+    prune_pair(m[0], m[2], acts, 12, damp=0.0)
+    r = m(x) - y
+    a = _acts(m, x)[:, :12]
+    # normal equations: the residual is orthogonal to the kept activations and to the constant (the bias)
+    assert (a.t() @ r).abs().max() < 1e-6 * a.abs().max() * r.abs().max() * len(x)
+    assert r.sum(0).abs().max() < 1e-8 * len(x)
+
+
+def test_bad_pairs_and_counts_are_one_line_errors():
+    m = _ffn()
+    acts = _acts(m, torch.randn(8, 12, dtype=torch.float64))
+    for keep in (0, 41, 2.5, True):
+        with pytest.raises(ValueError, match="keep must be") as e:
+            prune_pair(m[0], m[2], acts, keep)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="not an FFN pair"):
+        permute_pair(m[0], m[0], torch.arange(40))
+    with pytest.raises(ValueError, match="permutation"):
+        permute_pair(m[0], m[2], torch.zeros(40, dtype=torch.long))
+    with pytest.raises(ValueError, match="features"):
+        neuron_scores(m[2], acts[:, :5])
