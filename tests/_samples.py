@@ -37,3 +37,20 @@ def randomize(layer, rng: np.random.Generator, seed: int, full: bool = False):
         if layer.bias is not None:
             layer.bias.normal_()
     return layer.eval()
+
+
+def tiny_bert(head=None, *, seed: int = 0, **config):
+    """A random-initialised BERT (eval mode) of one layer, hidden 32, 2 heads, FFN 64, vocabulary 50, 16
+    positions, unless ``config`` says otherwise; ``head``: a transformers class name (default BertModel)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    return getattr(transformers, head or "BertModel")(transformers.BertConfig(**{**cfg, **config})).eval()

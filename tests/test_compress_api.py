@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import _samples
+
 import gblrc
 from gblrc.nn.layer import GBLRLinear
 
@@ -27,19 +29,7 @@ def mlp_data(n=256, seed=0):
 
 
 def tiny_bert():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    return BertModel(
-        BertConfig(
-            vocab_size=60,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=16,
-        )
-    ).eval()
+    return _samples.tiny_bert(vocab_size=60)
 
 
 def tiny_gpt2():

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import _samples
+
 from gblrc.learn.neurons import neuron_scores, permute_pair, prune_pair
 
 
@@ -29,17 +31,7 @@ def test_permuting_the_neurons_leaves_the_function_unchanged(act):
 
 
 def test_the_transformer_ffn_of_a_bert_layer_permutes_without_change():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=48,
-        vocab_size=50,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval().double()
+    model = _samples.tiny_bert(intermediate_size=48).double()
     ids = torch.randint(0, 50, (3, 10))
     y = model(input_ids=ids).last_hidden_state
     layer = model.encoder.layer[0]

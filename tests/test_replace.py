@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+import _samples
+
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.layer import svd_layer
 from gblrc.nn.replace import as_linear, find_linears, replace_linears
@@ -19,19 +21,7 @@ def mlp():
 
 
 def tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return _samples.tiny_bert("BertForSequenceClassification", num_labels=3)
 
 
 def tiny_gpt2():
