@@ -217,3 +217,18 @@ def test_gblr_init_margin_is_one_component_of_each_layer():
     assert set(run.layers) == {"0", "2", "4"}
     for m in run.layers.values():
         assert 0.4 * m.dense_flops() < m.flops() <= 0.4 * m.dense_flops() + m.in_features + m.out_features
+
+
+def test_the_calibration_state_is_freed_when_the_initialisation_is_done():
+    """Dense weight copies, covariances and cached batches live until initialise() has used them, no longer
+    (issue 29: memory close to the model's)."""
+    run = run_for(data=data(), steps=2, refine_steps=2, refine_batches=2)
+    C.read_data(run)
+    C.calibrate(run)
+    assert run.dense_w and run.covs and run.xs and run.refine_xs
+    C.allocate(run)
+    C.initialise(run)
+    assert run.dense_w is None and run.covs is None and run.xs is None and run.refine_xs is None
+    assert run.dense_ref is None and run.refined is not None  # refinement ran on them, then let them go
+    C.train(run)  # training needs none of them
+    assert run.curve

@@ -474,6 +474,8 @@ def initialise(run: Run) -> None:
         run.fidelity = {"examples": run.judge.examples, "dense": run.judge.dense, "init": run.judge(model)}
     run.initial = {n: m.structure().structure for n, m in run.layers.items()}
     refine(run)  # (structure_moved counts what refinement moves too)
+    # the calibration's dense weight copies, covariances and cached batches are not needed after this stage
+    run.dense_w = run.covs = run.xs = run.refine_xs = None
 
 
 def refine(run: Run) -> None:
