@@ -1,6 +1,6 @@
 """Block-sparse by neurons: an FFN pair (up: d -> f, an elementwise activation, down: f -> d) keeps k of its f
-intermediate neurons, permuted to the front so they are one contiguous interval (issue 28; docs/design.md §7's
-prototype).
+intermediate neurons, permuted to the front so they are one contiguous interval (issue 28; docs/design.md §1,
+"Block-sparse by neurons"; the prototype measured in the shared design notes, 2026-12-07).
 
 An FFN's function does not change when its intermediate neurons are permuted: rows of W1 and b1 and columns of
 W2 together (:func:`permute_pair`).  After the permutation the kept neurons are the interval [0, k): the up
