@@ -26,6 +26,9 @@ class NeedsCode(nn.Module):  # a user class: unpickling it runs code outside tor
         return self.fc(x) * 2
 
 
+B = dict(batch_size=32, seed=0)  # load_data takes the run's batch size and seed
+
+
 def one_line(e: GblrcError) -> str:
     msg = e.format_message()
     assert "\n" not in msg and msg
@@ -156,21 +159,21 @@ def test_pt_data_forms_and_errors(tmp_path, mlp_file):
     torch.save({"inputs": x, "targets": y}, tmp_path / "xy.pt")
     torch.save({"inputs": x, "targets": y[:7]}, tmp_path / "bad_y.pt")
     torch.save(torch.randn(10, 7), tmp_path / "wide.pt")
-    d = load_data(str(tmp_path / "x.pt"), lm)
+    d = load_data(str(tmp_path / "x.pt"), lm, **B)
     assert not d.has_targets and torch.equal(d.train, x)
-    d = load_data(str(tmp_path / "xy.pt"), lm)
+    d = load_data(str(tmp_path / "xy.pt"), lm, **B)
     assert d.has_targets and torch.equal(d.eval_targets, y) and d.eval_name == "training"
     with pytest.raises(GblrcError, match="one entry per input"):
-        load_data(str(tmp_path / "bad_y.pt"), lm)
-    wide = load_data(str(tmp_path / "wide.pt"), lm)
+        load_data(str(tmp_path / "bad_y.pt"), lm, **B)
+    wide = load_data(str(tmp_path / "wide.pt"), lm, **B)
     with pytest.raises(GblrcError, match="does not fit the model") as ei:
         check_fits(lm.model, wide.sample)
     one_line(ei.value)
     (tmp_path / "t.txt").write_text("some text\n")
     with pytest.raises(GblrcError, match="Hugging Face"):
-        load_data(str(tmp_path / "t.txt"), lm)
+        load_data(str(tmp_path / "t.txt"), lm, **B)
     with pytest.raises(GblrcError, match="does not exist"):
-        load_data(str(tmp_path / "missing.pt"), lm)
+        load_data(str(tmp_path / "missing.pt"), lm, **B)
 
 
 def test_module_function_data(tmp_path, monkeypatch, mlp_file):
@@ -185,15 +188,15 @@ def test_module_function_data(tmp_path, monkeypatch, mlp_file):
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    d = load_data("mydata:batches", lm)
+    d = load_data("mydata:batches", lm, **B)
     assert d.has_targets and callable(d.train) and len(list(d.train())) == 3
     assert d.sample.shape == (2, 4)
-    d2 = load_data(str(tmp_path / "mydata.py") + ":batches", lm)
+    d2 = load_data(str(tmp_path / "mydata.py") + ":batches", lm, **B)
     assert d2.sample.shape == (2, 4)
     with pytest.raises(GblrcError, match="no data today"):
-        load_data("mydata:broken", lm)
+        load_data("mydata:broken", lm, **B)
     with pytest.raises(GblrcError, match="cannot import"):
-        load_data("mydata:nothing_here", lm)
+        load_data("mydata:nothing_here", lm, **B)
 
 
 def test_safe_load_allows_only_torch_nn_and_gblrc(tmp_path):

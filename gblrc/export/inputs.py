@@ -114,7 +114,9 @@ def calibration_feeds(
 
     at_least("calib_batches", calib_batches, 1)
     n = calib_batches if calib_batches is not None else CALIB_BATCHES
-    loaded = load_data(data, SimpleNamespace(kind="module", tokenizer=None, model=model), trust=trust, batch_size=_ROWS)
+    loaded = load_data(
+        data, SimpleNamespace(kind="module", tokenizer=None, model=model), trust=trust, batch_size=_ROWS, seed=0
+    )
     feeds = [_feed(b, examples) for b in itertools.islice(_batches(loaded.train), n)]
     if not feeds:
         raise SettingError("data", f"{data!r} gave no batches")

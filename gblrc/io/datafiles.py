@@ -211,9 +211,11 @@ def is_text_data(spec: str | None) -> bool:
 
 
 def load_data(
-    spec: str | None, loaded, *, trust: bool = False, batch_size: int = 32, seed: int = 0, general_text: int = 0
+    spec: str | None, loaded, *, batch_size: int, seed: int, trust: bool = False, general_text: int = 0
 ) -> Data | None:
     """Read ``--data``: a .pt file, a text file (HF models), or ``module:function``; None for no data.
+
+    ``batch_size`` and ``seed``: the run's (the CLI passes its CompressConfig's; no default of their own here).
 
     ``general_text``: add that many sentences of the built-in general text to a text file's lines
     (:func:`gblrc.io.zoo.mix_text`); an error for other kinds of data."""
