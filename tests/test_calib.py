@@ -102,3 +102,22 @@ def test_layers_that_share_an_input_are_grouped():
     from gblrc.learn.calib import call_groups
 
     assert call_groups(Attn(), ["o", "k", "q"], torch.randn(2, 8)) == [["q", "k"], ["o"]]
+
+
+def test_layers_fed_one_input_share_one_covariance():
+    """An attention layer's query, key and value see one tensor: one covariance (one object), equal to what
+    each layer's own inputs give; the layers after it get their own."""
+    from _samples import tiny_bert
+
+    model = tiny_bert(num_hidden_layers=2)
+    xs = [{"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
+    covs = input_covariances(model, names, xs)
+    assert set(covs) == set(names)
+    for i in range(2):
+        q, k, v = (covs[f"encoder.layer.{i}.attention.self.{p}"] for p in ("query", "key", "value"))
+        assert q is k is v
+        own = input_covariances(model, [f"encoder.layer.{i}.attention.self.value"], xs)
+        torch.testing.assert_close(v, own[f"encoder.layer.{i}.attention.self.value"], rtol=1e-12, atol=1e-12)
+    assert covs["encoder.layer.0.attention.output.dense"] is not covs["encoder.layer.0.attention.self.query"]
+    assert len({id(c) for c in covs.values()}) == len(names) - 2 * 2

@@ -3,13 +3,15 @@
 A uniform budget gives every layer the same fraction of its dense cost, although layers differ widely in
 how much their truncation hurts the model's output.  Here each layer's sensitivity curve is *measured*:
 for a few ratios g, the layer alone is replaced by its truncation at cost g (the data-aware truncated SVD
-of :mod:`gblrc.learn.calib`, everything else dense) and the relative MSE of the model's output against the
-dense output is recorded on a calibration batch; between and beyond those points the loss is
-interpolated through the truncation's tail energy (log-log), which the SVD gives for every rank.  The per-layer
-budgets then minimise
-the sum of the measured losses under the total cost (Lagrangian relaxation: one multiplier mu, each layer
-picks the grid point minimising loss + mu * cost, mu bisected to the largest total cost within budget;
-the losses are first made non-increasing in g so noise cannot buy a worse point at a higher cost).
+of :mod:`gblrc.learn.calib`, everything else dense) and the relative MSE of the output of the layer's
+*block* (a transformer layer; the layer itself outside a ModuleList) against the dense block's output is
+recorded on the block's cached inputs of a calibration batch (one block-sequential pass: O(L) block
+calls; the model's output after every truncation cost O(L^2), docs/design.md §5); between and beyond
+those points the loss is interpolated through the truncation's tail energy (log-log), which the SVD gives
+for every rank.  The per-layer budgets then minimise the sum of the measured losses under the total cost
+(Lagrangian relaxation: one multiplier mu, each layer picks the grid point minimising loss + mu * cost,
+mu bisected to the largest total cost within budget; the losses are first made non-increasing in g so
+noise cannot buy a worse point at a higher cost).
 
 Only linear layers (nn.Linear, HF Conv1D) are allocated; a model with convolutions keeps the uniform
 budget (:func:`allocate_budgets` returns None).
@@ -22,6 +24,7 @@ import math
 import torch
 
 from gblrc.learn.calib import layer_rows
+from gblrc.learn.blocks import BlockInputs, CacheOff, block_output, find_blocks
 from gblrc.learn.data import call_model, model_output
 from gblrc.nn.fit import svd_rank_for_budget
 from gblrc.nn.fit_data import whitened_decomposition
@@ -80,55 +83,85 @@ def sensitivity_curves(
     rank_per_component: int = 1,
     progress: bool = False,
 ) -> dict[str, list[tuple[int, float]]]:
-    """{name: [(cost of the truncation at g, relative MSE of the output), ...] for g in grid}.
+    """{name: [(cost of the truncation at g, relative MSE of its block's output), ...] for g in grid}.
 
-    The loss is measured at the ratios ``measure`` (forward passes on ``batches`` with only this layer
-    truncated) and interpolated to ``grid`` through the truncation's tail energy in the metric, which the
-    SVD gives exactly.  ``model`` is the dense model (unchanged on return); ``covs`` the layers' input
-    covariances.
+    The loss is measured at the ratios ``measure`` (the layer's block run on its cached dense inputs on
+    ``batches`` with only this layer truncated, against the dense block's output) and interpolated to
+    ``grid`` through the truncation's tail energy in the metric, which the SVD gives exactly.  Each block's
+    inputs are computed once (:class:`gblrc.learn.blocks.BlockInputs`), so the pass costs O(L) block calls.
+    ``model`` is the dense model (unchanged on return); ``covs`` the layers' input covariances.
     """
+    curves = {}
+    order = {n: i for i, n in enumerate(names)}
+    bar = None
+    if progress:
+        from gblrc.learn.progress import progress_bar
+
+        bar = progress_bar(len(names), "gblrc sensitivity")
+    r = rank_per_component
+    blocks = BlockInputs(model, batches)
+    try:
+        with CacheOff(model):
+            for block in find_blocks(model, names):
+                inside = sorted((n for n in names if n == block or n.startswith(block + ".")), key=order.get)
+                if blocks.chained(block):  # a transformer layer: its output on its cached dense inputs
+                    bmod = model.get_submodule(block)
+                    ins = blocks.inputs(block)
+                    outs = blocks.outputs(block)
+
+                    def run(i, bmod=bmod, ins=ins):
+                        return block_output(bmod(*ins[i][0], **ins[i][1]))
+
+                else:  # a layer outside a chain (a head, a pooler, a small model's layer): the model's output
+                    outs = [model_output(call_model(model, x)).detach() for x in batches]
+
+                    def run(i):
+                        return model_output(call_model(model, batches[i]))
+
+                masks = [_mask_for(x, t) for x, t in zip(batches, outs)]
+                for name in inside:
+                    curves[name] = _layer_curve(get_module(model, name), covs[name], run, outs, masks, grid, measure, r)
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {n: curves[n] for n in names}
+
+
+@torch.no_grad()
+def _layer_curve(mod, cov, run, outs, masks, grid, measure, r) -> list[tuple[int, float]]:
+    """One layer's (cost, loss) curve over ``grid``: the relative MSE of ``run(i)`` (the output the loss is
+    taken on, for batch i) against the dense ``outs`` at the ratios ``measure``, interpolated through the
+    tail energy."""
     from gblrc.nn.replace import as_linear
 
-    outs = [model_output(call_model(model, x)).detach() for x in batches]
-    curves = {}
-    it = names
-    if progress:
-        from gblrc.learn.progress import track
+    W = as_linear(mod).weight.detach()
+    n_out, n_in = W.shape
+    U, S, Vh, L = whitened_decomposition(W, cov)
+    energy = (S * S).flip(0).cumsum(0).flip(0).tolist() + [0.0]  # energy[k] = sum_{i >= k} S_i^2
 
-        it = track(names, "gblrc sensitivity")
-    r = rank_per_component
-    for name in it:
-        mod = get_module(model, name)
-        W = as_linear(mod).weight.detach()
-        n_out, n_in = W.shape
-        U, S, Vh, L = whitened_decomposition(W, covs[name])
-        energy = (S * S).flip(0).cumsum(0).flip(0).tolist() + [0.0]  # energy[k] = sum_{i >= k} S_i^2
+    def tail(g):
+        return energy[min(svd_rank_for_budget(n_in, n_out, g, r) * r, S.numel())]
 
-        def tail(g):
-            return energy[min(svd_rank_for_budget(n_in, n_out, g, r) * r, S.numel())]
+    state = {}
 
-        state = {}
+    def hook(_m, inp, out):
+        x = layer_rows(_m, inp[0])
+        return out - (x @ state["E"].t()).to(out.dtype).reshape(out.shape)
 
-        def hook(_m, inp, out):
-            x = layer_rows(_m, inp[0])
-            return out - (x @ state["E"].t()).to(out.dtype).reshape(out.shape)
-
-        h = mod.register_forward_hook(hook)
-        try:
-            measured = []
-            for g in measure:
-                k = svd_rank_for_budget(n_in, n_out, g, r) * r
-                state["E"] = _truncation_error(U, S, Vh, L, k)
-                loss = sum(
-                    float(rel_mse(model_output(call_model(model, x)), t, _mask_for(x, t)))
-                    for x, t in zip(batches, outs)
-                ) / len(batches)
-                measured.append((tail(g), loss))
-        finally:
-            h.remove()
-        losses = _interpolate([tail(g) for g in grid], measured)
-        curves[name] = [(_cost(n_in, n_out, g, r), l) for g, l in zip(grid, losses)]
-    return curves
+    h = mod.register_forward_hook(hook)
+    try:
+        measured = []
+        for g in measure:
+            k = svd_rank_for_budget(n_in, n_out, g, r) * r
+            state["E"] = _truncation_error(U, S, Vh, L, k)
+            loss = sum(float(rel_mse(run(i), t, m)) for i, (t, m) in enumerate(zip(outs, masks))) / len(outs)
+            measured.append((tail(g), loss))
+    finally:
+        h.remove()
+    losses = _interpolate([tail(g) for g in grid], measured)
+    return [(_cost(n_in, n_out, g, r), l) for g, l in zip(grid, losses)]
 
 
 def solve_allocation(curves: dict, dense_costs: dict, budget: float) -> dict[str, float]:

@@ -45,26 +45,37 @@ def layer_rows(module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def input_covariances(model, names, batches, device=None) -> dict[str, torch.Tensor]:
-    """{name: C (in x in, float64)} averaged over the rows of the inputs of each named layer."""
-    sums, counts, hooks = {}, {}, []
+    """{name: C (in x in, float64)} averaged over the rows of the inputs of each named layer.  Layers fed
+    the same input tensor (an attention layer's query, key and value) share one C (one tensor, summed once)."""
+    sums, counts, hooks, owner = {}, {}, [], {}
 
     def rec(name):
         def hook(_m, inp, _out):
+            from gblrc.nn.conv import GBLRConv2d
+
+            key = (id(inp[0]), isinstance(_m, (nn.Conv2d, GBLRConv2d)) and name)  # convolutions: rows of their own
+            first = owner.setdefault(key, (inp[0], name))  # (the tensor kept alive: ids stay unique)
+            if first[1] != name and first[1] in sums:  # the same input as an earlier layer's: its sum
+                shared[name] = first[1]
+                return
             x = layer_rows(_m, inp[0])
             sums[name] = sums.get(name, 0) + x.t() @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         return hook
 
+    shared: dict[str, str] = {}
     for n in names:
         hooks.append(get_module(model, n).register_forward_hook(rec(n)))
     try:
         for x in batches:
+            owner.clear()
             call_model(model, x)
     finally:
         for h in hooks:
             h.remove()
-    return {n: sums[n] / counts[n] for n in sums}
+    out = {n: sums[n] / counts[n] for n in sums}
+    return {**out, **{n: out[s] for n, s in shared.items() if s in out and n not in out}}
 
 
 @torch.no_grad()
@@ -92,8 +103,9 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the input it waits for has been seen."""
 
 
-def _capture_input(model, name, x) -> torch.Tensor | None:
-    """The input (rows x in) of the named layer on batch ``x``; the forward stops at that layer."""
+def _capture_in_block(model, block: str, name: str, inputs) -> torch.Tensor | None:
+    """The input (rows x in) of the layer ``name`` inside ``block``, the block run on its cached
+    (args, kwargs) ``inputs`` up to that layer."""
     got = []
 
     def hook(_m, inp):
@@ -102,7 +114,7 @@ def _capture_input(model, name, x) -> torch.Tensor | None:
 
     h = get_module(model, name).register_forward_pre_hook(hook)
     try:
-        call_model(model, x)
+        model.get_submodule(block)(*inputs[0], **inputs[1])
     except _Stop:
         pass
     finally:
@@ -154,28 +166,37 @@ def sequential_refit(student, teacher, layers: dict, dense_w: dict, batches, dam
     of earlier layers are corrected instead of compounded.  Layers that share an input are refitted
     together.  Returns the names of the layers it could not refit.
     """
+    from gblrc.learn.blocks import BlockInputs, CacheOff, find_blocks
+
     skipped = []
-    for group in call_groups(student, list(layers), batches[0]):
-        Css = Cts = None
-        n = 0
-        for x in batches:
-            xs, xt = _capture_input(student, group[0], x), _capture_input(teacher, group[0], x)
-            if xs is None or xt is None or xs.shape != xt.shape:
-                Css = None
-                break
-            Css = xs.t() @ xs + (0 if Css is None else Css)
-            Cts = xt.t() @ xs + (0 if Cts is None else Cts)
-            n += xs.shape[0]
-        if Css is None:
-            skipped += group
-            continue
-        Css, Cts = Css / n, Cts / n
-        reg = Css + damp * Css.diagonal().mean().clamp_min(1e-12) * torch.eye(Css.shape[0], dtype=Css.dtype)
-        for name in group:
-            W = dense_w[name].double().to(Css.device)
-            # ridge regression towards W: A = W + W (C_ts - C_ss) reg^-1 (= W C_ts C_ss^-1 undamped; = W
-            # when the student's inputs are the teacher's), reg symmetric
-            A = W + torch.linalg.solve(reg, (W @ (Cts - Css)).t()).t()
-            if not whiten_layer(layers[name], A, Css, damp):
-                skipped.append(name)
+    blocks = find_blocks(student, list(layers))
+    block_of = {n: b for b in blocks for n in layers if n == b or n.startswith(b + ".")}
+    s_in, t_in = BlockInputs(student, batches), BlockInputs(teacher, batches)  # each block's inputs once
+    with CacheOff(student, teacher):
+        for group in call_groups(student, list(layers), batches[0]):
+            block = block_of[group[0]]
+            Css = Cts = None
+            n = 0
+            pairs = zip(s_in.inputs(block), t_in.inputs(block))
+            for s_args, t_args in pairs:
+                xs = _capture_in_block(student, block, group[0], s_args)
+                xt = _capture_in_block(teacher, block, group[0], t_args)
+                if xs is None or xt is None or xs.shape != xt.shape:
+                    Css = None
+                    break
+                Css = xs.t() @ xs + (0 if Css is None else Css)
+                Cts = xt.t() @ xs + (0 if Cts is None else Cts)
+                n += xs.shape[0]
+            if Css is None:
+                skipped += group
+                continue
+            Css, Cts = Css / n, Cts / n
+            reg = Css + damp * Css.diagonal().mean().clamp_min(1e-12) * torch.eye(Css.shape[0], dtype=Css.dtype)
+            for name in group:
+                W = dense_w[name].double().to(Css.device)
+                # ridge regression towards W: A = W + W (C_ts - C_ss) reg^-1 (= W C_ts C_ss^-1 undamped; = W
+                # when the student's inputs are the teacher's), reg symmetric
+                A = W + torch.linalg.solve(reg, (W @ (Cts - Css)).t()).t()
+                if not whiten_layer(layers[name], A, Css, damp):
+                    skipped.append(name)
     return skipped

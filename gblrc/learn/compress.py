@@ -47,7 +47,7 @@ from gblrc.learn.objective import Objective, task_loss
 from gblrc.nn.layer import svd_layer
 from gblrc.learn.calib import input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
-from gblrc.nn.replace import as_linear, find_linears, is_linear, replace_linears, set_module
+from gblrc.nn.replace import as_linear, find_linears, get_module, is_linear, replace_linears, set_module
 from gblrc.learn.refine import refine_blocks, refine_settings
 from gblrc.learn.report import structure_movement
 from gblrc.learn.train import Trainer
@@ -393,9 +393,12 @@ def calibrate(run: Run) -> None:
     o = run.opt
     if o.init == "svd" or run.data is None:
         return
-    run.dense_w = {n: as_linear(m).weight.detach().clone() for n, m in run.pairs}
     if o.init == "sequential" or o.training.refine_wanted():  # the sequential refit and refine() use it
         run.dense_ref = run.teacher or copy.deepcopy(run.model).eval()
+    if run.dense_ref is not None:  # the dense copy's weights (no further copy; it stays unchanged)
+        run.dense_w = {n: as_linear(get_module(run.dense_ref, n)).weight.detach() for n in run.names}
+    else:
+        run.dense_w = {n: as_linear(m).weight.detach().clone() for n, m in run.pairs}
     it = batch_stream(run.data, o.batch_size, o.seed)
     t = o.training
     n = max(t.calib_batches, t.refine_batches if t.refine_wanted() else 0)

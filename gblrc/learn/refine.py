@@ -26,7 +26,7 @@ from torch import nn
 
 from gblrc.learn.budget import LambdaController, cost_ratio, proximal_step
 from gblrc.learn.config import REFINE_STEPS, TrainingConfig
-from gblrc.learn.data import call_model, model_output
+from gblrc.learn.blocks import BlockInputs, CacheOff as _CacheOff, block_output as _main, find_blocks
 from gblrc.learn.objective import _mask_for, rel_mse
 
 __all__ = ["find_blocks", "refine_blocks", "refine_settings"]
@@ -35,100 +35,6 @@ _NORMS = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupN
 
 
 _JUDGED = 16  # the batches the report's block losses (before / after) are the mean over
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the block's inputs are captured."""
-
-
-def _no_cache(v):
-    """None for a key/value cache object (Hugging Face's Cache classes: mutated by every call, so a cached
-    call would grow it and keep its graph), else ``v``."""
-    return None if type(v).__name__.endswith("Cache") else v
-
-
-class _CacheOff:
-    """``config.use_cache = False`` on Hugging Face models for the duration (the blocks are called alone)."""
-
-    def __init__(self, *models):
-        self.cfgs = [c for m in models if (c := getattr(m, "config", None)) is not None and hasattr(c, "use_cache")]
-
-    def __enter__(self):
-        self.was = [c.use_cache for c in self.cfgs]
-        for c in self.cfgs:
-            c.use_cache = False
-
-    def __exit__(self, *exc):
-        for c, w in zip(self.cfgs, self.was):
-            c.use_cache = w
-
-
-def find_blocks(model: nn.Module, layer_names) -> list[str]:
-    """Block names for ``layer_names`` (compressed layers): for each layer the deepest ancestor that is an
-    item of a ModuleList / Sequential (``encoder.layer.3``), else the layer itself; in module order."""
-    containers = {n for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))}
-    blocks: list[str] = []
-    for name in layer_names:
-        parts = name.split(".")
-        block = name
-        for j in range(len(parts) - 1, -1, -1):  # the innermost container above the layer
-            if ".".join(parts[:j]) in containers:
-                block = ".".join(parts[: j + 1])
-                break
-        if block not in blocks:
-            blocks.append(block)
-    return blocks
-
-
-def _main(out) -> torch.Tensor:
-    return out if torch.is_tensor(out) else out[0] if isinstance(out, (tuple, list)) else model_output(out)
-
-
-@torch.no_grad()
-def _targets(dense: nn.Module, block: str, xs) -> list[torch.Tensor]:
-    """The dense block's outputs on the dense model's own inputs, one per calibration batch."""
-    got = []
-
-    def hook(_m, _a, out):
-        got.append(_main(out).detach())
-        raise _Stop  # the rest of the model is not needed
-
-    h = dense.get_submodule(block).register_forward_hook(hook)
-    try:
-        for x in xs:
-            try:
-                call_model(dense, x)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    return got
-
-
-@torch.no_grad()
-def _inputs(model: nn.Module, block: str, xs) -> list[tuple]:
-    """The compressed model's (args, kwargs) into ``block``, one per calibration batch."""
-    got = []
-
-    def hook(_m, args, kwargs):
-        got.append(
-            (
-                tuple(a.detach() if torch.is_tensor(a) else a for a in args),
-                {k: v.detach() if torch.is_tensor(v) else _no_cache(v) for k, v in kwargs.items()},
-            )
-        )
-        raise _Stop
-
-    h = model.get_submodule(block).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for x in xs:
-            try:
-                call_model(model, x)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    return got
 
 
 def _train_block(mod: nn.Module, groups: list, inputs, targets, masks, steps: int, on_step=None) -> tuple[float, float]:
@@ -222,7 +128,10 @@ def refine_blocks(
     (eval-mode masks), the caller fits it to the budget.
     The settings (``steps``, ``lr``, ``norms``, ``target``, ``structure``, ``lr_struct``, ``sigma``) default to
     :func:`refine_settings` of the default :class:`gblrc.TrainingConfig`.
-    Returns {"blocks": [{"name", "layers", "loss_before", "loss_after"}], "seconds", "steps"}."""
+    Each block's inputs (and the dense targets) are computed once, propagated through the blocks of a chain
+    (:class:`gblrc.learn.blocks.BlockInputs`): O(L) block calls for L blocks.
+    Returns {"blocks": [{"name", "layers", "loss_before", "loss_after", "inputs"}], "seconds", "steps"}
+    (``inputs``: "propagated" or "captured")."""
     defaults = refine_settings(TrainingConfig())
     unknown = set(settings) - set(defaults)
     if unknown:
@@ -244,10 +153,15 @@ def refine_blocks(
         bar = progress_bar(len(names), "gblrc refine")
     try:
         with _CacheOff(model, dense):
+            ins = BlockInputs(model, xs)  # each block's inputs computed once: O(L) block calls in all
+            dense_ins = BlockInputs(dense, xs) if target == "dense" else None
             for block in names:
                 rows.append(
-                    _refine_one(model, dense, layers, block, xs, steps, lr, norms, target, structure, lr_struct, sigma)
+                    _refine_one(
+                        model, dense, layers, block, xs, ins, dense_ins, steps, lr, norms, structure, lr_struct, sigma
+                    )
                 )
+                rows[-1]["inputs"] = ins.how[block]  # "propagated" from the block before, or "captured"
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(block=block, loss=f"{rows[-1]['loss_before']:.3g}->{rows[-1]['loss_after']:.3g}")
@@ -258,7 +172,7 @@ def refine_blocks(
     return {"blocks": rows, "steps": int(steps), "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _refine_one(model, dense, layers, block, xs, steps, lr, norms, target, structure, lr_struct, sigma) -> dict:
+def _refine_one(model, dense, layers, block, xs, ins, dense_ins, steps, lr, norms, structure, lr_struct, sigma) -> dict:
     """One block: cache its inputs and targets, train its parameters; the row of the report."""
     mod = model.get_submodule(block)
     inside = [n for n in layers if n == block or n.startswith(block + ".")]
@@ -270,9 +184,10 @@ def _refine_one(model, dense, layers, block, xs, steps, lr, norms, target, struc
     for p in content + struct:
         p.requires_grad_(True)
     try:
-        inputs = _inputs(model, block, xs)
-        if target == "dense":
-            targets = _targets(dense, block, xs)
+        inputs = ins.inputs(block)
+        if dense_ins is not None:  # target "dense": the dense block on the dense model's inputs
+            dense_ins.inputs(block)
+            targets = dense_ins.outputs(block)
         else:
             with torch.no_grad():
                 dmod = dense.get_submodule(block)
@@ -288,6 +203,7 @@ def _refine_one(model, dense, layers, block, xs, steps, lr, norms, target, struc
                 m.train()
                 m.hard_forward = True
         first, last = _train_block(mod, groups, inputs, targets, masks, steps, hook)
+        ins.changed()
     finally:
         for p, r in keep:
             p.requires_grad_(r)

@@ -1,0 +1,266 @@
+"""A model's blocks and their inputs, computed once per block: the block-sequential pass of the
+post-training stages (sensitivity, block refinement).
+
+GPTQ, SVD-LLM and SliceGPT go through a network block by block: one block's inputs are cached, the block
+is measured or compressed, and its outputs become the next block's inputs, so each block runs once per
+batch and the whole pass costs O(L) block calls.  Running the model from its input up to every block
+instead costs O(L^2).
+
+:class:`BlockInputs` gives each block's (args, kwargs) on a list of batches.  Within a *chain* (consecutive
+items of one ModuleList / Sequential, such as a transformer's layers) a block's inputs are the previous
+item's outputs put in place of its "stream" argument (the hidden states), the other arguments (attention
+mask, position embeddings ...) as the chain's first item got them on the same batch.  Whether a container
+is a chain is checked, not assumed: one forward pass of the first batch records every item's inputs and
+outputs, and the container is a chain only if each item ran once, in order, and its inputs are the
+previous item's with exactly one argument replaced by that item's output.  Any other block (a layer
+outside a container, a container whose items are called otherwise) has its inputs captured by a forward
+pass that stops at it, as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gblrc.learn.data import call_model, model_output
+
+__all__ = ["find_blocks", "BlockInputs", "CacheOff", "block_output"]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the block's inputs are captured."""
+
+
+def find_blocks(model: nn.Module, layer_names) -> list[str]:
+    """Block names for ``layer_names`` (compressed layers): for each layer the deepest ancestor that is an
+    item of a ModuleList / Sequential (``encoder.layer.3``), else the layer itself; in module order."""
+    containers = {n for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))}
+    blocks: list[str] = []
+    for name in layer_names:
+        parts = name.split(".")
+        block = name
+        for j in range(len(parts) - 1, -1, -1):  # the innermost container above the layer
+            if ".".join(parts[:j]) in containers:
+                block = ".".join(parts[: j + 1])
+                break
+        if block not in blocks:
+            blocks.append(block)
+    return blocks
+
+
+def block_output(out) -> torch.Tensor:
+    """A block's main output: the tensor itself, the first item of a tuple, or a model output's main field."""
+    return out if torch.is_tensor(out) else out[0] if isinstance(out, (tuple, list)) else model_output(out)
+
+
+def _no_cache(v):
+    """None for a key/value cache object (Hugging Face's Cache classes: mutated by every call, so a cached
+    call would grow it and keep its graph), else ``v``."""
+    return None if type(v).__name__.endswith("Cache") else v
+
+
+def _detached(args, kwargs) -> tuple:
+    return (
+        tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+        {k: v.detach() if torch.is_tensor(v) else _no_cache(v) for k, v in kwargs.items()},
+    )
+
+
+def _same(a, b) -> bool:
+    """The same argument value: one tensor (or equal tensors), equal tuples / lists, or the same object."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (
+            torch.is_tensor(a)
+            and torch.is_tensor(b)
+            and (a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+def _stream_slot(prev: tuple, nxt: tuple, out: torch.Tensor):
+    """The one argument slot (position int or keyword str) of ``nxt`` that holds ``out`` where ``prev``
+    held something else, with every other slot the same as in ``prev``; None when there is no such slot."""
+    (pa, pk), (na, nk) = prev, nxt
+    if len(pa) != len(na) or set(pk) != set(nk):
+        return None
+    slots = [(i, pa[i], na[i]) for i in range(len(pa))] + [(k, pk[k], nk[k]) for k in pk]
+    stream = [s for s, _, v in slots if torch.is_tensor(v) and (v is out or _same(v, out))]
+    if len(stream) != 1:
+        return None
+    rest_same = all(_same(p, v) for s, p, v in slots if s != stream[0])
+    return stream[0] if rest_same else None
+
+
+def _put(inputs: tuple, slot, value) -> tuple:
+    args, kwargs = inputs
+    if isinstance(slot, int):
+        return (args[:slot] + (value,) + args[slot + 1 :], kwargs)
+    return (args, {**kwargs, slot: value})
+
+
+class CacheOff:
+    """``config.use_cache = False`` on Hugging Face models for the duration (the blocks are called alone)."""
+
+    def __init__(self, *models):
+        self.cfgs = [c for m in models if (c := getattr(m, "config", None)) is not None and hasattr(c, "use_cache")]
+
+    def __enter__(self):
+        self.was = [c.use_cache for c in self.cfgs]
+        for c in self.cfgs:
+            c.use_cache = False
+
+    def __exit__(self, *exc):
+        for c, w in zip(self.cfgs, self.was):
+            c.use_cache = w
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, block: str, xs) -> list[tuple]:
+    """``block``'s (args, kwargs) on each batch, each forward stopped at the block."""
+    got = []
+
+    def hook(_m, args, kwargs):
+        got.append(_detached(args, kwargs))
+        raise _Stop
+
+    h = model.get_submodule(block).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for x in xs:
+            try:
+                call_model(model, x)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return got
+
+
+@torch.no_grad()
+def _chain_slots(model: nn.Module, container: str, x) -> list | None:
+    """For each item k >= 1 of ``container``, the slot through which item k-1's output reaches it (one
+    forward of batch ``x``); None when the container is not a chain (see the module doc)."""
+    items = list(model.get_submodule(container).children())
+    if len(items) < 2:
+        return None
+    calls: list[int] = []
+    seen: dict = {}  # item index -> (inputs, output): only the last item's are kept
+    slots: list = [None]
+    bad = []
+
+    def pre(k):
+        def hook(_m, args, kwargs):
+            calls.append(k)
+            inp = _detached(args, kwargs)
+            if k > 0:
+                prev = seen.pop(k - 1, None)
+                slot = None if prev is None else _stream_slot(prev[0], inp, prev[1])
+                if slot is None:
+                    bad.append(k)
+                slots.append(slot)
+            seen[k] = [inp, None]
+
+        return hook
+
+    def post(k):
+        def hook(_m, _args, out):
+            if k in seen:
+                seen[k][1] = block_output(out).detach()
+
+        return hook
+
+    hs = []
+    for k, m in enumerate(items):
+        hs.append(m.register_forward_pre_hook(pre(k), with_kwargs=True))
+        hs.append(m.register_forward_hook(post(k)))
+    try:
+        call_model(model, x)
+    finally:
+        for h in hs:
+            h.remove()
+    if bad or calls != list(range(len(items))):
+        return None
+    return slots
+
+
+class BlockInputs:
+    """Each block's inputs on ``xs`` (a list of batches), for blocks asked for in call order.
+
+    ``inputs(block)`` returns [(args, kwargs)] per batch: propagated from the previously asked block of
+    the same chain through the items between (their *current* weights: a block refined or compressed
+    before the next is asked for passes on its new outputs), else captured by a forward pass stopped at
+    the block.  ``outputs(block)`` is the block's output on them (computed once and reused for the
+    next block's inputs while the block is unchanged; ``changed()`` says it was not).  ``how[block]`` records
+    "propagated" or "captured".
+    """
+
+    def __init__(self, model: nn.Module, xs):
+        self.model, self.xs = model, list(xs)
+        self.how: dict[str, str] = {}
+        self._chains: dict[str, list | None] = {}
+        self._last = None  # (block, (container, index, slots) or None, inputs, outputs or None)
+
+    def _chain(self, container: str):
+        if container not in self._chains:
+            mod = self.model.get_submodule(container)
+            ok = isinstance(mod, (nn.ModuleList, nn.Sequential)) and bool(self.xs)
+            self._chains[container] = _chain_slots(self.model, container, self.xs[0]) if ok else None
+        return self._chains[container]
+
+    def _where(self, block: str):
+        container, _, idx = block.rpartition(".")
+        if not container or not idx.isdigit():
+            return None
+        slots = self._chain(container)
+        return (container, int(idx), slots) if slots is not None and int(idx) < len(slots) else None
+
+    def chained(self, block: str) -> bool:
+        """Whether ``block`` is an item of a chain (its inputs can be propagated from the item before)."""
+        return self._where(block) is not None
+
+    @torch.no_grad()
+    def inputs(self, block: str) -> list[tuple]:
+        last = self._last
+        if last is not None and last[0] == block:  # asked again: a block's inputs do not depend on itself
+            return last[2]
+        where = self._where(block)
+        lw = last[1] if last is not None else None
+        if where is not None and lw is not None and lw[0] == where[0] and lw[1] <= where[1]:
+            container, j, slots = where
+            items = list(self.model.get_submodule(container).children())
+            cur, out = last[2], last[3]
+            for k in range(lw[1], j):
+                if out is None:
+                    out = [block_output(items[k](*a, **kw)).detach() for a, kw in cur]
+                cur = [_put(inp, slots[k + 1], o) for inp, o in zip(cur, out)]
+                out = None
+            if j > lw[1]:
+                self.how[block] = "propagated"
+        else:
+            cur = _capture(self.model, block, self.xs)
+            self.how[block] = "captured"
+        self._last = (block, where, cur, None)
+        return cur
+
+    @torch.no_grad()
+    def outputs(self, block: str) -> list[torch.Tensor]:
+        """The block's outputs on the inputs ``inputs(block)`` gave last (computed once while unchanged)."""
+        last = self._last if self._last is not None and self._last[0] == block else None
+        if last is None:
+            self.inputs(block)
+            last = self._last
+        if last[3] is None:
+            mod = self.model.get_submodule(block)
+            self._last = (*last[:3], [block_output(mod(*a, **kw)).detach() for a, kw in last[2]])
+        return self._last[3]
+
+    def changed(self) -> None:
+        """The last block's weights changed: its outputs are computed again for the next block."""
+        if self._last is not None:
+            self._last = (*self._last[:3], None)
