@@ -54,7 +54,9 @@ def _model(arch: str, depth: int, width: int, vocab: int):
 
 def _run(cmd: list[str], threads: int) -> tuple[float, float, str]:
     """(wall seconds, peak RSS in GB of that process alone, output) of one command."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    # PYTHONPATH: the gblrc of this checkout (the console script alone may import another, editable, one)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = p.stdout.read()
