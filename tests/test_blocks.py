@@ -49,8 +49,9 @@ def _same_inputs(a, b):
             assert type(x) is type(y)
 
 
+@pytest.mark.parametrize("release", [False, True])
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
-def test_propagated_inputs_are_the_inputs_a_forward_pass_gives(kind):
+def test_propagated_inputs_are_the_inputs_a_forward_pass_gives(kind, release):
     if kind == "bert":
         model, xs = tiny_bert(num_hidden_layers=4).eval(), _bert_batches()
     else:
@@ -63,7 +64,7 @@ def test_propagated_inputs_are_the_inputs_a_forward_pass_gives(kind):
             got, ref = bi.inputs(b), _capture(model, b, xs)
             for g, r in zip(got, ref):
                 _same_inputs(g, r)
-            bi.outputs(b)
+            bi.outputs(b, release=release)
     chain = [b for b in blocks if bi.chained(b)]
     assert len(chain) == 4  # the 4 transformer layers
     assert [bi.how[b] for b in chain] == ["captured"] + ["propagated"] * 3

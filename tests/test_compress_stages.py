@@ -232,3 +232,21 @@ def test_the_calibration_state_is_freed_when_the_initialisation_is_done():
     assert run.dense_ref is None and run.refined is not None  # refinement ran on them, then let them go
     C.train(run)  # training needs none of them
     assert run.curve
+
+
+def test_the_dense_copy_shares_the_embeddings_and_its_weights_are_the_dense_weights():
+    """The dense copy refinement needs is the dense weights' only copy (no clone beside it), and it shares
+    the model's embeddings (nothing trains them while it lives)."""
+    from _samples import tiny_bert
+
+    model = tiny_bert(num_hidden_layers=2)
+    x = {"input_ids": torch.randint(0, 50, (8, 6), generator=torch.Generator().manual_seed(0))}
+    run = C.start(model, C.check_options(0.5, steps=0, refine_batches=1, progress=False), data=x)
+    C.read_data(run)
+    C.calibrate(run)
+    emb = model.embeddings.word_embeddings.weight
+    assert run.dense_ref.embeddings.word_embeddings.weight is emb
+    name = "encoder.layer.0.intermediate.dense"
+    dense_lin = run.dense_ref.get_submodule(name)
+    assert run.dense_w[name].data_ptr() == dense_lin.weight.data_ptr()  # a view of the copy, not a clone
+    assert dense_lin.weight is not model.get_submodule(name).weight

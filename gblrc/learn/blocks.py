@@ -204,7 +204,7 @@ class BlockInputs:
         self.model, self.xs = model, list(xs)
         self.how: dict[str, str] = {}
         self._chains: dict[str, list | None] = {}
-        self._last = None  # (block, (container, index, slots) or None, inputs, outputs or None)
+        self._last = None  # (block, (container, index, slots) or None, inputs, outputs, released skeleton)
 
     def _chain(self, container: str):
         if container not in self._chains:
@@ -227,40 +227,49 @@ class BlockInputs:
     @torch.no_grad()
     def inputs(self, block: str) -> list[tuple]:
         last = self._last
-        if last is not None and last[0] == block:  # asked again: a block's inputs do not depend on itself
-            return last[2]
+        if last is not None and last[0] == block and last[2] is not None:  # a block's inputs do not depend on
+            return last[2]  # the block itself: asked again, the same
         where = self._where(block)
         lw = last[1] if last is not None else None
-        if where is not None and lw is not None and lw[0] == where[0] and lw[1] <= where[1]:
+        if where is not None and lw is not None and lw[0] == where[0] and lw[1] < where[1]:
             container, j, slots = where
             items = list(self.model.get_submodule(container).children())
-            cur, out = last[2], last[3]
-            for k in range(lw[1], j):
+            cur, out, k = last[2], last[3], lw[1]
+            if cur is None:  # released: the next item's inputs, short of the stream, are kept
+                cur, out, k = [_put(sk, slots[k + 1], o) for sk, o in zip(last[4], out)], None, k + 1
+            for k in range(k, j):
                 if out is None:
                     out = [block_output(items[k](*a, **kw)).detach() for a, kw in cur]
                 cur = [_put(inp, slots[k + 1], o) for inp, o in zip(cur, out)]
                 out = None
-            if j > lw[1]:
-                self.how[block] = "propagated"
+            self.how[block] = "propagated"
         else:
             cur = _capture(self.model, block, self.xs)
             self.how[block] = "captured"
-        self._last = (block, where, cur, None)
+        self._last = (block, where, cur, None, None)
         return cur
 
     @torch.no_grad()
-    def outputs(self, block: str) -> list[torch.Tensor]:
-        """The block's outputs on the inputs ``inputs(block)`` gave last (computed once while unchanged)."""
+    def outputs(self, block: str, release: bool = False) -> list[torch.Tensor]:
+        """The block's outputs on the inputs ``inputs(block)`` gave last (computed once while unchanged).
+        ``release``: the inputs are not needed again: only what the next item of the chain needs of them
+        is kept (their stream tensors, the largest part, are freed)."""
         last = self._last if self._last is not None and self._last[0] == block else None
-        if last is None:
+        if last is None or (last[2] is None and last[3] is None):
             self.inputs(block)
             last = self._last
-        if last[3] is None:
+        out = last[3]
+        if out is None:
             mod = self.model.get_submodule(block)
-            self._last = (*last[:3], [block_output(mod(*a, **kw)).detach() for a, kw in last[2]])
-        return self._last[3]
+            out = [block_output(mod(*a, **kw)).detach() for a, kw in last[2]]
+        self._last = (block, last[1], last[2], out, last[4])
+        where = last[1]
+        if release and where is not None and last[2] is not None and where[1] + 1 < len(where[2]):
+            slot = where[2][where[1] + 1]
+            self._last = (block, where, None, out, [_put(inp, slot, None) for inp in last[2]])
+        return out
 
     def changed(self) -> None:
         """The last block's weights changed: its outputs are computed again for the next block."""
-        if self._last is not None:
-            self._last = (*self._last[:3], None)
+        if self._last is not None and self._last[2] is not None:
+            self._last = (*self._last[:3], None, None)

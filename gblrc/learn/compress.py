@@ -394,7 +394,7 @@ def calibrate(run: Run) -> None:
     if o.init == "svd" or run.data is None:
         return
     if o.init == "sequential" or o.training.refine_wanted():  # the sequential refit and refine() use it
-        run.dense_ref = run.teacher or copy.deepcopy(run.model).eval()
+        run.dense_ref = run.teacher or _dense_copy(run)
     if run.dense_ref is not None:  # the dense copy's weights (no further copy; it stays unchanged)
         run.dense_w = {n: as_linear(get_module(run.dense_ref, n)).weight.detach() for n in run.names}
     else:
@@ -406,6 +406,14 @@ def calibrate(run: Run) -> None:
     check_finite(xs, "a calibration batch of the data")
     run.xs, run.refine_xs = xs[: t.calib_batches], xs
     run.covs = input_covariances(run.model, run.names, run.xs)
+
+
+def _dense_copy(run: Run) -> nn.Module:
+    """A frozen dense copy of the model for the sequential refit and block refinement (freed when
+    :func:`initialise` is done).  Its embeddings are the model's own, not a copy: nothing trains them
+    before then (they are the largest part of a language model outside its linear layers)."""
+    memo = {id(m.weight): m.weight for m in run.model.modules() if isinstance(m, nn.Embedding)}
+    return copy.deepcopy(run.model, memo).eval()
 
 
 def allocate(run: Run) -> None:
@@ -470,9 +478,11 @@ def initialise(run: Run) -> None:
         for n, m in run.layers.items():
             if n in run.covs and not whiten_layer(m, run.dense_w[n], run.covs[n]):
                 run.warn(f"layer {n}: data-aware initialisation not applicable, kept plain SVD")
+    run.covs = None  # each stage's data freed when it is done (peak memory: issue 29)
     if run.dense_ref is not None and o.init == "sequential":
         for n in sequential_refit(model, run.dense_ref, run.layers, run.dense_w, run.xs):
             run.warn(f"layer {n}: sequential refit not applicable, kept the data-aware initialisation")
+    run.dense_w = None
     if run.judge is not None:
         run.fidelity = {"examples": run.judge.examples, "dense": run.judge.dense, "init": run.judge(model)}
     run.initial = {n: m.structure().structure for n, m in run.layers.items()}

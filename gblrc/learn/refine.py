@@ -184,11 +184,11 @@ def _refine_one(model, dense, layers, block, xs, ins, dense_ins, steps, lr, norm
     for p in content + struct:
         p.requires_grad_(True)
     try:
+        if dense_ins is not None:  # target "dense": the dense block on the dense model's inputs (first: its
+            dense_ins.inputs(block)  # inputs are released before the compressed model's are computed)
+            targets = dense_ins.outputs(block, release=True)
         inputs = ins.inputs(block)
-        if dense_ins is not None:  # target "dense": the dense block on the dense model's inputs
-            dense_ins.inputs(block)
-            targets = dense_ins.outputs(block)
-        else:
+        if dense_ins is None:
             with torch.no_grad():
                 dmod = dense.get_submodule(block)
                 targets = [_main(dmod(*a, **k)).detach() for a, k in inputs]
