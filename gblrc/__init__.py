@@ -37,6 +37,7 @@ _LAZY = {
     "Controller": "gblrc.learn.controller",
     "GBLRCallback": "gblrc.learn.hf",
     "DistillationLoss": "gblrc.learn.distill",
+    "fully_shard": "gblrc.learn.dist",
 }
 _SUBPACKAGES = ("ir", "nn", "io", "learn", "export", "passes", "runtime", "cli")
 
@@ -127,4 +128,5 @@ __all__ = [
     "finalize",
     "save",
     "lower",
+    "fully_shard",
 ]

@@ -9,7 +9,16 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["setup", "rank_world", "data_parallel", "broadcast_module", "allreduce_mean", "barrier", "broadcast_object"]
+__all__ = [
+    "setup",
+    "rank_world",
+    "data_parallel",
+    "broadcast_module",
+    "allreduce_mean",
+    "barrier",
+    "broadcast_object",
+    "fully_shard",
+]
 
 
 def setup(device: torch.device) -> tuple[int, int]:
@@ -74,3 +83,39 @@ def broadcast_object(obj, world: int):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def fully_shard(model: torch.nn.Module, **fsdp_kwargs) -> torch.nn.Module:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) for a model from :func:`gblrc.prepare`, with its GBLR
+    layers kept whole: every other parameter is sharded across the ranks as FSDP does it, the GBLR layers'
+    (content, widths, locations) are left out of the sharding (``ignored_params``) and their gradients are
+    averaged over the ranks as each one is accumulated.  The controller reads and trims whole widths
+    (the proximal step, the cool-down's fit to the budget), which it cannot do on shards: sharded, the
+    training steps run but the fit fails on a mix of DTensors and tensors.  The GBLR layers are a fraction
+    of the dense layers' size (the budget), so keeping them whole costs that fraction on every rank.
+    Call it after ``prepare`` and before building the optimiser; ``fsdp_kwargs`` go to fully_shard."""
+    try:
+        from torch.distributed.fsdp import fully_shard as _fully_shard
+    except ImportError:
+        raise ValueError(
+            f"this torch ({torch.__version__}) has no torch.distributed.fsdp.fully_shard (FSDP2); "
+            "use DistributedDataParallel"
+        ) from None
+    from gblrc.nn.layer import GBLRLinear
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("fully_shard needs a process group: launch with torchrun (or init_process_group first)")
+    keep = [p for m in model.modules() if isinstance(m, GBLRLinear) for p in m.parameters()]
+    if not keep:
+        raise ValueError("fully_shard: the model has no GBLR layer; call gblrc.prepare(model, ...) first")
+    world = dist.get_world_size()
+
+    def average(p):
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+    for p in keep:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(average)
+    ignored = set(fsdp_kwargs.pop("ignored_params", ())) | set(keep)
+    return _fully_shard(model, ignored_params=ignored, **fsdp_kwargs)
