@@ -317,6 +317,14 @@ def _summary(report: dict) -> None:
     help="bf16: the matrix products run in bfloat16 (torch.autocast); the Gaudi masks, widths, "
     "locations, the proximal step, optimizer state and losses stay fp32. For GPUs with bf16.",
 )
+@click.option(
+    "--offload/--no-offload",
+    default=_DEFAULTS.offload,
+    show_default=True,
+    help="Post-training (--steps 0) of a model too large for the device: the model and the cached "
+    "activations stay on the CPU and only the block being measured, initialised or refined is on the "
+    "--device. Same result as without; slower, by the transfers.",
+)
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option(
     "-o",

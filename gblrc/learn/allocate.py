@@ -24,7 +24,7 @@ import math
 import torch
 
 from gblrc.learn.calib import layer_rows
-from gblrc.learn.blocks import BlockInputs, CacheOff, block_output, find_blocks
+from gblrc.learn.blocks import BlockInputs, CacheOff, Placement, block_output, find_blocks
 from gblrc.learn.data import call_model, model_output
 from gblrc.nn.fit import svd_rank_for_budget
 from gblrc.nn.fit_data import whitened_decomposition
@@ -82,6 +82,7 @@ def sensitivity_curves(
     measure=MEASURE,
     rank_per_component: int = 1,
     progress: bool = False,
+    placement=None,
 ) -> dict[str, list[tuple[int, float]]]:
     """{name: [(cost of the truncation at g, relative MSE of its block's output), ...] for g in grid}.
 
@@ -90,6 +91,7 @@ def sensitivity_curves(
     ``grid`` through the truncation's tail energy in the metric, which the SVD gives exactly.  Each block's
     inputs are computed once (:class:`gblrc.learn.blocks.BlockInputs`), so the pass costs O(L) block calls.
     ``model`` is the dense model (unchanged on return); ``covs`` the layers' input covariances.
+    ``placement``: a :class:`gblrc.learn.blocks.Placement` (offload: each block on the device in turn).
     """
     curves = {}
     order = {n: i for i, n in enumerate(names)}
@@ -99,30 +101,35 @@ def sensitivity_curves(
 
         bar = progress_bar(len(names), "gblrc sensitivity")
     r = rank_per_component
-    blocks = BlockInputs(model, batches)
+    p = placement or Placement("cpu")
+    blocks = BlockInputs(model, batches, p)
     try:
         with CacheOff(model):
             for block in find_blocks(model, names):
                 inside = sorted((n for n in names if n == block or n.startswith(block + ".")), key=order.get)
                 if blocks.chained(block):  # a transformer layer: its output on its cached dense inputs
                     bmod = model.get_submodule(block)
-                    ins = blocks.inputs(block)
-                    outs = blocks.outputs(block)
+                    ins = p.fetch(blocks.inputs(block))
+                    outs = p.fetch(blocks.outputs(block))
 
                     def run(i, bmod=bmod, ins=ins):
                         return block_output(bmod(*ins[i][0], **ins[i][1]))
 
                 else:  # a layer outside a chain (a head, a pooler, a small model's layer): the model's output
+                    bmod = None  # (the model where it rests)
                     outs = [model_output(call_model(model, x)).detach() for x in batches]
 
                     def run(i):
                         return model_output(call_model(model, batches[i]))
 
-                masks = [_mask_for(x, t) for x, t in zip(batches, outs)]
-                for name in inside:
-                    curves[name] = _layer_curve(get_module(model, name), covs[name], run, outs, masks, grid, measure, r)
-                    if bar is not None:
-                        bar.update(1)
+                at = p.fetch(batches) if bmod is not None else batches  # the batches where ``outs`` are
+                masks = [_mask_for(x, t) for x, t in zip(at, outs)]
+                with p.on_device(bmod):
+                    for name in inside:
+                        cov = p.fetch(covs[name]) if bmod is not None else covs[name]
+                        curves[name] = _layer_curve(get_module(model, name), cov, run, outs, masks, grid, measure, r)
+                        if bar is not None:
+                            bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -238,6 +245,7 @@ def allocate_budgets(
     measure=MEASURE,
     progress: bool = False,
     unit=None,
+    placement=None,
 ) -> dict[str, float] | None:
     """Per-layer FLOP ratios from measured sensitivities (module docstring), or None when not applicable.
 
@@ -257,6 +265,7 @@ def allocate_budgets(
         measure=measure,
         rank_per_component=rank_per_component,
         progress=progress,
+        placement=placement,
     )
     dense = {n: as_linear(m).weight.shape[0] * as_linear(m).weight.shape[1] for n, m in mods.items()}
     if unit is None:

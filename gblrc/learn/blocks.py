@@ -19,12 +19,72 @@ pass that stops at it, as before.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from gblrc.learn.data import call_model, model_output
 
-__all__ = ["find_blocks", "BlockInputs", "CacheOff", "block_output"]
+__all__ = ["find_blocks", "BlockInputs", "CacheOff", "Placement", "block_output"]
+
+
+def _to(obj, device):
+    """Tensors in ``obj`` (a tensor, tuple, list or dict of them, nested) moved to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(_to(o, device) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class Placement:
+    """Where the block stages compute and where the model and the cached activations rest.
+
+    Without offload (the default) the model is on its device and nothing moves.  With ``offload`` the model
+    and the cached inputs stay on ``storage`` (the CPU) and each block goes to ``device`` only while it is
+    measured, initialised or refined (:meth:`on_device`), with the batches it needs (:meth:`fetch`); its
+    outputs come back to storage (:meth:`store`).  So the device holds one block, its dense twin and one
+    block's batches, whatever the depth (issue 29: models that do not fit the device).  The moves go
+    through :meth:`move`, which a test can watch."""
+
+    def __init__(self, device, storage=None, offload: bool = False):
+        self.device = torch.device(device)
+        self.storage = torch.device(storage) if storage is not None else self.device
+        self.offload = bool(offload)
+
+    def move(self, module: nn.Module, to_device: bool) -> None:
+        """``module`` to the device (``to_device``) or back to storage."""
+        module.to(self.device if to_device else self.storage)
+
+    @contextmanager
+    def on_device(self, *modules):
+        """``modules`` on the device for the duration (with offload; else nothing moves)."""
+        mods = [m for m in modules if m is not None]
+        if self.offload:
+            for m in mods:
+                self.move(m, True)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for m in mods:
+                    self.move(m, False)
+
+    def fetch(self, obj):
+        """The tensors of ``obj`` on the device (with offload)."""
+        return _to(obj, self.device) if self.offload else obj
+
+    def store(self, obj):
+        """The tensors of ``obj`` in storage (with offload)."""
+        return _to(obj, self.storage) if self.offload else obj
+
+
+_NOWHERE = Placement("cpu")  # no offload: nothing moves
 
 
 class _Stop(Exception):
@@ -200,8 +260,9 @@ class BlockInputs:
     "propagated" or "captured".
     """
 
-    def __init__(self, model: nn.Module, xs):
+    def __init__(self, model: nn.Module, xs, placement: Placement | None = None):
         self.model, self.xs = model, list(xs)
+        self.place = placement or _NOWHERE
         self.how: dict[str, str] = {}
         self._chains: dict[str, list | None] = {}
         self._last = None  # (block, (container, index, slots) or None, inputs, outputs, released skeleton)
@@ -239,7 +300,7 @@ class BlockInputs:
                 cur, out, k = [_put(sk, slots[k + 1], o) for sk, o in zip(last[4], out)], None, k + 1
             for k in range(k, j):
                 if out is None:
-                    out = [block_output(items[k](*a, **kw)).detach() for a, kw in cur]
+                    out = self._run(items[k], cur)
                 cur = [_put(inp, slots[k + 1], o) for inp, o in zip(cur, out)]
                 out = None
             self.how[block] = "propagated"
@@ -260,14 +321,24 @@ class BlockInputs:
             last = self._last
         out = last[3]
         if out is None:
-            mod = self.model.get_submodule(block)
-            out = [block_output(mod(*a, **kw)).detach() for a, kw in last[2]]
+            out = self._run(self.model.get_submodule(block), last[2])
         self._last = (block, last[1], last[2], out, last[4])
         where = last[1]
         if release and where is not None and last[2] is not None and where[1] + 1 < len(where[2]):
             slot = where[2][where[1] + 1]
             self._last = (block, where, None, out, [_put(inp, slot, None) for inp in last[2]])
         return out
+
+    def run_on(self, mod: nn.Module, inputs) -> list[torch.Tensor]:
+        """``mod``'s outputs on ``inputs`` (computed on the device; kept in storage)."""
+        return self._run(mod, inputs)
+
+    @torch.no_grad()
+    def _run(self, mod: nn.Module, inputs) -> list[torch.Tensor]:
+        """``mod``'s outputs on ``inputs`` (on the device; kept in storage)."""
+        p = self.place
+        with p.on_device(mod):
+            return [p.store(block_output(mod(*p.fetch(a), **p.fetch(kw))).detach()) for a, kw in inputs]
 
     def changed(self) -> None:
         """The last block's weights changed: its outputs are computed again for the next block."""

@@ -21,7 +21,7 @@ from gblrc.nn.fit_data import whitened_svd
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import get_module
 
-__all__ = ["input_covariances", "whiten_layer"]
+__all__ = ["input_covariances", "block_covariances", "whiten_layer", "sequential_refit"]
 
 
 def layer_rows(module, x: torch.Tensor) -> torch.Tensor:
@@ -43,39 +43,82 @@ def layer_rows(module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).double()
 
 
+class _Covariances:
+    """Forward hooks summing X^T X of each named layer's inputs; layers fed the same input tensor (an attention
+    layer's query, key and value) share one sum."""
+
+    def __init__(self, model, names):
+        self.sums, self.counts, self.owner, self.shared = {}, {}, {}, {}
+        self.hooks = [get_module(model, n).register_forward_hook(self._rec(n)) for n in names]
+
+    def _rec(self, name):
+        from gblrc.nn.conv import GBLRConv2d
+
+        def hook(_m, inp, _out):
+            key = (id(inp[0]), isinstance(_m, (nn.Conv2d, GBLRConv2d)) and name)  # convolutions: rows of their own
+            first = self.owner.setdefault(key, (inp[0], name))  # (the tensor kept alive: ids stay unique)
+            if first[1] != name and first[1] in self.sums:  # the same input as an earlier layer's: its sum
+                self.shared[name] = first[1]
+                return
+            x = layer_rows(_m, inp[0])
+            self.sums[name] = self.sums.get(name, 0) + x.t() @ x
+            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    def new_call(self) -> None:
+        self.owner.clear()
+
+    def close(self, store=lambda t: t) -> dict[str, torch.Tensor]:
+        for h in self.hooks:
+            h.remove()
+        out = {n: store(self.sums[n] / self.counts[n]) for n in self.sums}
+        return {**out, **{n: out[s] for n, s in self.shared.items() if s in out and n not in out}}
+
+
 @torch.no_grad()
 def input_covariances(model, names, batches, device=None) -> dict[str, torch.Tensor]:
     """{name: C (in x in, float64)} averaged over the rows of the inputs of each named layer.  Layers fed
     the same input tensor (an attention layer's query, key and value) share one C (one tensor, summed once)."""
-    sums, counts, hooks, owner = {}, {}, [], {}
-
-    def rec(name):
-        def hook(_m, inp, _out):
-            from gblrc.nn.conv import GBLRConv2d
-
-            key = (id(inp[0]), isinstance(_m, (nn.Conv2d, GBLRConv2d)) and name)  # convolutions: rows of their own
-            first = owner.setdefault(key, (inp[0], name))  # (the tensor kept alive: ids stay unique)
-            if first[1] != name and first[1] in sums:  # the same input as an earlier layer's: its sum
-                shared[name] = first[1]
-                return
-            x = layer_rows(_m, inp[0])
-            sums[name] = sums.get(name, 0) + x.t() @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return hook
-
-    shared: dict[str, str] = {}
-    for n in names:
-        hooks.append(get_module(model, n).register_forward_hook(rec(n)))
+    acc = _Covariances(model, names)
     try:
         for x in batches:
-            owner.clear()
+            acc.new_call()
             call_model(model, x)
     finally:
-        for h in hooks:
-            h.remove()
-    out = {n: sums[n] / counts[n] for n in sums}
-    return {**out, **{n: out[s] for n, s in shared.items() if s in out and n not in out}}
+        covs = acc.close()
+    return covs
+
+
+@torch.no_grad()
+def block_covariances(model, names, batches, placement) -> dict[str, torch.Tensor]:
+    """:func:`input_covariances` block by block (offload): each block of a chain on the device with its
+    cached inputs (:class:`gblrc.learn.blocks.BlockInputs`), the covariances kept in storage; the layers
+    outside a chain by forward passes of the model where it rests."""
+    from gblrc.learn.blocks import BlockInputs, CacheOff, find_blocks
+
+    ins = BlockInputs(model, batches, placement)
+    covs: dict = {}
+    rest = []
+    with CacheOff(model):
+        for block in find_blocks(model, names):
+            inside = [n for n in names if n == block or n.startswith(block + ".")]
+            if not ins.chained(block):
+                rest += inside
+                continue
+            mod = model.get_submodule(block)
+            cached = ins.inputs(block)
+            acc = _Covariances(model, inside)
+            try:
+                with placement.on_device(mod):
+                    for a, kw in cached:
+                        acc.new_call()
+                        mod(*placement.fetch(a), **placement.fetch(kw))
+            finally:
+                covs.update(acc.close(placement.store))
+    if rest:
+        covs.update(input_covariances(model, rest, batches))
+    return covs
 
 
 @torch.no_grad()
@@ -157,46 +200,60 @@ def call_order(model, names, batch) -> list[str]:
 
 
 @torch.no_grad()
-def sequential_refit(student, teacher, layers: dict, dense_w: dict, batches, damp: float = 1e-2) -> list[str]:
+def sequential_refit(
+    student, teacher, layers: dict, dense_w: dict, batches, damp: float = 1e-2, placement=None
+) -> list[str]:
     """Refit each layer, in call order, to reproduce the teacher's layer output from the *student's* input.
 
     For layer W with teacher inputs X_t and student inputs X_s (the earlier layers already compressed),
     the best unconstrained map is A = W C_ts C_ss^-1 (C_ss = X_s X_s^T, C_ts = X_t X_s^T; damped towards
     W), and the best low-rank one is A truncated in the metric of C_ss (:func:`whiten_layer`), so errors
     of earlier layers are corrected instead of compounded.  Layers that share an input are refitted
-    together.  Returns the names of the layers it could not refit.
+    together.  Each block's inputs are computed once (:class:`gblrc.learn.blocks.BlockInputs`); with an
+    offloading ``placement`` each block (and its teacher twin) is on the device only while it is refitted.
+    Returns the names of the layers it could not refit.
     """
-    from gblrc.learn.blocks import BlockInputs, CacheOff, find_blocks
+    from gblrc.learn.blocks import BlockInputs, CacheOff, Placement, find_blocks
+
+    p = placement or Placement("cpu")
 
     skipped = []
     blocks = find_blocks(student, list(layers))
     block_of = {n: b for b in blocks for n in layers if n == b or n.startswith(b + ".")}
-    s_in, t_in = BlockInputs(student, batches), BlockInputs(teacher, batches)  # each block's inputs once
+    s_in, t_in = BlockInputs(student, batches, p), BlockInputs(teacher, batches, p)  # each block's inputs once
     with CacheOff(student, teacher):
         for group in call_groups(student, list(layers), batches[0]):
             block = block_of[group[0]]
-            Css = Cts = None
-            n = 0
-            pairs = zip(s_in.inputs(block), t_in.inputs(block))
-            for s_args, t_args in pairs:
-                xs = _capture_in_block(student, block, group[0], s_args)
-                xt = _capture_in_block(teacher, block, group[0], t_args)
-                if xs is None or xt is None or xs.shape != xt.shape:
-                    Css = None
-                    break
-                Css = xs.t() @ xs + (0 if Css is None else Css)
-                Cts = xt.t() @ xs + (0 if Cts is None else Cts)
-                n += xs.shape[0]
-            if Css is None:
-                skipped += group
-                continue
-            Css, Cts = Css / n, Cts / n
-            reg = Css + damp * Css.diagonal().mean().clamp_min(1e-12) * torch.eye(Css.shape[0], dtype=Css.dtype)
-            for name in group:
-                W = dense_w[name].double().to(Css.device)
-                # ridge regression towards W: A = W + W (C_ts - C_ss) reg^-1 (= W C_ts C_ss^-1 undamped; = W
-                # when the student's inputs are the teacher's), reg symmetric
-                A = W + torch.linalg.solve(reg, (W @ (Cts - Css)).t()).t()
-                if not whiten_layer(layers[name], A, Css, damp):
-                    skipped.append(name)
+            pairs = list(zip(s_in.inputs(block), t_in.inputs(block)))
+            with p.on_device(student.get_submodule(block), teacher.get_submodule(block)):
+                skipped += _refit_group(student, teacher, block, group, layers, dense_w, pairs, damp, p)
+    return skipped
+
+
+def _refit_group(student, teacher, block, group, layers, dense_w, pairs, damp, p) -> list[str]:
+    """Refit the layers of ``group`` (one shared input) inside ``block`` on the cached (student, teacher)
+    block inputs ``pairs``; the names it could not refit."""
+    Css = Cts = None
+    n = 0
+    for s_args, t_args in pairs:
+        xs = _capture_in_block(student, block, group[0], p.fetch(s_args))
+        xt = _capture_in_block(teacher, block, group[0], p.fetch(t_args))
+        if xs is None or xt is None or xs.shape != xt.shape:
+            return list(group)
+        Css = xs.t() @ xs + (0 if Css is None else Css)
+        Cts = xt.t() @ xs + (0 if Cts is None else Cts)
+        n += xs.shape[0]
+    if Css is None:
+        return list(group)
+    Css, Cts = Css / n, Cts / n
+    eye = torch.eye(Css.shape[0], dtype=Css.dtype, device=Css.device)
+    reg = Css + damp * Css.diagonal().mean().clamp_min(1e-12) * eye
+    skipped = []
+    for name in group:
+        W = p.fetch(dense_w[name]).double().to(Css.device)
+        # ridge regression towards W: A = W + W (C_ts - C_ss) reg^-1 (= W C_ts C_ss^-1 undamped; = W
+        # when the student's inputs are the teacher's), reg symmetric
+        A = W + torch.linalg.solve(reg, (W @ (Cts - Css)).t()).t()
+        if not whiten_layer(layers[name], A, Css, damp):
+            skipped.append(name)
     return skipped

@@ -45,7 +45,8 @@ from gblrc.learn.data import (
 from gblrc.learn.fidelity import Fidelity, eval_batches
 from gblrc.learn.objective import Objective, task_loss
 from gblrc.nn.layer import svd_layer
-from gblrc.learn.calib import input_covariances, sequential_refit, whiten_layer
+from gblrc.learn.blocks import Placement
+from gblrc.learn.calib import block_covariances, input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import as_linear, find_linears, get_module, is_linear, replace_linears, set_module
 from gblrc.learn.refine import refine_blocks, refine_settings
@@ -287,6 +288,12 @@ class Run:
     unit: object = FLOPS  # the budget's cost unit (gblrc.learn.budget)
     controller: Controller | None = None
     refined: dict | None = None  # what refine() did, per block
+    place: Placement | None = None  # where the block stages compute, where the model rests (offload)
+
+    @property
+    def home(self) -> torch.device:
+        """Where the model and the cached batches are: the device, or the CPU under offload."""
+        return self.place.storage if self.place is not None else self.device
 
     def warn(self, msg: str) -> None:
         """A warning for the user: in the report and as a Python warning."""
@@ -321,7 +328,12 @@ def start(model: nn.Module, opt: CompressConfig, *, data=None, eval_data=None, o
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ValueError(f"the model has NaN or Inf values in {name!r}; fix the model before compressing")
     dev = resolve_device(model, opt.device)
-    model.to(dev)
+    if opt.offload and own_loop:
+        raise ValueError(
+            "offload is for gblrc.compress post-training (steps=0); prepare hands your loop the whole model"
+        )
+    place = Placement(dev, "cpu", offload=True) if opt.offload else Placement(dev)
+    model.to(place.storage)
     judge = Fidelity(model, eval_batches(eval_data)) if eval_data is not None else None
     pairs = find_linears(model, opt.include, opt.exclude)
     if not pairs:
@@ -339,7 +351,7 @@ def start(model: nn.Module, opt: CompressConfig, *, data=None, eval_data=None, o
     torch.manual_seed(opt.seed)
     random.seed(opt.seed)
     np.random.seed(opt.seed)
-    return Run(
+    run = Run(
         model,
         opt,
         [n for n, _ in pairs],
@@ -353,7 +365,11 @@ def start(model: nn.Module, opt: CompressConfig, *, data=None, eval_data=None, o
         own_loop=own_loop,
         given_data=data,
         given_eval=eval_data,
+        place=place,
     )
+    if opt.offload and dev.type == "cpu":
+        run.warn("offload with the CPU as the device moves nothing: the model already rests where it computes")
+    return run
 
 
 def read_data(run: Run) -> None:
@@ -375,7 +391,7 @@ def read_data(run: Run) -> None:
         if o.loss == "task" and y is None:
             raise ValueError("loss='task' needs targets in the data")
         run.model.eval()
-        _check_fits(run.model, to_device(x, run.device), to_device(y, run.device), distill)
+        _check_fits(run.model, to_device(x, run.home), to_device(y, run.home), distill)
         run.x = x
         if distill and run.steps > 0 and not run.own_loop:
             run.teacher = copy.deepcopy(run.model).eval().requires_grad_(False)
@@ -395,17 +411,21 @@ def calibrate(run: Run) -> None:
         return
     if o.init == "sequential" or o.training.refine_wanted():  # the sequential refit and refine() use it
         run.dense_ref = run.teacher or _dense_copy(run)
-    if run.dense_ref is not None:  # the dense copy's weights (no further copy; it stays unchanged)
-        run.dense_w = {n: as_linear(get_module(run.dense_ref, n)).weight.detach() for n in run.names}
+    if run.dense_ref is not None:  # the dense copy's weight parameters (no further copy; they stay unchanged, and
+        # follow their module where offload moves it)
+        run.dense_w = {n: as_linear(get_module(run.dense_ref, n)).weight for n in run.names}
     else:
         run.dense_w = {n: as_linear(m).weight.detach().clone() for n, m in run.pairs}
     it = batch_stream(run.data, o.batch_size, o.seed)
     t = o.training
     n = max(t.calib_batches, t.refine_batches if t.refine_wanted() else 0)
-    xs = [to_device(next(it)[0], run.device) for _ in range(n)]
+    xs = [to_device(next(it)[0], run.home) for _ in range(n)]
     check_finite(xs, "a calibration batch of the data")
     run.xs, run.refine_xs = xs[: t.calib_batches], xs
-    run.covs = input_covariances(run.model, run.names, run.xs)
+    if run.place.offload:  # block by block, each block on the device in turn
+        run.covs = block_covariances(run.model, run.names, run.xs, run.place)
+    else:
+        run.covs = input_covariances(run.model, run.names, run.xs)
 
 
 def _dense_copy(run: Run) -> nn.Module:
@@ -443,6 +463,7 @@ def allocate(run: Run) -> None:
             rank_per_component=o.rank_per_component,
             progress=o.progress and run.rank == 0,
             unit=run.unit if o.budget_unit == "time" else None,
+            placement=run.place,
         )
         alloc = dist.broadcast_object(alloc, run.world) if alloc is not None else None
     if alloc is None and o.allocate == "sensitivity" and run.data is not None:
@@ -473,14 +494,17 @@ def initialise(run: Run) -> None:
         m.tile = int(o.tile)
     if run.x is not None and any(hasattr(m, "positions") for m in run.layers.values()):
         with torch.no_grad():  # convolutions record their output positions (their cost weight)
-            call_model(model, to_device(run.x, run.device))
+            call_model(model, to_device(run.x, run.home))
     if run.covs is not None:
+        p = run.place
         for n, m in run.layers.items():
-            if n in run.covs and not whiten_layer(m, run.dense_w[n], run.covs[n]):
+            with p.on_device(m):
+                ok = n not in run.covs or whiten_layer(m, p.fetch(run.dense_w[n]), p.fetch(run.covs[n]))
+            if not ok:
                 run.warn(f"layer {n}: data-aware initialisation not applicable, kept plain SVD")
     run.covs = None  # each stage's data freed when it is done (peak memory: issue 29)
     if run.dense_ref is not None and o.init == "sequential":
-        for n in sequential_refit(model, run.dense_ref, run.layers, run.dense_w, run.xs):
+        for n in sequential_refit(model, run.dense_ref, run.layers, run.dense_w, run.xs, placement=run.place):
             run.warn(f"layer {n}: sequential refit not applicable, kept the data-aware initialisation")
     run.dense_w = None
     if run.judge is not None:
@@ -514,6 +538,7 @@ def refine(run: Run) -> None:
         run.refine_xs,
         **refine_settings(t),
         progress=run.opt.progress and run.rank == 0,
+        placement=run.place,
     )
     if t.refine_structure:
         if run.steps == 0:  # the moved structure, fitted to the budget again

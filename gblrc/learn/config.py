@@ -33,7 +33,7 @@ REFINE_TARGETS = ("dense", "local")
 REFINE_STEPS = 256  # block refinement's steps per block when refine_steps is None (auto) and there is data
 # The fields that cannot change a run's result (where it shows progress, where and how often it checkpoints,
 # whether it resumes, which device of the same numerics it runs on); every other field is in result_settings().
-RESULT_NEUTRAL = ("progress", "checkpoint_dir", "checkpoint_every", "resume", "device")
+RESULT_NEUTRAL = ("progress", "checkpoint_dir", "checkpoint_every", "resume", "device", "offload")
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -158,6 +158,9 @@ class CompressConfig:
     ``device``: None (where the model is), "auto" (CUDA when available), "cpu" or "cuda".
     ``mixed_precision``: "no" or "bf16" (the matrix products in bfloat16 under autocast; masks, widths,
     locations, the proximal step, optimiser state and losses stay fp32).
+    ``offload``: post-training (``steps=0``) of a model that does not fit the device: the model and the
+    cached activations stay on the CPU and only the block being measured, initialised or refined is on
+    the device (:class:`gblrc.learn.blocks.Placement`).
     """
 
     budget: float
@@ -176,6 +179,7 @@ class CompressConfig:
     seed: int = 0
     device: str | None = None
     mixed_precision: str = "no"
+    offload: bool = False
     progress: bool = True
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
@@ -201,6 +205,12 @@ class CompressConfig:
                     re.compile(pattern)
                 except (re.error, TypeError) as e:
                     raise OptionError(name, f"{pattern!r} is not a valid regular expression: {e}") from None
+        if self.offload and int(self.steps) > 0:
+            raise OptionError(
+                "offload",
+                f"is for post-training compression (steps=0); training {self.steps} steps needs the whole model "
+                "on the device (use steps=0, or no offload)",
+            )
         if not isinstance(self.training, TrainingConfig):
             raise ValueError(f"training must be a gblrc.TrainingConfig, got {type(self.training).__name__}")
         if self.training.refine_structure and self.structure != "gblr":

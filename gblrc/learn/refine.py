@@ -26,7 +26,7 @@ from torch import nn
 
 from gblrc.learn.budget import LambdaController, cost_ratio, proximal_step
 from gblrc.learn.config import REFINE_STEPS, TrainingConfig
-from gblrc.learn.blocks import BlockInputs, CacheOff as _CacheOff, block_output as _main, find_blocks
+from gblrc.learn.blocks import BlockInputs, CacheOff as _CacheOff, Placement, block_output as _main, find_blocks
 from gblrc.learn.objective import _mask_for, rel_mse
 
 __all__ = ["find_blocks", "refine_blocks", "refine_settings"]
@@ -115,6 +115,7 @@ def refine_blocks(
     xs,
     *,
     progress: bool = False,
+    placement=None,
     **settings,
 ) -> dict:
     """Refine ``model``'s blocks in call order (see module doc) on the calibration batches ``xs``;
@@ -131,7 +132,9 @@ def refine_blocks(
     Each block's inputs (and the dense targets) are computed once, propagated through the blocks of a chain
     (:class:`gblrc.learn.blocks.BlockInputs`): O(L) block calls for L blocks.
     Returns {"blocks": [{"name", "layers", "loss_before", "loss_after", "inputs"}], "seconds", "steps"}
-    (``inputs``: "propagated" or "captured")."""
+    (``inputs``: "propagated" or "captured").  ``placement``: a :class:`gblrc.learn.blocks.Placement`
+    (offload: each block and its dense twin on the device only while it trains, the cached batches in
+    storage)."""
     defaults = refine_settings(TrainingConfig())
     unknown = set(settings) - set(defaults)
     if unknown:
@@ -153,8 +156,9 @@ def refine_blocks(
         bar = progress_bar(len(names), "gblrc refine")
     try:
         with _CacheOff(model, dense):
-            ins = BlockInputs(model, xs)  # each block's inputs computed once: O(L) block calls in all
-            dense_ins = BlockInputs(dense, xs) if target == "dense" else None
+            place = placement or Placement("cpu")
+            ins = BlockInputs(model, xs, place)  # each block's inputs computed once: O(L) block calls in all
+            dense_ins = BlockInputs(dense, xs, place) if target == "dense" else None
             for block in names:
                 rows.append(
                     _refine_one(
@@ -170,6 +174,20 @@ def refine_blocks(
             bar.close()
         model.train(was)
     return {"blocks": rows, "steps": int(steps), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _train_one(mod, mods, content, struct, inputs, targets, masks, steps, lr, lr_struct, sigma) -> tuple:
+    """The block's content (and structure) trained on the cached batches: (first, last) mean loss."""
+    groups = [{"params": content, "lr": lr}]
+    hook = None
+    if struct:
+        ls = 5.0 * lr if lr_struct is None else lr_struct
+        groups.append({"params": struct, "lr": ls, "betas": (0.0, 0.999)})
+        hook = _structure_hook(mods, steps, ls, *sigma)
+        for m in mods:
+            m.train()
+            m.hard_forward = True
+    return _train_block(mod, groups, inputs, targets, masks, steps, hook)
 
 
 def _refine_one(model, dense, layers, block, xs, ins, dense_ins, steps, lr, norms, structure, lr_struct, sigma) -> dict:
@@ -188,21 +206,13 @@ def _refine_one(model, dense, layers, block, xs, ins, dense_ins, steps, lr, norm
             dense_ins.inputs(block)  # inputs are released before the compressed model's are computed)
             targets = dense_ins.outputs(block, release=True)
         inputs = ins.inputs(block)
-        if dense_ins is None:
-            with torch.no_grad():
-                dmod = dense.get_submodule(block)
-                targets = [_main(dmod(*a, **k)).detach() for a, k in inputs]
-        masks = [_mask_for(x, t) for x, t in zip(xs, targets)]
-        groups = [{"params": content, "lr": lr}]
-        hook = None
-        if struct:
-            ls = 5.0 * lr if lr_struct is None else lr_struct
-            groups.append({"params": struct, "lr": ls, "betas": (0.0, 0.999)})
-            hook = _structure_hook(mods, steps, ls, *sigma)
-            for m in mods:
-                m.train()
-                m.hard_forward = True
-        first, last = _train_block(mod, groups, inputs, targets, masks, steps, hook)
+        if dense_ins is None:  # target "local": the dense block on the compressed model's inputs
+            targets = ins.run_on(dense.get_submodule(block), inputs)
+        place = ins.place
+        with place.on_device(mod):  # (offload: the block and its batches on the device while it trains)
+            inputs, targets = place.fetch(inputs), place.fetch(targets)
+            masks = [_mask_for(x, t) for x, t in zip(place.fetch(xs), targets)]
+            first, last = _train_one(mod, mods, content, struct, inputs, targets, masks, steps, lr, lr_struct, sigma)
         ins.changed()
     finally:
         for p, r in keep:
