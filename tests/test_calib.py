@@ -121,3 +121,24 @@ def test_layers_fed_one_input_share_one_covariance():
         torch.testing.assert_close(v, own[f"encoder.layer.{i}.attention.self.value"], rtol=1e-12, atol=1e-12)
     assert covs["encoder.layer.0.attention.output.dense"] is not covs["encoder.layer.0.attention.self.query"]
     assert len({id(c) for c in covs.values()}) == len(names) - 2 * 2
+
+
+def test_block_covariances_are_the_covariances_one_block_at_a_time():
+    """Computed when a block's layer is first asked for, only that block's held; equal to the whole-model
+    pass; the block-ordered stages compute each block's once per pass."""
+    from _samples import tiny_bert
+
+    from gblrc.learn.calib import BlockCovariances
+
+    model = tiny_bert(num_hidden_layers=3)
+    g = torch.Generator().manual_seed(0)
+    xs = [{"input_ids": torch.randint(0, 50, (2, 6), generator=g), "attention_mask": torch.ones(2, 6)} for _ in "ab"]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    eager = input_covariances(model, names, xs)
+    lazy = BlockCovariances(model, names, xs)
+    assert set(lazy) == set(names) and "nope" not in lazy
+    for _ in range(2):  # two passes in block order (the sensitivity, then the initialisation)
+        for n in names:
+            torch.testing.assert_close(lazy[n], eager[n], rtol=1e-10, atol=1e-12)
+            assert len(lazy._held) <= 6  # one block's layers
+    assert lazy.computed == [f"encoder.layer.{i}" for i in range(3)] * 2

@@ -21,7 +21,7 @@ from gblrc.nn.fit_data import whitened_svd
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import get_module
 
-__all__ = ["input_covariances", "block_covariances", "whiten_layer", "sequential_refit"]
+__all__ = ["input_covariances", "BlockCovariances", "whiten_layer", "sequential_refit"]
 
 
 def layer_rows(module, x: torch.Tensor) -> torch.Tensor:
@@ -90,35 +90,70 @@ def input_covariances(model, names, batches, device=None) -> dict[str, torch.Ten
     return covs
 
 
-@torch.no_grad()
-def block_covariances(model, names, batches, placement) -> dict[str, torch.Tensor]:
-    """:func:`input_covariances` block by block (offload): each block of a chain on the device with its
-    cached inputs (:class:`gblrc.learn.blocks.BlockInputs`), the covariances kept in storage; the layers
-    outside a chain by forward passes of the model where it rests."""
-    from gblrc.learn.blocks import BlockInputs, CacheOff, find_blocks
+class BlockCovariances:
+    """The layers' input covariances on ``batches`` in the ``dense`` model, computed one block at a time when
+    a layer of the block is first asked for (``covs[name]``), only that block's held: the block-sequential
+    stages ask for them in block order, so each pass computes each block's once and the whole set never
+    exists at once (it is the largest state of post-training: 1.4 GB per block of a 7 B model, docs/design.md
+    §5).  A block of a chain is run alone on its cached inputs (:class:`gblrc.learn.blocks.BlockInputs`; on
+    the device of ``placement``, the covariances kept in its storage); the layers outside a chain are taken
+    together by forward passes of the model.  ``dense`` must stay dense while the covariances are read."""
 
-    ins = BlockInputs(model, batches, placement)
-    covs: dict = {}
-    rest = []
-    with CacheOff(model):
-        for block in find_blocks(model, names):
-            inside = [n for n in names if n == block or n.startswith(block + ".")]
-            if not ins.chained(block):
-                rest += inside
-                continue
-            mod = model.get_submodule(block)
-            cached = ins.inputs(block)
-            acc = _Covariances(model, inside)
+    def __init__(self, dense, names, batches, placement=None):
+        from gblrc.learn.blocks import BlockInputs, Placement, find_blocks
+
+        self.dense, self.batches = dense, batches
+        self.place = placement or Placement("cpu")
+        blocks = find_blocks(dense, list(names))
+        self.block_of = {n: b for b in blocks for n in names if n == b or n.startswith(b + ".")}
+        self._ins = BlockInputs(dense, batches, self.place)
+        self._rest = None  # the covariances of the layers outside a chain (computed once, kept: few)
+        self._block, self._held = None, {}
+        self.computed: list[str] = []  # the blocks computed, in order
+
+    def __contains__(self, name) -> bool:
+        return name in self.block_of
+
+    def __iter__(self):
+        return iter(self.block_of)
+
+    def __len__(self) -> int:
+        return len(self.block_of)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        block = self.block_of[name]
+        if not self._ins.chained(block):
+            if self._rest is None:
+                rest = [n for n, b in self.block_of.items() if not self._ins.chained(b)]
+                self._rest = input_covariances(self.dense, rest, self.batches)
+            return self._rest[name]
+        if block != self._block:
+            self._block, self._held = None, {}  # (the last block's freed before the next is computed)
+            self._held, self._block = self._compute(block), block
+            self.computed.append(block)
+        return self._held[name]
+
+    @torch.no_grad()
+    def _compute(self, block: str) -> dict[str, torch.Tensor]:
+        from gblrc.learn.blocks import CacheOff
+
+        p, mod = self.place, self.dense.get_submodule(block)
+        inside = [n for n, b in self.block_of.items() if b == block]
+        with CacheOff(self.dense):
+            cached = self._ins.inputs(block)
+            acc = _Covariances(self.dense, inside)
             try:
-                with placement.on_device(mod):
+                with p.on_device(mod):
                     for a, kw in cached:
                         acc.new_call()
-                        mod(*placement.fetch(a), **placement.fetch(kw))
+                        mod(*p.fetch(a), **p.fetch(kw))
             finally:
-                covs.update(acc.close(placement.store))
-    if rest:
-        covs.update(input_covariances(model, rest, batches))
-    return covs
+                covs = acc.close(p.store)
+        return covs
+
+    def all(self) -> dict[str, torch.Tensor]:
+        """Every layer's covariance, as a dict (all held)."""
+        return {n: self[n] for n in self.block_of}
 
 
 @torch.no_grad()

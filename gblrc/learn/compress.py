@@ -46,7 +46,7 @@ from gblrc.learn.fidelity import Fidelity, eval_batches
 from gblrc.learn.objective import Objective, task_loss
 from gblrc.nn.layer import svd_layer
 from gblrc.learn.blocks import Placement
-from gblrc.learn.calib import block_covariances, input_covariances, sequential_refit, whiten_layer
+from gblrc.learn.calib import BlockCovariances, input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import as_linear, find_linears, get_module, is_linear, replace_linears, set_module
 from gblrc.learn.refine import refine_blocks, refine_settings
@@ -422,8 +422,10 @@ def calibrate(run: Run) -> None:
     xs = [to_device(next(it)[0], run.home) for _ in range(n)]
     check_finite(xs, "a calibration batch of the data")
     run.xs, run.refine_xs = xs[: t.calib_batches], xs
-    if run.place.offload:  # block by block, each block on the device in turn
-        run.covs = block_covariances(run.model, run.names, run.xs, run.place)
+    if run.dense_ref is not None:  # a block's at a time, from the dense copy, when the stages ask for them
+        run.covs = BlockCovariances(run.dense_ref, run.names, run.xs, run.place)
+    elif run.place.offload:  # all now (the model is dense only until initialise), each block on the device in turn
+        run.covs = BlockCovariances(run.model, run.names, run.xs, run.place).all()
     else:
         run.covs = input_covariances(run.model, run.names, run.xs)
 
