@@ -203,6 +203,7 @@ def _plot(rows, do_lower, path: Path, head: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for arch in sorted({r["arch"] for r in rows}):
@@ -220,6 +221,9 @@ def _plot(rows, do_lower, path: Path, head: str) -> None:
         ax.plot(ds, [c0 * d / ds[0] for d in ds], ":", color="gray", label="linear in depth")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(ds)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("layers")
     ax.set_ylabel("wall time (s)")
     ax.set_title("gblrc compress --steps 0 and lower, by depth", fontsize=10)
