@@ -87,3 +87,36 @@ def test_bad_pairs_and_counts_are_one_line_errors():
         permute_pair(m[0], m[2], torch.zeros(40, dtype=torch.long))
     with pytest.raises(ValueError, match="features"):
         neuron_scores(m[2], acts[:, :5])
+
+
+def test_find_pairs_finds_every_ffn_of_a_bert_and_no_attention_pair():
+    from gblrc.learn.neurons import find_pairs
+
+    model = _samples.tiny_bert(num_hidden_layers=3, intermediate_size=48).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    before = copy.deepcopy(model.state_dict())
+    batch = {"input_ids": torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))}
+    pairs = find_pairs(model, names, batch)
+    assert pairs == [(f"encoder.layer.{i}.intermediate.dense", f"encoder.layer.{i}.output.dense") for i in range(3)]
+    for k, v in model.state_dict().items():  # every trial permutation was undone
+        assert torch.equal(v, before[k]), k
+
+
+class _Mixing(nn.Module):
+    """A widening pair whose intermediate features are mixed (a softmax over them): not an FFN pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 24), nn.Linear(24, 8)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(h * torch.softmax(h.cumsum(-1), -1))
+
+
+def test_find_pairs_refuses_a_pair_whose_neurons_interact():
+    from gblrc.learn.neurons import find_pairs
+
+    torch.manual_seed(0)
+    assert find_pairs(_Mixing().eval(), ["up", "down"], torch.randn(16, 8)) == []
+    assert find_pairs(_ffn().float().eval(), ["0", "2"], torch.randn(16, 12)) == [("0", "2")]

@@ -12,6 +12,11 @@ calibration activations); :func:`prune_pair` keeps the k best, folds the permuta
 the rest and refits W2[:, :k] and b2 by least squares on the kept activations to reproduce the dense pair's
 output (Kwon et al. 2022's mask tuning, in closed form).
 
+:func:`find_pairs` finds a model's FFN pairs without names: layers that run one after the other in call order,
+the first widening (up.out == down.in > up.in), accepted only when a random permutation of the intermediate
+neurons leaves the model's output on a batch unchanged (an attention layer's value and output projections
+fail: attention mixes the features within a head).
+
 Not yet wired into ``compress``: the allocation across families, the cost charged as a dense product and the
 lowering that narrows the intermediate tensor are the rest of issue 28.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["permute_pair", "neuron_scores", "prune_pair", "check_pair"]
+__all__ = ["permute_pair", "neuron_scores", "prune_pair", "check_pair", "find_pairs"]
 
 
 def check_pair(up: nn.Linear, down: nn.Linear) -> int:
@@ -88,3 +93,41 @@ def prune_pair(up: nn.Linear, down: nn.Linear, acts: torch.Tensor, keep: int, *,
     if up.bias is not None:
         up.bias[keep:] = 0
     return order
+
+
+@torch.no_grad()
+def find_pairs(model: nn.Module, names, batch, *, seed: int = 0, rtol: float = 1e-4) -> list[tuple[str, str]]:
+    """The FFN pairs (up, down) among the nn.Linear layers ``names`` of ``model``, found on ``batch``.
+
+    A candidate is two layers called one after the other (in the order of a forward pass of ``batch``, among
+    ``names``) with up.out_features == down.in_features > up.in_features.  It is accepted only if a random
+    permutation of its intermediate neurons (:func:`permute_pair`) leaves the model's output unchanged to
+    ``rtol`` of its largest value, which holds when the down layer reads the up layer's output through
+    elementwise operations only; the permutation is undone either way."""
+    from gblrc.learn.calib import call_order
+    from gblrc.learn.data import call_model, model_output
+    from gblrc.nn.replace import get_module
+
+    order = call_order(model, list(names), batch)
+    mods = {n: get_module(model, n) for n in order}
+    ref = model_output(call_model(model, batch)).detach()
+    scale = float(ref.abs().max()) or 1.0
+    g = torch.Generator().manual_seed(seed)
+    pairs, used = [], set()
+    for a, b in zip(order, order[1:]):
+        up, down = mods[a], mods[b]
+        if a in used or not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
+            continue
+        if up.out_features != down.in_features or up.out_features <= up.in_features:
+            continue
+        perm = torch.randperm(up.out_features, generator=g)
+        permute_pair(up, down, perm)
+        try:
+            out = model_output(call_model(model, batch)).detach()
+            same = out.shape == ref.shape and float((out - ref).abs().max()) <= rtol * scale
+        finally:
+            permute_pair(up, down, torch.argsort(perm))  # undone: the model is as it was
+        if same:
+            pairs.append((a, b))
+            used |= {a, b}
+    return pairs
