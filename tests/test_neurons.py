@@ -120,3 +120,69 @@ def test_find_pairs_refuses_a_pair_whose_neurons_interact():
     torch.manual_seed(0)
     assert find_pairs(_Mixing().eval(), ["up", "down"], torch.randn(16, 8)) == []
     assert find_pairs(_ffn().float().eval(), ["0", "2"], torch.randn(16, 12)) == [("0", "2")]
+
+
+def _attention(model, i=0):
+    att = model.encoder.layer[i].attention
+    return att.self.query, att.self.key, att.self.value, att.output.dense
+
+
+def test_permuting_the_heads_leaves_a_bert_layer_unchanged():
+    from gblrc.learn.neurons import permute_heads
+
+    model = _samples.tiny_bert(hidden_size=32, num_attention_heads=4).double()
+    ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(0))
+    y = model(input_ids=ids).last_hidden_state
+    permute_heads(*_attention(model), torch.tensor([2, 0, 3, 1]), 8)
+    assert torch.allclose(model(input_ids=ids).last_hidden_state, y, rtol=0, atol=1e-6)
+
+
+def _output_inputs(model, ids):
+    got = []
+    h = model.encoder.layer[0].attention.output.dense.register_forward_pre_hook(lambda _m, a: got.append(a[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    return got[0]
+
+
+def test_pruning_heads_keeps_the_loud_ones_silences_the_rest_and_refits_the_output():
+    from gblrc.learn.neurons import prune_heads
+
+    model = _samples.tiny_bert(hidden_size=32, num_attention_heads=4).double()
+    q, k, v, o = _attention(model)
+    with torch.no_grad():  # heads 1 and 3 carry most of the output
+        o.weight[:, 8:16] *= 10.0
+        o.weight[:, 24:32] *= 10.0
+    ids = torch.randint(0, 50, (8, 10), generator=torch.Generator().manual_seed(1))
+    acts = _output_inputs(model, ids)
+    dense_out = o(acts).detach()
+    order = prune_heads(q, k, v, o, acts, 2, 8)
+    assert sorted(order[:2].tolist()) == [1, 3]
+    after = _output_inputs(model, ids)
+    assert after[..., 16:].abs().max() == 0  # pruned heads output nothing (zero value rows)
+    a = after.reshape(-1, 32)[:, :16]
+    resid = (o(after) - dense_out).reshape(-1, 32)
+    # the refit's normal equations on the kept heads' outputs (and the constant); the kept heads' outputs are
+    # the dense ones, permuted (their query/key/value rows moved with them)
+    scale = float((a.t() @ dense_out.reshape(-1, 32)).abs().max())
+    assert float((a.t() @ resid).abs().max()) <= 1e-5 * scale  # (the ridge damp is 1e-6 of the mean diagonal)
+    assert float(resid.sum(0).abs().max()) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize(
+    "fn, args, msg",
+    [
+        ("prune_heads", (0, 8), "keep"),
+        ("prune_heads", (1, 7), "head_dim"),
+        ("permute_heads", ([0, 0, 1, 2], 8), "permutation"),
+    ],
+)
+def test_bad_head_arguments_are_one_line_errors(fn, args, msg):
+    from gblrc.learn import neurons
+
+    q, k, v, o = _attention(_samples.tiny_bert(hidden_size=32, num_attention_heads=4))
+    first = (torch.randn(5, 32),) if fn == "prune_heads" else ()
+    with pytest.raises(ValueError, match=msg) as e:
+        getattr(neurons, fn)(q, k, v, o, *first, *args)
+    assert "\n" not in str(e.value)

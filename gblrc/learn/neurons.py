@@ -17,6 +17,10 @@ the first widening (up.out == down.in > up.in), accepted only when a random perm
 neurons leaves the model's output on a batch unchanged (an attention layer's value and output projections
 fail: attention mixes the features within a head).
 
+Attention heads are pruned the same way (:func:`permute_heads`, :func:`head_scores`, :func:`prune_heads`): the
+kept heads first, the others' query, key and value rows zero, the output projection refitted on the kept
+heads' outputs.
+
 Not yet wired into ``compress``: the allocation across families, the cost charged as a dense product and the
 lowering that narrows the intermediate tensor are the rest of issue 28.
 """
@@ -26,7 +30,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["permute_pair", "neuron_scores", "prune_pair", "check_pair", "find_pairs"]
+__all__ = [
+    "permute_pair",
+    "neuron_scores",
+    "prune_pair",
+    "check_pair",
+    "find_pairs",
+    "permute_heads",
+    "head_scores",
+    "prune_heads",
+]
 
 
 def check_pair(up: nn.Linear, down: nn.Linear) -> int:
@@ -79,9 +92,20 @@ def prune_pair(up: nn.Linear, down: nn.Linear, acts: torch.Tensor, keep: int, *,
     target = a @ down.weight.double().t()  # dense output without the bias (the bias is refitted with it)
     order = torch.argsort(neuron_scores(down, a), descending=True, stable=True)
     permute_pair(up, down, order)
-    a = a[:, order]
+    _refit_columns(down, a[:, order], target, keep, damp)
+    up.weight[keep:] = 0
+    if up.bias is not None:
+        up.bias[keep:] = 0
+    return order
+
+
+@torch.no_grad()
+def _refit_columns(down: nn.Linear, a: torch.Tensor, target: torch.Tensor, keep: int, damp: float) -> None:
+    """W[:, :keep] and the bias of ``down`` refitted by ridge least squares so that a[:, :keep] W[:, :keep]^T + b
+    is closest to ``target`` + the old bias (``target``: the dense output without bias, on inputs ``a``, float64);
+    the other columns become zero."""
     has_bias = down.bias is not None
-    ak = torch.cat([a[:, :keep], torch.ones_like(a[:, :1])], 1) if has_bias else a[:, :keep]  # (+ b2's column)
+    ak = torch.cat([a[:, :keep], torch.ones_like(a[:, :1])], 1) if has_bias else a[:, :keep]  # (+ the bias column)
     g = ak.t() @ ak
     g += damp * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
     sol = torch.linalg.solve(g, ak.t() @ (target + down.bias.double() if has_bias else target))  # (keep [+ 1], d)
@@ -89,9 +113,72 @@ def prune_pair(up: nn.Linear, down: nn.Linear, acts: torch.Tensor, keep: int, *,
     down.weight[:, :keep] = sol[:keep].t().to(down.weight)
     if has_bias:
         down.bias.copy_(sol[keep].to(down.bias))
-    up.weight[keep:] = 0
-    if up.bias is not None:
-        up.bias[keep:] = 0
+
+
+def _head_order(order: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The feature order of a head order: head order[i]'s ``head_dim`` features become head i's."""
+    return (order[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def _check_heads(q, k, v, o, head_dim: int) -> int:
+    lins = (q, k, v, o)
+    if not all(isinstance(m, nn.Linear) for m in lins):
+        raise ValueError("heads: query, key, value and output must be nn.Linear layers")
+    width = o.in_features
+    if not isinstance(head_dim, int) or head_dim < 1 or width % head_dim:
+        raise ValueError(f"head_dim must divide the attention width {width}; got {head_dim!r}")
+    if {q.out_features, k.out_features, v.out_features} != {width}:
+        raise ValueError(
+            f"query/key/value give {q.out_features}/{k.out_features}/{v.out_features} features, the output layer "
+            f"takes {width}: give one attention layer's four projections"
+        )
+    return width // head_dim
+
+
+@torch.no_grad()
+def permute_heads(q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, order, head_dim: int) -> None:
+    """Reorder an attention layer's heads in place: head ``order[i]`` becomes head i (the rows of the query, key
+    and value projections and their biases, the output projection's columns, ``head_dim`` at a time).  The
+    attention's function is unchanged: each head attends on its own and the output sums over heads."""
+    n = _check_heads(q, k, v, o, head_dim)
+    order = torch.as_tensor(order, dtype=torch.long)
+    if order.shape != (n,) or not torch.equal(torch.sort(order).values, torch.arange(n)):
+        raise ValueError(f"order must be a permutation of the {n} heads")
+    feats = _head_order(order, head_dim).to(q.weight.device)
+    for m in (q, k, v):
+        m.weight.copy_(m.weight[feats])
+        if m.bias is not None:
+            m.bias.copy_(m.bias[feats])
+    o.weight.copy_(o.weight[:, feats.to(o.weight.device)])
+
+
+@torch.no_grad()
+def head_scores(o: nn.Linear, acts: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The output energy each head carries: sum over its features j of ||O[:, j]||^2 E[a_j^2] (``acts``: the
+    output projection's inputs, the heads' concatenated outputs)."""
+    return neuron_scores(o, acts).reshape(-1, head_dim).sum(1)
+
+
+@torch.no_grad()
+def prune_heads(q, k, v, o, acts: torch.Tensor, keep: int, head_dim: int, *, damp: float = 1e-6) -> torch.Tensor:
+    """Keep the ``keep`` highest-scoring heads as heads [0, keep), in place; returns the head order applied.
+
+    The other heads' query, key and value rows and biases become zero, so they output nothing (a zero value
+    row gives a zero head output whatever its attention), and the output projection's columns of the kept heads
+    and its bias are refitted by least squares on ``acts`` (the dense output projection's inputs) to give the
+    dense output; its other columns become zero."""
+    n = _check_heads(q, k, v, o, head_dim)
+    if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= n:
+        raise ValueError(f"keep must be a whole number of heads in [1, {n}]; got {keep!r}")
+    a = acts.reshape(-1, o.in_features).double()
+    target = a @ o.weight.double().t()
+    order = torch.argsort(head_scores(o, a, head_dim), descending=True, stable=True)
+    permute_heads(q, k, v, o, order, head_dim)
+    _refit_columns(o, a[:, _head_order(order, head_dim)], target, keep * head_dim, damp)
+    for m in (q, k, v):
+        m.weight[keep * head_dim :] = 0
+        if m.bias is not None:
+            m.bias[keep * head_dim :] = 0
     return order
 
 
