@@ -252,7 +252,8 @@ def _chain_slots(model: nn.Module, container: str, x) -> list | None:
 class BlockInputs:
     """Each block's inputs on ``xs`` (a list of batches), for blocks asked for in call order.
 
-    ``inputs(block)`` returns [(args, kwargs)] per batch: propagated from the previously asked block of
+    ``inputs(block)`` returns [(args, kwargs)] per batch (valid until the next call: the list is updated in
+    place as the inputs move on): propagated from the previously asked block of
     the same chain through the items between (their *current* weights: a block refined or compressed
     before the next is asked for passes on its new outputs), else captured by a forward pass stopped at
     the block.  ``outputs(block)`` is the block's output on them (computed once and reused for the
@@ -298,11 +299,17 @@ class BlockInputs:
             cur, out, k = last[2], last[3], lw[1]
             if cur is None:  # released: the next item's inputs, short of the stream, are kept
                 cur, out, k = [_put(sk, slots[k + 1], o) for sk, o in zip(last[4], out)], None, k + 1
+            self._last = None  # (cur is updated in place, batch by batch: one batch's outputs extra at a time)
             for k in range(k, j):
-                if out is None:
-                    out = self._run(items[k], cur)
-                cur = [_put(inp, slots[k + 1], o) for inp, o in zip(cur, out)]
-                out = None
+                if out is not None:
+                    cur = [_put(inp, slots[k + 1], o) for inp, o in zip(cur, out)]
+                    out = None
+                    continue
+                p = self.place
+                with p.on_device(items[k]):
+                    for i, (a, kw) in enumerate(cur):
+                        o = p.store(block_output(items[k](*p.fetch(a), **p.fetch(kw))).detach())
+                        cur[i] = _put(cur[i], slots[k + 1], o)
             self.how[block] = "propagated"
         else:
             cur = _capture(self.model, block, self.xs)
@@ -319,14 +326,26 @@ class BlockInputs:
         if last is None or (last[2] is None and last[3] is None):
             self.inputs(block)
             last = self._last
-        out = last[3]
+        where, ins, out = last[1], last[2], last[3]
+        slot = where[2][where[1] + 1] if where is not None and where[1] + 1 < len(where[2]) else None
+        if release and slot is not None and ins is not None:  # each batch's input let go as its output comes
+            self._last = None
+            mod, p = self.model.get_submodule(block), self.place
+            skeleton, done = [], out
+            out = []
+            with p.on_device(mod if done is None else None):
+                for i in range(len(ins)):
+                    a, kw = ins[i]
+                    if done is None:
+                        out.append(p.store(block_output(mod(*p.fetch(a), **p.fetch(kw))).detach()))
+                    skeleton.append(_put(ins[i], slot, None))
+                    ins[i] = None
+            out = done if done is not None else out
+            self._last = (block, where, None, out, skeleton)
+            return out
         if out is None:
-            out = self._run(self.model.get_submodule(block), last[2])
-        self._last = (block, last[1], last[2], out, last[4])
-        where = last[1]
-        if release and where is not None and last[2] is not None and where[1] + 1 < len(where[2]):
-            slot = where[2][where[1] + 1]
-            self._last = (block, where, None, out, [_put(inp, slot, None) for inp in last[2]])
+            out = self._run(self.model.get_submodule(block), ins)
+        self._last = (block, where, ins, out, last[4])
         return out
 
     def run_on(self, mod: nn.Module, inputs) -> list[torch.Tensor]:
