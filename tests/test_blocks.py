@@ -165,3 +165,26 @@ def test_sensitivity_runs_each_block_a_constant_number_of_times(depth):
     for c in curves.values():  # losses fall as the cost rises (the truncation's tail energy)
         losses = [loss for _, loss in c]
         assert all(a >= b - 1e-12 for a, b in zip(losses, losses[1:]))
+
+
+def test_half_cache_halves_the_stored_hidden_states_and_gives_them_back_as_float32():
+    from gblrc.learn.blocks import Placement, _Half
+
+    model, xs = (
+        tiny_bert(num_hidden_layers=3, hidden_size=64, max_position_embeddings=80).eval(),
+        _bert_batches(3, seq=70),
+    )
+    place = Placement("cpu", half_cache=True)
+    full, half = BlockInputs(model, xs), BlockInputs(model, xs, place)
+    for b in ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]:
+        f, h = full.inputs(b), half.inputs(b)
+        assert all(isinstance(a[0], _Half) and a[0].t.dtype == torch.float16 for a, _ in h)
+        for (fa, _), (ha, hk) in zip(f, h):
+            got = place.fetch(ha)[0]
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, fa[0], rtol=1e-3, atol=1e-3 * float(fa[0].abs().max()))
+        full.outputs(b)
+        half.outputs(b)
+    big = torch.full((64, 64), 7.0e4)
+    assert place.store(big) is big  # beyond float16's range: kept as it is
+    assert place.fetch(place.store(torch.ones(64, 64))).dtype == torch.float32

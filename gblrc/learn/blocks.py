@@ -29,10 +29,40 @@ from gblrc.learn.data import call_model, model_output
 __all__ = ["find_blocks", "BlockInputs", "CacheOff", "Placement", "block_output"]
 
 
-def _to(obj, device):
-    """Tensors in ``obj`` (a tensor, tuple, list or dict of them, nested) moved to ``device``."""
+class _Half:
+    """A cached float32 activation kept in float16 (half the memory); :meth:`Placement.fetch` restores it."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
+_HALF_MAX = 6.0e4  # float16 holds up to 65504: a tensor with larger (or non-finite) values stays float32
+
+
+def _pack(obj):
+    """Large float32 tensors of ``obj`` as :class:`_Half` (those whose values float16 holds)."""
     if torch.is_tensor(obj):
-        return obj.to(device)
+        if obj.dtype == torch.float32 and obj.numel() >= 4096 and bool(obj.abs().max() < _HALF_MAX):
+            return _Half(obj.to(torch.float16))
+        return obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_pack(o) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_pack(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _pack(v) for k, v in obj.items()}
+    return obj
+
+
+def _to(obj, device):
+    """Tensors in ``obj`` (a tensor, tuple, list or dict of them, nested) moved to ``device`` (None: where they
+    are), cached halves restored to float32."""
+    if isinstance(obj, _Half):
+        return obj.t.to(device=device, dtype=torch.float32)
+    if torch.is_tensor(obj):
+        return obj if device is None else obj.to(device)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
         return type(obj)(*(_to(o, device) for o in obj))
     if isinstance(obj, (tuple, list)):
@@ -50,12 +80,22 @@ class Placement:
     measured, initialised or refined (:meth:`on_device`), with the batches it needs (:meth:`fetch`); its
     outputs come back to storage (:meth:`store`).  So the device holds one block, its dense twin and one
     block's batches, whatever the depth (issue 29: models that do not fit the device).  The moves go
-    through :meth:`move`, which a test can watch."""
+    through :meth:`move`, which a test can watch.
 
-    def __init__(self, device, storage=None, offload: bool = False):
+    ``half_cache``: the cached hidden states (large float32 tensors whose values float16 holds) rest in
+    float16 and are computed on in float32 again: half the memory of the caches, which are the largest
+    state of post-training (64 batches, twice); a relative rounding of 5e-4, far under the errors the
+    refinement corrects (docs/design.md §5)."""
+
+    def __init__(self, device, storage=None, offload: bool = False, half_cache: bool = False):
         self.device = torch.device(device)
         self.storage = torch.device(storage) if storage is not None else self.device
         self.offload = bool(offload)
+        self.half_cache = bool(half_cache)
+
+    def with_half_cache(self) -> "Placement":
+        """The same placement with its caches in float16."""
+        return Placement(self.device, self.storage, self.offload, half_cache=True)
 
     def move(self, module: nn.Module, to_device: bool) -> None:
         """``module`` to the device (``to_device``) or back to storage."""
@@ -76,12 +116,13 @@ class Placement:
                     self.move(m, False)
 
     def fetch(self, obj):
-        """The tensors of ``obj`` on the device (with offload)."""
-        return _to(obj, self.device) if self.offload else obj
+        """The tensors of ``obj`` on the device (with offload), cached halves as float32 again."""
+        return _to(obj, self.device if self.offload else None) if self.offload or self.half_cache else obj
 
     def store(self, obj):
-        """The tensors of ``obj`` in storage (with offload)."""
-        return _to(obj, self.storage) if self.offload else obj
+        """The tensors of ``obj`` in storage (with offload), large float32 ones in float16 (``half_cache``)."""
+        obj = _to(obj, self.storage) if self.offload else obj
+        return _pack(obj) if self.half_cache else obj
 
 
 _NOWHERE = Placement("cpu")  # no offload: nothing moves
@@ -312,7 +353,7 @@ class BlockInputs:
                         cur[i] = _put(cur[i], slots[k + 1], o)
             self.how[block] = "propagated"
         else:
-            cur = _capture(self.model, block, self.xs)
+            cur = [self.place.store(c) for c in _capture(self.model, block, self.xs)]
             self.how[block] = "captured"
         self._last = (block, where, cur, None, None)
         return cur

@@ -540,7 +540,7 @@ def refine(run: Run) -> None:
         run.refine_xs,
         **refine_settings(t),
         progress=run.opt.progress and run.rank == 0,
-        placement=run.place,
+        placement=run.place.with_half_cache(),  # its 64 cached batches in float16 (docs/design.md §5, "Memory")
     )
     if t.refine_structure:
         if run.steps == 0:  # the moved structure, fitted to the budget again

@@ -37,17 +37,18 @@ _NORMS = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupN
 _JUDGED = 16  # the batches the report's block losses (before / after) are the mean over
 
 
-def _train_block(mod: nn.Module, groups: list, inputs, targets, masks, steps: int, on_step=None) -> tuple[float, float]:
+def _train_block(mod: nn.Module, groups: list, batches, n: int, steps: int, on_step=None) -> tuple[float, float]:
     """Adam on the param ``groups`` (each lr cosine to 0) so that mod(inputs) matches targets; (first, last)
-    mean loss.  ``on_step(step)`` runs before each step (the structure's sigma and budget)."""
+    mean loss.  ``batches(i)``: ((args, kwargs), target, mask) of cached batch i < n (fetched a batch at a time).
+    ``on_step(step)`` runs before each step (the structure's sigma and budget)."""
     opt = torch.optim.Adam(groups)
     base = [g["lr"] for g in opt.param_groups]
 
     def loss_at(i):
-        args, kwargs = inputs[i]
-        return rel_mse(_main(mod(*args, **kwargs)), targets[i], masks[i])
+        (args, kwargs), target, mask = batches(i)
+        return rel_mse(_main(mod(*args, **kwargs)), target, mask)
 
-    judged = range(min(len(inputs), _JUDGED))
+    judged = range(min(n, _JUDGED))
 
     with torch.no_grad():
         first = sum(float(loss_at(i)) for i in judged) / len(judged)
@@ -56,7 +57,7 @@ def _train_block(mod: nn.Module, groups: list, inputs, targets, masks, steps: in
             g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
         if on_step is not None:
             on_step(step, opt)
-        loss = loss_at(step % len(inputs))
+        loss = loss_at(step % n)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -176,7 +177,7 @@ def refine_blocks(
     return {"blocks": rows, "steps": int(steps), "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _train_one(mod, mods, content, struct, inputs, targets, masks, steps, lr, lr_struct, sigma) -> tuple:
+def _train_one(mod, mods, content, struct, batches, n, steps, lr, lr_struct, sigma) -> tuple:
     """The block's content (and structure) trained on the cached batches: (first, last) mean loss."""
     groups = [{"params": content, "lr": lr}]
     hook = None
@@ -187,7 +188,7 @@ def _train_one(mod, mods, content, struct, inputs, targets, masks, steps, lr, lr
         for m in mods:
             m.train()
             m.hard_forward = True
-    return _train_block(mod, groups, inputs, targets, masks, steps, hook)
+    return _train_block(mod, groups, batches, n, steps, hook)
 
 
 def _refine_one(model, dense, layers, block, xs, ins, dense_ins, steps, lr, norms, structure, lr_struct, sigma) -> dict:
@@ -209,10 +210,13 @@ def _refine_one(model, dense, layers, block, xs, ins, dense_ins, steps, lr, norm
         if dense_ins is None:  # target "local": the dense block on the compressed model's inputs
             targets = ins.run_on(dense.get_submodule(block), inputs)
         place = ins.place
-        with place.on_device(mod):  # (offload: the block and its batches on the device while it trains)
-            inputs, targets = place.fetch(inputs), place.fetch(targets)
-            masks = [_mask_for(x, t) for x, t in zip(place.fetch(xs), targets)]
-            first, last = _train_one(mod, mods, content, struct, inputs, targets, masks, steps, lr, lr_struct, sigma)
+
+        def batch(i):  # one cached batch on the device, as float32 (offload, half_cache)
+            target = place.fetch(targets[i])
+            return place.fetch(inputs[i]), target, _mask_for(place.fetch(xs[i]), target)
+
+        with place.on_device(mod):  # (offload: the block on the device while it trains)
+            first, last = _train_one(mod, mods, content, struct, batch, len(inputs), steps, lr, lr_struct, sigma)
         ins.changed()
     finally:
         for p, r in keep:
