@@ -20,6 +20,7 @@ pass that stops at it, as before.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -290,6 +291,19 @@ def _chain_slots(model: nn.Module, container: str, x) -> list | None:
     return slots
 
 
+@dataclass
+class _At:
+    """Where a :class:`BlockInputs` is: the block asked for last, its place in its chain ((container, index,
+    slots) or None), its cached inputs (None once released), its outputs (None until computed) and, once
+    released, what the next item needs of the inputs (the skeleton: the inputs short of the stream)."""
+
+    block: str
+    where: tuple | None
+    inputs: list | None
+    outputs: list | None = None
+    skeleton: list | None = None
+
+
 class BlockInputs:
     """Each block's inputs on ``xs`` (a list of batches), for blocks asked for in call order.
 
@@ -307,7 +321,7 @@ class BlockInputs:
         self.place = placement or _NOWHERE
         self.how: dict[str, str] = {}
         self._chains: dict[str, list | None] = {}
-        self._last = None  # (block, (container, index, slots) or None, inputs, outputs, released skeleton)
+        self._at: _At | None = None  # the block asked for last
 
     def _chain(self, container: str):
         if container not in self._chains:
@@ -327,67 +341,69 @@ class BlockInputs:
         """Whether ``block`` is an item of a chain (its inputs can be propagated from the item before)."""
         return self._where(block) is not None
 
+    def _one(self, mod: nn.Module, inp) -> torch.Tensor:
+        """``mod``'s main output on one cached (args, kwargs), computed on the device, kept in storage."""
+        p = self.place
+        args, kwargs = inp
+        return p.store(block_output(mod(*p.fetch(args), **p.fetch(kwargs))).detach())
+
     @torch.no_grad()
     def inputs(self, block: str) -> list[tuple]:
-        last = self._last
-        if last is not None and last[0] == block and last[2] is not None:  # a block's inputs do not depend on
-            return last[2]  # the block itself: asked again, the same
+        at = self._at
+        if at is not None and at.block == block and at.inputs is not None:  # a block's inputs do not depend
+            return at.inputs  # on the block itself: asked again, the same
         where = self._where(block)
-        lw = last[1] if last is not None else None
-        if where is not None and lw is not None and lw[0] == where[0] and lw[1] < where[1]:
+        if (
+            where is not None
+            and at is not None
+            and at.where is not None
+            and at.where[0] == where[0]
+            and (at.where[1] < where[1])
+        ):
             container, j, slots = where
             items = list(self.model.get_submodule(container).children())
-            cur, out, k = last[2], last[3], lw[1]
+            k, cur, out = at.where[1], at.inputs, at.outputs
             if cur is None:  # released: the next item's inputs, short of the stream, are kept
-                cur, out, k = [_put(sk, slots[k + 1], o) for sk, o in zip(last[4], out)], None, k + 1
-            self._last = None  # (cur is updated in place, batch by batch: one batch's outputs extra at a time)
+                cur, out, k = [_put(sk, slots[k + 1], o) for sk, o in zip(at.skeleton, out)], None, k + 1
+            self._at = None  # (cur is updated in place, a batch at a time: one batch's outputs extra at once)
             for k in range(k, j):
                 if out is not None:
-                    cur = [_put(inp, slots[k + 1], o) for inp, o in zip(cur, out)]
-                    out = None
+                    cur, out = [_put(inp, slots[k + 1], o) for inp, o in zip(cur, out)], None
                     continue
-                p = self.place
-                with p.on_device(items[k]):
-                    for i, (a, kw) in enumerate(cur):
-                        o = p.store(block_output(items[k](*p.fetch(a), **p.fetch(kw))).detach())
-                        cur[i] = _put(cur[i], slots[k + 1], o)
+                with self.place.on_device(items[k]):
+                    for i, inp in enumerate(cur):
+                        cur[i] = _put(inp, slots[k + 1], self._one(items[k], inp))
             self.how[block] = "propagated"
         else:
             cur = [self.place.store(c) for c in _capture(self.model, block, self.xs)]
             self.how[block] = "captured"
-        self._last = (block, where, cur, None, None)
+        self._at = _At(block, where, cur)
         return cur
 
     @torch.no_grad()
     def outputs(self, block: str, release: bool = False) -> list[torch.Tensor]:
         """The block's outputs on the inputs ``inputs(block)`` gave last (computed once while unchanged).
         ``release``: the inputs are not needed again: only what the next item of the chain needs of them
-        is kept (their stream tensors, the largest part, are freed)."""
-        last = self._last if self._last is not None and self._last[0] == block else None
-        if last is None or (last[2] is None and last[3] is None):
+        is kept (their stream tensors, the largest part, are freed as each batch's output comes)."""
+        at = self._at
+        if at is None or at.block != block or (at.inputs is None and at.outputs is None):
             self.inputs(block)
-            last = self._last
-        where, ins, out = last[1], last[2], last[3]
+            at = self._at
+        mod, where, ins = self.model.get_submodule(block), at.where, at.inputs
         slot = where[2][where[1] + 1] if where is not None and where[1] + 1 < len(where[2]) else None
-        if release and slot is not None and ins is not None:  # each batch's input let go as its output comes
-            self._last = None
-            mod, p = self.model.get_submodule(block), self.place
-            skeleton, done = [], out
-            out = []
-            with p.on_device(mod if done is None else None):
-                for i in range(len(ins)):
-                    a, kw = ins[i]
-                    if done is None:
-                        out.append(p.store(block_output(mod(*p.fetch(a), **p.fetch(kw))).detach()))
-                    skeleton.append(_put(ins[i], slot, None))
+        if release and slot is not None and ins is not None:
+            self._at = None
+            out, skeleton = [], []
+            with self.place.on_device(mod if at.outputs is None else None):
+                for i, inp in enumerate(ins):
+                    if at.outputs is None:
+                        out.append(self._one(mod, inp))
+                    skeleton.append(_put(inp, slot, None))
                     ins[i] = None
-            out = done if done is not None else out
-            self._last = (block, where, None, out, skeleton)
-            return out
-        if out is None:
-            out = self._run(self.model.get_submodule(block), ins)
-        self._last = (block, where, ins, out, last[4])
-        return out
+            self._at = _At(block, where, None, at.outputs if at.outputs is not None else out, skeleton)
+        elif at.outputs is None:
+            at.outputs = self._run(mod, ins)
+        return self._at.outputs
 
     def run_on(self, mod: nn.Module, inputs) -> list[torch.Tensor]:
         """``mod``'s outputs on ``inputs`` (computed on the device; kept in storage)."""
@@ -396,11 +412,10 @@ class BlockInputs:
     @torch.no_grad()
     def _run(self, mod: nn.Module, inputs) -> list[torch.Tensor]:
         """``mod``'s outputs on ``inputs`` (on the device; kept in storage)."""
-        p = self.place
-        with p.on_device(mod):
-            return [p.store(block_output(mod(*p.fetch(a), **p.fetch(kw))).detach()) for a, kw in inputs]
+        with self.place.on_device(mod):
+            return [self._one(mod, inp) for inp in inputs]
 
     def changed(self) -> None:
         """The last block's weights changed: its outputs are computed again for the next block."""
-        if self._last is not None and self._last[2] is not None:
-            self._last = (*self._last[:3], None, None)
+        if self._at is not None and self._at.inputs is not None:
+            self._at.outputs = self._at.skeleton = None
