@@ -19,6 +19,8 @@ pass that stops at it, as before.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,7 +29,24 @@ from torch import nn
 
 from gblrc.learn.data import call_model, model_output
 
-__all__ = ["find_blocks", "BlockInputs", "CacheOff", "Placement", "block_output"]
+__all__ = ["find_blocks", "BlockInputs", "CacheOff", "Placement", "block_output", "release_memory"]
+
+
+_LIBC: list = []
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the C allocator's free pages back to the system (glibc's ``malloc_trim``;
+    nothing elsewhere).  The block stages free large caches as they go; without this the freed pages of
+    one stage stay in the process (fragmented between smaller live allocations) and count in its peak."""
+    gc.collect()
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
 
 
 class _Half:

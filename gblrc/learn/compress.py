@@ -45,7 +45,7 @@ from gblrc.learn.data import (
 from gblrc.learn.fidelity import Fidelity, eval_batches
 from gblrc.learn.objective import Objective, task_loss
 from gblrc.nn.layer import svd_layer
-from gblrc.learn.blocks import Placement
+from gblrc.learn.blocks import Placement, release_memory
 from gblrc.learn.calib import BlockCovariances, input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import as_linear, find_linears, get_module, is_linear, replace_linears, set_module
@@ -472,6 +472,7 @@ def allocate(run: Run) -> None:
         run.warn("sensitivity allocation needs data, a data-aware init and linear layers only; kept uniform")
     if alloc is not None:
         run.budgets, run.allocated = alloc, "sensitivity"
+    release_memory()
 
 
 def initialise(run: Run) -> None:
@@ -509,12 +510,14 @@ def initialise(run: Run) -> None:
         for n in sequential_refit(model, run.dense_ref, run.layers, run.dense_w, run.xs, placement=run.place):
             run.warn(f"layer {n}: sequential refit not applicable, kept the data-aware initialisation")
     run.dense_w = None
+    release_memory()
     if run.judge is not None:
         run.fidelity = {"examples": run.judge.examples, "dense": run.judge.dense, "init": run.judge(model)}
     run.initial = {n: m.structure().structure for n, m in run.layers.items()}
     refine(run)  # (structure_moved counts what refinement moves too)
     # the calibration's dense weight copies, covariances and cached batches are not needed after this stage
     run.dense_w = run.covs = run.xs = run.refine_xs = None
+    release_memory()
 
 
 def refine(run: Run) -> None:

@@ -26,7 +26,14 @@ from torch import nn
 
 from gblrc.learn.budget import LambdaController, cost_ratio, proximal_step
 from gblrc.learn.config import REFINE_STEPS, TrainingConfig
-from gblrc.learn.blocks import BlockInputs, CacheOff as _CacheOff, Placement, block_output as _main, find_blocks
+from gblrc.learn.blocks import (
+    BlockInputs,
+    CacheOff as _CacheOff,
+    Placement,
+    block_output as _main,
+    find_blocks,
+    release_memory,
+)
 from gblrc.learn.objective import _mask_for, rel_mse
 
 __all__ = ["find_blocks", "refine_blocks", "refine_settings"]
@@ -167,6 +174,7 @@ def refine_blocks(
                     )
                 )
                 rows[-1]["inputs"] = ins.how[block]  # "propagated" from the block before, or "captured"
+                release_memory()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(block=block, loss=f"{rows[-1]['loss_before']:.3g}->{rows[-1]['loss_after']:.3g}")
