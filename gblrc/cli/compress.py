@@ -388,6 +388,9 @@ def compress(
     Then: gblrc lower <OUT> -o model.onnx
     """
     cfg = _config(budget, target_fidelity, data is not None, resume, checkpoint_every, quiet, settings)
+    from gblrc.learn.blocks import large_allocations_mapped
+
+    large_allocations_mapped()  # this process's peak memory close to its live tensors (design.md §5)
     if speed is not None and target_fidelity is None:
         raise GblrcError(f"--{'' if speed else 'no-'}speed only applies with --target-fidelity")
     from gblrc.io.loading import model_path

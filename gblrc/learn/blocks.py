@@ -29,7 +29,15 @@ from torch import nn
 
 from gblrc.learn.data import call_model, model_output
 
-__all__ = ["find_blocks", "BlockInputs", "CacheOff", "Placement", "block_output", "release_memory"]
+__all__ = [
+    "find_blocks",
+    "BlockInputs",
+    "CacheOff",
+    "Placement",
+    "block_output",
+    "release_memory",
+    "large_allocations_mapped",
+]
 
 
 _LIBC: list = []
@@ -47,6 +55,22 @@ def release_memory() -> None:
             _LIBC.append(None)
     if _LIBC[0] is not None:
         _LIBC[0](0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def large_allocations_mapped(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of ``threshold`` bytes or more by its own mmap, returned to the
+    system when freed (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc raising the threshold as large
+    blocks are freed); True where it took effect (glibc).  The block stages allocate and free many caches
+    and activations of a few MB: served from the heap they fragment it, and the process kept ~1 GB more
+    than its live tensors on a width-768 BERT (docs/design.md §5).  Process-wide, so the command line sets
+    it; API users can set ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment instead."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
 
 
 class _Half:
