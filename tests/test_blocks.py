@@ -188,3 +188,13 @@ def test_half_cache_halves_the_stored_hidden_states_and_gives_them_back_as_float
     big = torch.full((64, 64), 7.0e4)
     assert place.store(big) is big  # beyond float16's range: kept as it is
     assert place.fetch(place.store(torch.ones(64, 64))).dtype == torch.float32
+
+
+def test_the_allocator_settings_take_effect_on_glibc():
+    import platform
+
+    from gblrc.learn.blocks import large_allocations_mapped, release_memory
+
+    release_memory()  # (no error anywhere)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert large_allocations_mapped() is True
