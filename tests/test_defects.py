@@ -65,7 +65,7 @@ def test_stage_warnings_reach_python_warnings_too(monkeypatch):
     import gblrc.learn.compress as C
 
     monkeypatch.setattr(C, "whiten_layer", lambda *a, **k: False)  # data-aware init not applicable
-    monkeypatch.setattr(C, "sequential_refit", lambda model, ref, layers, *a: list(layers)[:1])
+    monkeypatch.setattr(C, "sequential_refit", lambda model, ref, layers, *a, **k: list(layers)[:1])
     x, _ = mlp_data(64)
     with pytest.warns(UserWarning) as rec:
         _, rep = gblrc.compress(mlp(), 0.4, data=x, steps=0, progress=False)

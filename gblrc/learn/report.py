@@ -74,6 +74,22 @@ def structure_movement(before: dict, after: dict) -> dict:
     }
 
 
+_PIXELS = 256  # the depth map's resolution in the structure picture (per side, at most)
+
+
+def _binned(a, most: int):
+    """``a`` (2-D) averaged over bins so that neither side exceeds ``most`` (the last partial bins dropped
+    into the previous ones' grid: every entry counts)."""
+    import numpy as np
+
+    for axis in (0, 1):
+        n = a.shape[axis]
+        if n > most:
+            edges = np.linspace(0, n, most + 1).astype(int)
+            a = np.add.reduceat(a, edges[:-1], axis=axis) / np.diff(edges).reshape((-1, 1) if axis == 0 else (1, -1))
+    return a
+
+
 def draw_structure(model, path: str | os.PathLike, *, title: str = "", fmt: str = "png") -> int:
     """One subplot per GBLR layer: the outline of every block (each row span x column span),
     coloured by the block's rank, over a grey map of the total rank covering each weight entry
@@ -102,7 +118,7 @@ def draw_structure(model, path: str | os.PathLike, *, title: str = "", fmt: str 
     for ax, (name, s) in zip(axes.flat, layers):
         import numpy as np
 
-        depth = np.zeros((s.out_features, s.in_features))  # total rank covering each weight entry
+        depth = np.zeros((s.out_features, s.in_features), np.float32)  # total rank covering each weight entry
         rects, colors = [], []
         for b in s.blocks:
             depth[np.ix_(b.row_index(), b.col_index())] += b.rank
@@ -110,6 +126,7 @@ def draw_structure(model, path: str | os.PathLike, *, title: str = "", fmt: str 
                 for c in b.cols:
                     rects.append(Rectangle((c.start, r.start), len(c), len(r)))
                     colors.append(cmap(norm(b.rank)))
+        depth = _binned(depth, _PIXELS)  # a subplot is ~260 pixels a side: the full map would only cost memory
         ax.imshow(
             depth,
             cmap="Greys",
