@@ -24,7 +24,7 @@ import math
 import torch
 
 from gblrc.learn.calib import layer_rows
-from gblrc.learn.blocks import BlockInputs, CacheOff, Placement, block_output, find_blocks
+from gblrc.learn.blocks import BlockInputs, CacheOff, Placement, block_output, layer_blocks
 from gblrc.learn.data import call_model, model_output
 from gblrc.nn.fit import svd_rank_for_budget
 from gblrc.nn.fit_data import whitened_decomposition
@@ -94,7 +94,6 @@ def sensitivity_curves(
     ``placement``: a :class:`gblrc.learn.blocks.Placement` (offload: each block on the device in turn).
     """
     curves = {}
-    order = {n: i for i, n in enumerate(names)}
     bar = None
     if progress:
         from gblrc.learn.progress import progress_bar
@@ -105,8 +104,9 @@ def sensitivity_curves(
     blocks = BlockInputs(model, batches, p)
     try:
         with CacheOff(model):
-            for block in find_blocks(model, names):
-                inside = sorted((n for n in names if n == block or n.startswith(block + ".")), key=order.get)
+            members = layer_blocks(model, names)
+            for block in dict.fromkeys(members.values()):
+                inside = [n for n, b in members.items() if b == block]
                 if blocks.chained(block):  # a transformer layer: its output on its cached dense inputs
                     bmod = model.get_submodule(block)
                     ins = p.fetch(blocks.inputs(block))

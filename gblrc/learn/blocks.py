@@ -31,6 +31,7 @@ from gblrc.learn.data import call_model, model_output
 
 __all__ = [
     "find_blocks",
+    "layer_blocks",
     "BlockInputs",
     "CacheOff",
     "Placement",
@@ -191,6 +192,13 @@ def find_blocks(model: nn.Module, layer_names) -> list[str]:
         if block not in blocks:
             blocks.append(block)
     return blocks
+
+
+def layer_blocks(model: nn.Module, layer_names) -> dict[str, str]:
+    """{layer name: its block (:func:`find_blocks`)}, blocks in module order, the layers of a block in the
+    order of ``layer_names``."""
+    names = list(layer_names)
+    return {n: b for b in find_blocks(model, names) for n in names if n == b or n.startswith(b + ".")}
 
 
 def block_output(out) -> torch.Tensor:

@@ -100,12 +100,11 @@ class BlockCovariances:
     together by forward passes of the model.  ``dense`` must stay dense while the covariances are read."""
 
     def __init__(self, dense, names, batches, placement=None):
-        from gblrc.learn.blocks import BlockInputs, Placement, find_blocks
+        from gblrc.learn.blocks import BlockInputs, Placement, layer_blocks
 
         self.dense, self.batches = dense, batches
         self.place = placement or Placement("cpu")
-        blocks = find_blocks(dense, list(names))
-        self.block_of = {n: b for b in blocks for n in names if n == b or n.startswith(b + ".")}
+        self.block_of = layer_blocks(dense, names)
         self._ins = BlockInputs(dense, batches, self.place)
         self._rest = None  # the covariances of the layers outside a chain (computed once, kept: few)
         self._block, self._held = None, {}
@@ -248,13 +247,12 @@ def sequential_refit(
     offloading ``placement`` each block (and its teacher twin) is on the device only while it is refitted.
     Returns the names of the layers it could not refit.
     """
-    from gblrc.learn.blocks import BlockInputs, CacheOff, Placement, find_blocks
+    from gblrc.learn.blocks import BlockInputs, CacheOff, Placement, layer_blocks
 
     p = placement or Placement("cpu")
 
     skipped = []
-    blocks = find_blocks(student, list(layers))
-    block_of = {n: b for b in blocks for n in layers if n == b or n.startswith(b + ".")}
+    block_of = layer_blocks(student, layers)
     s_in, t_in = BlockInputs(student, batches, p), BlockInputs(teacher, batches, p)  # each block's inputs once
     with CacheOff(student, teacher):
         for group in call_groups(student, list(layers), batches[0]):
