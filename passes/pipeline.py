@@ -26,6 +26,7 @@ from .lower_gblr import LowerGBLR
 from .lower_gblr_conv import LowerGBLRConv
 from .lower_timed import Measure, TimedLowering
 from .merge_blocks import MergeBlocks
+from .narrow_pairs import NarrowPairs
 from .timing import DEFAULT_TIMING, TimingConfig
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 PASS_TYPES: tuple[type[Pass], ...] = (
+    NarrowPairs,
     MergeBlocks,
     ChooseProducts,
     DenseFallback,
@@ -69,7 +71,8 @@ def default_pipeline(cost_model: CostModel = DEFAULT_COST_MODEL) -> Pipeline:
     before lower-gblr (which ensures standard ops only), cleanup; no timing, no onnxruntime."""
     config = PassConfig(cost_model=cost_model)
     return Pipeline(
-        t.from_config(config) for t in (MergeBlocks, ChooseProducts, DenseFallback, LowerGBLRConv, LowerGBLR, Cleanup)
+        t.from_config(config)
+        for t in (NarrowPairs, MergeBlocks, ChooseProducts, DenseFallback, LowerGBLRConv, LowerGBLR, Cleanup)
     )
 
 
@@ -80,7 +83,9 @@ def timed_pipeline(
     dense-fallback dropped (timing decides) and lower-gblr replaced by lower-timed, which times every
     layer's candidate lowerings on ONNX Runtime as ``timing`` says (``measure`` replaces the timing)."""
     config = PassConfig(cost_model=cost_model, timing=timing, measure=measure)
-    return Pipeline(t.from_config(config) for t in (MergeBlocks, ChooseProducts, LowerGBLRConv, TimedLowering, Cleanup))
+    return Pipeline(
+        t.from_config(config) for t in (NarrowPairs, MergeBlocks, ChooseProducts, LowerGBLRConv, TimedLowering, Cleanup)
+    )
 
 
 PASSES: dict[str, Pass] = {t.name: t.from_config(DEFAULT_CONFIG) for t in PASS_TYPES}

@@ -99,7 +99,10 @@ def test_cost_is_differentiable_and_matches_flops_on_the_grid():
     layer.set_intervals([3, 6, 12, 8], [0, 2, 0, 6], [4, 9, 3, 5], [6, 2, 5, 0])
     c = layer.cost()
     assert c.requires_grad
-    assert abs(float(c.detach()) - layer.flops()) < 1e-9
+    assert abs(float(c.detach()) - layer.product_flops()) < 1e-9
+    # as it runs: each block its thin products or its dense tile, whichever multiplies less (3 x 4 at rank 2: the tile)
+    widths = [(3, 4), (6, 9), (12, 3), (8, 5)]
+    assert layer.flops() == sum(min(2 * (a + b), a * b) for a, b in widths) == 98
     c.backward()
     r = layer.rank_per_component
     np.testing.assert_allclose(layer.widths.grad[0], r * 12)

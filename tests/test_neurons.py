@@ -186,3 +186,106 @@ def test_bad_head_arguments_are_one_line_errors(fn, args, msg):
     with pytest.raises(ValueError, match=msg) as e:
         getattr(neurons, fn)(q, k, v, o, *first, *args)
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ the family in compress (issue 28)
+
+
+def test_pruned_pair_as_gblr_layers_is_the_pruned_pair_refitted_from_moments():
+    """pruned_pair (moments of the activations, block-sparse GBLR layers) = prune_pair (activations, in
+    place): the same neurons kept, the same refit; each layer costs its kept slice's dense product."""
+    from gblrc.learn.neurons import pruned_pair
+
+    m = _ffn(f=40)
+    x = torch.randn(512, 12, dtype=torch.float64)
+    acts = _acts(m, x)
+    C, mean = acts.t() @ acts / acts.shape[0], acts.mean(0)
+    up, down, order = pruned_pair(m[0], m[2], C, mean, 10)
+    ref = copy.deepcopy(m)
+    order_ref = prune_pair(ref[0], ref[2], acts, 10)
+    assert torch.equal(order[:10], order_ref[:10])
+    y = down(m[1](up(x)))
+    assert torch.allclose(y, ref(x), rtol=0, atol=1e-8 * float(ref(x).abs().max()))
+    assert up.family == down.family == "neurons"
+    assert up.flops() == 10 * 12 and down.flops() == 12 * 10  # k x d each, not k (k + d)
+
+
+def _tiny_data(n=256, seq=12):
+    ids = torch.randint(0, 50, (n, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture(scope="module")
+def block_sparse_bert():
+    """A tiny BERT compressed post-training at 0.4 with the families allocated (FFN 128 wide)."""
+    import gblrc
+
+    dense = _samples.tiny_bert(num_hidden_layers=2, intermediate_size=128)
+    cfg = gblrc.CompressConfig(
+        budget=0.4, steps=0, batch_size=16, progress=False, training=gblrc.TrainingConfig(refine_steps=8)
+    )
+    model, report = gblrc.compress(copy.deepcopy(dense), cfg, data=_tiny_data())
+    return dense, model, report
+
+
+def test_compress_allocates_block_sparse_pairs_within_the_budget(block_sparse_bert):
+    from gblrc.nn.layer import GBLRLinear
+
+    dense, model, report = block_sparse_bert
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, GBLRLinear)}
+    pairs = [n for n, m in layers.items() if m.family == "neurons"]
+    assert pairs and all("intermediate" in n or "output.dense" in n for n in pairs)
+    cost = sum(m.flops() for m in layers.values())
+    dense_cost = sum(m.dense_flops() for m in layers.values())
+    assert cost / dense_cost == pytest.approx(report["achieved_ratio"]) and cost <= 0.4 * dense_cost
+    rows = {r["name"]: r for r in report["layers"]}
+    for n in pairs:  # the report charges the kept slice's dense product
+        assert rows[n]["gblr_cost"] == layers[n].flops() == layers[n].hard_structure().cost()
+    up = layers["encoder.layer.0.intermediate.dense"]
+    assert up.flops() == up.hard_structure().blocks[0].n_rows * 32  # kept neurons x hidden
+    x = _tiny_data(16)
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(model(**x).last_hidden_state, dense(**x).last_hidden_state, dim=-1)
+    assert float(cos.mean()) > 0.99
+
+
+def test_block_sparse_off_keeps_every_layer_learned():
+    import gblrc
+    from gblrc.nn.layer import GBLRLinear
+
+    cfg = gblrc.CompressConfig(
+        budget=0.4,
+        steps=0,
+        batch_size=16,
+        progress=False,
+        training=gblrc.TrainingConfig(refine_steps=0, block_sparse=False),
+    )
+    model, _ = gblrc.compress(_samples.tiny_bert(intermediate_size=128), cfg, data=_tiny_data(64))
+    assert {m.family for m in model.modules() if isinstance(m, GBLRLinear)} == {"gblr"}
+    with pytest.raises(ValueError, match="block_sparse"):
+        gblrc.TrainingConfig(block_sparse="yes")
+
+
+def test_a_block_sparse_model_lowers_to_matmuls_on_the_kept_slice(block_sparse_bert, tmp_path):
+    """narrow-pairs: the up layer computes the kept neurons only, GELU runs on them, the down layer reads them:
+    one MatMul per matrix of the kept slice's shape; ONNX Runtime matches PyTorch (float64 reference)."""
+    from collections import OrderedDict
+
+    import onnx
+
+    from gblrc import lower
+    from gblrc.nn.layer import GBLRLinear
+
+    _, model, _ = block_sparse_bert
+    x = _tiny_data(2)
+    rep = lower(model, OrderedDict(x), tmp_path / "m.onnx")
+    assert rep.max_rel_err <= 1e-4
+    g = onnx.load(tmp_path / "m.onnx").graph
+    dims = {i.name: tuple(i.dims) for i in g.initializer}
+    shapes = {dims.get(n.input[1]) for n in g.node if n.op_type == "MatMul"}
+    for i in range(2):
+        up = model.get_submodule(f"encoder.layer.{i}.intermediate.dense")
+        if isinstance(up, GBLRLinear) and up.family == "neurons":
+            k = up.hard_structure().blocks[0].n_rows
+            assert (32, k) in shapes and (k, 32) in shapes  # (in, out) of the MatMul weights
+    assert (32, 128) not in shapes and (128, 32) not in shapes  # no FFN matrix at full width

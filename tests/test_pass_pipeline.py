@@ -63,7 +63,7 @@ def test_factor_input_that_is_not_a_constant_is_a_precondition_error():
     u = [i for i in m.graph.initializer if i.name == "U_flat"][0]
     m.graph.initializer.remove(u)
     m.graph.input.append(onnx.helper.make_tensor_value_info("U_flat", onnx.TensorProto.FLOAT, [None]))
-    with pytest.raises(PassError, match="^pass 'merge-blocks'.*gblr-nodes-valid.*not a constant"):
+    with pytest.raises(PassError, match="^pass 'narrow-pairs'.*gblr-nodes-valid.*not a constant"):
         run_pipeline(m)
 
 

@@ -58,7 +58,10 @@ def test_find_blocks_groups_layers_by_their_container_item():
 def test_refinement_lowers_the_error_on_held_out_inputs(one_thread):
     dense = bert()
     data, held = ids(96, 1), ids(48, 2)
-    kw = dict(data=data, steps=0, batch_size=16, calib_batches=6, progress=False, include=r"^encoder\.")
+    # (low rank: the block-sparse FFN pairs start 2.5x closer on this model, leaving refinement little to show)
+    kw = dict(
+        data=data, steps=0, batch_size=16, calib_batches=6, progress=False, include=r"^encoder\.", block_sparse=False
+    )
     base, rep0 = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=0, **kw)
     refined, rep = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=60, refine_lr=3e-3, **kw)
     assert "refine" not in rep0
@@ -91,6 +94,7 @@ def test_refine_steps_zero_reproduces_the_steps0_result_before_refinement_existe
         include=r"^encoder\.",
         structure=structure,
         refine_steps=0,
+        block_sparse=False,  # (that commit had no block-sparse family)
     )
     assert "refine" not in rep and rep["achieved_ratio"] == exp[structure]["achieved_ratio"]
     state = {k: v for k, v in cm.state_dict().items() if "encoder" in k}
@@ -177,6 +181,7 @@ def test_refine_batches_beyond_the_calibration_batches_are_used(one_thread):
 def test_refine_structure_moves_gblr_widths_within_the_budget(one_thread):
     dense = bert()
     kw = dict(data=ids(96, 1), steps=0, batch_size=16, calib_batches=4, progress=False, include=r"^encoder\.")
+    kw["block_sparse"] = False  # every layer's widths free to move (a block-sparse layer's structure is fixed)
     _, rep = gblrc.compress(copy.deepcopy(dense), 0.3, refine_steps=40, refine_lr=3e-3, refine_structure=True, **kw)
     moved = rep["refine"]["structure_moved"]
     assert moved["blocks_changed"] > 0, moved  # widths / locations took part

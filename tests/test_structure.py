@@ -60,9 +60,14 @@ def test_ir_matches_eval_layer(case):
     assert s.cost() == layer.flops()
     # the cost by hand, from the intervals that were set
     live = [(min(wc, n_in), lc % n_in, min(wr, n_out), lr % n_out) for wc, lc, wr, lr in iv if wc and wr]
-    assert layer.flops() == sum(r * (a + b) for a, _, b, _ in live)
-    # components with the same intervals are one block of higher rank
+    assert layer.product_flops() == sum(r * (a + b) for a, _, b, _ in live)
+    # components with the same intervals are one block of higher rank, which costs its thin products or,
+    # where that is less, its dense tile (the one cost function: what the lowering runs)
     norm = {(a, c if a < n_in else 0, b, d if b < n_out else 0) for a, c, b, d in live}
+    ranks = {
+        k: r * sum(1 for a, c, b, d in live if (a, c if a < n_in else 0, b, d if b < n_out else 0) == k) for k in norm
+    }
+    assert layer.flops() == sum(min(rk * (a + b), a * b) for (a, _, b, _), rk in ranks.items())
     assert len(s.blocks) == len(norm) and s.total_rank == r * len(live)
     for b in s.blocks:
         assert sum(len(sp) for sp in b.rows) == b.n_rows and b.n_rows <= n_out and b.n_cols <= n_in
@@ -154,3 +159,24 @@ def test_onnx_attribute_errors():
     assert u.dtype == np.float32 and u.size == 3 * 2 and v.size == 2 * 3
     with pytest.raises(StructureError):
         unpack_factors(s, u[:-1], v)
+
+
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 60))
+def test_block_cost_is_what_runs_thin_products_or_one_tile(n_rows, n_cols, rank):
+    b = Block((Span(0, n_rows),), (Span(0, n_cols),), rank)
+    assert b.product_cost() == rank * (n_rows + n_cols) and b.tile_cost() == n_rows * n_cols
+    assert b.cost() == min(b.product_cost(), b.tile_cost())
+    # at or above rank |R||C| / (|R| + |C|) the tile is the cheaper way: a full-rank block costs its dense product
+    if rank >= min(n_rows, n_cols):
+        assert b.cost() == n_rows * n_cols
+
+
+def test_a_full_rank_block_costs_its_dense_product():
+    """Kept FFN neurons as a GBLR layer: k components over rows [0, k) x all columns cost k x n_in, not
+    k (k + n_in): the budget, the report and `inspect` charge what the lowered MatMul runs."""
+    n_in, n_out, k = 24, 96, 30
+    layer = GBLRLinear(n_in, n_out, num_components=n_in, bias=False)
+    layer.set_intervals([n_in] * n_in, [0] * n_in, [k] * n_in, [0] * n_in)
+    s = layer.eval().hard_structure()
+    assert len(s.blocks) == 1 and s.blocks[0].rank == n_in
+    assert layer.flops() == s.cost() == k * n_in < layer.product_flops() == n_in * (k + n_in)

@@ -256,8 +256,7 @@ def lowering_decision(
        lower-timed) the measured times with the one ``margin`` (ties: the first strategy by name).
 
     ``flops=False`` skips the FLOP rule: choose-products compares the estimates of a layer before and
-    after a tile switch (:meth:`gblrc.ir.structure.Structure.cost` counts a tile as rank |C|), and the
-    decision after it (dense-fallback, lower-gblr) applies the rule.
+    after a tile switch, and the decision after it (dense-fallback, lower-gblr) applies the rule.
     """
     if not s.blocks or (flops and dense_by_flops(s)):
         return "dense", (model.dense(s, bias) if measured is None else measured.get("dense", float("nan")))

@@ -11,7 +11,11 @@ V_b (r_b x |C_b|) whose rows/columns follow the span order:
 
     W[rows(R_b), cols(C_b)] += U_b @ V_b
 
-Cost per input vector, in multiply-adds: sum_b r_b * (|C_b| + |R_b|).
+Cost per input vector, in multiply-adds: sum_b min(r_b * (|C_b| + |R_b|), |R_b| * |C_b|) -- a block runs as
+two thin products (x_cols V_b^T, then U_b) or, where that is cheaper, as one dense tile (x_cols (U_b V_b)^T):
+the lowering (passes/choose_products.py) picks the same, so the cost the budget charges, the report and
+`gblrc inspect` show and the lowered graph runs is one number (:meth:`Block.cost`).  A block-sparse member
+(kept FFN neurons, kept heads: docs/design.md §1) is a full-rank block and costs its dense product.
 """
 
 from __future__ import annotations
@@ -133,6 +137,11 @@ class Block:
         return _spans_index(self.cols)
 
     def cost(self) -> int:
+        """Multiply-adds per input vector as the block runs: the two thin products, or one dense tile where
+        that multiplies less (a block of rank >= |R||C| / (|R| + |C|))."""
+        return min(self.product_cost(), self.tile_cost())
+
+    def product_cost(self) -> int:
         """Multiply-adds per input vector of the two thin products."""
         return self.rank * (self.n_rows + self.n_cols)
 

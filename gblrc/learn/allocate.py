@@ -31,7 +31,16 @@ from gblrc.nn.fit_data import whitened_decomposition
 from gblrc.learn.objective import _mask_for, rel_mse
 from gblrc.nn.replace import get_module, is_linear
 
-__all__ = ["sensitivity_curves", "solve_allocation", "choose_points", "allocate_budgets", "uniform_time_ratios", "GRID"]
+__all__ = [
+    "sensitivity_curves",
+    "family_curves",
+    "solve_allocation",
+    "choose_points",
+    "allocate_budgets",
+    "allocate_families",
+    "uniform_time_ratios",
+    "GRID",
+]
 
 GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0: the ratios a layer may get
 MEASURE = (0.1, 0.25, 0.45, 0.7)  # the ratios whose effect on the output is measured
@@ -84,6 +93,35 @@ def sensitivity_curves(
     progress: bool = False,
     placement=None,
 ) -> dict[str, list[tuple[int, float]]]:
+    """{name: [(cost of the truncation at g, relative MSE of its block's output), ...] for g in grid}: the
+    low-rank curves of :func:`family_curves`, no pairs."""
+    return family_curves(
+        model,
+        names,
+        covs,
+        batches,
+        grid=grid,
+        measure=measure,
+        rank_per_component=rank_per_component,
+        progress=progress,
+        placement=placement,
+    )[0]
+
+
+@torch.no_grad()
+def family_curves(
+    model,
+    names,
+    covs: dict,
+    batches,
+    *,
+    pairs=(),
+    grid=GRID,
+    measure=MEASURE,
+    rank_per_component: int = 1,
+    progress: bool = False,
+    placement=None,
+) -> tuple[dict[str, list[tuple[int, float]]], dict[tuple[str, str], list[tuple[int, float, int]]]]:
     """{name: [(cost of the truncation at g, relative MSE of its block's output), ...] for g in grid}.
 
     The loss is measured at the ratios ``measure`` (the layer's block run on its cached dense inputs on
@@ -93,12 +131,12 @@ def sensitivity_curves(
     ``model`` is the dense model (unchanged on return); ``covs`` the layers' input covariances.
     ``placement``: a :class:`gblrc.learn.blocks.Placement` (offload: each block on the device in turn).
     """
-    curves = {}
+    curves, pair_curves = {}, {}
     bar = None
     if progress:
         from gblrc.learn.progress import progress_bar
 
-        bar = progress_bar(len(names), "gblrc sensitivity")
+        bar = progress_bar(len(names) + len(pairs), "gblrc sensitivity")
     r = rank_per_component
     p = placement or Placement("cpu")
     blocks = BlockInputs(model, batches, p)
@@ -130,10 +168,18 @@ def sensitivity_curves(
                         curves[name] = _layer_curve(get_module(model, name), cov, run, outs, masks, grid, measure, r)
                         if bar is not None:
                             bar.update(1)
+                    for up, down in pairs:
+                        if down not in inside or bmod is None:  # pairs inside a chain's block only
+                            continue
+                        cov, mean = p.fetch(covs[down]), p.fetch(covs.mean(down))
+                        mods = (get_module(model, up), get_module(model, down))
+                        pair_curves[(up, down)] = _pair_curve(*mods, cov, mean, run, outs, masks, grid, measure)
+                        if bar is not None:
+                            bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    return {n: curves[n] for n in names}
+    return {n: curves[n] for n in names}, pair_curves
 
 
 @torch.no_grad()
@@ -169,6 +215,45 @@ def _layer_curve(mod, cov, run, outs, masks, grid, measure, r) -> list[tuple[int
         h.remove()
     losses = _interpolate([tail(g) for g in grid], measured)
     return [(_cost(n_in, n_out, g, r), l) for g, l in zip(grid, losses)]
+
+
+def _keep(g: float, f: int) -> int:
+    """Neurons an FFN pair of ``f`` keeps at cost ratio g (its cost is linear in them)."""
+    return max(1, min(f, int(g * f + 1e-9)))
+
+
+@torch.no_grad()
+def _pair_curve(up, down, cov, mean, run, outs, masks, grid, measure) -> list[tuple[int, float, int]]:
+    """An FFN pair's neurons curve over ``grid``: (cost, loss, neurons kept) with the pair pruned to its best
+    ``g`` x f neurons and W2 refitted (:func:`gblrc.learn.neurons.refit_kept`) -- the down layer's output
+    replaced by the refit's on the kept activations -- the loss measured at ``measure`` and interpolated
+    through the pruned neurons' score (their share of the output energy) as :func:`_layer_curve` does."""
+    from gblrc.learn.neurons import neuron_order, refit_kept
+
+    W, b = down.weight.detach(), down.bias
+    f = W.shape[1]
+    order, scores = neuron_order(W, cov)
+    tail = scores[order].flip(0).cumsum(0).flip(0).tolist() + [0.0]  # tail[k]: the scores of neurons k, k+1, ..
+    state = {}
+
+    def hook(_m, inp, out):
+        x = inp[0].double()
+        return (x[..., state["kept"]] @ state["W"].t() + state["b"]).to(out.dtype)
+
+    h = down.register_forward_hook(hook)
+    try:
+        measured = []
+        for g in measure:
+            k = _keep(g, f)
+            Wk, bk = refit_kept(W, b, cov, mean, order[:k])
+            state.update(kept=order[:k], W=Wk, b=0.0 if bk is None else bk)
+            loss = sum(float(rel_mse(run(i), t, m)) for i, (t, m) in enumerate(zip(outs, masks))) / len(outs)
+            measured.append((tail[k], loss))
+    finally:
+        h.remove()
+    losses = _interpolate([tail[_keep(g, f)] for g in grid], measured)
+    side = up.in_features + down.out_features
+    return [(_keep(g, f) * side, l, _keep(g, f)) for g, l in zip(grid, losses)]
 
 
 def solve_allocation(curves: dict, dense_costs: dict, budget: float) -> dict[str, float]:
@@ -280,6 +365,80 @@ def allocate_budgets(
         timed[n] = [(unit.lowrank(n_in, n_out, c // (n_in + n_out), bias), l) for c, l in curves[n]]
     pick = choose_points(timed, {n: unit.dense_shape(*shapes[n]) for n in curves}, budget)
     return {n: min(1.0, (curves[n][i][0] + 0.5) / dense[n]) for n, i in pick.items()}
+
+
+def allocate_families(
+    model,
+    names,
+    pairs,
+    covs,
+    batches,
+    budget: float,
+    *,
+    rank_per_component: int = 1,
+    grid=GRID,
+    measure=MEASURE,
+    progress: bool = False,
+    placement=None,
+) -> tuple[dict[str, float], dict[tuple[str, str], int]] | None:
+    """The allocation across layers *and* structure families (docs/design.md §1, "Block-sparse by neurons"):
+    ({name: low-rank FLOP ratio}, {(up, down): neurons kept}), or None when not applicable (as
+    :func:`allocate_budgets`).
+
+    Each FFN pair of ``pairs`` (found by :func:`gblrc.learn.neurons.find_pairs`) is one unit whose points are
+    its neurons curve (:func:`_pair_curve`: block-sparse, k x (in + out) multiply-adds) and every combination
+    of its two layers' low-rank points (costs and losses added); the other layers are units of their
+    low-rank curve.  One multiplier prices every unit's cost (:func:`choose_points`), so a pair is pruned by
+    neurons only where that loses less at its cost than low rank of both its layers.  ``covs`` must give the
+    inputs' means (:class:`gblrc.learn.calib.BlockCovariances`)."""
+    mods = {n: get_module(model, n) for n in names}
+    if not all(is_linear(m) for m in mods.values()) or any(n not in covs for n in names) or not batches:
+        return None
+    from gblrc.nn.replace import as_linear
+
+    curves, pcurves = family_curves(
+        model,
+        names,
+        covs,
+        batches,
+        pairs=list(pairs),
+        grid=grid,
+        measure=measure,
+        rank_per_component=rank_per_component,
+        progress=progress,
+        placement=placement,
+    )
+    dense = {n: as_linear(m).weight.shape[0] * as_linear(m).weight.shape[1] for n, m in mods.items()}
+    in_pair = {n for pair in pcurves for n in pair}
+    units = {n: c for n, c in curves.items() if n not in in_pair}
+    unit_dense = {n: dense[n] for n in units}
+    options = {}  # pair -> [("neurons", keep) | ("lowrank", i_up, i_down)], in the order of its points
+    for (up, down), pc in pcurves.items():
+        pts, opts = [], []
+        for cost, loss, k in pc:
+            pts.append((cost, loss))
+            opts.append(("neurons", k))
+        for i, (c1, l1) in enumerate(curves[up]):
+            for j, (c2, l2) in enumerate(curves[down]):
+                pts.append((c1 + c2, l1 + l2))
+                opts.append(("lowrank", i, j))
+        srt = sorted(range(len(pts)), key=lambda t: pts[t][0])  # choose_points wants costs non-decreasing
+        units[(up, down)] = [pts[t] for t in srt]
+        options[(up, down)] = [opts[t] for t in srt]
+        unit_dense[(up, down)] = dense[up] + dense[down]
+    pick = choose_points(units, unit_dense, budget)
+    ratios, keeps = {}, {}
+    for key, i in pick.items():
+        if key not in options:
+            ratios[key] = min(1.0, (curves[key][i][0] + 0.5) / dense[key])
+            continue
+        (up, down), opt = key, options[key][i]
+        if opt[0] == "neurons":
+            keeps[key] = opt[1]
+        else:
+            ratios[up] = min(1.0, (curves[up][opt[1]][0] + 0.5) / dense[up])
+            ratios[down] = min(1.0, (curves[down][opt[2]][0] + 0.5) / dense[down])
+    return ratios, keeps
 
 
 def uniform_time_ratios(shapes: dict, budget: float, unit, rank_per_component: int = 1) -> dict[str, float]:

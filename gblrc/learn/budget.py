@@ -152,8 +152,11 @@ class LambdaController:
 
 @torch.no_grad()
 def proximal_step(layers, shrink: float) -> None:
-    """w <- clamp(softshrink(w, shrink), 0, 1); l <- l - floor(l) on every layer."""
+    """w <- clamp(softshrink(w, shrink), 0, 1); l <- l - floor(l) on every layer whose structure is learned
+    (block-sparse layers are left as they are)."""
     for m in layers:
+        if m.family != "gblr":
+            continue
         w = m.widths
         w.copy_(F.softshrink(w, shrink).clamp_(0.0, 1.0) if shrink > 0 else w.clamp(0.0, 1.0))
         m.locations.sub_(torch.floor(m.locations))
@@ -164,10 +167,13 @@ def _components(layers):
     """[(layer index, component, usefulness, cost, wc, wr)] of the live components (hard form).
 
     usefulness = (||masked U_k V_k||_F / ||W_layer||_F)^2 / cost_k: relative energy per multiply-add.
+    Block-sparse layers (``family`` other than "gblr": their structure is fixed) have none.
     cost_k counts the layer's real multiply-adds (per-vector cost x output positions for convolutions).
     """
     out = []
     for li, m in enumerate(layers):
+        if m.family != "gblr":  # a block-sparse layer's structure is fixed: nothing of it is trimmed
+            continue
         mc, mr = m.masks() if not m.training else (None, None)
         if mc is None:
             raise RuntimeError("fit_to_budget needs layers in eval mode")
@@ -194,12 +200,15 @@ def fit_to_budget(layers, budget: float, unit=FLOPS) -> float:
     percent): widen the most useful components (their masked-out factor entries come back).
     Layers must be in eval mode (hard structure).  ``unit="time"``: see :func:`_fit_time`.
     """
-    layers, unit = list(layers), cost_unit(unit)
+    everything, unit = list(layers), cost_unit(unit)
+    layers = [m for m in everything if m.family == "gblr"]  # block-sparse layers: their cost counts, fixed
     if unit is not FLOPS:
-        return _fit_time(layers, budget, unit)
-    dense = sum(m.dense_flops() for m in layers)
+        return _fit_time(everything, budget, unit)
+    dense = sum(m.dense_flops() for m in everything)
     limit = math.floor(budget * dense + 1e-9)
-    cost = sum(m.flops() for m in layers)
+    # the fixed layers' cost as they run, the others' as the sum the trimming subtracts from (an upper bound
+    # of their cost as they run: a component merged into a full-rank block costs less)
+    cost = sum(m.flops() for m in everything if m.family != "gblr") + sum(m.product_flops() for m in layers)
     if cost > limit:
         for li, k, _, c, wc, wr in sorted(_components(layers), key=lambda t: t[2]):
             excess = cost - limit
@@ -218,7 +227,7 @@ def fit_to_budget(layers, budget: float, unit=FLOPS) -> float:
             else:
                 m.widths[:, k] = 0.0
                 cost -= c
-    elif cost < limit - 0.01 * dense:
+    elif cost < limit - 0.01 * dense and layers:
         smallest = min(m.rank_per_component * _weight(m) for m in layers)  # the cheapest possible widening
         for li, k, _, c, wc, wr in sorted(_components(layers), key=lambda t: -t[2]):
             m = layers[li]
@@ -232,7 +241,7 @@ def fit_to_budget(layers, budget: float, unit=FLOPS) -> float:
                     cost += add * r
             if cost >= limit - smallest:
                 break
-    return cost_ratio(layers)
+    return cost_ratio(everything)
 
 
 @torch.no_grad()
@@ -323,5 +332,5 @@ def compact(layer: GBLRLinear) -> GBLRLinear:
     else:
         new.set_intervals([0], [0], [0], [0])
     new.sigma.copy_(layer.sigma)
-    new.tile = layer.tile
+    new.tile, new.family = layer.tile, layer.family
     return new.eval()

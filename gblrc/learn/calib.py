@@ -19,7 +19,7 @@ from torch import nn
 from gblrc.learn.data import call_model
 from gblrc.nn.fit_data import whitened_svd
 from gblrc.nn.layer import GBLRLinear
-from gblrc.nn.replace import get_module
+from gblrc.nn.replace import as_linear, get_module
 
 __all__ = ["input_covariances", "BlockCovariances", "whiten_layer", "sequential_refit"]
 
@@ -48,7 +48,8 @@ class _Covariances:
     layer's query, key and value) share one sum."""
 
     def __init__(self, model, names):
-        self.sums, self.counts, self.owner, self.shared = {}, {}, {}, {}
+        self.sums, self.firsts, self.counts, self.owner, self.shared = {}, {}, {}, {}, {}
+        self.means: dict[str, torch.Tensor] = {}  # E[x] of each layer's inputs, once closed
         self.hooks = [get_module(model, n).register_forward_hook(self._rec(n)) for n in names]
 
     def _rec(self, name):
@@ -62,6 +63,7 @@ class _Covariances:
                 return
             x = layer_rows(_m, inp[0])
             self.sums[name] = self.sums.get(name, 0) + x.t() @ x
+            self.firsts[name] = self.firsts.get(name, 0) + x.sum(0)
             self.counts[name] = self.counts.get(name, 0) + x.shape[0]
 
         return hook
@@ -73,6 +75,8 @@ class _Covariances:
         for h in self.hooks:
             h.remove()
         out = {n: store(self.sums[n] / self.counts[n]) for n in self.sums}
+        self.means = {n: self.firsts[n] / self.counts[n] for n in self.firsts}
+        self.means.update({n: self.means[s] for n, s in self.shared.items() if s in self.means})
         return {**out, **{n: out[s] for n, s in self.shared.items() if s in out and n not in out}}
 
 
@@ -107,7 +111,7 @@ class BlockCovariances:
         self.block_of = layer_blocks(dense, names)
         self._ins = BlockInputs(dense, batches, self.place)
         self._rest = None  # the covariances of the layers outside a chain (computed once, kept: few)
-        self._block, self._held = None, {}
+        self._block, self._held, self._means = None, {}, {}
         self.computed: list[str] = []  # the blocks computed, in order
 
     def __contains__(self, name) -> bool:
@@ -128,12 +132,20 @@ class BlockCovariances:
             return self._rest[name]
         if block != self._block:
             self._block, self._held = None, {}  # (the last block's freed before the next is computed)
-            self._held, self._block = self._compute(block), block
+            (self._held, self._means), self._block = self._compute(block), block
             self.computed.append(block)
         return self._held[name]
 
+    def mean(self, name: str) -> torch.Tensor | None:
+        """E[x] of the inputs of ``name`` (float64, where the covariances are kept), for a layer inside a chain
+        (its block's covariances computed as :meth:`__getitem__` does); None for a layer outside a chain."""
+        if not self._ins.chained(self.block_of[name]):
+            return None
+        self[name]
+        return self._means[name]
+
     @torch.no_grad()
-    def _compute(self, block: str) -> dict[str, torch.Tensor]:
+    def _compute(self, block: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         from gblrc.learn.blocks import CacheOff
 
         p, mod = self.place, self.dense.get_submodule(block)
@@ -148,7 +160,7 @@ class BlockCovariances:
                         mod(*p.fetch(a), **p.fetch(kw))
             finally:
                 covs = acc.close(p.store)
-        return covs
+        return covs, {n: p.store(m) for n, m in acc.means.items()}
 
     def all(self) -> dict[str, torch.Tensor]:
         """Every layer's covariance, as a dict (all held)."""
@@ -267,7 +279,7 @@ def _refit_group(student, teacher, block, group, layers, dense_w, pairs, damp, p
     """Refit the layers of ``group`` (one shared input) inside ``block`` on the cached (student, teacher)
     block inputs ``pairs``; the names it could not refit."""
     Css = Cts = None
-    n = 0
+    n, ms, mt = 0, 0, 0
     for s_args, t_args in pairs:
         xs = _capture_in_block(student, block, group[0], p.fetch(s_args))
         xt = _capture_in_block(teacher, block, group[0], p.fetch(t_args))
@@ -275,18 +287,38 @@ def _refit_group(student, teacher, block, group, layers, dense_w, pairs, damp, p
             return list(group)
         Css = xs.t() @ xs + (0 if Css is None else Css)
         Cts = xt.t() @ xs + (0 if Cts is None else Cts)
+        ms, mt = ms + xs.sum(0), mt + xt.sum(0)
         n += xs.shape[0]
     if Css is None:
         return list(group)
-    Css, Cts = Css / n, Cts / n
+    Css, Cts, ms, mt = Css / n, Cts / n, ms / n, mt / n
     eye = torch.eye(Css.shape[0], dtype=Css.dtype, device=Css.device)
     reg = Css + damp * Css.diagonal().mean().clamp_min(1e-12) * eye
     skipped = []
     for name in group:
         W = p.fetch(dense_w[name]).double().to(Css.device)
+        if layers[name].family != "gblr":  # a block-sparse layer: its block refitted on the columns it reads
+            _refit_tile(layers[name], W, as_linear(get_module(teacher, name)).bias, Css, Cts, ms, mt)
+            continue
         # ridge regression towards W: A = W + W (C_ts - C_ss) reg^-1 (= W C_ts C_ss^-1 undamped; = W
         # when the student's inputs are the teacher's), reg symmetric
         A = W + torch.linalg.solve(reg, (W @ (Cts - Css)).t()).t()
         if not whiten_layer(layers[name], A, Css, damp):
             skipped.append(name)
     return skipped
+
+
+@torch.no_grad()
+def _refit_tile(layer: GBLRLinear, W, dense_bias, Css, Cts, ms, mt) -> None:
+    """A block-sparse layer's one block (and its bias) refitted by least squares so that, from the student's
+    inputs on the block's columns, its output on the block's rows is the dense layer's (``W``, ``dense_bias``)
+    on the teacher's inputs (second moments ``Css``, ``Cts`` = E[x_t x_s^T], means ``ms``, ``mt``)."""
+    from gblrc.learn.neurons import refit_kept
+
+    rows, cols = layer.tile_spans()
+    kept = torch.arange(cols.start, cols.stop, device=Css.device)
+    b = None if layer.bias is None else dense_bias
+    Wk, bk = refit_kept(W[rows], None if b is None else b[rows], Css, ms, kept, 1e-4, cross=Cts, target_mean=mt)
+    layer.set_tile(Wk)
+    if bk is not None:
+        layer.bias[rows] = bk.to(layer.bias)

@@ -31,7 +31,7 @@ from torch import nn
 from gblrc.learn import dist
 from gblrc.learn.config import CompressConfig, TrainingConfig, as_config, from_kwargs
 from gblrc.learn.controller import Controller
-from gblrc.learn.allocate import GRID, allocate_budgets, uniform_time_ratios
+from gblrc.learn.allocate import GRID, allocate_budgets, allocate_families, uniform_time_ratios
 from gblrc.learn.budget import FLOPS, TimeCost, compact, cost_ratio, cost_unit, fit_to_budget
 from gblrc.learn.data import (
     batch_stream,
@@ -49,6 +49,7 @@ from gblrc.learn.blocks import Placement, release_memory
 from gblrc.learn.calib import BlockCovariances, input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import as_linear, find_linears, get_module, is_linear, replace_linears, set_module
+from gblrc.learn.neurons import find_pairs, permute_pair, pruned_pair
 from gblrc.learn.refine import refine_blocks, refine_settings
 from gblrc.learn.report import structure_movement
 from gblrc.learn.train import Trainer
@@ -280,6 +281,7 @@ class Run:
     refine_xs: list | None = None  # the batches block refinement trains on (the calibration batches and more)
     budgets: dict = field(default_factory=dict)  # name -> cost ratio before training
     allocated: str = "uniform"
+    neurons: dict = field(default_factory=dict)  # (up, down) -> neurons kept: FFN pairs made block-sparse
     layers: dict = field(default_factory=dict)  # name -> GBLRLinear
     fidelity: dict = field(default_factory=dict)
     initial: dict = field(default_factory=dict)  # name -> Structure after initialise (before training)
@@ -455,24 +457,72 @@ def allocate(run: Run) -> None:
     if run.covs is not None:
         cap = o.training.allocate_cap
         grid = [g for g in GRID if cap is None or g <= cap * o.budget + 1e-9] or [min(GRID)]
-        alloc = allocate_budgets(
-            run.model,
-            run.names,
-            run.covs,
-            run.xs[: max(1, o.training.sensitivity_batches)],
-            o.budget,
+        common = dict(
             grid=grid,
             rank_per_component=o.rank_per_component,
             progress=o.progress and run.rank == 0,
-            unit=run.unit if o.budget_unit == "time" else None,
             placement=run.place,
         )
-        alloc = dist.broadcast_object(alloc, run.world) if alloc is not None else None
+        sens = run.xs[: max(1, o.training.sensitivity_batches)]
+        ffn = _ffn_pairs(run)
+        if ffn:  # low rank or block-sparse by neurons, per FFN pair, under the one budget
+            fam = allocate_families(run.model, run.names, ffn, run.covs, sens, o.budget, **common)
+            fam = dist.broadcast_object(fam, run.world) if fam is not None else None
+            if fam is not None:
+                alloc, run.neurons = fam
+                for (up, down), k in run.neurons.items():
+                    run.budgets[up] = run.budgets[down] = k / _io(get_module(run.model, up))[1]
+                alloc = {**run.budgets, **alloc}
+        else:
+            alloc = allocate_budgets(
+                run.model,
+                run.names,
+                run.covs,
+                sens,
+                o.budget,
+                unit=run.unit if o.budget_unit == "time" else None,
+                **common,
+            )
+            alloc = dist.broadcast_object(alloc, run.world) if alloc is not None else None
     if alloc is None and o.allocate == "sensitivity" and run.data is not None:
         run.warn("sensitivity allocation needs data, a data-aware init and linear layers only; kept uniform")
     if alloc is not None:
         run.budgets, run.allocated = alloc, "sensitivity"
     release_memory()
+
+
+def _ffn_pairs(run: Run) -> list[tuple[str, str]]:
+    """The model's FFN pairs (:func:`gblrc.learn.neurons.find_pairs`) where the block-sparse family may be
+    allocated: structure "gblr", ``block_sparse``, a FLOP budget, block covariances with the inputs' means
+    (a data-aware init from a dense copy), linear layers only; else none."""
+    o = run.opt
+    ok = (
+        o.structure == "gblr"
+        and o.training.block_sparse
+        and o.budget_unit == "flops"
+        and hasattr(run.covs, "mean")
+        and all(is_linear(m) for _, m in run.pairs)
+    )
+    if not ok:
+        return []
+    return find_pairs(run.model, run.names, run.xs[0])
+
+
+def _prune_pair(run: Run, up: str, down: str, keep: int) -> None:
+    """Replace the FFN pair (up, down) by its block-sparse GBLR layers keeping ``keep`` neurons; the dense copy's
+    pair gets the same neuron order (its function unchanged), so the refits compare like with like."""
+    p, model = run.place, run.model
+    a, b = as_linear(get_module(model, up)), as_linear(get_module(model, down))
+    with p.on_device(a, b):
+        cov, mean = p.fetch(run.covs[down]), p.fetch(run.covs.mean(down))
+        gu, gd, order = pruned_pair(a, b, cov, mean, keep)
+    for name, new in ((up, gu), (down, gd)):
+        set_module(model, name, new.to(p.storage))
+        run.layers[name] = new
+    if run.dense_ref is not None:  # (run.dense_w holds its weights: they follow)
+        permute_pair(as_linear(get_module(run.dense_ref, up)), as_linear(get_module(run.dense_ref, down)), order)
+    else:
+        run.dense_w[up], run.dense_w[down] = run.dense_w[up][order], run.dense_w[down][:, order]
 
 
 def initialise(run: Run) -> None:
@@ -492,15 +542,25 @@ def initialise(run: Run) -> None:
         }
     # full-width truncated SVD for low rank and as the base of the data-aware init; else gblrc.nn.layer.fit_dense
     fit = svd_layer if (o.structure == "lowrank" or run.covs is not None) else None
-    run.layers = replace_linears(model, run.names, init_budgets, fit=fit, rank_per_component=o.rank_per_component)
-    for m in run.layers.values():
+    ups = {up: (down, k) for (up, down), k in run.neurons.items()}
+    in_pair = set(ups) | {down for down, _ in ups.values()}
+    plain = [n for n in run.names if n not in in_pair]
+    budgets = {n: init_budgets[n] for n in plain}
+    layers = replace_linears(model, plain, budgets, fit=fit, rank_per_component=o.rank_per_component)
+    for m in layers.values():
         m.tile = int(o.tile)
-    if run.x is not None and any(hasattr(m, "positions") for m in run.layers.values()):
+    run.layers = {}
+    if run.x is not None and any(hasattr(m, "positions") for m in layers.values()):
         with torch.no_grad():  # convolutions record their output positions (their cost weight)
             call_model(model, to_device(run.x, run.home))
-    if run.covs is not None:
-        p = run.place
-        for n, m in run.layers.items():
+    p = run.place
+    for n in run.names:  # in order: the covariances are computed a block at a time
+        if n in ups:
+            _prune_pair(run, n, *ups[n])
+        if n in in_pair:
+            continue
+        m = run.layers[n] = layers[n]
+        if run.covs is not None:
             with p.on_device(m):
                 ok = n not in run.covs or whiten_layer(m, p.fetch(run.dense_w[n]), p.fetch(run.covs[n]))
             if not ok:

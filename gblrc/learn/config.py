@@ -75,6 +75,9 @@ class TrainingConfig:
     batches of the data; ``refine_norms`` (the blocks' normalisation layers train too), ``refine_target``
     ("dense": the dense block's output on the dense inputs; "local": on the compressed model's inputs),
     ``refine_structure`` (GBLR widths and locations move too, with their own sigma schedule).
+    Structure families: ``block_sparse`` (structure "gblr", a data-aware init and the sensitivity
+    allocation): FFN pairs may instead keep their best neurons as one block-sparse GBLR block each
+    (:mod:`gblrc.learn.neurons`), where the allocation finds that loses less at its cost than low rank.
     """
 
     lr_struct: float | None = None
@@ -102,6 +105,7 @@ class TrainingConfig:
     refine_norms: bool = False
     refine_target: str = "dense"
     refine_structure: bool = False
+    block_sparse: bool = True
 
     def refine_wanted(self) -> bool:
         """Refinement asked for (explicitly, or auto: then it runs when there is data and a data-aware init)."""
@@ -136,7 +140,7 @@ class TrainingConfig:
         if not isinstance(self.refine_batches, int) or isinstance(self.refine_batches, bool) or self.refine_batches < 1:
             raise OptionError("refine_batches", f"must be a whole number >= 1; got {self.refine_batches!r}")
         _choice("refine_target", self.refine_target, REFINE_TARGETS)
-        for name in ("refine_norms", "refine_structure"):
+        for name in ("refine_norms", "refine_structure", "block_sparse"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(name, f"must be True or False; got {getattr(self, name)!r}")
 

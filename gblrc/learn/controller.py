@@ -135,8 +135,13 @@ class Controller:
         self.schedule = Schedule.of(config, steps, budget, fit_budget)
         s = self.schedule
         self.unit = cost_unit(config.budget_unit)
-        self.struct = [p for m in self.mods for p in (m.widths, m.locations)]
-        sid = {id(p) for p in self.struct}
+        # the structure of block-sparse layers (family "neurons"/"heads") is fixed: neither learned nor content
+        self.learned = [m for m in self.mods if m.family == "gblr"]
+        self.struct = [p for m in self.learned for p in (m.widths, m.locations)]
+        fixed = [p for m in self.mods if m.family != "gblr" for p in (m.widths, m.locations)]
+        for p in fixed:
+            p.requires_grad_(False)
+        sid = {id(p) for p in self.struct + fixed}
         self.content = [p for m in self.mods for p in m.parameters() if id(p) not in sid]
         cid = {id(p) for p in self.content}
         self.extra = [p for p in extra_params if id(p) not in cid and id(p) not in sid]
@@ -220,7 +225,7 @@ class Controller:
         sigma, lam = self.sigma, 0.0
         if s.learn_structure and not self.cooled:
             lam = self.lam.update(self.step_count, cost_ratio(self.mods))
-            proximal_step(self.mods, lam * self._struct_lr(optimizer))
+            proximal_step(self.learned, lam * self._struct_lr(optimizer))
         self.step_count += 1
         if s.learn_structure and not self.cooled and self.step_count >= s.cool_start:
             self.cool(trim=True)

@@ -21,8 +21,11 @@ Attention heads are pruned the same way (:func:`permute_heads`, :func:`head_scor
 kept heads first, the others' query, key and value rows zero, the output projection refitted on the kept
 heads' outputs.
 
-Not yet wired into ``compress``: the allocation across families, the cost charged as a dense product and the
-lowering that narrows the intermediate tensor are the rest of issue 28.
+:func:`pruned_pair` is the form ``compress`` uses: from the moments of the down layer's inputs (the calibration's
+covariance and mean), the pair as two block-sparse GBLR layers (:meth:`gblrc.nn.layer.GBLRLinear.from_tile`,
+family "neurons"), each one full-rank block that costs its kept slice's dense product; the allocation across
+families is :func:`gblrc.learn.allocate.allocate_families`, the lowering's narrowing passes/narrow_pairs.py.
+Heads are not yet a family of ``compress``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ __all__ = [
     "permute_pair",
     "neuron_scores",
     "prune_pair",
+    "pruned_pair",
+    "neuron_order",
+    "refit_kept",
     "check_pair",
     "find_pairs",
     "permute_heads",
@@ -89,10 +95,9 @@ def prune_pair(up: nn.Linear, down: nn.Linear, acts: torch.Tensor, keep: int, *,
     if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= f:
         raise ValueError(f"keep must be a whole number of neurons in [1, {f}]; got {keep!r}")
     a = acts.reshape(-1, f).double()
-    target = a @ down.weight.double().t()  # dense output without the bias (the bias is refitted with it)
     order = torch.argsort(neuron_scores(down, a), descending=True, stable=True)
     permute_pair(up, down, order)
-    _refit_columns(down, a[:, order], target, keep, damp)
+    _refit_columns(down, a[:, order], keep, damp)
     up.weight[keep:] = 0
     if up.bias is not None:
         up.bias[keep:] = 0
@@ -100,19 +105,72 @@ def prune_pair(up: nn.Linear, down: nn.Linear, acts: torch.Tensor, keep: int, *,
 
 
 @torch.no_grad()
-def _refit_columns(down: nn.Linear, a: torch.Tensor, target: torch.Tensor, keep: int, damp: float) -> None:
-    """W[:, :keep] and the bias of ``down`` refitted by ridge least squares so that a[:, :keep] W[:, :keep]^T + b
-    is closest to ``target`` + the old bias (``target``: the dense output without bias, on inputs ``a``, float64);
-    the other columns become zero."""
-    has_bias = down.bias is not None
-    ak = torch.cat([a[:, :keep], torch.ones_like(a[:, :1])], 1) if has_bias else a[:, :keep]  # (+ the bias column)
-    g = ak.t() @ ak
-    g += damp * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
-    sol = torch.linalg.solve(g, ak.t() @ (target + down.bias.double() if has_bias else target))  # (keep [+ 1], d)
+def neuron_order(W2: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, scores): the intermediate neurons best first by ||W2[:, j]||^2 E[a_j^2] (``C``: the down layer's
+    inputs' second moment), and the scores (float64)."""
+    scores = W2.double().pow(2).sum(0) * C.double().diagonal().to(W2.device)
+    return torch.argsort(scores, descending=True, stable=True), scores
+
+
+@torch.no_grad()
+def refit_kept(
+    W: torch.Tensor, b, C: torch.Tensor, mean, kept: torch.Tensor, damp: float = 1e-6, *, cross=None, target_mean=None
+):
+    """(W_K, b_K): the map from the inputs ``kept`` alone closest to the dense layer, by ridge least squares on
+    the inputs' moments: W_K (out x |K|) and b_K minimise E||a_K W_K^T + b_K - (t W^T + b)||^2 for inputs a of
+    second moment ``C`` = E[a a^T] and mean ``mean`` = E[a] (``b`` None: no bias, ``mean`` unused; ridge
+    ``damp`` x the mean diagonal).  The dense layer's inputs t are a itself, or -- given ``cross`` = E[t a^T]
+    and ``target_mean`` = E[t] -- another model's (the dense model's, for the sequential refit).  Float64."""
+    W, C, kept = W.double(), C.double(), torch.as_tensor(kept, dtype=torch.long, device=C.device)
+    cross = C if cross is None else cross.double()
+    k = kept.numel()
+    g = C[kept][:, kept]
+    rhs = cross[:, kept].t() @ W.t()  # E[a_K (t W^T)^T]
+    if b is not None:
+        m, b = mean.double(), b.double()
+        mt = m if target_mean is None else target_mean.double()
+        g = torch.cat([torch.cat([g, m[kept, None]], 1), torch.cat([m[kept], m.new_ones(1)])[None]], 0)
+        rhs = torch.cat([rhs + m[kept, None] * b[None], (mt @ W.t() + b)[None]], 0)
+    g = g + damp * g.diagonal().mean().clamp_min(1e-30) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    sol = torch.linalg.solve(g, rhs)  # (|K| [+ 1], out)
+    return sol[:k].t(), (sol[k] if b is not None else None)
+
+
+@torch.no_grad()
+def pruned_pair(up: nn.Linear, down: nn.Linear, C: torch.Tensor, mean, keep: int, *, damp: float = 1e-6):
+    """The FFN pair with its ``keep`` best neurons as block-sparse GBLR layers (eval mode, family "neurons"),
+    from the moments of the down layer's inputs (``C`` = E[a a^T], ``mean`` = E[a], on calibration data):
+    (up layer, down layer, order).  ``order[i]`` is the original index of neuron i: the kept neurons are
+    [0, keep), the up layer's block rows [0, keep) x all its inputs (W1's kept rows and b1, unchanged), the
+    down layer's all its outputs x columns [0, keep) (W2 and b2 refitted by :func:`refit_kept` to give the
+    dense pair's output).  Each costs keep x its other side: the kept slice's dense product."""
+    from gblrc.nn.layer import GBLRLinear
+
+    f = check_pair(up, down)
+    if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= f:
+        raise ValueError(f"keep must be a whole number of neurons in [1, {f}]; got {keep!r}")
+    order, _ = neuron_order(down.weight, C)
+    kept = order[:keep]
+    W2, b2 = refit_kept(down.weight, down.bias, C.to(down.weight.device), mean, kept, damp)
+    dt = up.weight.dtype
+    b1 = None
+    if up.bias is not None:
+        b1 = torch.zeros(f, dtype=dt, device=up.weight.device)
+        b1[:keep] = up.bias[kept]
+    new_up = GBLRLinear.from_tile(up.weight[kept], f, up.in_features, bias=b1)
+    new_down = GBLRLinear.from_tile(W2.to(dt), down.out_features, f, bias=None if b2 is None else b2.to(dt))
+    return new_up, new_down, order
+
+
+@torch.no_grad()
+def _refit_columns(down: nn.Linear, a: torch.Tensor, keep: int, damp: float) -> None:
+    """W[:, :keep] and the bias of ``down`` refitted (:func:`refit_kept`) to give its own output on inputs ``a``
+    (n, in; float64) from a[:, :keep] alone; the other columns become zero."""
+    W, b = refit_kept(down.weight, down.bias, a.t() @ a / a.shape[0], a.mean(0), torch.arange(keep), damp)
     down.weight.zero_()
-    down.weight[:, :keep] = sol[:keep].t().to(down.weight)
-    if has_bias:
-        down.bias.copy_(sol[keep].to(down.bias))
+    down.weight[:, :keep] = W.to(down.weight)
+    if b is not None:
+        down.bias.copy_(b.to(down.bias))
 
 
 def _head_order(order: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -171,10 +229,9 @@ def prune_heads(q, k, v, o, acts: torch.Tensor, keep: int, head_dim: int, *, dam
     if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= n:
         raise ValueError(f"keep must be a whole number of heads in [1, {n}]; got {keep!r}")
     a = acts.reshape(-1, o.in_features).double()
-    target = a @ o.weight.double().t()
     order = torch.argsort(head_scores(o, a, head_dim), descending=True, stable=True)
     permute_heads(q, k, v, o, order, head_dim)
-    _refit_columns(o, a[:, _head_order(order, head_dim)], target, keep * head_dim, damp)
+    _refit_columns(o, a[:, _head_order(order, head_dim)], keep * head_dim, damp)
     for m in (q, k, v):
         m.weight[keep * head_dim :] = 0
         if m.bias is not None:

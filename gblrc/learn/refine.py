@@ -112,7 +112,11 @@ def _block_params(mod: nn.Module, inside: list, layers: dict, norms: bool, struc
     content = [p for n in inside for name, p in layers[n].named_parameters() if name not in ("widths", "locations")]
     if norms:
         content += [p for m in mod.modules() if isinstance(m, _NORMS) for p in m.parameters()]
-    struct = [getattr(layers[n], a) for n in inside for a in ("widths", "locations")] if structure else []
+    struct = (
+        [getattr(layers[n], a) for n in inside if layers[n].family == "gblr" for a in ("widths", "locations")]
+        if structure
+        else []
+    )  # (a block-sparse layer's structure is fixed)
     return content, struct
 
 

@@ -189,6 +189,9 @@ class GBLRConv2d(GBLRLinear):
         """Exact multiply-adds of one forward per example: per-vector cost x output positions."""
         return super().flops() * int(self.positions)
 
+    def product_flops(self) -> int:
+        return super().product_flops() * int(self.positions)
+
     def dense_flops(self) -> int:
         return super().dense_flops() * int(self.positions)
 
@@ -240,7 +243,7 @@ class GBLRConv2d(GBLRLinear):
             getattr(new, name).copy_(getattr(layer, name))
         if isinstance(layer, GBLRConv2d):
             new.positions.copy_(layer.positions)
-        for attr in ("tile", "hard_forward", "frozen_structure"):  # instance overrides of the class defaults
+        for attr in ("tile", "hard_forward", "frozen_structure", "family"):  # instance overrides of the class defaults
             if attr in layer.__dict__:
                 setattr(new, attr, layer.__dict__[attr])
         return new.train(layer.training)

@@ -37,6 +37,10 @@ class GBLRLinear(nn.Module):
     hard_forward = False  # train mode: boxcar values with Gaudi-mask gradients (set by the trainer)
     frozen_structure = False  # hardened by the cool-down: boxcar masks in train mode too (content still trains)
     tile = 1  # widths and starts are multiples of ``tile`` elements (compiler-friendly structure)
+    # "gblr": the structure is learned (trained, trimmed to the budget).  "neurons" / "heads": a block-sparse
+    # member made by gblrc.learn.neurons (kept FFN neurons or attention heads as one full-rank block): its
+    # structure is fixed -- boxcar masks, never trimmed -- and its content trains
+    family = "gblr"
 
     def __init__(
         self,
@@ -72,7 +76,7 @@ class GBLRLinear(nn.Module):
         """(column masks (K, in), row masks (K, out)) for the current mode."""
         n_in, n_out = self.in_features, self.out_features
         dt = self.V.dtype
-        if self.training and not self.frozen_structure:
+        if self.training and not self.frozen_structure and self.family == "gblr":
             s = float(self.sigma)
             t = self.tile
             wc = quantize_ste(self.widths[0], n_in, min_one=True, step=t)
@@ -122,7 +126,13 @@ class GBLRLinear(nn.Module):
         )
 
     def flops(self) -> int:
-        """Exact multiply-adds per input vector of the hard (eval-mode) structure."""
+        """Exact multiply-adds per input vector of the hard (eval-mode) structure as it runs once lowered:
+        :meth:`gblrc.ir.structure.Structure.cost` (a block of full rank costs its dense tile)."""
+        return self.hard_structure().cost()
+
+    def product_flops(self) -> int:
+        """Multiply-adds per input vector of the live components as thin products, r (w_c + w_r) each: the
+        sum the component-wise budget fit trims (>= :meth:`flops`)."""
         wc, _, wr, _ = self.hard_intervals()
         live = (wc > 0) & (wr > 0)
         return int((self.rank_per_component * (wc + wr) * live).sum())
@@ -232,6 +242,59 @@ class GBLRLinear(nn.Module):
         else:
             f = fit_weight(W, budget, rank_per_component, **kwargs)
         return cls.from_fitted(f, b, dtype=W.dtype, device=W.device).eval()
+
+    @classmethod
+    @torch.no_grad()
+    def from_tile(
+        cls,
+        tile: torch.Tensor,
+        n_out: int,
+        n_in: int,
+        *,
+        row_start: int = 0,
+        col_start: int = 0,
+        bias=None,
+        family: str = "neurons",
+    ) -> "GBLRLinear":
+        """A block-sparse layer (eval mode): one dense block ``tile`` (|R| x |C|) at rows [row_start, +|R|) x
+        cols [col_start, +|C|) of an (n_out x n_in) weight, zero elsewhere, as min(|R|, |C|) rank-1
+        components sharing both intervals (one block of full rank: it costs |R| |C|, its dense product).
+        ``family`` names the member ("neurons", "heads"): the structure stays fixed (class docstring)."""
+        n_rows, n_cols = tile.shape
+        if not (0 <= row_start and row_start + n_rows <= n_out and 0 <= col_start and col_start + n_cols <= n_in):
+            raise ValueError(f"a {n_rows} x {n_cols} tile at ({row_start}, {col_start}) is outside {n_out} x {n_in}")
+        k = min(n_rows, n_cols)
+        layer = cls(n_in, n_out, num_components=k, bias=bias is not None, dtype=tile.dtype, device=tile.device)
+        layer.set_intervals([n_cols] * k, [col_start] * k, [n_rows] * k, [row_start] * k)
+        layer.family = family
+        layer.set_tile(tile)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer.eval()
+
+    def tile_spans(self) -> tuple[slice, slice]:
+        """(rows, cols) of a block-sparse layer's one block (:meth:`from_tile`)."""
+        wc, lc, wr, lr = (int(t[0]) for t in self.hard_intervals())
+        return slice(lr, lr + wr), slice(lc, lc + wc)
+
+    @torch.no_grad()
+    def set_tile(self, tile: torch.Tensor) -> "GBLRLinear":
+        """Make the block of a :meth:`from_tile` layer ``tile`` exactly (identity factors on its shorter side)."""
+        rows, cols = self.tile_spans()
+        n_rows, n_cols = rows.stop - rows.start, cols.stop - cols.start
+        if tuple(tile.shape) != (n_rows, n_cols) or self.num_components != min(n_rows, n_cols):
+            raise ValueError(f"tile of shape {tuple(tile.shape)} for a block of {n_rows} x {n_cols}")
+        t = tile.to(self.U)
+        self.U.zero_()
+        self.V.zero_()
+        k = torch.arange(self.num_components)
+        if n_cols <= n_rows:  # component c: V = e_c (input column c), U = the tile's column c
+            self.V[k, 0, cols.start + k] = 1.0
+            self.U[:, rows, 0] = t.t()
+        else:  # component c: U = e_c (output row c), V = the tile's row c
+            self.U[k, rows.start + k, 0] = 1.0
+            self.V[:, 0, cols] = t
+        return self
 
     def extra_repr(self) -> str:
         return (
