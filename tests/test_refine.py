@@ -208,3 +208,27 @@ def test_refine_structure_with_low_rank_is_a_one_line_error():
     with pytest.raises(ValueError, match="refine_structure.*lowrank") as e:
         gblrc.CompressConfig(budget=0.4, structure="lowrank", training=gblrc.TrainingConfig(refine_structure=True))
     assert "\n" not in str(e.value)
+
+
+def test_a_refinement_step_in_pieces_has_the_whole_batch_gradient(monkeypatch):
+    """The block's forward and backward run on pieces of at most CHUNK_TOKENS tokens (activation memory),
+    with the whole batch's denominator: the loss and gradient of one pass over the batch (float64, 1e-12)."""
+    from gblrc.learn import refine as R
+    from gblrc.learn.objective import rel_mse
+
+    blk = bert().double().encoder.layer[0]
+    d = blk.attention.self.query.in_features
+    g = torch.Generator().manual_seed(0)
+    x, t = (torch.randn(6, 10, d, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(6, 10, 1, dtype=torch.float64)
+    mask[2, 7:] = 0
+    kw = {"attention_mask": torch.zeros(6, 1, 1, 10, dtype=torch.float64)}
+    whole = rel_mse(R._main(blk(x, **kw)), t, mask)
+    whole.backward()
+    want = [p.grad.clone() for p in blk.parameters()]
+    blk.zero_grad(set_to_none=True)
+    monkeypatch.setattr(R, "CHUNK_TOKENS", 16)  # 60 tokens: 4 pieces
+    loss = R._step_loss(blk, (x,), kw, t, mask)
+    assert float(loss) == pytest.approx(float(whole), rel=1e-6)
+    for p, w in zip(blk.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-12)
