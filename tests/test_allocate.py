@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -199,3 +199,24 @@ def test_allocate_cap_bounds_every_layer():
         progress=False,
     )
     assert max(free["allocated_ratios"].values()) > 0.5
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.tuples(st.integers(0, 50), st.floats(0, 10)), min_size=1, max_size=5), min_size=1, max_size=3)
+)
+def test_combined_low_rank_option_is_the_pareto_front_of_every_choice(curves):
+    """A unit's low-rank option (one point per layer, costs and losses added): no choice left out is both
+    cheaper-or-equal and lower in loss than the front, and the front's choices add up."""
+    import itertools
+
+    from gblrc.learn.allocate import _combined
+
+    front = _combined(curves)
+    for cost, loss, idx in front:
+        assert cost == sum(c[i][0] for c, i in zip(curves, idx))
+        assert loss == pytest.approx(sum(c[i][1] for c, i in zip(curves, idx)))
+    for idx in itertools.product(*(range(len(c)) for c in curves)):
+        cost = sum(c[i][0] for c, i in zip(curves, idx))
+        loss = sum(c[i][1] for c, i in zip(curves, idx))
+        assert any(fc <= cost and fl <= loss + 1e-9 for fc, fl, _ in front)

@@ -11,7 +11,7 @@ from torch import nn
 
 import _samples
 
-from gblrc.learn.neurons import neuron_scores, permute_pair, prune_pair
+from gblrc.learn.neurons import neuron_scores, permute_pair, prune_heads, prune_pair
 
 
 def _ffn(d=12, f=40, act=nn.GELU, bias=True, seed=0):
@@ -276,8 +276,14 @@ def test_a_block_sparse_model_lowers_to_matmuls_on_the_kept_slice(block_sparse_b
     from gblrc import lower
     from gblrc.nn.layer import GBLRLinear
 
-    _, model, _ = block_sparse_bert
+    from gblrc.io.modelio import load, save
+
+    _, compressed, _ = block_sparse_bert
     x = _tiny_data(2)
+    save(compressed, tmp_path / "m.gblr.pt", example_inputs=OrderedDict(x))
+    model = load(tmp_path / "m.gblr.pt")  # saved and loaded: the families come back
+    fam = lambda m: {n: l.family for n, l in m.named_modules() if isinstance(l, GBLRLinear)}
+    assert fam(model) == fam(compressed) and "neurons" in fam(model).values()
     rep = lower(model, OrderedDict(x), tmp_path / "m.onnx")
     assert rep.max_rel_err <= 1e-4
     g = onnx.load(tmp_path / "m.onnx").graph
@@ -289,3 +295,68 @@ def test_a_block_sparse_model_lowers_to_matmuls_on_the_kept_slice(block_sparse_b
             k = up.hard_structure().blocks[0].n_rows
             assert (32, k) in shapes and (k, 32) in shapes  # (in, out) of the MatMul weights
     assert (32, 128) not in shapes and (128, 32) not in shapes  # no FFN matrix at full width
+
+
+def test_find_heads_and_pruned_heads_as_gblr_layers():
+    """find_heads finds each attention layer's four projections and its head size (the module's own); the pruned
+    heads as block-sparse GBLR layers are prune_heads' result (the same heads kept, the same refit)."""
+    from gblrc.learn.neurons import find_heads, pruned_heads
+
+    model = _samples.tiny_bert(num_hidden_layers=2, num_attention_heads=4).double()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(1))
+    found = find_heads(model, names, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    att = "encoder.layer.{}.attention."
+    assert found == [
+        tuple(att.format(i) + s for s in ("self.query", "self.key", "self.value", "output.dense")) + (8,)
+        for i in range(2)
+    ]
+    q, k, v, o = (model.get_submodule(n) for n in found[0][:4])
+    acts = torch.randn(300, 32, dtype=torch.float64)
+    C, mean = acts.t() @ acts / 300, acts.mean(0)
+    *layers, order = pruned_heads(q, k, v, o, C, mean, 2, 8)
+    assert [m.family for m in layers] == ["heads"] * 4
+    assert [m.flops() for m in layers] == [16 * 32] * 4  # 2 heads of 8 x 32 features each
+    ref = [copy.deepcopy(m) for m in (q, k, v, o)]
+    order_ref = prune_heads(*ref, acts, 2, 8)
+    assert torch.equal(order[:2], order_ref[:2])
+    x = torch.randn(5, 32, dtype=torch.float64)
+    for new, old in zip(layers, ref):
+        torch.testing.assert_close(
+            new(x if new is not layers[3] else acts[:5]), old(x if old is not ref[3] else acts[:5])
+        )
+
+
+def test_compress_prunes_heads_where_the_allocation_says(monkeypatch):
+    """The init of a heads unit: the attention's four projections become block-sparse layers of the kept heads
+    (the dense copy permuted alike), refitted and refined; the model stays close and within the budget."""
+    import gblrc
+    import gblrc.learn.compress as C
+    from gblrc.learn.allocate import Unit
+    from gblrc.nn.layer import GBLRLinear
+
+    real = C.allocate_families
+
+    def heads_too(model, names, units, *a, **kw):
+        ratios, keeps = real(model, names, units, *a, **kw)
+        u = next(u for u in units if u.family == "heads")
+        for n in u.layers:
+            ratios.pop(n, None)
+        return ratios, {**{k: v for k, v in keeps.items() if not set(k.layers) & set(u.layers)}, u: 2}
+
+    monkeypatch.setattr(C, "allocate_families", heads_too)
+    dense = _samples.tiny_bert(num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    cfg = gblrc.CompressConfig(
+        budget=0.6, steps=0, batch_size=16, progress=False, training=gblrc.TrainingConfig(refine_steps=8)
+    )
+    model, report = gblrc.compress(copy.deepcopy(dense), cfg, data=_tiny_data())
+    fam = {n: m.family for n, m in model.named_modules() if isinstance(m, GBLRLinear)}
+    assert [
+        fam[f"encoder.layer.0.attention.{s}"] for s in ("self.query", "self.key", "self.value", "output.dense")
+    ] == ["heads"] * 4
+    assert report["families"]["heads"] == 4 and report["achieved_ratio"] <= 0.6
+    assert isinstance(Unit(("a", "b")), Unit)
+    x = _tiny_data(16)
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(model(**x).last_hidden_state, dense(**x).last_hidden_state, dim=-1)
+    assert float(cos.mean()) > 0.99

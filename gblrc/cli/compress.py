@@ -120,6 +120,7 @@ def _summary(report: dict) -> None:
         ("GBLR cost", "right"),
         ("FLOP ratio", "right"),
         ("blocks", "right"),
+        ("family", "left"),
     ]
     if timed:
         cols += [("est. time ratio", "right"), ("lowering", "left")]
@@ -135,6 +136,7 @@ def _summary(report: dict) -> None:
             f"{L['gblr_cost']:,}",
             f"{L['ratio']:.3f}",
             str(L["blocks"]),
+            L.get("family", "gblr"),
             *extra,
         )
     extra = [f"{report['time_ratio']:.4f}", ""] if timed else []
@@ -145,6 +147,7 @@ def _summary(report: dict) -> None:
         f"{report['gblr_cost']:,}",
         f"{report.get('flop_ratio', report['achieved_ratio']):.4f}",
         str(sum(L["blocks"] for L in report["layers"])),
+        ", ".join(f"{k} {v}" for k, v in report.get("families", {}).items()),
         *extra,
         style="bold",
     )

@@ -44,6 +44,7 @@ def _gblr_layers(model) -> dict[str, dict]:
             "num_components": m.num_components,
             "rank_per_component": m.rank_per_component,
             "bias": m.bias is not None,
+            "family": m.family,  # a block-sparse layer's structure stays fixed after loading too
         }
         if hasattr(m, "geometry_kwargs"):  # GBLRConv2d
             d["conv"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in m.geometry_kwargs().items()}
@@ -127,6 +128,8 @@ def _rebuild_hf(doc: dict, path: Path):
             layer = GBLRConv2d(**spec["conv"], **kw)
         else:
             layer = GBLRLinear(spec["in_features"], spec["out_features"], **kw)
+        if spec.get("family", "gblr") != "gblr":
+            layer.family = spec["family"]
         _set_module(model, name, layer)
     try:
         model.load_state_dict(doc["state_dict"], strict=True)

@@ -20,6 +20,7 @@ budget (:func:`allocate_budgets` returns None).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -38,6 +39,7 @@ __all__ = [
     "choose_points",
     "allocate_budgets",
     "allocate_families",
+    "Unit",
     "uniform_time_ratios",
     "GRID",
 ]
@@ -115,13 +117,13 @@ def family_curves(
     covs: dict,
     batches,
     *,
-    pairs=(),
+    units=(),
     grid=GRID,
     measure=MEASURE,
     rank_per_component: int = 1,
     progress: bool = False,
     placement=None,
-) -> tuple[dict[str, list[tuple[int, float]]], dict[tuple[str, str], list[tuple[int, float, int]]]]:
+) -> tuple[dict[str, list[tuple[int, float]]], dict[tuple, list[tuple[int, float, int]]]]:
     """{name: [(cost of the truncation at g, relative MSE of its block's output), ...] for g in grid}.
 
     The loss is measured at the ratios ``measure`` (the layer's block run on its cached dense inputs on
@@ -131,12 +133,12 @@ def family_curves(
     ``model`` is the dense model (unchanged on return); ``covs`` the layers' input covariances.
     ``placement``: a :class:`gblrc.learn.blocks.Placement` (offload: each block on the device in turn).
     """
-    curves, pair_curves = {}, {}
+    curves, unit_curves = {}, {}
     bar = None
     if progress:
         from gblrc.learn.progress import progress_bar
 
-        bar = progress_bar(len(names) + len(pairs), "gblrc sensitivity")
+        bar = progress_bar(len(names) + len(units), "gblrc sensitivity")
     r = rank_per_component
     p = placement or Placement("cpu")
     blocks = BlockInputs(model, batches, p)
@@ -168,18 +170,19 @@ def family_curves(
                         curves[name] = _layer_curve(get_module(model, name), cov, run, outs, masks, grid, measure, r)
                         if bar is not None:
                             bar.update(1)
-                    for up, down in pairs:
-                        if down not in inside or bmod is None:  # pairs inside a chain's block only
+                    for unit in units:
+                        last = unit.layers[-1]
+                        if last not in inside or bmod is None:  # units inside a chain's block only
                             continue
-                        cov, mean = p.fetch(covs[down]), p.fetch(covs.mean(down))
-                        mods = (get_module(model, up), get_module(model, down))
-                        pair_curves[(up, down)] = _pair_curve(*mods, cov, mean, run, outs, masks, grid, measure)
+                        cov, mean = p.fetch(covs[last]), p.fetch(covs.mean(last))
+                        mods = [get_module(model, n) for n in unit.layers]
+                        unit_curves[unit] = _kept_curve(mods, unit.group, cov, mean, run, outs, masks, grid, measure)
                         if bar is not None:
                             bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    return {n: curves[n] for n in names}, pair_curves
+    return {n: curves[n] for n in names}, unit_curves
 
 
 @torch.no_grad()
@@ -217,43 +220,76 @@ def _layer_curve(mod, cov, run, outs, masks, grid, measure, r) -> list[tuple[int
     return [(_cost(n_in, n_out, g, r), l) for g, l in zip(grid, losses)]
 
 
-def _keep(g: float, f: int) -> int:
-    """Neurons an FFN pair of ``f`` keeps at cost ratio g (its cost is linear in them)."""
-    return max(1, min(f, int(g * f + 1e-9)))
+@dataclass(frozen=True)
+class Unit:
+    """Layers that the block-sparse family prunes together: ``layers`` = the producers then the consumer (an FFN
+    pair's up and down layers; an attention layer's query, key, value and output projections), ``group`` the
+    consumer's input features kept or dropped together (1 neuron; a head's size), ``family`` the name the
+    layers get ("neurons", "heads")."""
+
+    layers: tuple[str, ...]
+    group: int = 1
+    family: str = "neurons"
+
+
+def _keep(g: float, n: int) -> int:
+    """Groups (neurons, heads) of ``n`` a unit keeps at cost ratio g (its cost is linear in them)."""
+    return max(1, min(n, int(g * n + 1e-9)))
 
 
 @torch.no_grad()
-def _pair_curve(up, down, cov, mean, run, outs, masks, grid, measure) -> list[tuple[int, float, int]]:
-    """An FFN pair's neurons curve over ``grid``: (cost, loss, neurons kept) with the pair pruned to its best
-    ``g`` x f neurons and W2 refitted (:func:`gblrc.learn.neurons.refit_kept`) -- the down layer's output
-    replaced by the refit's on the kept activations -- the loss measured at ``measure`` and interpolated
-    through the pruned neurons' score (their share of the output energy) as :func:`_layer_curve` does."""
-    from gblrc.learn.neurons import neuron_order, refit_kept
+def _kept_curve(mods, group, cov, mean, run, outs, masks, grid, measure) -> list[tuple[int, float, int]]:
+    """A unit's block-sparse curve over ``grid``: (cost, loss, groups kept) with the consumer (``mods[-1]``)
+    reading only the best ``g`` x n groups of its inputs (by ||W[:, j]||^2 E[a_j^2] summed per group), refitted
+    (:func:`gblrc.learn.neurons.refit_kept`) -- its output replaced by the refit's on the kept inputs -- the
+    loss measured at ``measure`` and interpolated through the dropped groups' score (their share of the
+    output energy) as :func:`_layer_curve` does.  Each kept group costs ``group`` x (the producers' inputs +
+    the consumer's outputs) multiply-adds: the producers' kept rows and the consumer's kept columns."""
+    from gblrc.learn.neurons import refit_kept
 
+    down = mods[-1]
     W, b = down.weight.detach(), down.bias
-    f = W.shape[1]
-    order, scores = neuron_order(W, cov)
-    tail = scores[order].flip(0).cumsum(0).flip(0).tolist() + [0.0]  # tail[k]: the scores of neurons k, k+1, ..
+    n = W.shape[1] // group
+    scores = (W.double().pow(2).sum(0) * cov.double().diagonal()).reshape(n, group).sum(1)
+    order = torch.argsort(scores, descending=True, stable=True)
+    tail = scores[order].flip(0).cumsum(0).flip(0).tolist() + [0.0]  # tail[k]: the scores of groups k, k+1, ..
     state = {}
 
     def hook(_m, inp, out):
         x = inp[0].double()
         return (x[..., state["kept"]] @ state["W"].t() + state["b"]).to(out.dtype)
 
+    def feats(k):
+        return (order[:k, None] * group + torch.arange(group)[None, :]).reshape(-1).to(W.device)
+
     h = down.register_forward_hook(hook)
     try:
         measured = []
         for g in measure:
-            k = _keep(g, f)
-            Wk, bk = refit_kept(W, b, cov, mean, order[:k])
-            state.update(kept=order[:k], W=Wk, b=0.0 if bk is None else bk)
+            k = _keep(g, n)
+            Wk, bk = refit_kept(W, b, cov, mean, feats(k))
+            state.update(kept=feats(k), W=Wk, b=0.0 if bk is None else bk)
             loss = sum(float(rel_mse(run(i), t, m)) for i, (t, m) in enumerate(zip(outs, masks))) / len(outs)
             measured.append((tail[k], loss))
     finally:
         h.remove()
-    losses = _interpolate([tail[_keep(g, f)] for g in grid], measured)
-    side = up.in_features + down.out_features
-    return [(_keep(g, f) * side, l, _keep(g, f)) for g, l in zip(grid, losses)]
+    losses = _interpolate([tail[_keep(g, n)] for g in grid], measured)
+    side = sum(m.in_features for m in mods[:-1]) + down.out_features
+    return [(_keep(g, n) * group * side, l, _keep(g, n)) for g, l in zip(grid, losses)]
+
+
+def _combined(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, tuple[int, ...]]]:
+    """The low-rank option of a unit: every choice of one point per layer curve, costs and losses added, kept
+    only where no other choice is as cheap and loses less (the Pareto front, built a layer at a time)."""
+    front = [(0, 0.0, ())]
+    for c in curves:
+        pts = sorted(((fc + cc, fl + cl, fi + (i,)) for fc, fl, fi in front for i, (cc, cl) in enumerate(c)))
+        front, best = [], float("inf")
+        for p in pts:
+            if p[1] < best:
+                front.append(p)
+                best = p[1]
+    return front
 
 
 def solve_allocation(curves: dict, dense_costs: dict, budget: float) -> dict[str, float]:
@@ -370,7 +406,7 @@ def allocate_budgets(
 def allocate_families(
     model,
     names,
-    pairs,
+    units,
     covs,
     batches,
     budget: float,
@@ -380,28 +416,28 @@ def allocate_families(
     measure=MEASURE,
     progress: bool = False,
     placement=None,
-) -> tuple[dict[str, float], dict[tuple[str, str], int]] | None:
+) -> tuple[dict[str, float], dict[Unit, int]] | None:
     """The allocation across layers *and* structure families (docs/design.md §1, "Block-sparse by neurons"):
-    ({name: low-rank FLOP ratio}, {(up, down): neurons kept}), or None when not applicable (as
+    ({name: low-rank FLOP ratio}, {unit: groups kept}), or None when not applicable (as
     :func:`allocate_budgets`).
 
-    Each FFN pair of ``pairs`` (found by :func:`gblrc.learn.neurons.find_pairs`) is one unit whose points are
-    its neurons curve (:func:`_pair_curve`: block-sparse, k x (in + out) multiply-adds) and every combination
-    of its two layers' low-rank points (costs and losses added); the other layers are units of their
-    low-rank curve.  One multiplier prices every unit's cost (:func:`choose_points`), so a pair is pruned by
-    neurons only where that loses less at its cost than low rank of both its layers.  ``covs`` must give the
-    inputs' means (:class:`gblrc.learn.calib.BlockCovariances`)."""
+    Each :class:`Unit` (an FFN pair, an attention layer's four projections) is one unit of the allocation whose
+    points are its block-sparse curve (:func:`_kept_curve`) and the Pareto front of its layers' low-rank
+    points taken together (:func:`_combined`); every other layer is a unit of its low-rank curve.  One
+    multiplier prices every unit's cost (:func:`choose_points`), so a unit is made block-sparse only where that
+    loses less at its cost than low rank of its layers.  ``covs`` must give the inputs' means
+    (:class:`gblrc.learn.calib.BlockCovariances`)."""
     mods = {n: get_module(model, n) for n in names}
     if not all(is_linear(m) for m in mods.values()) or any(n not in covs for n in names) or not batches:
         return None
     from gblrc.nn.replace import as_linear
 
-    curves, pcurves = family_curves(
+    curves, ucurves = family_curves(
         model,
         names,
         covs,
         batches,
-        pairs=list(pairs),
+        units=list(units),
         grid=grid,
         measure=measure,
         rank_per_component=rank_per_component,
@@ -409,35 +445,30 @@ def allocate_families(
         placement=placement,
     )
     dense = {n: as_linear(m).weight.shape[0] * as_linear(m).weight.shape[1] for n, m in mods.items()}
-    in_pair = {n for pair in pcurves for n in pair}
-    units = {n: c for n, c in curves.items() if n not in in_pair}
-    unit_dense = {n: dense[n] for n in units}
-    options = {}  # pair -> [("neurons", keep) | ("lowrank", i_up, i_down)], in the order of its points
-    for (up, down), pc in pcurves.items():
-        pts, opts = [], []
-        for cost, loss, k in pc:
-            pts.append((cost, loss))
-            opts.append(("neurons", k))
-        for i, (c1, l1) in enumerate(curves[up]):
-            for j, (c2, l2) in enumerate(curves[down]):
-                pts.append((c1 + c2, l1 + l2))
-                opts.append(("lowrank", i, j))
-        srt = sorted(range(len(pts)), key=lambda t: pts[t][0])  # choose_points wants costs non-decreasing
-        units[(up, down)] = [pts[t] for t in srt]
-        options[(up, down)] = [opts[t] for t in srt]
-        unit_dense[(up, down)] = dense[up] + dense[down]
-    pick = choose_points(units, unit_dense, budget)
+    in_unit = {n for u in ucurves for n in u.layers}
+    points = {n: c for n, c in curves.items() if n not in in_unit}
+    unit_dense = {n: dense[n] for n in points}
+    options = {}  # unit -> its points' meanings, in order: ("kept", groups) | ("lowrank", (i per layer))
+    for u, uc in ucurves.items():
+        pts = [(c, l, ("kept", k)) for c, l, k in uc]
+        pts += [(c, l, ("lowrank", idx)) for c, l, idx in _combined([curves[n] for n in u.layers])]
+        pts.sort(key=lambda t: t[0])  # choose_points wants costs non-decreasing
+        points[u] = [(c, l) for c, l, _ in pts]
+        options[u] = [o for _, _, o in pts]
+        unit_dense[u] = sum(dense[n] for n in u.layers)
+    pick = choose_points(points, unit_dense, budget)
     ratios, keeps = {}, {}
+
+    def ratio(n, i):
+        return min(1.0, (curves[n][i][0] + 0.5) / dense[n])
+
     for key, i in pick.items():
         if key not in options:
-            ratios[key] = min(1.0, (curves[key][i][0] + 0.5) / dense[key])
-            continue
-        (up, down), opt = key, options[key][i]
-        if opt[0] == "neurons":
-            keeps[key] = opt[1]
+            ratios[key] = ratio(key, i)
+        elif options[key][i][0] == "kept":
+            keeps[key] = options[key][i][1]
         else:
-            ratios[up] = min(1.0, (curves[up][opt[1]][0] + 0.5) / dense[up])
-            ratios[down] = min(1.0, (curves[down][opt[2]][0] + 0.5) / dense[down])
+            ratios.update({n: ratio(n, j) for n, j in zip(key.layers, options[key][i][1])})
     return ratios, keeps
 
 

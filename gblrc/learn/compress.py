@@ -31,7 +31,7 @@ from torch import nn
 from gblrc.learn import dist
 from gblrc.learn.config import CompressConfig, TrainingConfig, as_config, from_kwargs
 from gblrc.learn.controller import Controller
-from gblrc.learn.allocate import GRID, allocate_budgets, allocate_families, uniform_time_ratios
+from gblrc.learn.allocate import GRID, Unit, allocate_budgets, allocate_families, uniform_time_ratios
 from gblrc.learn.budget import FLOPS, TimeCost, compact, cost_ratio, cost_unit, fit_to_budget
 from gblrc.learn.data import (
     batch_stream,
@@ -49,7 +49,7 @@ from gblrc.learn.blocks import Placement, release_memory
 from gblrc.learn.calib import BlockCovariances, input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import as_linear, find_linears, get_module, is_linear, replace_linears, set_module
-from gblrc.learn.neurons import find_pairs, permute_pair, pruned_pair
+from gblrc.learn.neurons import find_heads, find_pairs, permute_heads, permute_pair, pruned_heads, pruned_pair
 from gblrc.learn.refine import refine_blocks, refine_settings
 from gblrc.learn.report import structure_movement
 from gblrc.learn.train import Trainer
@@ -129,11 +129,16 @@ def _report(budget, layers: dict, curve, steps: int, warn: list) -> dict:
                 "gblr_cost": m.flops(),
                 "blocks": len(m.structure().structure.blocks),
                 "ratio": m.flops() / m.dense_flops(),
+                "family": m.family,  # "gblr" (learned structure), "neurons" / "heads" (block-sparse, fixed)
             }
         )
     dense = sum(r["dense_cost"] for r in rows)
     cost = sum(r["gblr_cost"] for r in rows)
+    families = {}
+    for r in rows:
+        families[r["family"]] = families.get(r["family"], 0) + 1
     return {
+        "families": families,  # layers per structure family
         "budget": budget,
         "achieved_ratio": cost / dense,
         "dense_cost": dense,
@@ -281,7 +286,7 @@ class Run:
     refine_xs: list | None = None  # the batches block refinement trains on (the calibration batches and more)
     budgets: dict = field(default_factory=dict)  # name -> cost ratio before training
     allocated: str = "uniform"
-    neurons: dict = field(default_factory=dict)  # (up, down) -> neurons kept: FFN pairs made block-sparse
+    block_sparse: dict = field(default_factory=dict)  # gblrc.learn.allocate.Unit -> neurons / heads kept
     layers: dict = field(default_factory=dict)  # name -> GBLRLinear
     fidelity: dict = field(default_factory=dict)
     initial: dict = field(default_factory=dict)  # name -> Structure after initialise (before training)
@@ -464,14 +469,15 @@ def allocate(run: Run) -> None:
             placement=run.place,
         )
         sens = run.xs[: max(1, o.training.sensitivity_batches)]
-        ffn = _ffn_pairs(run)
-        if ffn:  # low rank or block-sparse by neurons, per FFN pair, under the one budget
-            fam = allocate_families(run.model, run.names, ffn, run.covs, sens, o.budget, **common)
+        units = _units(run)
+        if units:  # low rank or block-sparse (FFN neurons, attention heads), per unit, under the one budget
+            fam = allocate_families(run.model, run.names, units, run.covs, sens, o.budget, **common)
             fam = dist.broadcast_object(fam, run.world) if fam is not None else None
             if fam is not None:
-                alloc, run.neurons = fam
-                for (up, down), k in run.neurons.items():
-                    run.budgets[up] = run.budgets[down] = k / _io(get_module(run.model, up))[1]
+                alloc, run.block_sparse = fam
+                for u, k in run.block_sparse.items():
+                    share = k * u.group / _io(get_module(run.model, u.layers[-1]))[0]
+                    run.budgets.update({n: share for n in u.layers})
                 alloc = {**run.budgets, **alloc}
         else:
             alloc = allocate_budgets(
@@ -491,10 +497,11 @@ def allocate(run: Run) -> None:
     release_memory()
 
 
-def _ffn_pairs(run: Run) -> list[tuple[str, str]]:
-    """The model's FFN pairs (:func:`gblrc.learn.neurons.find_pairs`) where the block-sparse family may be
-    allocated: structure "gblr", ``block_sparse``, a FLOP budget, block covariances with the inputs' means
-    (a data-aware init from a dense copy), linear layers only; else none."""
+def _units(run: Run) -> list[Unit]:
+    """The units the block-sparse family may be allocated to -- FFN pairs (:func:`gblrc.learn.neurons.find_pairs`)
+    and attention layers (:func:`gblrc.learn.neurons.find_heads`) -- where it applies: structure "gblr",
+    ``block_sparse``, a FLOP budget, block covariances with the inputs' means (a data-aware init from a dense
+    copy), linear layers only; else none."""
     o = run.opt
     ok = (
         o.structure == "gblr"
@@ -505,24 +512,36 @@ def _ffn_pairs(run: Run) -> list[tuple[str, str]]:
     )
     if not ok:
         return []
-    return find_pairs(run.model, run.names, run.xs[0])
+    units = [Unit(pair, 1, "neurons") for pair in find_pairs(run.model, run.names, run.xs[0])]
+    return units + [Unit(h[:4], h[4], "heads") for h in find_heads(run.model, run.names, run.xs[0])]
 
 
-def _prune_pair(run: Run, up: str, down: str, keep: int) -> None:
-    """Replace the FFN pair (up, down) by its block-sparse GBLR layers keeping ``keep`` neurons; the dense copy's
-    pair gets the same neuron order (its function unchanged), so the refits compare like with like."""
+def _prune_unit(run: Run, unit: Unit, keep: int) -> None:
+    """Replace the unit's layers by their block-sparse GBLR layers keeping ``keep`` neurons / heads; the dense
+    copy's layers get the same order (its function unchanged), so the refits compare like with like."""
     p, model = run.place, run.model
-    a, b = as_linear(get_module(model, up)), as_linear(get_module(model, down))
-    with p.on_device(a, b):
-        cov, mean = p.fetch(run.covs[down]), p.fetch(run.covs.mean(down))
-        gu, gd, order = pruned_pair(a, b, cov, mean, keep)
-    for name, new in ((up, gu), (down, gd)):
-        set_module(model, name, new.to(p.storage))
-        run.layers[name] = new
+    lins = [as_linear(get_module(model, n)) for n in unit.layers]
+    last = unit.layers[-1]
+    with p.on_device(*lins):
+        cov, mean = p.fetch(run.covs[last]), p.fetch(run.covs.mean(last))
+        if unit.family == "heads":
+            *new, order = pruned_heads(*lins, cov, mean, keep, unit.group)
+        else:
+            *new, order = pruned_pair(*lins, cov, mean, keep)
+    for name, layer in zip(unit.layers, new):
+        set_module(model, name, layer.to(p.storage))
+        run.layers[name] = layer
     if run.dense_ref is not None:  # (run.dense_w holds its weights: they follow)
-        permute_pair(as_linear(get_module(run.dense_ref, up)), as_linear(get_module(run.dense_ref, down)), order)
+        twins = [as_linear(get_module(run.dense_ref, n)) for n in unit.layers]
+        if unit.family == "heads":
+            permute_heads(*twins, order, unit.group)
+        else:
+            permute_pair(*twins, order)
     else:
-        run.dense_w[up], run.dense_w[down] = run.dense_w[up][order], run.dense_w[down][:, order]
+        feats = order if unit.family == "neurons" else (order[:, None] * unit.group + torch.arange(unit.group)).ravel()
+        for n in unit.layers[:-1]:
+            run.dense_w[n] = run.dense_w[n][feats]
+        run.dense_w[last] = run.dense_w[last][:, feats]
 
 
 def initialise(run: Run) -> None:
@@ -542,9 +561,9 @@ def initialise(run: Run) -> None:
         }
     # full-width truncated SVD for low rank and as the base of the data-aware init; else gblrc.nn.layer.fit_dense
     fit = svd_layer if (o.structure == "lowrank" or run.covs is not None) else None
-    ups = {up: (down, k) for (up, down), k in run.neurons.items()}
-    in_pair = set(ups) | {down for down, _ in ups.values()}
-    plain = [n for n in run.names if n not in in_pair]
+    firsts = {u.layers[0]: (u, k) for u, k in run.block_sparse.items()}
+    in_unit = {n for u in run.block_sparse for n in u.layers}
+    plain = [n for n in run.names if n not in in_unit]
     budgets = {n: init_budgets[n] for n in plain}
     layers = replace_linears(model, plain, budgets, fit=fit, rank_per_component=o.rank_per_component)
     for m in layers.values():
@@ -555,9 +574,9 @@ def initialise(run: Run) -> None:
             call_model(model, to_device(run.x, run.home))
     p = run.place
     for n in run.names:  # in order: the covariances are computed a block at a time
-        if n in ups:
-            _prune_pair(run, n, *ups[n])
-        if n in in_pair:
+        if n in firsts:
+            _prune_unit(run, *firsts[n])
+        if n in in_unit:
             continue
         m = run.layers[n] = layers[n]
         if run.covs is not None:

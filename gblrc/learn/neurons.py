@@ -25,7 +25,8 @@ heads' outputs.
 covariance and mean), the pair as two block-sparse GBLR layers (:meth:`gblrc.nn.layer.GBLRLinear.from_tile`,
 family "neurons"), each one full-rank block that costs its kept slice's dense product; the allocation across
 families is :func:`gblrc.learn.allocate.allocate_families`, the lowering's narrowing passes/narrow_pairs.py.
-Heads are not yet a family of ``compress``.
+Heads likewise: :func:`find_heads` and :func:`pruned_heads` (family "heads"; the query, key and value layers'
+kept rows, the output layer refitted on the kept heads' outputs).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ __all__ = [
     "permute_heads",
     "head_scores",
     "prune_heads",
+    "pruned_heads",
+    "find_heads",
 ]
 
 
@@ -275,3 +278,99 @@ def find_pairs(model: nn.Module, names, batch, *, seed: int = 0, rtol: float = 1
             pairs.append((a, b))
             used |= {a, b}
     return pairs
+
+
+@torch.no_grad()
+def pruned_heads(q, k, v, o, C: torch.Tensor, mean, keep: int, head_dim: int, *, damp: float = 1e-6):
+    """An attention layer with its ``keep`` best heads as block-sparse GBLR layers (eval mode, family "heads"),
+    from the moments of the output projection's inputs (``C``, ``mean``: the heads' concatenated outputs):
+    (query, key, value, output layers, head order).  The kept heads are heads [0, keep): the query, key and
+    value layers' block is rows [0, keep x head_dim) x all inputs (their kept rows and biases, unchanged; the
+    other heads' rows zero, so they output nothing), the output layer's all outputs x those columns, refitted
+    (:func:`refit_kept`) to give the dense attention output."""
+    from gblrc.nn.layer import GBLRLinear
+
+    n = _check_heads(q, k, v, o, head_dim)
+    if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= n:
+        raise ValueError(f"keep must be a whole number of heads in [1, {n}]; got {keep!r}")
+    scores = (o.weight.double().pow(2).sum(0) * C.double().diagonal().to(o.weight.device)).reshape(n, head_dim)
+    order = torch.argsort(scores.sum(1), descending=True, stable=True)
+    feats = _head_order(order[:keep], head_dim).to(o.weight.device)
+    Wo, bo = refit_kept(o.weight, o.bias, C.to(o.weight.device), mean, feats, damp)
+    width, dt = o.in_features, o.weight.dtype
+    out = []
+    for m in (q, k, v):
+        b = None
+        if m.bias is not None:
+            b = torch.zeros(width, dtype=dt, device=m.weight.device)
+            b[: feats.numel()] = m.bias[feats]
+        out.append(GBLRLinear.from_tile(m.weight[feats], width, m.in_features, bias=b, family="heads"))
+    bias = None if bo is None else bo.to(dt)
+    out.append(GBLRLinear.from_tile(Wo.to(dt), o.out_features, width, bias=bias, family="heads"))
+    return (*out, order)
+
+
+@torch.no_grad()
+def find_heads(model: nn.Module, names, batch, *, rtol: float = 1e-4) -> list[tuple]:
+    """The attention layers among the nn.Linear layers ``names`` of ``model``, found on ``batch``:
+    [(query, key, value, output, head_dim)].
+
+    A candidate is three layers fed the same input (in call order) with the same output width w, followed in
+    call order by a layer taking w features.  Its head size is the one the module holding the first of them
+    declares (``attention_head_size``, ``head_dim``, ``head_size``, or its model config's hidden size over
+    ``num_attention_heads``: a permutation test alone cannot tell a head from part of one where attention is
+    nearly uniform), accepted only if a cyclic shift of the heads by one (:func:`permute_heads`) leaves the
+    model's output unchanged to ``rtol`` of its largest value.  Every permutation is undone.  Which of the
+    three is the value projection does not matter (each is permuted and pruned alike)."""
+    from gblrc.learn.calib import call_groups
+    from gblrc.learn.data import call_model, model_output
+    from gblrc.nn.replace import get_module
+
+    groups = call_groups(model, list(names), batch)
+    ref = model_output(call_model(model, batch)).detach()
+    scale = float(ref.abs().max()) or 1.0
+    found = []
+    for grp, nxt in zip(groups, groups[1:]):
+        if len(grp) != 3 or not nxt:
+            continue
+        mods = [get_module(model, n) for n in (*grp, nxt[0])]
+        if not all(isinstance(m, nn.Linear) for m in mods):
+            continue
+        w = mods[0].out_features
+        if {m.out_features for m in mods[:3]} != {w} or mods[3].in_features != w:
+            continue
+        for hd in _head_sizes(model, grp[0]):
+            if w % hd or w // hd < 2:
+                continue
+            # a cyclic shift by one: for a size under the true head size it moves features across heads
+            # (a random order might keep every piece inside its head: permuting features within a head,
+            # the same way in all four layers, keeps the function too)
+            perm = torch.roll(torch.arange(w // hd), 1)
+            permute_heads(*mods, perm, hd)
+            try:
+                out = model_output(call_model(model, batch)).detach()
+                same = out.shape == ref.shape and float((out - ref).abs().max()) <= rtol * scale
+            finally:
+                permute_heads(*mods, torch.argsort(perm), hd)
+            if same:
+                found.append((*grp, nxt[0], hd))
+                break
+    return found
+
+
+def _head_sizes(model: nn.Module, name: str) -> list[int]:
+    """The head size the attention module above layer ``name`` declares (none found: [])."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        mod = model.get_submodule(".".join(parts[:i]))
+        for attr in ("attention_head_size", "head_dim", "head_size"):
+            v = getattr(mod, attr, None)
+            if isinstance(v, int) and v > 0:
+                return [v]
+    cfg = getattr(model, "config", None)
+    heads, hidden = getattr(cfg, "num_attention_heads", None), getattr(cfg, "hidden_size", None)
+    return (
+        [hidden // heads]
+        if isinstance(heads, int) and isinstance(hidden, int) and heads and hidden % heads == 0
+        else []
+    )
