@@ -56,7 +56,8 @@ def check_report(rep, budget, steps):
     assert abs(rep["achieved_ratio"] - rep["gblr_cost"] / rep["dense_cost"]) < 1e-12
     assert len(rep["loss_curve"]) == steps and all(len(r) == 5 for r in rep["loss_curve"])
     for l in rep["layers"]:
-        assert set(l) == {"name", "shape", "dense_cost", "gblr_cost", "blocks", "ratio", "time_ratio", "lowering"}
+        keys = {"name", "shape", "dense_cost", "gblr_cost", "blocks", "ratio", "family", "time_ratio", "lowering"}
+        assert set(l) == keys and l["family"] in ("gblr", "neurons", "heads")
         assert 0 < l["time_ratio"] <= 1.0 + 1e-9 and l["lowering"] in ("dense", "stacked", "sliced", "segmented")
         assert l["dense_cost"] == l["shape"][0] * l["shape"][1]
     assert rep["budget_unit"] == "flops" and rep["flop_ratio"] == rep["achieved_ratio"] and 0 < rep["time_ratio"] <= 1

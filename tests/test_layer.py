@@ -123,3 +123,29 @@ def test_hard_forward_uses_boxcar_values_with_gaudi_gradients():
     (layer(torch.randn(4, layer.in_features, dtype=torch.float64)) ** 2).sum().backward()
     partial = (layer.widths > 1 / 12) & (layer.widths < 1)
     assert (layer.widths.grad[partial] != 0).all() and (layer.locations.grad[partial] != 0).all()
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5)])
+def test_a_block_sparse_layer_stores_its_block_alone_and_is_the_gblr_layer_it_stands_for(shape):
+    """BlockSparseLinear: the block (+ bias) is all it stores; its forward, dense weight, IR and the components'
+    factors it makes on demand agree (float64); it costs the block's dense product; its structure is fixed."""
+    from gblrc.nn.layer import BlockSparseLinear
+
+    g = torch.Generator().manual_seed(0)
+    T = torch.randn(*shape, generator=g, dtype=torch.float64)
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    m = GBLRLinear.from_tile(T, 8, 7, row_start=2, col_start=1, bias=b, family="heads")
+    assert isinstance(m, BlockSparseLinear) and m.family == "heads"
+    assert sum(p.numel() for p in m.parameters()) == T.numel() + 8  # widths and locations are buffers
+    W = torch.zeros(8, 7, dtype=torch.float64)
+    W[2 : 2 + shape[0], 1 : 1 + shape[1]] = T
+    torch.testing.assert_close(m.dense_weight(), W)
+    x = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(m(x), x @ W.t() + b)
+    np.testing.assert_allclose(m.structure().dense(), W.numpy(), atol=1e-14)
+    torch.testing.assert_close(torch.einsum("kor,kri->oi", m.U, m.V), W)
+    assert m.flops() == T.numel() and len(m.hard_structure().blocks) == 1
+    m.train()
+    torch.testing.assert_close(m(x), x @ W.t() + b)  # train mode: the same (boxcar) structure
+    with pytest.raises(ValueError, match="outside"):
+        BlockSparseLinear(T, 4, 4, row_start=2)

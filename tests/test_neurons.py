@@ -327,7 +327,7 @@ def test_find_heads_and_pruned_heads_as_gblr_layers():
         )
 
 
-def test_compress_prunes_heads_where_the_allocation_says(monkeypatch):
+def test_compress_prunes_heads_where_the_allocation_says(monkeypatch, tmp_path):
     """The init of a heads unit: the attention's four projections become block-sparse layers of the kept heads
     (the dense copy permuted alike), refitted and refined; the model stays close and within the budget."""
     import gblrc
@@ -360,3 +360,7 @@ def test_compress_prunes_heads_where_the_allocation_says(monkeypatch):
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(model(**x).last_hidden_state, dense(**x).last_hidden_state, dim=-1)
     assert float(cos.mean()) > 0.99
+    from collections import OrderedDict
+
+    rep = gblrc.lower(model, OrderedDict(_tiny_data(2)), tmp_path / "h.onnx")  # lowers; ORT matches PyTorch
+    assert rep.max_rel_err <= 1e-4

@@ -116,11 +116,12 @@ def _export_mode(root: nn.Module):
             except StructureError as e:
                 raise GblrcError(f"GBLR layer {name or '(root)'!r} cannot be exported: {e}") from None
             u, v = pack_factors(ir)
-            dev = layer.V.device
+            ref = next(p for p in layer.parameters() if p.is_floating_point())  # (V of a BlockSparseLinear is made)
+            dev = ref.device
             patched.append(layer)
             layer.register_buffer(_U_BUF, torch.from_numpy(np.ascontiguousarray(u)).to(dev))
             layer.register_buffer(_V_BUF, torch.from_numpy(np.ascontiguousarray(v)).to(dev))
-            w = torch.from_numpy(ir.dense(np.float64)).to(device=dev, dtype=layer.V.dtype)
+            w = torch.from_numpy(ir.dense(np.float64)).to(device=dev, dtype=ref.dtype)
             if isinstance(layer, GBLRConv2d):
                 op = _make_conv_op(conv_to_onnx_attributes(ir.structure, layer.geometry()), layer)
                 w = w.reshape(layer.out_channels, layer.in_channels, *layer.kernel_size)

@@ -44,8 +44,9 @@ def _gblr_layers(model) -> dict[str, dict]:
             "num_components": m.num_components,
             "rank_per_component": m.rank_per_component,
             "bias": m.bias is not None,
-            "family": m.family,  # a block-sparse layer's structure stays fixed after loading too
         }
+        if hasattr(m, "spec"):  # BlockSparseLinear: its block's place and family
+            d["block_sparse"] = m.spec()
         if hasattr(m, "geometry_kwargs"):  # GBLRConv2d
             d["conv"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in m.geometry_kwargs().items()}
         return d
@@ -102,7 +103,9 @@ def _set_module(root, name: str, new) -> None:
 
 
 def _rebuild_hf(doc: dict, path: Path):
-    from gblrc.nn.layer import GBLRLinear
+    import torch
+
+    from gblrc.nn.layer import BlockSparseLinear, GBLRLinear
     from gblrc.io.loading import _hf_quiet
 
     _hf_quiet()
@@ -126,10 +129,19 @@ def _rebuild_hf(doc: dict, path: Path):
             from gblrc.nn.conv import GBLRConv2d
 
             layer = GBLRConv2d(**spec["conv"], **kw)
+        elif "block_sparse" in spec:
+            bs = spec["block_sparse"]
+            layer = BlockSparseLinear(
+                torch.zeros(bs["rows"][1], bs["cols"][1]),
+                spec["out_features"],
+                spec["in_features"],
+                row_start=bs["rows"][0],
+                col_start=bs["cols"][0],
+                bias=torch.zeros(spec["out_features"]) if spec["bias"] else None,
+                family=bs["family"],
+            )
         else:
             layer = GBLRLinear(spec["in_features"], spec["out_features"], **kw)
-        if spec.get("family", "gblr") != "gblr":
-            layer.family = spec["family"]
         _set_module(model, name, layer)
     try:
         model.load_state_dict(doc["state_dict"], strict=True)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from gblrc.ir.cost import DEFAULT_COST_MODEL, CostModel, lowered_estimate
 from gblrc.ir.structure import Block, Span, Structure
-from gblrc.nn.layer import GBLRLinear
+from gblrc.nn.layer import BlockSparseLinear, GBLRLinear
 
 __all__ = [
     "cost_ratio",
@@ -306,7 +306,10 @@ def _fit_time(layers, budget: float, unit: TimeCost) -> float:
 
 @torch.no_grad()
 def compact(layer: GBLRLinear) -> GBLRLinear:
-    """A copy of ``layer`` (eval mode) with only its live components (zero widths dropped)."""
+    """A copy of ``layer`` (eval mode) with only its live components (zero widths dropped); a block-sparse layer
+    (one block, nothing to drop) as it is."""
+    if isinstance(layer, BlockSparseLinear):
+        return layer.eval()
     wc, lc, wr, lr = layer.hard_intervals()
     live = ((wc > 0) & (wr > 0)).nonzero().flatten()
     keep = live if live.numel() else torch.zeros(1, dtype=torch.long)

@@ -12,7 +12,7 @@ from gblrc.nn.fit import Fitted, fit_weight, weight_and_bias
 from gblrc.nn.masks import boxcar_mask, gaudi_mask, hard_locations, hard_widths, quantize_ste
 from gblrc.ir.structure import Block, GBLRWeights, Structure, cyclic_spans, merge_same_intervals
 
-__all__ = ["GBLRLinear", "fit_dense", "svd_layer"]
+__all__ = ["GBLRLinear", "BlockSparseLinear", "fit_dense", "svd_layer"]
 
 
 class GBLRLinear(nn.Module):
@@ -244,57 +244,9 @@ class GBLRLinear(nn.Module):
         return cls.from_fitted(f, b, dtype=W.dtype, device=W.device).eval()
 
     @classmethod
-    @torch.no_grad()
-    def from_tile(
-        cls,
-        tile: torch.Tensor,
-        n_out: int,
-        n_in: int,
-        *,
-        row_start: int = 0,
-        col_start: int = 0,
-        bias=None,
-        family: str = "neurons",
-    ) -> "GBLRLinear":
-        """A block-sparse layer (eval mode): one dense block ``tile`` (|R| x |C|) at rows [row_start, +|R|) x
-        cols [col_start, +|C|) of an (n_out x n_in) weight, zero elsewhere, as min(|R|, |C|) rank-1
-        components sharing both intervals (one block of full rank: it costs |R| |C|, its dense product).
-        ``family`` names the member ("neurons", "heads"): the structure stays fixed (class docstring)."""
-        n_rows, n_cols = tile.shape
-        if not (0 <= row_start and row_start + n_rows <= n_out and 0 <= col_start and col_start + n_cols <= n_in):
-            raise ValueError(f"a {n_rows} x {n_cols} tile at ({row_start}, {col_start}) is outside {n_out} x {n_in}")
-        k = min(n_rows, n_cols)
-        layer = cls(n_in, n_out, num_components=k, bias=bias is not None, dtype=tile.dtype, device=tile.device)
-        layer.set_intervals([n_cols] * k, [col_start] * k, [n_rows] * k, [row_start] * k)
-        layer.family = family
-        layer.set_tile(tile)
-        if bias is not None:
-            layer.bias.copy_(bias)
-        return layer.eval()
-
-    def tile_spans(self) -> tuple[slice, slice]:
-        """(rows, cols) of a block-sparse layer's one block (:meth:`from_tile`)."""
-        wc, lc, wr, lr = (int(t[0]) for t in self.hard_intervals())
-        return slice(lr, lr + wr), slice(lc, lc + wc)
-
-    @torch.no_grad()
-    def set_tile(self, tile: torch.Tensor) -> "GBLRLinear":
-        """Make the block of a :meth:`from_tile` layer ``tile`` exactly (identity factors on its shorter side)."""
-        rows, cols = self.tile_spans()
-        n_rows, n_cols = rows.stop - rows.start, cols.stop - cols.start
-        if tuple(tile.shape) != (n_rows, n_cols) or self.num_components != min(n_rows, n_cols):
-            raise ValueError(f"tile of shape {tuple(tile.shape)} for a block of {n_rows} x {n_cols}")
-        t = tile.to(self.U)
-        self.U.zero_()
-        self.V.zero_()
-        k = torch.arange(self.num_components)
-        if n_cols <= n_rows:  # component c: V = e_c (input column c), U = the tile's column c
-            self.V[k, 0, cols.start + k] = 1.0
-            self.U[:, rows, 0] = t.t()
-        else:  # component c: U = e_c (output row c), V = the tile's row c
-            self.U[k, rows.start + k, 0] = 1.0
-            self.V[:, 0, cols] = t
-        return self
+    def from_tile(cls, tile: torch.Tensor, n_out: int, n_in: int, **kw) -> "BlockSparseLinear":
+        """A block-sparse layer: :class:`BlockSparseLinear` (``tile`` at ``row_start``, ``col_start``)."""
+        return BlockSparseLinear(tile, n_out, n_in, **kw)
 
     def extra_repr(self) -> str:
         return (
@@ -314,3 +266,123 @@ def svd_layer(linear: nn.Linear, budget: float, *, rank_per_component: int = 1) 
     W, b = weight_and_bias(linear)
     f = fit_weight(W, budget, rank_per_component, method="svd")
     return GBLRLinear.from_fitted(f, b, dtype=W.dtype, device=W.device)
+
+
+class BlockSparseLinear(GBLRLinear):
+    """A GBLR layer of one dense block: ``block`` (|R| x |C|) at rows [row_start, +|R|) x columns [col_start, +|C|)
+    of an (out x in) weight, zero elsewhere -- the block-sparse member (kept FFN neurons, kept heads:
+    gblrc.learn.neurons).  As a GBLR layer it is min(|R|, |C|) rank-1 components sharing both intervals (one
+    full-rank block, costing its dense product |R| |C|); it stores the block alone, not the components'
+    full-length factors (a kept FFN slice would hold more numbers than the dense layer).  ``family`` names the
+    member ("neurons", "heads"); the structure is fixed (widths and locations are buffers: never trained,
+    trimmed or moved); the block and the bias train."""
+
+    def __init__(
+        self,
+        tile: torch.Tensor,
+        n_out: int,
+        n_in: int,
+        *,
+        row_start: int = 0,
+        col_start: int = 0,
+        bias=None,
+        family: str = "neurons",
+    ):
+        nn.Module.__init__(self)
+        n_rows, n_cols = tile.shape
+        if not (0 <= row_start and row_start + n_rows <= n_out and 0 <= col_start and col_start + n_cols <= n_in):
+            raise ValueError(f"a {n_rows} x {n_cols} tile at ({row_start}, {col_start}) is outside {n_out} x {n_in}")
+        if family == "gblr":
+            raise ValueError("a block-sparse layer's family names its member ('neurons', 'heads'), not 'gblr'")
+        self.in_features, self.out_features = int(n_in), int(n_out)
+        self.num_components, self.rank_per_component = min(n_rows, n_cols), 1
+        self.family = family
+        self.block = nn.Parameter(tile.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone().to(tile)) if bias is not None else None
+        k, fk = self.num_components, {"dtype": tile.dtype, "device": tile.device}
+        self.register_buffer("widths", torch.tensor([[n_cols / n_in] * k, [n_rows / n_out] * k], **fk))
+        self.register_buffer("locations", torch.tensor([[col_start / n_in] * k, [row_start / n_out] * k], **fk))
+        self.register_buffer("sigma", torch.tensor(1.0, dtype=torch.float64))
+        self.row_start, self.col_start = int(row_start), int(col_start)
+        self.eval()
+
+    def tile_spans(self) -> tuple[slice, slice]:
+        """(rows, cols) of the block."""
+        n_rows, n_cols = self.block.shape
+        return slice(self.row_start, self.row_start + n_rows), slice(self.col_start, self.col_start + n_cols)
+
+    @torch.no_grad()
+    def set_tile(self, tile: torch.Tensor) -> "BlockSparseLinear":
+        if tuple(tile.shape) != tuple(self.block.shape):
+            raise ValueError(f"tile of shape {tuple(tile.shape)} for a block of {tuple(self.block.shape)}")
+        self.block.copy_(tile.to(self.block))
+        return self
+
+    # the components' factors, as GBLRLinear holds them (identity on the block's shorter side), made on demand
+    @property
+    def U(self) -> torch.Tensor:  # (K, out, 1)
+        rows, cols = self.tile_spans()
+        U = self.block.new_zeros(self.num_components, self.out_features, 1)
+        k = torch.arange(self.num_components, device=U.device)
+        if cols.stop - cols.start <= rows.stop - rows.start:
+            U[:, rows, 0] = self.block.t()
+        else:
+            U[k, rows.start + k, 0] = 1.0
+        return U
+
+    @property
+    def V(self) -> torch.Tensor:  # (K, 1, in)
+        rows, cols = self.tile_spans()
+        V = self.block.new_zeros(self.num_components, 1, self.in_features)
+        k = torch.arange(self.num_components, device=V.device)
+        if cols.stop - cols.start <= rows.stop - rows.start:
+            V[k, 0, cols.start + k] = 1.0
+        else:
+            V[:, 0, cols] = self.block
+        return V
+
+    def dense_weight(self) -> torch.Tensor:
+        rows, cols = self.tile_spans()
+        W = self.block.new_zeros(self.out_features, self.in_features)
+        W[rows, cols] = self.block
+        return W
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.tile_spans()
+        y = x[..., cols] @ self.block.t()
+        if (rows.start, rows.stop) != (0, self.out_features):
+            y = nn.functional.pad(y, (rows.start, self.out_features - rows.stop))
+        return y + self.bias if self.bias is not None else y
+
+    @torch.no_grad()
+    def structure(self) -> GBLRWeights:
+        rows, cols = self.tile_spans()
+        n_rows, n_cols = self.block.shape
+        T = self.block.detach().cpu().double().numpy()
+        if n_cols <= n_rows:
+            u, v = T, np.eye(n_cols)
+        else:
+            u, v = np.eye(n_rows), T
+        blk = Block(
+            cyclic_spans(rows.start, n_rows, self.out_features),
+            cyclic_spans(cols.start, n_cols, self.in_features),
+            min(n_rows, n_cols),
+        )
+        bias = None if self.bias is None else self.bias.detach().cpu().double().numpy()
+        s = Structure(self.in_features, self.out_features, (blk,))
+        return GBLRWeights(s, (u,), (v,), bias).validate()
+
+    def spec(self) -> dict:
+        """What :func:`gblrc.io.modelio.load` needs to rebuild the layer (its shape, block place and family)."""
+        return {
+            "rows": [self.row_start, int(self.block.shape[0])],
+            "cols": [self.col_start, int(self.block.shape[1])],
+            "family": self.family,
+        }
+
+    def extra_repr(self) -> str:
+        rows, cols = self.tile_spans()
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, family={self.family}, "
+            f"block rows [{rows.start}, {rows.stop}) x cols [{cols.start}, {cols.stop}), bias={self.bias is not None}"
+        )
