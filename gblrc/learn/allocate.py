@@ -354,6 +354,15 @@ def choose_points(curves: dict, dense_costs: dict, budget: float) -> dict[str, i
     return {n: choice[n][2] for n in choice}
 
 
+def _linears(model, names, covs, batches) -> dict | None:
+    """{name: module} when every layer is linear with a covariance and there are batches; else None (the
+    allocation does not apply)."""
+    mods = {n: get_module(model, n) for n in names}
+    if not all(is_linear(m) for m in mods.values()) or any(n not in covs for n in names) or not batches:
+        return None
+    return mods
+
+
 def allocate_budgets(
     model,
     names,
@@ -372,25 +381,17 @@ def allocate_budgets(
 
     ``unit``: a :class:`gblrc.learn.budget.TimeCost` to spend ``budget`` x the layers' estimated dense
     time (each grid point costing its low-rank layer's estimated time, as lowered); None: multiply-adds."""
-    mods = {n: get_module(model, n) for n in names}
-    if not all(is_linear(m) for m in mods.values()) or any(n not in covs for n in names) or not batches:
+    kw = dict(rank_per_component=rank_per_component, grid=grid, measure=measure, progress=progress)
+    if unit is None:  # (the families' allocation with no units)
+        alloc = allocate_families(model, names, (), covs, batches, budget, placement=placement, **kw)
+        return None if alloc is None else alloc[0]
+    mods = _linears(model, names, covs, batches)
+    if mods is None:
         return None
     from gblrc.nn.replace import as_linear
 
-    curves = sensitivity_curves(
-        model,
-        names,
-        covs,
-        batches,
-        grid=grid,
-        measure=measure,
-        rank_per_component=rank_per_component,
-        progress=progress,
-        placement=placement,
-    )
+    curves = sensitivity_curves(model, names, covs, batches, placement=placement, **kw)
     dense = {n: as_linear(m).weight.shape[0] * as_linear(m).weight.shape[1] for n, m in mods.items()}
-    if unit is None:
-        return solve_allocation(curves, dense, budget)
     shapes = {
         n: (as_linear(m).weight.shape[1], as_linear(m).weight.shape[0], as_linear(m).bias is not None)
         for n, m in mods.items()
@@ -427,8 +428,8 @@ def allocate_families(
     multiplier prices every unit's cost (:func:`choose_points`), so a unit is made block-sparse only where that
     loses less at its cost than low rank of its layers.  ``covs`` must give the inputs' means
     (:class:`gblrc.learn.calib.BlockCovariances`)."""
-    mods = {n: get_module(model, n) for n in names}
-    if not all(is_linear(m) for m in mods.values()) or any(n not in covs for n in names) or not batches:
+    mods = _linears(model, names, covs, batches)
+    if mods is None:
         return None
     from gblrc.nn.replace import as_linear
 

@@ -75,9 +75,10 @@ class TrainingConfig:
     batches of the data; ``refine_norms`` (the blocks' normalisation layers train too), ``refine_target``
     ("dense": the dense block's output on the dense inputs; "local": on the compressed model's inputs),
     ``refine_structure`` (GBLR widths and locations move too, with their own sigma schedule).
-    Structure families: ``block_sparse`` (structure "gblr", a data-aware init and the sensitivity
-    allocation): FFN pairs may instead keep their best neurons as one block-sparse GBLR block each
-    (:mod:`gblrc.learn.neurons`), where the allocation finds that loses less at its cost than low rank.
+    Structure families: ``block_sparse`` (structure "gblr", a data-aware init, the sensitivity allocation and
+    a FLOP budget; otherwise every layer is low rank / learned GBLR): FFN pairs may keep their best neurons
+    and attention layers their best heads, one block-sparse block per layer (:mod:`gblrc.learn.neurons`),
+    where the allocation finds that loses less at its cost than low rank; their structure stays fixed.
     """
 
     lr_struct: float | None = None
