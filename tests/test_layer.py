@@ -127,8 +127,9 @@ def test_hard_forward_uses_boxcar_values_with_gaudi_gradients():
 
 @pytest.mark.parametrize("shape", [(5, 3), (3, 5)])
 def test_a_block_sparse_layer_stores_its_block_alone_and_is_the_gblr_layer_it_stands_for(shape):
-    """BlockSparseLinear: the block (+ bias) is all it stores; its forward, dense weight, IR and the components'
-    factors it makes on demand agree (float64); it costs the block's dense product; its structure is fixed."""
+    """BlockSparseLinear: factors on the block (+ bias) are all it stores; its forward, dense weight, IR and the
+    components' factors it makes on demand agree (float64); it costs the block's dense product; its structure is
+    fixed."""
     from gblrc.nn.layer import BlockSparseLinear
 
     g = torch.Generator().manual_seed(0)
@@ -136,7 +137,8 @@ def test_a_block_sparse_layer_stores_its_block_alone_and_is_the_gblr_layer_it_st
     b = torch.randn(8, generator=g, dtype=torch.float64)
     m = GBLRLinear.from_tile(T, 8, 7, row_start=2, col_start=1, bias=b, family="heads")
     assert isinstance(m, BlockSparseLinear) and m.family == "heads"
-    assert sum(p.numel() for p in m.parameters()) == T.numel() + 8  # widths and locations are buffers
+    k = min(shape)
+    assert sum(p.numel() for p in m.parameters()) == T.numel() + k * k + 8  # u, v on the block; widths are buffers
     W = torch.zeros(8, 7, dtype=torch.float64)
     W[2 : 2 + shape[0], 1 : 1 + shape[1]] = T
     torch.testing.assert_close(m.dense_weight(), W)

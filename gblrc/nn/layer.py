@@ -269,13 +269,14 @@ def svd_layer(linear: nn.Linear, budget: float, *, rank_per_component: int = 1) 
 
 
 class BlockSparseLinear(GBLRLinear):
-    """A GBLR layer of one dense block: ``block`` (|R| x |C|) at rows [row_start, +|R|) x columns [col_start, +|C|)
-    of an (out x in) weight, zero elsewhere -- the block-sparse member (kept FFN neurons, kept heads:
-    gblrc.learn.neurons).  As a GBLR layer it is min(|R|, |C|) rank-1 components sharing both intervals (one
-    full-rank block, costing its dense product |R| |C|); it stores the block alone, not the components'
-    full-length factors (a kept FFN slice would hold more numbers than the dense layer).  ``family`` names the
-    member ("neurons", "heads"); the structure is fixed (widths and locations are buffers: never trained,
-    trimmed or moved); the block and the bias train."""
+    """A GBLR layer of one dense block at rows [row_start, +|R|) x columns [col_start, +|C|) of an (out x in)
+    weight, zero elsewhere -- the block-sparse member (kept FFN neurons, kept heads: gblrc.learn.neurons).  As a
+    GBLR layer it is r = min(|R|, |C|) rank-1 components sharing both intervals (one full-rank block, costing
+    its dense product |R| |C|); it stores those components' factors on the block alone, ``u`` (|R| x r) and
+    ``v`` (r x |C|), the block being u v (a kept FFN slice as full-length masked factors held more numbers
+    than the dense layer).  ``family`` names the member ("neurons", "heads"); the structure is fixed (widths
+    and locations are buffers: never trained, trimmed or moved); the factors and the bias train, as the
+    components of a GBLR layer do."""
 
     def __init__(
         self,
@@ -295,55 +296,63 @@ class BlockSparseLinear(GBLRLinear):
         if family == "gblr":
             raise ValueError("a block-sparse layer's family names its member ('neurons', 'heads'), not 'gblr'")
         self.in_features, self.out_features = int(n_in), int(n_out)
-        self.num_components, self.rank_per_component = min(n_rows, n_cols), 1
-        self.family = family
-        self.block = nn.Parameter(tile.detach().clone())
+        k = self.num_components = min(n_rows, n_cols)
+        self.rank_per_component, self.family = 1, family
+        fk = {"dtype": tile.dtype, "device": tile.device}
+        self.u = nn.Parameter(torch.zeros(n_rows, k, **fk))
+        self.v = nn.Parameter(torch.zeros(k, n_cols, **fk))
         self.bias = nn.Parameter(bias.detach().clone().to(tile)) if bias is not None else None
-        k, fk = self.num_components, {"dtype": tile.dtype, "device": tile.device}
         self.register_buffer("widths", torch.tensor([[n_cols / n_in] * k, [n_rows / n_out] * k], **fk))
         self.register_buffer("locations", torch.tensor([[col_start / n_in] * k, [row_start / n_out] * k], **fk))
         self.register_buffer("sigma", torch.tensor(1.0, dtype=torch.float64))
         self.row_start, self.col_start = int(row_start), int(col_start)
+        self.set_tile(tile)
         self.eval()
 
     def tile_spans(self) -> tuple[slice, slice]:
         """(rows, cols) of the block."""
-        n_rows, n_cols = self.block.shape
-        return slice(self.row_start, self.row_start + n_rows), slice(self.col_start, self.col_start + n_cols)
+        return slice(self.row_start, self.row_start + self.u.shape[0]), slice(
+            self.col_start, self.col_start + self.v.shape[1]
+        )
 
     @torch.no_grad()
     def set_tile(self, tile: torch.Tensor) -> "BlockSparseLinear":
-        if tuple(tile.shape) != tuple(self.block.shape):
-            raise ValueError(f"tile of shape {tuple(tile.shape)} for a block of {tuple(self.block.shape)}")
-        self.block.copy_(tile.to(self.block))
+        """The block made ``tile`` exactly: the identity on its shorter side, the tile on the other."""
+        n_rows, n_cols = self.u.shape[0], self.v.shape[1]
+        if tuple(tile.shape) != (n_rows, n_cols):
+            raise ValueError(f"tile of shape {tuple(tile.shape)} for a block of {n_rows} x {n_cols}")
+        eye = torch.eye(self.num_components, dtype=self.u.dtype, device=self.u.device)
+        if n_cols <= n_rows:
+            self.u.copy_(tile.to(self.u))
+            self.v.copy_(eye)
+        else:
+            self.u.copy_(eye)
+            self.v.copy_(tile.to(self.v))
         return self
 
-    # the components' factors, as GBLRLinear holds them (identity on the block's shorter side), made on demand
+    @property
+    def block(self) -> torch.Tensor:
+        """The block, u v (|R| x |C|)."""
+        return self.u @ self.v
+
+    # the components' factors, as GBLRLinear holds them (full length, zero outside the block), made on demand
     @property
     def U(self) -> torch.Tensor:  # (K, out, 1)
-        rows, cols = self.tile_spans()
-        U = self.block.new_zeros(self.num_components, self.out_features, 1)
-        k = torch.arange(self.num_components, device=U.device)
-        if cols.stop - cols.start <= rows.stop - rows.start:
-            U[:, rows, 0] = self.block.t()
-        else:
-            U[k, rows.start + k, 0] = 1.0
+        rows, _ = self.tile_spans()
+        U = self.u.new_zeros(self.num_components, self.out_features, 1)
+        U[:, rows, 0] = self.u.t()
         return U
 
     @property
     def V(self) -> torch.Tensor:  # (K, 1, in)
-        rows, cols = self.tile_spans()
-        V = self.block.new_zeros(self.num_components, 1, self.in_features)
-        k = torch.arange(self.num_components, device=V.device)
-        if cols.stop - cols.start <= rows.stop - rows.start:
-            V[k, 0, cols.start + k] = 1.0
-        else:
-            V[:, 0, cols] = self.block
+        _, cols = self.tile_spans()
+        V = self.v.new_zeros(self.num_components, 1, self.in_features)
+        V[:, 0, cols] = self.v
         return V
 
     def dense_weight(self) -> torch.Tensor:
         rows, cols = self.tile_spans()
-        W = self.block.new_zeros(self.out_features, self.in_features)
+        W = self.u.new_zeros(self.out_features, self.in_features)
         W[rows, cols] = self.block
         return W
 
@@ -357,26 +366,20 @@ class BlockSparseLinear(GBLRLinear):
     @torch.no_grad()
     def structure(self) -> GBLRWeights:
         rows, cols = self.tile_spans()
-        n_rows, n_cols = self.block.shape
-        T = self.block.detach().cpu().double().numpy()
-        if n_cols <= n_rows:
-            u, v = T, np.eye(n_cols)
-        else:
-            u, v = np.eye(n_rows), T
+        (n_rows, k), n_cols = self.u.shape, self.v.shape[1]
+        u, v = self.u.detach().cpu().double().numpy(), self.v.detach().cpu().double().numpy()
         blk = Block(
-            cyclic_spans(rows.start, n_rows, self.out_features),
-            cyclic_spans(cols.start, n_cols, self.in_features),
-            min(n_rows, n_cols),
+            cyclic_spans(rows.start, n_rows, self.out_features), cyclic_spans(cols.start, n_cols, self.in_features), k
         )
         bias = None if self.bias is None else self.bias.detach().cpu().double().numpy()
         s = Structure(self.in_features, self.out_features, (blk,))
         return GBLRWeights(s, (u,), (v,), bias).validate()
 
     def spec(self) -> dict:
-        """What :func:`gblrc.io.modelio.load` needs to rebuild the layer (its shape, block place and family)."""
+        """What :func:`gblrc.io.modelio.load` needs to rebuild the layer (its block's place and family)."""
         return {
-            "rows": [self.row_start, int(self.block.shape[0])],
-            "cols": [self.col_start, int(self.block.shape[1])],
+            "rows": [self.row_start, int(self.u.shape[0])],
+            "cols": [self.col_start, int(self.v.shape[1])],
             "family": self.family,
         }
 
