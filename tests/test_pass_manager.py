@@ -40,6 +40,7 @@ from gblrc.passes.dense_fallback import DenseFallback
 from gblrc.passes.lower_gblr import LowerGBLR
 from gblrc.passes.lower_timed import TimedLowering
 from gblrc.passes.merge_blocks import MergeBlocks
+from gblrc.passes.narrow_pairs import NarrowPairs
 from gblrc.passes.timing import CACHE_ENV
 from gblrc.passes.tune import prepare_tuning
 
@@ -55,12 +56,12 @@ def test_a_pipeline_of_instances_runs_them_in_order_and_returns_each_result():
     pipe = default_pipeline()
     assert isinstance(pipe, Pipeline) and PassManager is Pipeline
     assert pipe.names == DEFAULT_PIPELINE and len(pipe) == len(DEFAULT_PIPELINE)
-    assert all(isinstance(p, Pass) for p in pipe) and repr(pipe).startswith("Pipeline([merge-blocks")
+    assert all(isinstance(p, Pass) for p in pipe) and repr(pipe).startswith("Pipeline([narrow-pairs, merge-blocks")
     out, results = pipe(_model())
     assert [r.name for r in results] == list(DEFAULT_PIPELINE) and all(isinstance(r, PassResult) for r in results)
     ref, _ = run_pipeline(_model())
     assert out.SerializeToString() == ref.SerializeToString()
-    again, _ = Pipeline([MergeBlocks(), *passes_from_names(DEFAULT_PIPELINE[1:])]).run(_model())
+    again, _ = Pipeline([NarrowPairs(), MergeBlocks(), *passes_from_names(DEFAULT_PIPELINE[2:])]).run(_model())
     assert again.SerializeToString() == ref.SerializeToString()
 
 
@@ -81,7 +82,9 @@ def test_a_pipeline_holds_passes_only_and_tracks_requires_and_ensures():
 def test_configured_passes_get_their_cost_model_in_the_constructor():
     pipe = default_pipeline(CM)
     assert [p.model for p in pipe if hasattr(p, "model")] == [CM] * 5
-    by_hand = Pipeline([MergeBlocks(CM), *passes_from_names(DEFAULT_PIPELINE[1:], PassConfig(cost_model=CM))])
+    by_hand = Pipeline(
+        [NarrowPairs(), MergeBlocks(CM), *passes_from_names(DEFAULT_PIPELINE[2:], PassConfig(cost_model=CM))]
+    )
     a, _ = pipe(_model(1))
     b, _ = by_hand(_model(1))
     assert a.SerializeToString() == b.SerializeToString()

@@ -87,6 +87,7 @@ def test_unknown_pass_name_is_rejected_before_anything_runs():
 
 def test_registry_and_default_pipeline():
     assert DEFAULT_PIPELINE == (
+        "narrow-pairs",
         "merge-blocks",
         "choose-products",
         "dense-fallback",

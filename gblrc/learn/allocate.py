@@ -241,11 +241,11 @@ def _keep(g: float, n: int) -> int:
 def _kept_curve(mods, group, cov, mean, run, outs, masks, grid, measure) -> list[tuple[int, float, int]]:
     """A unit's block-sparse curve over ``grid``: (cost, loss, groups kept) with the consumer (``mods[-1]``)
     reading only the best ``g`` x n groups of its inputs (by ||W[:, j]||^2 E[a_j^2] summed per group), refitted
-    (:func:`gblrc.learn.neurons.refit_kept`) -- its output replaced by the refit's on the kept inputs -- the
+    (:func:`gblrc.nn.fit_data.refit_kept`) -- its output replaced by the refit's on the kept inputs -- the
     loss measured at ``measure`` and interpolated through the dropped groups' score (their share of the
     output energy) as :func:`_layer_curve` does.  Each kept group costs ``group`` x (the producers' inputs +
     the consumer's outputs) multiply-adds: the producers' kept rows and the consumer's kept columns."""
-    from gblrc.learn.neurons import refit_kept
+    from gblrc.nn.fit_data import refit_kept
 
     down = mods[-1]
     W, b = down.weight.detach(), down.bias

@@ -313,7 +313,7 @@ def _refit_tile(layer: GBLRLinear, W, dense_bias, Css, Cts, ms, mt) -> None:
     """A block-sparse layer's one block (and its bias) refitted by least squares so that, from the student's
     inputs on the block's columns, its output on the block's rows is the dense layer's (``W``, ``dense_bias``)
     on the teacher's inputs (second moments ``Css``, ``Cts`` = E[x_t x_s^T], means ``ms``, ``mt``)."""
-    from gblrc.learn.neurons import refit_kept
+    from gblrc.nn.fit_data import refit_kept
 
     rows, cols = layer.tile_spans()
     kept = torch.arange(cols.start, cols.stop, device=Css.device)

@@ -45,7 +45,15 @@ import torch
 
 from gblrc.nn.fit import Fitted, check_budget, svd_rank_for_budget
 
-__all__ = ["fit_inputs", "whitened_decomposition", "whitened_svd", "whitened_svd_fit", "output_error", "second_moment"]
+__all__ = [
+    "fit_inputs",
+    "whitened_decomposition",
+    "whitened_svd",
+    "whitened_svd_fit",
+    "output_error",
+    "second_moment",
+    "refit_kept",
+]
 
 _DAMP = 1e-2  # C_d = C + _DAMP * mean(diag C) I: the metric every fit here is solved in
 _PER_ROW = 2  # blocks one output row may take in one greedy pass
@@ -479,3 +487,27 @@ def fit_inputs(
     info["chose"] = "gblr" if e_fit < e_base else "svd"
     out = _pack(best, n_out, n_in, r)
     return (out, info) if return_info else out
+
+
+@torch.no_grad()
+def refit_kept(
+    W: torch.Tensor, b, C: torch.Tensor, mean, kept: torch.Tensor, damp: float = 1e-6, *, cross=None, target_mean=None
+):
+    """(W_K, b_K): the map from the inputs ``kept`` alone closest to the dense layer, by ridge least squares on
+    the inputs' moments: W_K (out x |K|) and b_K minimise E||a_K W_K^T + b_K - (t W^T + b)||^2 for inputs a of
+    second moment ``C`` = E[a a^T] and mean ``mean`` = E[a] (``b`` None: no bias, ``mean`` unused; ridge
+    ``damp`` x the mean diagonal).  The dense layer's inputs t are a itself, or -- given ``cross`` = E[t a^T]
+    and ``target_mean`` = E[t] -- another model's (the dense model's, for the sequential refit).  Float64."""
+    W, C, kept = W.double(), C.double(), torch.as_tensor(kept, dtype=torch.long, device=C.device)
+    cross = C if cross is None else cross.double()
+    k = kept.numel()
+    g = C[kept][:, kept]
+    rhs = cross[:, kept].t() @ W.t()  # E[a_K (t W^T)^T]
+    if b is not None:
+        m, b = mean.double(), b.double()
+        mt = m if target_mean is None else target_mean.double()
+        g = torch.cat([torch.cat([g, m[kept, None]], 1), torch.cat([m[kept], m.new_ones(1)])[None]], 0)
+        rhs = torch.cat([rhs + m[kept, None] * b[None], (mt @ W.t() + b)[None]], 0)
+    g = g + damp * g.diagonal().mean().clamp_min(1e-30) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    sol = torch.linalg.solve(g, rhs)  # (|K| [+ 1], out)
+    return sol[:k].t(), (sol[k] if b is not None else None)
