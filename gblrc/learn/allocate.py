@@ -245,12 +245,13 @@ def _kept_curve(mods, group, cov, mean, run, outs, masks, grid, measure) -> list
     loss measured at ``measure`` and interpolated through the dropped groups' score (their share of the
     output energy) as :func:`_layer_curve` does.  Each kept group costs ``group`` x (the producers' inputs +
     the consumer's outputs) multiply-adds: the producers' kept rows and the consumer's kept columns."""
+    from gblrc.learn.neurons import group_features, neuron_order
     from gblrc.nn.fit_data import refit_kept
 
     down = mods[-1]
     W, b = down.weight.detach(), down.bias
     n = W.shape[1] // group
-    scores = (W.double().pow(2).sum(0) * cov.double().diagonal()).reshape(n, group).sum(1)
+    scores = neuron_order(W, cov)[1].reshape(n, group).sum(1)
     order = torch.argsort(scores, descending=True, stable=True)
     tail = scores[order].flip(0).cumsum(0).flip(0).tolist() + [0.0]  # tail[k]: the scores of groups k, k+1, ..
     state = {}
@@ -260,7 +261,7 @@ def _kept_curve(mods, group, cov, mean, run, outs, masks, grid, measure) -> list
         return (x[..., state["kept"]] @ state["W"].t() + state["b"]).to(out.dtype)
 
     def feats(k):
-        return (order[:k, None] * group + torch.arange(group)[None, :]).reshape(-1).to(W.device)
+        return group_features(order[:k], group).to(W.device)
 
     h = down.register_forward_hook(hook)
     try:

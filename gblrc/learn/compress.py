@@ -49,7 +49,15 @@ from gblrc.learn.blocks import Placement, release_memory
 from gblrc.learn.calib import BlockCovariances, input_covariances, sequential_refit, whiten_layer
 from gblrc.nn.layer import GBLRLinear
 from gblrc.nn.replace import as_linear, find_linears, get_module, is_linear, replace_linears, set_module
-from gblrc.learn.neurons import find_heads, find_pairs, permute_heads, permute_pair, pruned_heads, pruned_pair
+from gblrc.learn.neurons import (
+    find_heads,
+    find_pairs,
+    group_features,
+    permute_heads,
+    permute_pair,
+    pruned_heads,
+    pruned_pair,
+)
 from gblrc.learn.refine import refine_blocks, refine_settings
 from gblrc.learn.report import structure_movement
 from gblrc.learn.train import Trainer
@@ -538,7 +546,7 @@ def _prune_unit(run: Run, unit: Unit, keep: int) -> None:
         else:
             permute_pair(*twins, order)
     else:
-        feats = order if unit.family == "neurons" else (order[:, None] * unit.group + torch.arange(unit.group)).ravel()
+        feats = group_features(order, unit.group)
         for n in unit.layers[:-1]:
             run.dense_w[n] = run.dense_w[n][feats]
         run.dense_w[last] = run.dense_w[last][:, feats]

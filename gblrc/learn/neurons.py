@@ -118,6 +118,14 @@ def neuron_order(W2: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
+def group_order(W: torch.Tensor, C: torch.Tensor, group: int) -> torch.Tensor:
+    """The consumer ``W``'s input features in groups of ``group`` (neurons: 1, a head's size), best first by their
+    summed :func:`neuron_order` scores."""
+    scores = neuron_order(W, C)[1].reshape(-1, group).sum(1)
+    return torch.argsort(scores, descending=True, stable=True)
+
+
+@torch.no_grad()
 def pruned_pair(up: nn.Linear, down: nn.Linear, C: torch.Tensor, mean, keep: int, *, damp: float = 1e-6):
     """The FFN pair with its ``keep`` best neurons as block-sparse GBLR layers (eval mode, family "neurons"),
     from the moments of the down layer's inputs (``C`` = E[a a^T], ``mean`` = E[a], on calibration data):
@@ -154,7 +162,7 @@ def _refit_columns(down: nn.Linear, a: torch.Tensor, keep: int, damp: float) -> 
         down.bias.copy_(b.to(down.bias))
 
 
-def _head_order(order: torch.Tensor, head_dim: int) -> torch.Tensor:
+def group_features(order: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The feature order of a head order: head order[i]'s ``head_dim`` features become head i's."""
     return (order[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
@@ -183,7 +191,7 @@ def permute_heads(q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, order,
     order = torch.as_tensor(order, dtype=torch.long)
     if order.shape != (n,) or not torch.equal(torch.sort(order).values, torch.arange(n)):
         raise ValueError(f"order must be a permutation of the {n} heads")
-    feats = _head_order(order, head_dim).to(q.weight.device)
+    feats = group_features(order, head_dim).to(q.weight.device)
     for m in (q, k, v):
         m.weight.copy_(m.weight[feats])
         if m.bias is not None:
@@ -212,7 +220,7 @@ def prune_heads(q, k, v, o, acts: torch.Tensor, keep: int, head_dim: int, *, dam
     a = acts.reshape(-1, o.in_features).double()
     order = torch.argsort(head_scores(o, a, head_dim), descending=True, stable=True)
     permute_heads(q, k, v, o, order, head_dim)
-    _refit_columns(o, a[:, _head_order(order, head_dim)], keep * head_dim, damp)
+    _refit_columns(o, a[:, group_features(order, head_dim)], keep * head_dim, damp)
     for m in (q, k, v):
         m.weight[keep * head_dim :] = 0
         if m.bias is not None:
@@ -271,9 +279,8 @@ def pruned_heads(q, k, v, o, C: torch.Tensor, mean, keep: int, head_dim: int, *,
     n = _check_heads(q, k, v, o, head_dim)
     if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= n:
         raise ValueError(f"keep must be a whole number of heads in [1, {n}]; got {keep!r}")
-    scores = (o.weight.double().pow(2).sum(0) * C.double().diagonal().to(o.weight.device)).reshape(n, head_dim)
-    order = torch.argsort(scores.sum(1), descending=True, stable=True)
-    feats = _head_order(order[:keep], head_dim).to(o.weight.device)
+    order = group_order(o.weight, C, head_dim)
+    feats = group_features(order[:keep], head_dim).to(o.weight.device)
     Wo, bo = refit_kept(o.weight, o.bias, C.to(o.weight.device), mean, feats, damp)
     width, dt = o.in_features, o.weight.dtype
     out = []
